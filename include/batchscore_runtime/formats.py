@@ -1,0 +1,363 @@
+"""The on-disk formats shared by the Airflow side and the scoring container.
+
+This module is the single definition of every file that crosses the boundary between
+the orchestrator (``batchscore``, which imports Airflow) and the scoring runtime
+(``batchscore_runtime``, which runs inside the user's image and never imports Airflow).
+It uses the standard library only, so any image with Python 3.9+ can import it.
+
+A run directory looks like this::
+
+    <output.path>/<run key>/
+        predictions.csv             the job's output (name from settings.output_file_name)
+        summary.json                the job summary, written by the merge
+        _batchscore/
+            plan.json               the plan: which mini-batches exist (written last, so
+                                    its presence means the plan is complete)
+            minibatches/mb-00007.json   the files of one mini-batch
+            results/mb-00007/
+                result-<token>.parquet  what run() returned, one file per attempt that succeeded
+                status.json             commit record: points at the result file of the
+                                        attempt that counts, or says why it failed
+
+A mini-batch's result is committed by writing its parquet file under a fresh name and then
+atomically replacing ``status.json``; the merge reads only the file the status names. A rerun
+therefore replaces a result instead of adding to it, and a half-written file is never read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+FORMAT_VERSION = 1
+
+WORK_DIR_NAME = "_batchscore"
+SUMMARY_FILE_NAME = "summary.json"
+
+
+class ContainerPaths:
+    """Where the orchestrator mounts things inside the scoring container."""
+
+    RUNTIME = "/opt/batchscore/runtime"  # parent folder of the batchscore_runtime package
+    MODEL = "/mnt/batchscore/model"  # AZUREML_MODEL_DIR
+    CODE = "/mnt/batchscore/code"
+    INPUT = "/mnt/batchscore/input"
+    MINI_BATCH = "/mnt/batchscore/minibatch.json"
+    OUTPUT = "/mnt/batchscore/output"  # the mini-batch's result folder, the only writable mount
+
+
+def mini_batch_id(index: int) -> str:
+    """The stable name of mini-batch ``index``: ``mb-00007``."""
+    return f"mb-{index:05d}"
+
+
+def run_key(run_id: str) -> str:
+    """A folder name for an Airflow run id (``manual__2026-01-01T00:00:00+00:00``).
+
+    Only letters, digits, ``.``, ``_`` and ``-`` survive; colons and ``+`` would trip
+    Docker's mount syntax and some file systems.
+    """
+    key = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._")
+    if not key:
+        raise ValueError(f"run id {run_id!r} gives an empty folder name")
+    return key
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file of a mini-batch, as seen when the plan was made."""
+
+    path: str  # relative to the input folder, POSIX separators
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class MiniBatch:
+    """The files of one mini-batch (``minibatches/mb-00007.json``)."""
+
+    index: int
+    files: list[InputFile]
+    version: int = FORMAT_VERSION
+
+    @property
+    def id(self) -> str:
+        return mini_batch_id(self.index)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def label(self) -> str:
+        """How the mini-batch is named in the Airflow UI."""
+        n = len(self.files)
+        return f"{self.id} ({n} file{'s' if n != 1 else ''})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "index": self.index, "files": [asdict(f) for f in self.files]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MiniBatch:
+        _check_version(data, "mini-batch")
+        return cls(index=int(data["index"]), files=[InputFile(**f) for f in data["files"]])
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """What plan.json says of one mini-batch: enough to name it without opening its file."""
+
+    index: int
+    files: int
+    bytes: int
+
+    @property
+    def id(self) -> str:
+        return mini_batch_id(self.index)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The persisted plan of one run (``plan.json``)."""
+
+    endpoint: str
+    deployment: str
+    run_id: str
+    input_path: str
+    pattern: str
+    mini_batch_size: int
+    created_at: str
+    mini_batches: list[PlanEntry]
+    version: int = FORMAT_VERSION
+
+    @property
+    def files(self) -> int:
+        return sum(e.files for e in self.mini_batches)
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.bytes for e in self.mini_batches)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        _check_version(data, "plan")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["mini_batches"] = [PlanEntry(**e) for e in data["mini_batches"]]
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """Why an attempt failed: the exception's type and message, and its traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+    file: str | None = None  # the input file it concerns, when known
+
+    def one_line(self) -> str:
+        where = f" (file {self.file})" if self.file else ""
+        return f"{self.type}: {self.message}{where}"
+
+
+@dataclass(frozen=True)
+class MiniBatchStatus:
+    """The commit record of one mini-batch (``results/mb-00007/status.json``)."""
+
+    index: int
+    state: str  # "succeeded" | "failed"
+    files: int
+    rows: int = 0
+    result_file: str | None = None  # name inside the mini-batch's result folder
+    init_seconds: float = 0.0
+    run_seconds: float = 0.0
+    started_at: str = ""
+    finished_at: str = ""
+    error: ErrorInfo | None = None
+    version: int = FORMAT_VERSION
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def id(self) -> str:
+        return mini_batch_id(self.index)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == self.SUCCEEDED
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MiniBatchStatus:
+        _check_version(data, "status")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("error") is not None:
+            values["error"] = ErrorInfo(**values["error"])
+        return cls(**values)
+
+
+def _check_version(data: dict[str, Any], what: str) -> None:
+    version = data.get("version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{what} file has format version {version!r}, this batchscore reads version {FORMAT_VERSION}"
+        )
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class MiniBatchDir:
+    """The result folder of one mini-batch."""
+
+    path: Path
+    index: int
+
+    STATUS = "status.json"
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / self.STATUS
+
+    def new_result_name(self) -> str:
+        """A fresh result file name; a rerun never writes over the file a status points at."""
+        return f"result-{os.urandom(6).hex()}.parquet"
+
+    def read_status(self) -> MiniBatchStatus | None:
+        """The committed status, or None when no attempt has committed one."""
+        try:
+            data = json.loads(self.status_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        return MiniBatchStatus.from_json(data)
+
+    def commit(self, status: MiniBatchStatus) -> None:
+        """Make ``status`` the mini-batch's record.
+
+        After a success, result files of earlier attempts are removed; after a failure they
+        stay on disk (nothing already produced is deleted), but nothing reads them.
+        """
+        write_json_atomic(self.status_file, status.to_json())
+        if status.succeeded:
+            for stale in self.path.glob("result-*.parquet"):
+                if stale.name != status.result_file:
+                    stale.unlink(missing_ok=True)
+
+    def retract(self) -> None:
+        """Withdraw the committed status before a new attempt, so a crash cannot leave an old one."""
+        self.status_file.unlink(missing_ok=True)
+
+    def result_path(self, status: MiniBatchStatus) -> Path | None:
+        return self.path / status.result_file if status.result_file else None
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run directory (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def work(self) -> Path:
+        return self.root / WORK_DIR_NAME
+
+    @property
+    def plan_file(self) -> Path:
+        return self.work / "plan.json"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / SUMMARY_FILE_NAME
+
+    def mini_batch_file(self, index: int) -> Path:
+        return self.work / "minibatches" / f"{mini_batch_id(index)}.json"
+
+    def mini_batch_dir(self, index: int) -> MiniBatchDir:
+        return MiniBatchDir(self.work / "results" / mini_batch_id(index), index)
+
+    def read_plan(self) -> Plan | None:
+        try:
+            data = json.loads(self.plan_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        return Plan.from_json(data)
+
+    def read_mini_batch(self, index: int) -> MiniBatch:
+        return read_mini_batch_file(self.mini_batch_file(index))
+
+
+def read_mini_batch_file(path: Path) -> MiniBatch:
+    return MiniBatch.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it over ``final`` if the block succeeds.
+
+    A reader never sees a half-written file under the final name, and a failure leaves
+    whatever was there before untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def now_iso() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ContainerPaths",
+    "ErrorInfo",
+    "InputFile",
+    "MiniBatch",
+    "MiniBatchDir",
+    "MiniBatchStatus",
+    "Plan",
+    "PlanEntry",
+    "RunLayout",
+    "atomic_path",
+    "mini_batch_id",
+    "now_iso",
+    "read_mini_batch_file",
+    "run_key",
+    "write_json_atomic",
+]

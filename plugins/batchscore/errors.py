@@ -1,0 +1,53 @@
+"""batchscore's exception types: narrow, and each message says what to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class BatchScoreError(Exception):
+    """Base class of every error batchscore raises on purpose."""
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One problem in a deployment YAML: where it is and what is wrong."""
+
+    line: int | None  # 1-based; None when the problem is not tied to a line
+    key: str | None  # dotted path such as ``deployments[0].settings.mini_batch_size``
+    message: str
+
+    def format(self, path: Path | str) -> str:
+        where = f"{path}:{self.line}" if self.line else f"{path}"
+        key = f" {self.key}:" if self.key else ""
+        return f"{where}:{key} {self.message}"
+
+
+class DeploymentSpecError(BatchScoreError):
+    """A deployment YAML is invalid; the message names the file, line and key of each problem."""
+
+    def __init__(self, path: Path | str, issues: list[SpecIssue]):
+        self.path = Path(path)
+        self.issues = list(issues)
+        super().__init__("\n".join(issue.format(path) for issue in self.issues))
+
+
+class PlanError(BatchScoreError):
+    """The input of a run cannot be planned (missing folder, no files, unreadable plan)."""
+
+
+class ScoringError(BatchScoreError):
+    """A mini-batch failed; the message names the mini-batch and the cause."""
+
+
+class IncompleteJobError(BatchScoreError):
+    """The merge found mini-batches without a result; the output was written without them."""
+
+
+class InvalidDeploymentFilesError(BatchScoreError):
+    """Deployment YAML files that failed to load, reported together as one Airflow import error."""
+
+    def __init__(self, errors: list[DeploymentSpecError]):
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))

@@ -1,0 +1,466 @@
+"""The deployment YAML: its schema, its loading, and errors that name file, line and key.
+
+Two layouts are accepted, and both give an :class:`EndpointSpec` (one Airflow DAG):
+
+* an **endpoint file** with a ``deployments:`` list; each deployment becomes a task group;
+* an **Azure deployment file**: Azure ML's batch-deployment YAML (``name``, ``endpoint_name``,
+  ``model``, ``code_configuration``, ``environment``, ``settings``, ...) plus batchscore's
+  ``input`` and ``output`` blocks; it is an endpoint with that one deployment.
+
+Relative paths are resolved against the YAML file's folder. Unknown keys are errors, with a
+"did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+import typing
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.json_schema import models_json_schema
+
+from batchscore.errors import DeploymentSpecError, SpecIssue
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+OUTPUT_FORMATS = (".csv", ".parquet", ".jsonl")
+SCHEDULE_PRESETS = (
+    "@once",
+    "@continuous",
+    "@hourly",
+    "@daily",
+    "@midnight",
+    "@weekly",
+    "@monthly",
+    "@quarterly",
+    "@yearly",
+    "@annually",
+)
+
+# --------------------------------------------------------------------------- path types
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    if not value.is_absolute():
+        if base is None:
+            raise ValueError(f"relative path {str(value)!r} needs a base folder")
+        value = Path(base) / value
+    return Path(value).resolve()
+
+
+def _must_exist(value: Path) -> Path:
+    if not value.exists():
+        raise ValueError(f"path {value} does not exist")
+    return value
+
+
+def _must_be_dir(value: Path) -> Path:
+    if not value.is_dir():
+        raise ValueError(f"path {value} does not exist or is not a folder")
+    return value
+
+
+#: A path, relative to the YAML file's folder unless absolute; resolved when loaded.
+ResolvedPath = Annotated[Path, AfterValidator(_resolve)]
+ExistingPath = Annotated[Path, AfterValidator(_resolve), AfterValidator(_must_exist)]
+ExistingDir = Annotated[Path, AfterValidator(_resolve), AfterValidator(_must_be_dir)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+# --------------------------------------------------------------------------- models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelSpec(_Strict):
+    """The model: a folder or a file, mounted read-only; the container finds it in AZUREML_MODEL_DIR."""
+
+    path: ExistingPath
+    name: str | None = Field(None, description="The model's name (informational, as in Azure's registry).")
+
+
+class CodeConfiguration(_Strict):
+    """The folder with the scoring script, mounted read-only."""
+
+    code: ExistingDir
+    scoring_script: str = Field(description="File name of the scoring script, relative to `code`.")
+
+    @field_validator("scoring_script")
+    @classmethod
+    def _script_in_code(cls, value: str, info: ValidationInfo) -> str:
+        rel = PurePosixPath(value)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"scoring_script must be a path inside `code`, got {value!r}")
+        code = info.data.get("code")
+        if code is not None and not (code / rel).is_file():
+            raise ValueError(f"scoring script {value!r} not found in {code}")
+        return value
+
+
+class EnvironmentSpec(_Strict):
+    """The scoring container's image; it needs Python 3.9+, pandas and pyarrow."""
+
+    image: str = Field(min_length=1)
+
+
+class InputSpec(_Strict):
+    """Where the input files are: a folder and a glob pattern (``**/`` to include subfolders)."""
+
+    path: ResolvedPath
+    pattern: str = Field("*", min_length=1)
+
+
+class OutputSpec(_Strict):
+    """Where each run writes its output, summary and work files: ``<path>/<run id>/``."""
+
+    path: ResolvedPath
+
+
+class RetrySettings(_Strict):
+    """Retries of a failed mini-batch (Azure's ``retry_settings``)."""
+
+    max_retries: int = Field(3, ge=0, le=100)
+
+
+class Settings(_Strict):
+    """Batch settings, with Azure's names and defaults."""
+
+    mini_batch_size: PositiveInt = Field(10, description="Files per mini-batch.")
+    output_file_name: str = Field(
+        "predictions.csv", description="The job's output file; its suffix picks the format."
+    )
+    retry_settings: RetrySettings = RetrySettings()
+    logging_level: Literal["debug", "info", "warning"] = "info"
+    environment_variables: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("output_file_name")
+    @classmethod
+    def _output_name(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError(f"output_file_name must be a plain file name, got {value!r}")
+        if not value.lower().endswith(OUTPUT_FORMATS):
+            raise ValueError(
+                f"output_file_name {value!r} must end with one of {', '.join(OUTPUT_FORMATS)}"
+            )
+        return value
+
+
+def _gpus(value: Any) -> int | Literal["all"] | list[str]:
+    if isinstance(value, bool):
+        raise ValueError("gpus must be a count, 'all', or a list of device ids")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"gpus must be 0 or more, got {value}")
+        return value
+    if value == "all":
+        return "all"
+    if isinstance(value, list) and value and all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
+        return [str(v) for v in value]
+    raise ValueError(f"gpus must be a count, 'all', or a non-empty list of device ids, got {value!r}")
+
+
+class Resources(_Strict):
+    """What one run may use."""
+
+    instance_count: PositiveInt = Field(1, description="Mini-batches of one run scored at the same time.")
+    gpus: Annotated[Any, AfterValidator(_gpus)] = Field(
+        0,
+        description="GPUs per scoring container: a count, 'all', or a list of device ids.",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"const": "all"},
+                {"type": "array", "items": {"type": ["string", "integer"]}, "minItems": 1},
+            ]
+        },
+    )
+
+
+class DeploymentSpec(_Strict):
+    """One deployment: a model, its scoring code and image, an input and an output."""
+
+    name: Name
+    description: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    model: ModelSpec
+    code_configuration: CodeConfiguration
+    environment: EnvironmentSpec
+    input: InputSpec
+    output: OutputSpec
+    settings: Settings = Settings()
+    resources: Resources = Resources()
+
+
+def _check_schedule(value: str | None) -> str | None:
+    if value is None or value in SCHEDULE_PRESETS:
+        return value
+    from croniter import croniter  # Airflow's own cron parser
+
+    if not croniter.is_valid(value):
+        raise ValueError(
+            f"schedule {value!r} is neither a cron expression ('0 2 * * *') nor a preset "
+            f"({', '.join(SCHEDULE_PRESETS)})"
+        )
+    return value
+
+
+Schedule = Annotated[str | None, AfterValidator(_check_schedule)]
+
+
+class EndpointSpec(_Strict):
+    """An endpoint: one Airflow DAG; each deployment is a task group plan → score → merge."""
+
+    schema_: str | None = Field(None, alias="$schema")
+    endpoint_name: Name = Field(description="The DAG id.")
+    description: str | None = None
+    schedule: Schedule = Field(None, description="Cron expression or preset; none for manual runs only.")
+    tags: dict[str, str] = Field(default_factory=dict)
+    deployments: list[DeploymentSpec] = Field(min_length=1)
+    _source: Path | None = PrivateAttr(None)
+
+    @field_validator("deployments")
+    @classmethod
+    def _unique(cls, deployments: list[DeploymentSpec]) -> list[DeploymentSpec]:
+        for attr, what in (("name", "name"), ("output", "output.path")):
+            seen: dict[Any, str] = {}
+            for d in deployments:
+                value = getattr(d, attr)
+                key = value.path if attr == "output" else value
+                if key in seen:
+                    raise ValueError(f"deployments {seen[key]!r} and {d.name!r} have the same {what}: {key}")
+                seen[key] = d.name
+        return deployments
+
+    @property
+    def dag_id(self) -> str:
+        return self.endpoint_name
+
+    @property
+    def source(self) -> Path | None:
+        """The YAML file this endpoint was loaded from."""
+        return self._source
+
+
+class DeploymentFile(DeploymentSpec):
+    """Azure's deployment YAML: one deployment, with its endpoint's name and schedule."""
+
+    schema_: str | None = Field(None, alias="$schema")
+    endpoint_name: Name = Field(description="The DAG id.")
+    type: Literal["model"] = "model"
+    schedule: Schedule = None
+
+    def to_endpoint(self, context: dict[str, Any]) -> EndpointSpec:
+        own = {"schema_", "endpoint_name", "type", "schedule"}
+        deployment = DeploymentSpec.model_validate(self.model_dump(exclude=own), context=context)
+        return EndpointSpec(
+            endpoint_name=self.endpoint_name,
+            description=self.description,
+            schedule=self.schedule,
+            tags=self.tags,
+            deployments=[deployment],
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_endpoint(path: Path | str) -> EndpointSpec:
+    """Load and validate one YAML file; raises :class:`DeploymentSpecError` naming file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DeploymentSpecError(path, [SpecIssue(None, None, f"cannot read the file: {exc}")]) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        raise DeploymentSpecError(path, [SpecIssue(line, None, f"YAML syntax error: {problem}")]) from exc
+    except yaml.YAMLError as exc:
+        raise DeploymentSpecError(path, [SpecIssue(None, None, f"YAML error: {exc}")]) from exc
+    if data is None:
+        raise DeploymentSpecError(path, [SpecIssue(None, None, "the file is empty")])
+    if not isinstance(data, dict):
+        raise DeploymentSpecError(
+            path,
+            [SpecIssue(1, None, f"the top level must be a mapping of keys, not a {type(data).__name__}")],
+        )
+    lines, duplicates = _line_map(node)
+    if duplicates:
+        raise DeploymentSpecError(path, duplicates)
+
+    model: type[BaseModel] = EndpointSpec if "deployments" in data else DeploymentFile
+    context = {"base_dir": path.parent.resolve()}
+    try:
+        spec = model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise DeploymentSpecError(path, _issues(exc, data, lines, model)) from None
+    endpoint = spec.to_endpoint(context) if isinstance(spec, DeploymentFile) else spec
+    endpoint._source = path
+    return endpoint
+
+
+def _line_map(node: yaml.Node | None) -> tuple[dict[tuple, int], list[SpecIssue]]:
+    """Map each key path of the YAML document to its 1-based line; report duplicate keys."""
+    lines: dict[tuple, int] = {}
+    duplicates: list[SpecIssue] = []
+
+    def walk(n: yaml.Node, path: tuple) -> None:
+        if isinstance(n, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in n.value:
+                key = key_node.value
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    duplicates.append(
+                        SpecIssue(line, _dotted(path + (key,)), f"key appears twice (first on line {seen[key]})")
+                    )
+                seen[key] = line
+                lines[path + (key,)] = line
+                walk(value_node, path + (key,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                lines.setdefault(path + (i,), item.start_mark.line + 1)
+                walk(item, path + (i,))
+
+    if node is not None:
+        lines[()] = node.start_mark.line + 1
+        walk(node, ())
+    return lines, duplicates
+
+
+def _dotted(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _data_path(loc: tuple, data: Any, error_type: str) -> tuple:
+    """Keep the parts of a pydantic ``loc`` that are keys of the YAML (drop union-member tags)."""
+    path: tuple = ()
+    current = data
+    for i, part in enumerate(loc):
+        if isinstance(current, dict) and part in current:
+            current = current[part]
+            path += (part,)
+        elif isinstance(current, list) and isinstance(part, int) and part < len(current):
+            current = current[part]
+            path += (part,)
+        elif i == len(loc) - 1 and error_type in ("missing", "extra_forbidden"):
+            path += (part,)
+        # else: a tag pydantic adds for union members or validators; not a YAML key
+    return path
+
+
+def _allowed_keys(model: type[BaseModel], parent: tuple) -> list[str]:
+    """The keys allowed at ``parent`` in ``model``'s schema (field names and aliases)."""
+    tp: Any = model
+    for part in parent:
+        tp = _child_type(tp, part)
+        if tp is None:
+            return []
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return sorted(f.alias or name for name, f in tp.model_fields.items())
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _child_type(tp: Any, part: Any) -> Any:
+    tp = _unwrap(tp)
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            found = _child_type(arg, part)
+            if found is not None:
+                return found
+        return None
+    if isinstance(part, int):
+        return typing.get_args(tp)[0] if origin in (list, tuple) else None
+    if origin is dict:
+        return typing.get_args(tp)[1]
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        for name, f in tp.model_fields.items():
+            if part in (name, f.alias):
+                return f.annotation
+    return None
+
+
+def _issues(exc: ValidationError, data: dict, lines: dict[tuple, int], model: type[BaseModel]) -> list[SpecIssue]:
+    issues: list[SpecIssue] = []
+    seen: set[tuple] = set()
+    for err in exc.errors():
+        path = _data_path(err["loc"], data, err["type"])
+        if path in seen:  # several union members failed for one value: report it once
+            continue
+        seen.add(path)
+        line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
+        if err["type"] == "extra_forbidden":
+            message = f"unknown key {path[-1]!r}"
+            match = difflib.get_close_matches(str(path[-1]), _allowed_keys(model, path[:-1]), n=1, cutoff=0.8)
+            if match:
+                message += f"; did you mean {match[0]!r}?"
+            else:
+                allowed = _allowed_keys(model, path[:-1])
+                if allowed:
+                    message += f"; allowed keys here: {', '.join(allowed)}"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        elif err["type"] == "string_pattern_mismatch":
+            message = (
+                "must start with a letter or digit and hold only letters, digits, '_' and '-' "
+                f"(at most 63 characters), got {_short(err.get('input'))}"
+            )
+        elif err["type"] == "value_error":  # our validators' messages already quote the value
+            message = err["msg"].removeprefix("Value error, ")
+        else:
+            message = f"{err['msg']} (got {_short(err.get('input'))})"
+        issues.append(SpecIssue(line, _dotted(path) or None, message))
+    return sorted(issues, key=lambda i: i.line or 0)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of a deployment YAML (either layout), for editors."""
+    refs, schema = models_json_schema(
+        [(EndpointSpec, "validation"), (DeploymentFile, "validation")], by_alias=True
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "batchscore endpoint (deployments: [...]) or Azure-style deployment file",
+        "anyOf": [refs[(EndpointSpec, "validation")], refs[(DeploymentFile, "validation")]],
+        **schema,
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m batchscore.spec > schema.json`
+    print(json.dumps(json_schema(), indent=2))

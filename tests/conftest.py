@@ -1,0 +1,67 @@
+"""Test setup: an isolated Airflow home, and the real scoring image and example on disk.
+
+Airflow reads its configuration when first imported, so the environment is set here, before
+any test module imports it. Tests that need the scoring image or the trained example fail
+(never skip) with the command that prepares them: `make test` runs those commands first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "include" / "examples" / "iris"
+SCORING_IMAGE = os.environ.get("BATCHSCORE_SCORING_IMAGE", "batchscore-scoring:latest")
+
+_HOME = Path(tempfile.mkdtemp(prefix="batchscore-test-airflow-"))
+os.environ["AIRFLOW_HOME"] = str(_HOME)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_HOME}/airflow.db"
+os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated metadata database for dag.test() runs."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=True,
+        capture_output=True,
+        env=os.environ.copy(),
+    )
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def scoring_image() -> str:
+    """The scoring image, built by `make images` (docker/build-images.sh)."""
+    found = subprocess.run(["docker", "image", "inspect", SCORING_IMAGE], capture_output=True)
+    if found.returncode != 0:
+        pytest.fail(f"image {SCORING_IMAGE} does not exist; build it with `make images`")
+    return SCORING_IMAGE
+
+
+@pytest.fixture(scope="session")
+def iris_example(scoring_image: str) -> Path:
+    """The iris example with its trained model and input files, made by `make example`."""
+    model = EXAMPLE / "model" / "iris-classifier" / "model.joblib"
+    data = sorted((EXAMPLE / "data").glob("*.csv")) if (EXAMPLE / "data").is_dir() else []
+    if not model.is_file() or len(data) != 15:
+        pytest.fail(f"the iris example is not prepared ({model} or 15 files in {EXAMPLE / 'data'}); run `make example`")
+    return EXAMPLE
+
+
+@pytest.fixture()
+def iris_inputs(iris_example: Path, tmp_path: Path) -> Path:
+    """A private copy of the example's input files, which a test may change."""
+    target = tmp_path / "inputs"
+    shutil.copytree(iris_example / "data", target)
+    return target

@@ -1,0 +1,54 @@
+"""Builders shared by the tests: deployment YAML files and scoring scripts on disk."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from batchscore.spec import EndpointSpec, load_endpoint
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def deployment_file(
+    folder: Path,
+    *,
+    model: Path,
+    code: Path,
+    inputs: Path,
+    output: Path | None = None,
+    script: str = "score.py",
+    endpoint: str = "test-endpoint",
+    name: str = "test-deployment",
+    image: str = "batchscore-scoring:latest",
+    settings: dict | None = None,
+    resources: dict | None = None,
+    pattern: str = "*.csv",
+) -> Path:
+    """An Azure-layout deployment YAML with absolute paths; returns its path."""
+    doc = {
+        "name": name,
+        "endpoint_name": endpoint,
+        "model": {"path": str(model)},
+        "code_configuration": {"code": str(code), "scoring_script": script},
+        "environment": {"image": image},
+        "input": {"path": str(inputs), "pattern": pattern},
+        "output": {"path": str(output or folder / "output")},
+        "settings": {"retry_settings": {"max_retries": 0}, **(settings or {})},
+    }
+    if resources:
+        doc["resources"] = resources
+    path = folder / f"{endpoint}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def load(path: Path) -> EndpointSpec:
+    return load_endpoint(path)

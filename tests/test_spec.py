@@ -1,0 +1,194 @@
+"""The deployment YAML schema: both layouts, defaults, and errors naming file, line and key."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from batchscore.errors import DeploymentSpecError
+from batchscore.spec import DeploymentFile, EndpointSpec, json_schema, load_endpoint
+from tests.helpers import write
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "model").mkdir()
+    write(tmp_path / "code" / "score.py", "def run(mb):\n    return mb\n")
+    return tmp_path
+
+
+AZURE = textwrap.dedent(
+    """
+    name: blue
+    endpoint_name: churn
+    type: model
+    model:
+      path: model
+    code_configuration:
+      code: code
+      scoring_script: score.py
+    environment:
+      image: scorer:1
+    input:
+      path: data
+    output:
+      path: out
+    """
+).lstrip()
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(DeploymentSpecError) as info:
+        load_endpoint(path)
+    return str(info.value)
+
+
+def test_azure_layout_is_an_endpoint_with_one_deployment_and_azure_defaults(folder: Path) -> None:
+    endpoint = load_endpoint(write(folder / "churn.yaml", AZURE))
+
+    assert endpoint.dag_id == "churn"
+    assert endpoint.source == folder / "churn.yaml"
+    assert endpoint.schedule is None
+    (d,) = endpoint.deployments
+    assert d.name == "blue"
+    assert d.model.path == folder / "model"  # relative paths resolve against the YAML's folder
+    assert d.code_configuration.code == folder / "code"
+    assert d.input.path == folder / "data" and d.input.pattern == "*"
+    assert d.output.path == folder / "out"
+    assert d.settings.mini_batch_size == 10
+    assert d.settings.output_file_name == "predictions.csv"
+    assert d.settings.retry_settings.max_retries == 3
+    assert d.settings.logging_level == "info"
+    assert d.resources.instance_count == 1 and d.resources.gpus == 0
+
+
+def test_endpoint_layout_with_two_deployments(folder: Path) -> None:
+    text = """
+        endpoint_name: churn
+        schedule: "0 2 * * *"
+        deployments:
+          - name: blue
+            model: {path: model}
+            code_configuration: {code: code, scoring_script: score.py}
+            environment: {image: "scorer:1"}
+            input: {path: data, pattern: "**/*.parquet"}
+            output: {path: out-blue}
+            settings: {mini_batch_size: 3, output_file_name: p.parquet}
+            resources: {gpus: all, instance_count: 2}
+          - name: green
+            model: {path: model}
+            code_configuration: {code: code, scoring_script: score.py}
+            environment: {image: "scorer:2"}
+            input: {path: data}
+            output: {path: out-green}
+            resources: {gpus: [0, "GPU-3b2f"]}
+        """
+    endpoint = load_endpoint(write(folder / "e.yaml", text))
+    blue, green = endpoint.deployments
+    assert endpoint.schedule == "0 2 * * *"
+    assert blue.settings.mini_batch_size == 3 and blue.resources.gpus == "all"
+    assert green.resources.gpus == ["0", "GPU-3b2f"]
+
+
+def test_misspelt_key_names_file_line_key_and_suggestion(folder: Path) -> None:
+    path = write(folder / "typo.yaml", AZURE + "settings:\n  mini_batch_szie: 5\n")
+    assert error_of(path) == (
+        f"{path}:16: settings.mini_batch_szie: unknown key 'mini_batch_szie'; did you mean 'mini_batch_size'?"
+    )
+
+
+def test_unknown_key_without_a_close_match_lists_the_allowed_keys(folder: Path) -> None:
+    path = write(folder / "x.yaml", AZURE + "compute: azureml:cpu-cluster\n")
+    assert error_of(path) == (
+        f"{path}:15: compute: unknown key 'compute'; allowed keys here: $schema, code_configuration, "
+        "description, endpoint_name, environment, input, model, name, output, resources, schedule, "
+        "settings, tags, type"
+    )
+
+
+def test_every_problem_is_reported_in_line_order(folder: Path) -> None:
+    text = """
+        endpoint_name: has space
+        schedule: every day
+        deployments:
+          - name: a
+            model: {path: nope}
+            code_configuration: {code: code, scoring_script: ../x.py}
+            environment: {image: ""}
+            input: {path: d}
+            output: {path: o}
+            settings: {mini_batch_size: -3, output_file_name: p.txt}
+            resources: {gpus: -1}
+          - name: b
+            modl: {}
+        """
+    path = write(folder / "bad.yaml", text)
+    lines = error_of(path).splitlines()
+    assert lines == [
+        f"{path}:1: endpoint_name: must start with a letter or digit and hold only letters, digits, '_' and '-' "
+        "(at most 63 characters), got 'has space'",
+        f"{path}:2: schedule: schedule 'every day' is neither a cron expression ('0 2 * * *') nor a preset "
+        "(@once, @continuous, @hourly, @daily, @midnight, @weekly, @monthly, @quarterly, @yearly, @annually)",
+        f"{path}:5: deployments[0].model.path: path {folder / 'nope'} does not exist",
+        f"{path}:6: deployments[0].code_configuration.scoring_script: scoring_script must be a path inside "
+        "`code`, got '../x.py'",
+        f"{path}:7: deployments[0].environment.image: String should have at least 1 character (got '')",
+        f"{path}:10: deployments[0].settings.mini_batch_size: Input should be greater than 0 (got -3)",
+        f"{path}:10: deployments[0].settings.output_file_name: output_file_name 'p.txt' must end with one of "
+        ".csv, .parquet, .jsonl",
+        f"{path}:11: deployments[0].resources.gpus: gpus must be 0 or more, got -1",
+        f"{path}:12: deployments[1].model: required key is missing",
+        f"{path}:12: deployments[1].code_configuration: required key is missing",
+        f"{path}:12: deployments[1].environment: required key is missing",
+        f"{path}:12: deployments[1].input: required key is missing",
+        f"{path}:12: deployments[1].output: required key is missing",
+        f"{path}:13: deployments[1].modl: unknown key 'modl'; did you mean 'model'?",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: x\n  bad: [\n", ":2: YAML syntax error: mapping values are not allowed here"),
+        ("", ": the file is empty"),
+        ("- a\n- b\n", ":1: the top level must be a mapping of keys, not a list"),
+        ("endpoint_name: a\nendpoint_name: b\ndeployments: []\n", ":2: endpoint_name: key appears twice (first on line 1)"),
+        ("endpoint_name: a\ndeployments: []\n", ":2: deployments: List should have at least 1 item after validation, not 0 (got [])"),
+    ],
+)
+def test_file_level_problems(folder: Path, text: str, expected: str) -> None:
+    path = folder / "f.yaml"
+    path.write_text(text)
+    assert error_of(path) == f"{path}{expected}"
+
+
+def test_scoring_script_must_exist_in_the_code_folder(folder: Path) -> None:
+    path = write(folder / "s.yaml", AZURE.replace("score.py", "missing.py"))
+    assert error_of(path) == (
+        f"{path}:8: code_configuration.scoring_script: scoring script 'missing.py' not found in {folder / 'code'}"
+    )
+
+
+def test_two_deployments_may_not_share_a_name(folder: Path) -> None:
+    one = "    - name: a\n      model: {path: model}\n      code_configuration: {code: code, scoring_script: score.py}\n      environment: {image: i}\n      input: {path: d}\n"
+    text = "endpoint_name: e\ndeployments:\n" + one + "      output: {path: o1}\n" + one + "      output: {path: o2}\n"
+    path = folder / "dup.yaml"
+    path.write_text(text)
+    assert error_of(path) == f"{path}:2: deployments: deployments 'a' and 'a' have the same name: a"
+
+
+def test_json_schema_in_the_repository_is_current() -> None:
+    committed = json.loads((REPO / "include" / "schema" / "deployment.schema.json").read_text())
+    assert committed == json_schema(), "regenerate it with `make schema`"
+    refs = {branch["$ref"] for branch in committed["anyOf"]}
+    assert refs == {"#/$defs/EndpointSpec", "#/$defs/DeploymentFile"}
+
+
+def test_models_forbid_unknown_keys_everywhere() -> None:
+    assert EndpointSpec.model_config["extra"] == "forbid"
+    assert DeploymentFile.model_config["extra"] == "forbid"
