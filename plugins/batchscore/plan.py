@@ -1,0 +1,135 @@
+"""plan: list a run's input files, cut them into mini-batches, persist the plan in the run directory.
+
+The plan is written once per run and then reused: a retried or re-run mini-batch, or a rerun
+of the plan task itself, sees exactly the files the first plan saw, even if the input folder
+changed since. ``plan.json`` is written last, so its presence means the plan is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from batchscore.errors import PlanError
+from batchscore.spec import DeploymentSpec
+from batchscore_runtime.formats import (
+    InputFile,
+    MiniBatch,
+    Plan,
+    PlanEntry,
+    RunLayout,
+    now_iso,
+    run_key,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+
+def run_layout(deployment: DeploymentSpec, run_id: str) -> RunLayout:
+    """The run directory of ``run_id``: ``<output.path>/<run key>/``."""
+    return RunLayout(deployment.output.path / run_key(run_id))
+
+
+def _natural_key(rel: str) -> list:
+    """Sort key that puts ``file-2`` before ``file-10``; ties broken by the plain string."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", rel)] + [rel]
+
+
+def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
+    """The deployment's input files in a deterministic (natural) order; hidden files are skipped."""
+    root = deployment.input.path
+    if not root.is_dir():
+        raise PlanError(
+            f"input folder {root} of deployment {deployment.name!r} does not exist or is not a folder "
+            "(key input.path)"
+        )
+    work_root = deployment.output.path.resolve()
+    found: list[InputFile] = []
+    for p in root.glob(deployment.input.pattern):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        if p.resolve().is_relative_to(work_root):  # never score our own outputs
+            continue
+        st = p.stat()
+        found.append(InputFile(path=rel.as_posix(), size=st.st_size, mtime_ns=st.st_mtime_ns))
+    found.sort(key=lambda f: _natural_key(f.path))
+    return found
+
+
+def partition(files: list[InputFile], mini_batch_size: int) -> list[MiniBatch]:
+    """Consecutive runs of ``mini_batch_size`` files (Azure's count-based mini-batches)."""
+    return [
+        MiniBatch(index=i, files=files[start : start + mini_batch_size])
+        for i, start in enumerate(range(0, len(files), mini_batch_size))
+    ]
+
+
+def mini_batch_refs(plan: Plan) -> list[dict[str, Any]]:
+    """The small per-mini-batch references passed through XCom to the mapped scoring task."""
+    return [
+        {
+            "index": e.index,
+            "files": e.files,
+            "bytes": e.bytes,
+            "label": f"{e.id} ({e.files} file{'s' if e.files != 1 else ''})",
+        }
+        for e in plan.mini_batches
+    ]
+
+
+def plan_run(
+    endpoint_name: str, deployment: DeploymentSpec, run_id: str, *, max_mini_batches: int | None = None
+) -> Plan:
+    """Return the run's plan, making and persisting it on the first call."""
+    layout = run_layout(deployment, run_id)
+    existing = layout.read_plan()
+    if existing is not None:
+        log.info(
+            "Reusing the plan of this run from %s: %d files in %d mini-batches",
+            layout.plan_file,
+            existing.files,
+            len(existing.mini_batches),
+        )
+        return existing
+
+    files = list_input_files(deployment)
+    if not files:
+        raise PlanError(
+            f"no input files match {deployment.input.pattern!r} in {deployment.input.path} "
+            f"(deployment {deployment.name!r}, keys input.path and input.pattern)"
+        )
+    size = deployment.settings.mini_batch_size
+    mini_batches = partition(files, size)
+    if max_mini_batches is not None and len(mini_batches) > max_mini_batches:
+        raise PlanError(
+            f"{len(files)} files at mini_batch_size {size} make {len(mini_batches)} mini-batches, more than "
+            f"Airflow's [core] max_map_length ({max_mini_batches}); raise settings.mini_batch_size "
+            "or AIRFLOW__CORE__MAX_MAP_LENGTH"
+        )
+    for mb in mini_batches:
+        write_json_atomic(layout.mini_batch_file(mb.index), mb.to_json())
+    plan = Plan(
+        endpoint=endpoint_name,
+        deployment=deployment.name,
+        run_id=run_id,
+        input_path=str(deployment.input.path),
+        pattern=deployment.input.pattern,
+        mini_batch_size=size,
+        created_at=now_iso(),
+        mini_batches=[PlanEntry(index=mb.index, files=len(mb.files), bytes=mb.bytes) for mb in mini_batches],
+    )
+    write_json_atomic(layout.plan_file, plan.to_json())  # last: its presence marks a complete plan
+    log.info(
+        "Planned %d files (%d bytes) from %s into %d mini-batches of up to %d files; plan in %s",
+        plan.files,
+        plan.bytes,
+        deployment.input.path,
+        len(mini_batches),
+        size,
+        layout.plan_file,
+    )
+    return plan

@@ -1,0 +1,165 @@
+"""The in-container runtime for Azure-style scoring scripts, run in-process on real files.
+
+The same module runs inside the scoring container in the operator and end-to-end tests; here
+its contract handling is exercised case by case without a container start per case.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchscore_runtime.azure import main
+from batchscore_runtime.formats import InputFile, MiniBatch, MiniBatchDir, write_json_atomic
+from tests.helpers import write
+
+
+@pytest.fixture()
+def job(tmp_path: Path):
+    """Three input files, a mini-batch of them, and a function that runs a given script."""
+    inputs = tmp_path / "in"
+    files = []
+    for name in ("a.csv", "b.csv", "c.csv"):
+        p = write(inputs / name, f"x\n{len(name)}\n")
+        st = p.stat()
+        files.append(InputFile(name, st.st_size, st.st_mtime_ns))
+    mb_file = tmp_path / "mb.json"
+    write_json_atomic(mb_file, MiniBatch(index=4, files=files).to_json())
+    out = MiniBatchDir(tmp_path / "out", 4)
+
+    def run(script: str) -> tuple[int, MiniBatchDir]:
+        path = write(tmp_path / "code" / "score.py", script)
+        code = main(
+            ["--mini-batch", str(mb_file), "--input-root", str(inputs), "--scoring-script", str(path), "--output", str(out.path)]
+        )
+        return code, out
+
+    run.inputs = inputs  # type: ignore[attr-defined]
+    return run
+
+
+def result_rows(out: MiniBatchDir) -> list[dict]:
+    status = out.read_status()
+    assert status is not None and status.succeeded, status
+    return pq.read_table(out.result_path(status)).to_pylist()
+
+
+def failure(out: MiniBatchDir) -> str:
+    status = out.read_status()
+    assert status is not None and not status.succeeded
+    return status.error.one_line()
+
+
+def test_dataframe_keeps_columns_and_row_order(job) -> None:
+    code, out = job(
+        """
+        import os, pandas as pd
+        def init():
+            global calls
+            calls = 1
+        def run(mini_batch):
+            return pd.DataFrame({"file": [os.path.basename(p) for p in mini_batch], "n": [calls] * len(mini_batch)})
+        """
+    )
+    assert code == 0
+    assert result_rows(out) == [{"file": "a.csv", "n": 1}, {"file": "b.csv", "n": 1}, {"file": "c.csv", "n": 1}]
+    status = out.read_status()
+    assert (status.rows, status.files, status.index) == (3, 3, 4)
+    assert list(out.path.glob("result-*.parquet")) == [out.path / status.result_file]
+
+
+def test_list_of_scalars_becomes_a_result_column(job) -> None:
+    code, out = job("def init(): pass\ndef run(mb):\n    return [len(p) for p in mb]\n")
+    assert code == 0
+    assert [r["result"] for r in result_rows(out)] == [len(str(job.inputs / n)) for n in ("a.csv", "b.csv", "c.csv")]
+
+
+def test_generator_of_dataframes_is_concatenated(job) -> None:
+    code, out = job(
+        """
+        import pandas as pd
+        def init(): pass
+        def run(mini_batch):
+            for i, p in enumerate(mini_batch):
+                yield pd.DataFrame({"i": [i], "path": [p.rsplit("/", 1)[1]]})
+        """
+    )
+    assert code == 0
+    assert result_rows(out) == [{"i": 0, "path": "a.csv"}, {"i": 1, "path": "b.csv"}, {"i": 2, "path": "c.csv"}]
+
+
+def test_list_of_dicts_becomes_columns_and_the_input_list_is_accepted(job) -> None:
+    code, out = job("def init(): pass\ndef run(mb):\n    return [{'k': 1, 'v': 'x'}, {'k': 2, 'v': 'y'}]\n")
+    assert code == 0 and result_rows(out) == [{"k": 1, "v": "x"}, {"k": 2, "v": "y"}]
+    code, out = job("def init(): pass\ndef run(mb):\n    return mb\n")  # custom-outputs scripts return the input
+    assert code == 0 and len(result_rows(out)) == 3
+
+
+def test_complex_objects_are_written_as_text(job) -> None:
+    code, out = job("def init(): pass\ndef run(mb):\n    return [{'a': 1}, [1, 2], object]\n")
+    assert code == 0
+    assert [r["result"] for r in result_rows(out)] == ["{'a': 1}", "[1, 2]", "<class 'object'>"]
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        (
+            "def init():\n    raise RuntimeError('model file is corrupt')\ndef run(mb):\n    return mb\n",
+            "RuntimeError: model file is corrupt",
+        ),
+        (
+            "def init(): pass\ndef run(mb):\n    raise ValueError('bad row 7')\n",
+            "ValueError: bad row 7",
+        ),
+        (
+            "def init(): pass\ndef run(mb):\n    return None\n",
+            "ScoringScriptError: run() returned None; it must return a list or a pandas DataFrame "
+            "with one element per successful input",
+        ),
+        (
+            "def init(): pass\ndef run(mb):\n    return 42\n",
+            "ScoringScriptError: run() returned a int; it must return a list or a pandas DataFrame",
+        ),
+        ("def init(): pass\n", "ScoringScriptError: scoring script score.py defines no run(mini_batch) function"),
+        (
+            "import not_a_module_anywhere\n",
+            "ScoringScriptError: importing scoring script score.py failed: ModuleNotFoundError: "
+            "No module named 'not_a_module_anywhere'",
+        ),
+    ],
+)
+def test_failures_are_committed_with_the_cause_and_exit_1(job, script: str, expected: str, capsys) -> None:
+    code, out = job(script)
+    assert code == 1
+    assert failure(out) == expected
+    assert out.read_status().error.traceback.startswith("Traceback")
+    assert "Traceback" in capsys.readouterr().err  # the task log shows the script's traceback
+
+
+def test_a_vanished_input_file_fails_naming_it(job) -> None:
+    (job.inputs / "b.csv").unlink()
+    code, out = job("def init(): pass\ndef run(mb):\n    return mb\n")
+    assert code == 1
+    assert failure(out) == (
+        "InputFileMissingError: input file b.csv of mb-00004 no longer exists (it was planned with 4 bytes); "
+        "the plan is kept per run, so restore the file or start a new run (file b.csv)"
+    )
+
+
+def test_a_rerun_replaces_the_result_and_a_failed_rerun_keeps_the_old_file(job) -> None:
+    code, out = job("def init(): pass\ndef run(mb):\n    return [1, 2, 3]\n")
+    first = out.read_status().result_file
+    code, out = job("def init(): pass\ndef run(mb):\n    return [4, 5, 6]\n")
+    second = out.read_status().result_file
+    assert code == 0 and first != second
+    assert [p.name for p in out.path.glob("result-*.parquet")] == [second]  # the old attempt is gone
+    assert [r["result"] for r in result_rows(out)] == [4, 5, 6]
+
+    code, out = job("def init(): pass\ndef run(mb):\n    raise KeyError('x')\n")
+    assert code == 1 and out.read_status().result_file is None
+    assert (out.path / second).is_file()  # nothing already produced is deleted
+    assert json.loads(out.status_file.read_text())["state"] == "failed"

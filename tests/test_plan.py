@@ -1,0 +1,112 @@
+"""plan: deterministic listing, partitioning, and a plan persisted once per run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from batchscore.errors import PlanError
+from batchscore.plan import list_input_files, mini_batch_refs, plan_run, run_layout
+from tests.helpers import deployment_file, load, write
+
+
+@pytest.fixture()
+def make_deployment(tmp_path: Path):
+    (tmp_path / "model").mkdir()
+    write(tmp_path / "code" / "score.py", "def run(mb):\n    return mb\n")
+
+    def make(inputs: Path, **kwargs):
+        path = deployment_file(tmp_path / "yaml", model=tmp_path / "model", code=tmp_path / "code", inputs=inputs, **kwargs)
+        return load(path).deployments[0]
+
+    return make
+
+
+def test_files_are_listed_in_natural_order_without_hidden_files(tmp_path: Path, make_deployment) -> None:
+    inputs = tmp_path / "in"
+    for name in ("f-10.csv", "f-2.csv", "f-1.csv", ".hidden.csv", "sub/f-3.csv", "notes.txt"):
+        write(inputs / name, "x\n")
+    (inputs / ".cache").mkdir()
+    write(inputs / ".cache" / "f-0.csv", "x\n")
+
+    flat = make_deployment(inputs, pattern="*.csv")
+    assert [f.path for f in list_input_files(flat)] == ["f-1.csv", "f-2.csv", "f-10.csv"]
+    deep = make_deployment(inputs, pattern="**/*.csv")
+    assert [f.path for f in list_input_files(deep)] == ["f-1.csv", "f-2.csv", "f-10.csv", "sub/f-3.csv"]
+
+
+def test_plan_partitions_by_count_and_persists_one_file_per_mini_batch(tmp_path: Path, make_deployment) -> None:
+    inputs = tmp_path / "in"
+    for i in range(7):
+        write(inputs / f"part-{i}.csv", "x\n" * (i + 1))
+    d = make_deployment(inputs, settings={"mini_batch_size": 3})
+
+    plan = plan_run("ep", d, "manual__2026-11-21T10:00:00+00:00")
+
+    layout = run_layout(d, "manual__2026-11-21T10:00:00+00:00")
+    assert layout.root == d.output.path / "manual__2026-11-21T10_00_00_00_00"
+    assert [(e.index, e.files) for e in plan.mini_batches] == [(0, 3), (1, 3), (2, 1)]
+    assert [f.path for f in layout.read_mini_batch(1).files] == ["part-3.csv", "part-4.csv", "part-5.csv"]
+    assert json.loads(layout.plan_file.read_text())["mini_batches"][2] == {"index": 2, "files": 1, "bytes": 14}
+    assert mini_batch_refs(plan)[0] == {"index": 0, "files": 3, "bytes": 12, "label": "mb-00000 (3 files)"}
+    assert mini_batch_refs(plan)[2]["label"] == "mb-00002 (1 file)"
+
+
+def test_a_second_plan_of_the_same_run_reuses_the_first_even_if_inputs_changed(tmp_path: Path, make_deployment) -> None:
+    inputs = tmp_path / "in"
+    for i in range(4):
+        write(inputs / f"p{i}.csv", "x\n")
+    d = make_deployment(inputs, settings={"mini_batch_size": 2})
+    first = plan_run("ep", d, "run-1")
+    write(inputs / "p9.csv", "new\n")
+    (inputs / "p0.csv").unlink()
+
+    again = plan_run("ep", d, "run-1")
+    other_run = plan_run("ep", d, "run-2")
+
+    assert again == first
+    assert [f.path for f in run_layout(d, "run-1").read_mini_batch(0).files] == ["p0.csv", "p1.csv"]
+    assert other_run.files == 4 and other_run != first
+
+
+def test_missing_and_empty_input_folders_fail_clearly(tmp_path: Path, make_deployment) -> None:
+    missing = make_deployment(tmp_path / "nowhere")
+    with pytest.raises(PlanError) as info:
+        plan_run("ep", missing, "r")
+    assert str(info.value) == (
+        f"input folder {tmp_path / 'nowhere'} of deployment 'test-deployment' does not exist or is not a "
+        "folder (key input.path)"
+    )
+    (tmp_path / "empty").mkdir()
+    empty = make_deployment(tmp_path / "empty")
+    with pytest.raises(PlanError) as info:
+        plan_run("ep", empty, "r")
+    assert str(info.value) == (
+        f"no input files match '*.csv' in {tmp_path / 'empty'} (deployment 'test-deployment', keys input.path "
+        "and input.pattern)"
+    )
+    assert not run_layout(empty, "r").plan_file.exists()
+
+
+def test_more_mini_batches_than_airflow_can_map_fail_before_anything_is_written(tmp_path: Path, make_deployment) -> None:
+    inputs = tmp_path / "in"
+    for i in range(5):
+        write(inputs / f"p{i}.csv", "x\n")
+    d = make_deployment(inputs, settings={"mini_batch_size": 1})
+    with pytest.raises(PlanError) as info:
+        plan_run("ep", d, "r", max_mini_batches=4)
+    assert str(info.value) == (
+        "5 files at mini_batch_size 1 make 5 mini-batches, more than Airflow's [core] max_map_length (4); "
+        "raise settings.mini_batch_size or AIRFLOW__CORE__MAX_MAP_LENGTH"
+    )
+    assert not run_layout(d, "r").work.exists()
+
+
+def test_outputs_inside_the_input_folder_are_never_planned(tmp_path: Path, make_deployment) -> None:
+    inputs = tmp_path / "in"
+    write(inputs / "a.csv", "x\n")
+    d = make_deployment(inputs, pattern="**/*.csv", output=inputs / "out")
+    write(inputs / "out" / "old-run" / "predictions.csv", "x\n")
+    assert [f.path for f in list_input_files(d)] == ["a.csv"]
