@@ -1,0 +1,47 @@
+# batchscore: `make demo` runs the example end to end; `make test` runs the suite.
+# Every target is safe to repeat: what was built before is reused.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+IMAGE  ?= batchscore-scoring:latest
+IRIS   := include/examples/iris
+MODEL  := $(IRIS)/model/iris-classifier/model.joblib
+
+.DEFAULT_GOAL := help
+.PHONY: help venv images example demo test schema lock clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+venv: $(VENV)/.installed  ## the virtual environment with the pinned Airflow side
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+images:  ## the scoring image, built offline when no registry answers (docker/build-images.sh)
+	IMAGE=$(IMAGE) bash docker/build-images.sh
+
+example: images $(MODEL)  ## train the example model and write its input files (in the scoring image)
+$(MODEL): $(IRIS)/train.py
+	docker run --rm --user $$(id -u):$$(id -g) -e HOME=/tmp -v $(CURDIR)/$(IRIS):/example -w /example $(IMAGE) python3 train.py
+
+demo: venv example  ## run the example DAG on a real scheduler and print where its output is
+	$(BIN)/python -m batchscore run iris-batch --dags-folder dags --home .airflow
+
+test: venv example  ## the test suite (what CI runs)
+	$(BIN)/pytest
+
+schema: venv  ## regenerate the JSON schema of the deployment YAML
+	$(BIN)/python -m batchscore.spec > include/schema/deployment.schema.json
+
+lock:  ## re-pin requirements.lock from requirements.in
+	rm -rf /tmp/batchscore-lock && $(PYTHON) -m venv /tmp/batchscore-lock
+	/tmp/batchscore-lock/bin/pip install --quiet -r requirements.in
+	(echo "# Pinned dependency tree of the Airflow side (generated from requirements.in by \`make lock\`)."; \
+	 /tmp/batchscore-lock/bin/pip freeze | sort -f) > requirements.lock
+
+clean:  ## remove the venv, the demo's Airflow home and outputs, and the example's model and data
+	rm -rf $(VENV) .airflow var $(IRIS)/model $(IRIS)/data

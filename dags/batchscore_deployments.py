@@ -1,0 +1,11 @@
+"""One Airflow DAG per deployment YAML in dags/deployments/ (README: "Deployment YAML").
+
+Set BATCHSCORE_DEPLOYMENTS_DIR to read the YAML files from another folder.
+"""
+
+import os
+from pathlib import Path
+
+from batchscore.factory import build_dags
+
+build_dags(os.environ.get("BATCHSCORE_DEPLOYMENTS_DIR", Path(__file__).parent / "deployments"), globals())

@@ -1,0 +1,49 @@
+"""Prepare the iris example: train a scikit-learn model and write sample input files.
+
+Runs inside the scoring image (`make example`), so the model is pickled by the same
+scikit-learn that will load it. Writes, next to this file:
+
+* ``model/iris-classifier/model.joblib``: the model, one level down as Azure ML's registered
+  models are (the scoring script finds it with a glob under ``AZUREML_MODEL_DIR``);
+* ``data/iris-000.csv`` ... ``iris-014.csv``: the 150 iris rows, shuffled, 10 per file.
+"""
+
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+ROWS_PER_FILE = 10
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    iris = load_iris()
+    X = pd.DataFrame(iris.data, columns=FEATURES)
+    y = iris.target_names[iris.target]
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    model.fit(X, y)
+    model_dir = HERE / "model" / "iris-classifier"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, model_dir / "model.joblib")
+
+    rows = X.assign(id=np.arange(len(X)))[["id", *FEATURES]]
+    rows = rows.sample(frac=1.0, random_state=7).reset_index(drop=True)
+    data_dir = HERE / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for old in data_dir.glob("*.csv"):
+        old.unlink()
+    for n, start in enumerate(range(0, len(rows), ROWS_PER_FILE)):
+        rows.iloc[start : start + ROWS_PER_FILE].to_csv(data_dir / f"iris-{n:03d}.csv", index=False)
+    print(f"trained {model_dir / 'model.joblib'} (accuracy {model.score(X, y):.3f}); wrote {n + 1} files to {data_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The DAG factory: one Airflow DAG per endpoint YAML, one task group per deployment.
+
+``build_dags(folder, globals())`` is the one call a DAG file makes. A YAML file that fails to
+load never hides the others: the valid ones become DAGs, and the invalid ones are reported
+together as an import error of the calling DAG file, each naming its file, line and key.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, TaskGroup
+
+from batchscore.errors import DeploymentSpecError, InvalidDeploymentFilesError, SpecIssue
+from batchscore.operators import MergeOperator, PlanOperator, ScoreMiniBatchOperator
+from batchscore.operators.score import RETRY_DELAY
+from batchscore.spec import EndpointSpec, load_endpoint
+
+log = logging.getLogger(__name__)
+
+START_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
+YAML_SUFFIXES = (".yaml", ".yml")
+INVALID_DAG_ID = "batchscore_invalid_deployments"
+
+
+def build_dag(endpoint: EndpointSpec) -> DAG:
+    """The DAG of one endpoint: per deployment, a task group ``plan → score[mapped] → merge``."""
+    with DAG(
+        dag_id=endpoint.dag_id,
+        schedule=endpoint.schedule,
+        start_date=START_DATE,
+        catchup=False,
+        description=endpoint.description or f"Batch scoring endpoint {endpoint.endpoint_name}",
+        doc_md=_doc(endpoint),
+        tags=["batchscore", *(f"{k}:{v}" for k, v in endpoint.tags.items())],
+        default_args={"owner": "batchscore"},
+    ) as dag:
+        for deployment in endpoint.deployments:
+            common = {
+                "endpoint_name": endpoint.endpoint_name,
+                "deployment": deployment.model_dump(mode="json", by_alias=True),
+            }
+            with TaskGroup(group_id=deployment.name, tooltip=deployment.description or deployment.name):
+                plan = PlanOperator(task_id="plan", **common)
+                score = ScoreMiniBatchOperator.partial(
+                    task_id="score",
+                    retries=deployment.settings.retry_settings.max_retries,
+                    retry_delay=RETRY_DELAY,
+                    max_active_tis_per_dagrun=deployment.resources.instance_count,
+                    map_index_template="{{ task.mini_batch['label'] }}",
+                    **common,
+                ).expand(mini_batch=plan.output)
+                merge = MergeOperator(task_id="merge", **common)
+                score >> merge
+    return dag
+
+
+def _doc(endpoint: EndpointSpec) -> str:
+    lines = [f"# {endpoint.endpoint_name}", "", f"Built by batchscore from `{endpoint.source}`.", ""]
+    for d in endpoint.deployments:
+        lines += [
+            f"## {d.name}",
+            f"- image `{d.environment.image}`, script `{d.code_configuration.scoring_script}`",
+            f"- input `{d.input.path}` (`{d.input.pattern}`), {d.settings.mini_batch_size} files per mini-batch",
+            f"- output `{d.output.path}/<run id>/{d.settings.output_file_name}` and `summary.json`",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+class _InvalidDeployments(DAG):
+    """Stands in for YAML files that failed to load, so Airflow lists them as an import error.
+
+    Airflow validates every DAG a file defines before adding it; a DAG that fails validation
+    becomes an import error of that file, while the file's other DAGs still load.
+    """
+
+    def validate(self) -> None:  # noqa: D102 - see the class docstring
+        raise self.batchscore_error
+
+
+def _invalid_dag(errors: list[DeploymentSpecError]) -> DAG:
+    dag = _InvalidDeployments(dag_id=INVALID_DAG_ID, schedule=None, start_date=START_DATE)
+    # One error for all files: Airflow keeps a single import error per DAG file.
+    dag.batchscore_error = InvalidDeploymentFilesError(errors)
+    return dag
+
+
+def find_yaml_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in YAML_SUFFIXES and p.is_file())
+
+
+def build_dags(folder: Path | str, target_globals: dict[str, Any] | None = None) -> dict[str, DAG]:
+    """Build the DAG of every YAML file in ``folder``; register them in ``target_globals``.
+
+    Invalid files are logged and reported through one extra DAG that Airflow turns into an
+    import error of the calling file (see :class:`_InvalidDeployments`); they never stop the
+    valid files from loading.
+    """
+    folder = Path(folder)
+    dags: dict[str, DAG] = {}
+    errors: list[DeploymentSpecError] = []
+    owners: dict[str, Path] = {}
+    outputs: dict[Path, tuple[Path, str]] = {}
+    if not folder.is_dir():
+        errors.append(DeploymentSpecError(folder, [SpecIssue(None, None, "the deployments folder does not exist")]))
+        files: list[Path] = []
+    else:
+        files = find_yaml_files(folder)
+    for path in files:
+        try:
+            endpoint = load_endpoint(path)
+            _check_unique(endpoint, path, owners, outputs)
+            dags[endpoint.dag_id] = build_dag(endpoint)
+        except DeploymentSpecError as exc:
+            log.error("Skipping invalid deployment file:\n%s", exc)
+            errors.append(exc)
+    if errors:
+        dags[INVALID_DAG_ID] = _invalid_dag(errors)
+    if target_globals is not None:
+        target_globals.update(dags)
+    return dags
+
+
+def _check_unique(
+    endpoint: EndpointSpec, path: Path, owners: dict[str, Path], outputs: dict[Path, tuple[Path, str]]
+) -> None:
+    """Two files must not define the same DAG id or write to the same output folder."""
+    if endpoint.dag_id in owners:
+        raise DeploymentSpecError(
+            path,
+            [
+                SpecIssue(
+                    _key_line(path, "endpoint_name"),
+                    "endpoint_name",
+                    f"endpoint {endpoint.dag_id!r} is already defined in {owners[endpoint.dag_id]}",
+                )
+            ],
+        )
+    for d in endpoint.deployments:
+        if d.output.path in outputs:
+            other, name = outputs[d.output.path]
+            raise DeploymentSpecError(
+                path,
+                [
+                    SpecIssue(
+                        _key_line(path, "output"),
+                        "output.path",
+                        f"deployment {d.name!r} writes to {d.output.path}, as {name!r} in {other} does",
+                    )
+                ],
+            )
+    owners[endpoint.dag_id] = path
+    for d in endpoint.deployments:
+        outputs[d.output.path] = (path, d.name)
+
+
+def _key_line(path: Path, key: str) -> int | None:
+    """The first line where ``key:`` appears in the file (for errors found across files)."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.lstrip().startswith(f"{key}:"):
+            return number
+    return None

@@ -1,0 +1,31 @@
+"""MergeOperator: the merge task of a deployment's task group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator, TriggerRule
+
+from batchscore.merge import merge_run
+from batchscore.operators._base import DeploymentMixin
+
+
+class MergeOperator(DeploymentMixin, BaseOperator):
+    """Concatenate the mini-batch results into the output and write the summary.
+
+    Runs when every mini-batch has finished, failed or not (``all_done``), and fails itself
+    when any mini-batch has no result, so the run cannot end green with holes in it.
+    """
+
+    ui_color = "#e8f5e9"
+
+    def __init__(self, *, endpoint_name: str, deployment: dict[str, Any], **kwargs: Any):
+        kwargs.setdefault("trigger_rule", TriggerRule.ALL_DONE)
+        super().__init__(**kwargs)
+        self.endpoint_name = endpoint_name
+        self.deployment = deployment
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        summary = merge_run(self.endpoint_name, self.spec, context["run_id"])
+        self.log.info("Output: %s (%d rows)", summary["output"], summary["rows"])
+        return {"output": summary["output"], "rows": summary["rows"], "status": summary["status"]}

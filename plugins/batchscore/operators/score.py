@@ -1,0 +1,169 @@
+"""ScoreMiniBatchOperator: one scoring container per mini-batch (mapped over the plan)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.docker.exceptions import DockerContainerFailedException
+from airflow.providers.docker.operators.docker import DockerOperator
+from docker.types import DeviceRequest, Mount
+
+import batchscore_runtime.formats
+from batchscore.errors import ScoringError
+from batchscore.operators._base import DeploymentMixin
+from batchscore.plan import run_layout
+from batchscore.spec import DeploymentSpec
+from batchscore_runtime.formats import ContainerPaths, MiniBatchDir, mini_batch_id
+
+#: Pause before a failed mini-batch is retried (Azure retries at once; a short pause lets a
+#: transient cause, such as a busy Docker engine, pass).
+RETRY_DELAY = timedelta(seconds=5)
+RUNTIME_SOURCE = Path(batchscore_runtime.formats.__file__).resolve().parent
+
+
+def device_requests(gpus: int | str | list[str]) -> list[DeviceRequest]:
+    """Docker device requests for ``resources.gpus``: a count, ``"all"``, or device ids."""
+    if gpus == 0:
+        return []
+    if gpus == "all":
+        return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    if isinstance(gpus, int):
+        return [DeviceRequest(count=gpus, capabilities=[["gpu"]])]
+    return [DeviceRequest(device_ids=list(gpus), capabilities=[["gpu"]])]
+
+
+def container_setup(spec: DeploymentSpec, run_id: str, index: int) -> dict[str, Any]:
+    """Mounts, environment and command of the container that scores mini-batch ``index``.
+
+    Everything is mounted read-only except the mini-batch's own result folder.
+    """
+    layout = run_layout(spec, run_id)
+    out = layout.mini_batch_dir(index)
+    model = spec.model.path
+    model_target = ContainerPaths.MODEL if model.is_dir() else f"{ContainerPaths.MODEL}/{model.name}"
+    mounts = [
+        Mount(target=f"{ContainerPaths.RUNTIME}/batchscore_runtime", source=str(RUNTIME_SOURCE), type="bind", read_only=True),
+        Mount(target=model_target, source=str(model), type="bind", read_only=True),
+        Mount(target=ContainerPaths.CODE, source=str(spec.code_configuration.code), type="bind", read_only=True),
+        Mount(target=ContainerPaths.INPUT, source=str(spec.input.path), type="bind", read_only=True),
+        Mount(target=ContainerPaths.MINI_BATCH, source=str(layout.mini_batch_file(index)), type="bind", read_only=True),
+        Mount(target=ContainerPaths.OUTPUT, source=str(out.path), type="bind", read_only=False),
+    ]
+    environment = {
+        **spec.settings.environment_variables,
+        "AZUREML_MODEL_DIR": ContainerPaths.MODEL,
+        "BATCHSCORE_MINI_BATCH": mini_batch_id(index),
+        "PYTHONPATH": ContainerPaths.RUNTIME,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HOME": "/tmp",
+    }
+    command = [
+        "python3",
+        "-m",
+        "batchscore_runtime",
+        "--mini-batch",
+        ContainerPaths.MINI_BATCH,
+        "--input-root",
+        ContainerPaths.INPUT,
+        "--scoring-script",
+        f"{ContainerPaths.CODE}/{spec.code_configuration.scoring_script}",
+        "--output",
+        ContainerPaths.OUTPUT,
+        "--log-level",
+        spec.settings.logging_level,
+    ]
+    return {"mounts": mounts, "environment": environment, "command": command, "result_dir": out}
+
+
+class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
+    """Run the deployment's scoring container on one mini-batch and check its committed result.
+
+    Mapped over the plan's output (``mini_batch``: a reference with ``index`` and ``label``).
+    The container runs as the Airflow worker's user, is removed when it ends, and its output
+    streams into this task's log. The mini-batch's previous status is withdrawn before the
+    container starts, so a crash can never leave an old result looking current.
+    """
+
+    # Nothing of ours is a Jinja template: mounts, environment and command are built in execute().
+    template_fields = ()
+    ui_color = "#fff3e0"
+
+    def __init__(
+        self,
+        *,
+        endpoint_name: str,
+        deployment: dict[str, Any],
+        mini_batch: dict[str, Any],
+        **kwargs: Any,
+    ):
+        self.endpoint_name = endpoint_name
+        self.deployment = deployment
+        self.mini_batch = mini_batch
+        spec = self.spec
+        kwargs.setdefault("image", spec.environment.image)
+        kwargs.setdefault("user", f"{os.getuid()}:{os.getgid()}")
+        super().__init__(
+            auto_remove="force",
+            mount_tmp_dir=False,
+            do_xcom_push=False,
+            device_requests=device_requests(spec.resources.gpus),
+            **kwargs,
+        )
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        index = int(self.mini_batch["index"])
+        mb_id = mini_batch_id(index)
+        run_id = context["run_id"]
+        mini_batch_file = run_layout(self.spec, run_id).mini_batch_file(index)
+        if not mini_batch_file.is_file():
+            raise ScoringError(
+                f"{mb_id}: its file list {mini_batch_file} is missing; the plan of run {run_id!r} "
+                "was removed or never finished (clear the plan task of this run as well)"
+            )
+        setup = container_setup(self.spec, run_id, index)
+        result_dir: MiniBatchDir = setup["result_dir"]
+        result_dir.path.mkdir(parents=True, exist_ok=True)
+        result_dir.retract()
+        self.mounts = setup["mounts"]
+        self.environment = setup["environment"]
+        self.command = setup["command"]
+        self.labels = {
+            "batchscore.endpoint": self.endpoint_name,
+            "batchscore.deployment": self.spec.name,
+            "batchscore.run_id": run_id,
+            "batchscore.mini_batch": mb_id,
+        }
+        ti = context.get("ti")
+        self.log.info(
+            "%s: scoring %s files (%s bytes) in image %s, try %s",
+            mb_id,
+            self.mini_batch.get("files"),
+            self.mini_batch.get("bytes"),
+            self.image,
+            getattr(ti, "try_number", "?"),
+        )
+        try:
+            super().execute(context)
+        except DockerContainerFailedException as exc:
+            status = result_dir.read_status()
+            if status is not None and status.error is not None:
+                cause = status.error.one_line()
+            else:
+                cause = f"the container ended without committing a result ({exc})"
+            raise ScoringError(f"{mb_id} failed: {cause}") from None
+        status = result_dir.read_status()
+        if status is None or not status.succeeded:
+            raise ScoringError(f"{mb_id}: the container exited 0 but committed no result in {result_dir.path}")
+        self.log.info(
+            "%s: %d rows from %d files (init %.2f s, run %.2f s)",
+            mb_id,
+            status.rows,
+            status.files,
+            status.init_seconds,
+            status.run_seconds,
+        )
+        return {"mini_batch": mb_id, "rows": status.rows}

@@ -1,0 +1,93 @@
+"""The DAG factory, loaded the way Airflow's dag-processor loads it (a real DagBag)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk import TriggerRule
+
+from batchscore.factory import INVALID_DAG_ID, build_dags
+
+REPO = Path(__file__).resolve().parent.parent
+LOADER = REPO / "dags" / "batchscore_deployments.py"
+
+
+def parse(monkeypatch: pytest.MonkeyPatch, deployments: Path | None = None) -> DagBag:
+    if deployments is not None:
+        monkeypatch.setenv("BATCHSCORE_DEPLOYMENTS_DIR", str(deployments))
+    return DagBag(dag_folder=str(LOADER), safe_mode=False)
+
+
+def examples_copy(target: Path) -> Path:
+    """The example YAMLs in another folder, their relative paths made absolute."""
+    target.mkdir(parents=True, exist_ok=True)
+    for src in sorted((REPO / "dags" / "deployments").glob("*.yaml")):
+        (target / src.name).write_text(src.read_text().replace("../../", f"{REPO}/"))
+    return target
+
+
+def test_example_dags_load_with_plan_score_merge_per_deployment(iris_example: Path, monkeypatch) -> None:
+    bag = parse(monkeypatch)
+
+    assert bag.import_errors == {}
+    assert sorted(bag.dag_ids) == ["iris-batch", "iris-nightly"]
+    dag = bag.dags["iris-batch"]
+    assert sorted(dag.task_ids) == ["iris-sklearn.merge", "iris-sklearn.plan", "iris-sklearn.score"]
+    plan, score, merge = (dag.get_task(f"iris-sklearn.{t}") for t in ("plan", "score", "merge"))
+    assert score.upstream_task_ids == {plan.task_id} and merge.upstream_task_ids == {score.task_id}
+    assert type(score).__name__ == "MappedOperator"
+    assert score.partial_kwargs["retries"] == 1  # settings.retry_settings.max_retries
+    assert score.partial_kwargs["max_active_tis_per_dagrun"] == 2  # resources.instance_count
+    assert score.map_index_template == "{{ task.mini_batch['label'] }}"
+    assert merge.trigger_rule == TriggerRule.ALL_DONE
+    assert bag.dags["iris-nightly"].schedule == "0 2 * * *"
+
+
+def test_a_broken_yaml_is_an_import_error_naming_file_line_and_key_and_the_others_still_load(
+    iris_example: Path, tmp_path: Path, monkeypatch
+) -> None:
+    folder = examples_copy(tmp_path / "deployments")
+    broken = folder / "broken.yaml"
+    broken.write_text(
+        (folder / "iris-batch.yaml")
+        .read_text()
+        .replace("endpoint_name: iris-batch", "endpoint_name: iris-broken")
+        .replace("iris-batch", "iris-broken")
+        .replace("  mini_batch_size: 4", "  mini_batch_szie: 5")
+    )
+    line = next(n for n, text in enumerate(broken.read_text().splitlines(), 1) if "mini_batch_szie" in text)
+
+    bag = parse(monkeypatch, folder)
+
+    assert sorted(bag.dag_ids) == ["iris-batch", "iris-nightly"]
+    assert list(bag.import_errors) == [str(LOADER)]
+    assert bag.import_errors[str(LOADER)] == (
+        f"InvalidDeploymentFilesError: {broken}:{line}: settings.mini_batch_szie: unknown key 'mini_batch_szie'; "
+        "did you mean 'mini_batch_size'?"
+    )
+
+
+def test_every_broken_file_is_listed_and_duplicates_across_files_are_refused(iris_example: Path, tmp_path: Path) -> None:
+    folder = examples_copy(tmp_path / "deployments")
+    (folder / "a-syntax.yaml").write_text("name: x\n  bad: [\n")
+    (folder / "z-copy.yaml").write_text((folder / "iris-batch.yaml").read_text())
+
+    dags = build_dags(folder)
+
+    assert sorted(dags) == [INVALID_DAG_ID, "iris-batch", "iris-nightly"]
+    with pytest.raises(Exception) as info:
+        dags[INVALID_DAG_ID].validate()
+    assert str(info.value).splitlines() == [
+        f"{folder / 'a-syntax.yaml'}:2: YAML syntax error: mapping values are not allowed here",
+        f"{folder / 'z-copy.yaml'}:5: endpoint_name: endpoint 'iris-batch' is already defined in "
+        f"{folder / 'iris-batch.yaml'}",
+    ]
+
+
+def test_a_missing_deployments_folder_is_reported_not_ignored(tmp_path: Path) -> None:
+    dags = build_dags(tmp_path / "nope")
+    with pytest.raises(Exception) as info:
+        dags[INVALID_DAG_ID].validate()
+    assert str(info.value) == f"{tmp_path / 'nope'}: the deployments folder does not exist"
