@@ -1,0 +1,596 @@
+"""Run a real, local Airflow stack and drive it through the public REST API.
+
+:class:`LocalAirflow` starts Airflow's own components -- ``airflow api-server``,
+``airflow scheduler`` and ``airflow dag-processor`` -- as subprocesses of the
+current Python interpreter, on a SQLite metadata database with the
+``LocalExecutor``, and talks to them only through the public REST API v2
+(``/api/v2``).  It is meant for ``make demo`` and for tests that must go
+through a real scheduler; it is not a deployment tool.
+
+Layout under ``home`` (``AIRFLOW_HOME``)::
+
+    airflow.cfg           written by Airflow itself on first use (defaults only)
+    airflow.db            SQLite metadata database
+    logs/                 task and dag-processor logs
+    db-migrate.log        output of ``airflow db migrate``
+    api-server.log        output of each component
+    scheduler.log
+    dag-processor.log
+
+Configuration is passed only through environment variables of the child
+processes (see :meth:`LocalAirflow.child_env`); the caller's Airflow settings
+(``AIRFLOW__*``, ``AIRFLOW_HOME``, ``AIRFLOW_CONFIG``) are *not* inherited, so
+the stack is the same whether it is started from a shell, ``make`` or pytest;
+``AIRFLOW_CONN_*`` and ``AIRFLOW_VAR_*`` are.  Everything binds to 127.0.0.1;
+the scheduler runs with ``--skip-serve-logs`` (its log server would bind all
+interfaces; the api-server reads the task logs from ``logs/`` directly).
+
+Authentication: with ``[core] simple_auth_manager_all_admins = True`` the
+SimpleAuthManager installs a middleware that adds an admin JWT to every
+request, so the REST API needs no login or token.  The task runners talk to
+the Execution API with JWTs minted by the scheduler, hence one
+``[api_auth] jwt_secret`` shared by all components.
+
+Example::
+
+    with LocalAirflow(Path(".airflow"), Path("dags")) as af:
+        af.wait_for_dag("my_dag")
+        run_id = af.trigger("my_dag", conf={"x": 1})
+        print(af.wait_for_run("my_dag", run_id))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil  # a dependency of apache-airflow itself
+
+__all__ = ["LocalAirflow", "LocalAirflowError"]
+
+#: Components started by :meth:`LocalAirflow.start`, in start order.
+COMPONENTS = ("api-server", "scheduler", "dag-processor")
+#: Dag run states after which the scheduler does nothing more with a run.
+TERMINAL_RUN_STATES = ("success", "failed")
+_POLL_S = 1.0
+_LOG_TAIL_LINES = 40
+
+
+class LocalAirflowError(RuntimeError):
+    """The local Airflow stack failed to start, or an API call or a wait failed."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _load_prctl()  # resolved here: the child after fork should not dlopen
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the process that started it dies.
+
+    A safety net for a test run killed hard (no ``stop()``): without it the
+    components would live on, holding the port and the database.  Linux only.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise LocalAirflowError(f"local Airflow: port 127.0.0.1:{port} is not free ({e})") from None
+
+
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    """Return the last ``lines`` lines of a text file ("" if it does not exist)."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class LocalAirflow:
+    """A local api-server + scheduler + dag-processor on SQLite and the LocalExecutor.
+
+    :param home: ``AIRFLOW_HOME``; created if missing.  Reusing a home keeps
+        its database (dag runs, history) between starts.
+    :param dags_folder: folder the dag-processor parses.
+    :param port: API server port on 127.0.0.1; ``None`` picks a free one.
+    :param env: extra environment for the components; overrides the defaults.
+    :param parallelism: ``[core] parallelism``, the most task instances
+        running at once.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        dags_folder: Path,
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        parallelism: int = 4,
+    ) -> None:
+        self.home = Path(home).resolve()
+        self.dags_folder = Path(dags_folder).resolve()
+        self.port = port if port is not None else free_port()
+        self.parallelism = parallelism
+        self.extra_env = dict(env or {})
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.started_at: datetime | None = None  # UTC, set by start()
+        self._jwt_secret = secrets.token_urlsafe(64)  # HS512 wants >= 64 bytes
+        self._api_secret = secrets.token_urlsafe(32)
+
+    # ------------------------------------------------------------------ setup
+
+    def child_env(self) -> dict[str, str]:
+        """Return the environment of the Airflow child processes."""
+        env = {k: v for k, v in os.environ.items() if not _is_airflow_setting(k)}
+        home = str(self.home)
+        env.update(
+            {
+                "AIRFLOW_HOME": home,
+                "AIRFLOW_CONFIG": str(self.home / "airflow.cfg"),
+                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API__PORT": str(self.port),
+                "AIRFLOW__API__WORKERS": "1",
+                "AIRFLOW__API__BASE_URL": f"{self.base_url}/",
+                "AIRFLOW__API__SECRET_KEY": self._api_secret,
+                "AIRFLOW__API_AUTH__JWT_SECRET": self._jwt_secret,
+                "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.home / "logs"),
+                "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_STORAGE_PATH": str(self.home / "dag_bundles"),
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+                # The task supervisor can notice that its task exited only at its next
+                # select() timeout, which is this interval (default 5 s): each task
+                # would end up to 5 s late.  1 s costs one heartbeat a second per task.
+                "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def log_path(self, component: str) -> Path:
+        """Return the file that receives a component's stdout and stderr."""
+        return self.home / f"{component}.log"
+
+    def _spawn(self, component: str, args: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.log_path(component), "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "airflow", *args],
+                cwd=self.home,
+                env=self.child_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group, so stop() can killpg it
+                preexec_fn=_die_with_parent,
+            )
+
+    def migrate(self, timeout: float = 300) -> None:
+        """Run ``airflow db migrate`` (a no-op apart from its start-up on a current database)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        proc = self._spawn("db-migrate", ["db", "migrate"])
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _terminate(_tree(proc.pid), 5, [proc])
+            proc.wait()
+            raise LocalAirflowError(self._failure("`airflow db migrate` timed out", "db-migrate")) from None
+        if rc != 0:
+            raise LocalAirflowError(self._failure(f"`airflow db migrate` exited {rc}", "db-migrate"))
+
+    def start(self, timeout: float = 180) -> None:
+        """Migrate the database, start the components and wait until they are healthy.
+
+        Healthy means: the API answers ``/api/v2/monitor/health`` and reports
+        the scheduler and the dag-processor alive with a heartbeat newer than
+        this start.  On failure everything is stopped and
+        :class:`LocalAirflowError` carries the tail of the failing log.
+        """
+        if self.procs:
+            raise LocalAirflowError("already started")
+        _check_port_free(self.port)
+        deadline = time.monotonic() + timeout
+        self.dags_folder.mkdir(parents=True, exist_ok=True)
+        self.migrate(timeout=timeout)
+        started_at = self.started_at = datetime.now(UTC) - timedelta(seconds=1)
+        try:
+            self.procs["api-server"] = self._spawn("api-server", ["api-server"])
+            self.procs["scheduler"] = self._spawn("scheduler", ["scheduler", "--skip-serve-logs"])
+            self.procs["dag-processor"] = self._spawn("dag-processor", ["dag-processor"])
+            health: dict[str, Any] = {}
+            while True:
+                self._check_alive()
+                try:
+                    health = self.api("GET", "/api/v2/monitor/health", timeout=5)
+                except LocalAirflowError:
+                    health = {}
+                if _is_fresh(health, "scheduler", started_at) and _is_fresh(
+                    health, "dag_processor", started_at
+                ):
+                    return
+                if time.monotonic() > deadline:
+                    raise LocalAirflowError(
+                        self._failure(
+                            f"not healthy after {timeout:.0f}s (health: {health or 'no answer'})",
+                            *COMPONENTS,
+                        )
+                    )
+                time.sleep(_POLL_S)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise LocalAirflowError(self._failure(f"{name} exited {proc.returncode}", name))
+
+    def _failure(self, what: str, *components: str) -> str:
+        parts = [f"local Airflow: {what}"]
+        for c in components:
+            parts.append(f"--- tail of {self.log_path(c)} ---\n{log_tail(self.log_path(c))}")
+        return "\n".join(parts)
+
+    def pids(self) -> set[int]:
+        """Return the pids of the components and all their descendants right now."""
+        found: set[int] = set()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                found |= _tree(proc.pid)
+        return found
+
+    def stop(self, grace: float = 20) -> None:
+        """Stop all components and their children: SIGTERM, SIGKILL after ``grace`` s.
+
+        Idempotent.  Descendants that moved to their own process group (the
+        task supervisor puts each task in one) are signalled too.
+        """
+        procs, self.procs = self.procs, {}
+        pids: set[int] = set()
+        for proc in procs.values():
+            if proc.poll() is None:
+                pids |= _tree(proc.pid)
+        _terminate(pids, grace, procs.values())
+        for proc in procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):  # only if unkillable (D state)
+                proc.wait(5)
+
+    def __enter__(self) -> LocalAirflow:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -------------------------------------------------------------- REST API
+
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: dict[str, Any] | None = None,
+        timeout: float = 30,
+    ) -> Any:
+        """Call the REST API and return the decoded JSON (``None`` for an empty body).
+
+        Raises :class:`LocalAirflowError` with the status and the response
+        text on an HTTP error or when the server cannot be reached.
+        """
+        url = self.base_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query, doseq=True)
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method)
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:2000]
+            raise LocalAirflowError(f"{method} {path}: HTTP {e.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise LocalAirflowError(f"{method} {path}: {e}") from None
+        return json.loads(raw) if raw else None
+
+    def get_dag(self, dag_id: str) -> dict | None:
+        """Return the dag as the API shows it, or ``None`` if it is not (yet) known."""
+        try:
+            return self.api("GET", f"/api/v2/dags/{_q(dag_id)}")
+        except LocalAirflowError as e:
+            if "HTTP 404" in str(e):
+                return None
+            raise
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 120) -> dict:
+        """Wait until the dag-processor has serialized ``dag_id``, unpause it, return it.
+
+        The dag must have been parsed since :meth:`start`, so a reused home
+        never hands back a version from an earlier session.
+        """
+        deadline = time.monotonic() + timeout
+        while (dag := self.get_dag(dag_id)) is None or not self._parsed_now(dag):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise LocalAirflowError(
+                    f"dag {dag_id!r} not parsed after {timeout:.0f}s; import errors: "
+                    f"{json.dumps(self.import_errors(), indent=1)}\n"
+                    + self._failure("dag-processor", "dag-processor")
+                )
+            time.sleep(_POLL_S)
+        if dag.get("is_paused"):
+            dag = self.api("PATCH", f"/api/v2/dags/{_q(dag_id)}", {"is_paused": False})
+        return dag
+
+    def _parsed_now(self, dag: dict) -> bool:
+        """Whether the dag is live and was parsed by this session's dag-processor."""
+        if dag.get("is_stale"):
+            return False
+        if self.started_at is None or not dag.get("last_parsed_time"):
+            return True
+        return _utc(dag["last_parsed_time"]) >= self.started_at
+
+    def import_errors(self) -> list[dict]:
+        """Return the current dag import errors (filename, stack_trace, ...)."""
+        return self._paged("/api/v2/importErrors", "import_errors")
+
+    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        """Trigger a manual run (no logical date) and return its ``dag_run_id``."""
+        run = self.api(
+            "POST",
+            f"/api/v2/dags/{_q(dag_id)}/dagRuns",
+            {"logical_date": None, "conf": conf or {}},
+        )
+        return run["dag_run_id"]
+
+    def dag_run(self, dag_id: str, run_id: str) -> dict:
+        """Return one dag run."""
+        return self.api("GET", f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}")
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600) -> str:
+        """Wait until the run is terminal and return its state, ``"success"`` or ``"failed"``."""
+        deadline = time.monotonic() + timeout
+        while (state := self.dag_run(dag_id, run_id)["state"]) not in TERMINAL_RUN_STATES:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                tis = ", ".join(_ti_label(ti) for ti in self.task_instances(dag_id, run_id))
+                raise LocalAirflowError(
+                    f"run {dag_id}/{run_id} still {state!r} after {timeout:.0f}s; "
+                    f"task instances: {tis or 'none'}"
+                )
+            time.sleep(_POLL_S)
+        return state
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        """Return all task instances of a run, mapped ones included (one per ``map_index``)."""
+        return self._paged(f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances", "task_instances")
+
+    def clear(
+        self,
+        dag_id: str,
+        run_id: str,
+        task_ids: list[str | tuple[str, int]],
+        *,
+        include_downstream: bool = True,
+        only_failed: bool = False,
+    ) -> list[dict]:
+        """Clear task instances of one run so the scheduler runs them again.
+
+        A ``(task_id, map_index)`` tuple clears one mapped instance; a plain
+        task id clears all instances of that task.  The run goes back to
+        ``queued``.  Returns the cleared task instances.
+        """
+        body = {
+            "dry_run": False,  # the API default is True
+            "dag_run_id": run_id,
+            "task_ids": [t if isinstance(t, str) else [t[0], int(t[1])] for t in task_ids],
+            "include_downstream": include_downstream,
+            "only_failed": only_failed,  # the API default is True
+            "reset_dag_runs": True,
+        }
+        resp = self.api("POST", f"/api/v2/dags/{_q(dag_id)}/clearTaskInstances", body)
+        return resp["task_instances"]
+
+    def task_log(
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str,
+        *,
+        map_index: int = -1,
+        try_number: int = 1,
+    ) -> str:
+        """Return the log of one try of a task instance as text, one event per line."""
+        resp = self.api(
+            "GET",
+            f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}"
+            f"/logs/{int(try_number)}",
+            query={"map_index": map_index, "full_content": "true"},
+        )
+        content = resp.get("content") or []
+        if isinstance(content, str):
+            return content
+        return "\n".join(_log_line(entry) for entry in content)
+
+    def _paged(self, path: str, key: str, page: int = 100) -> list[dict]:
+        items: list[dict] = []
+        while True:
+            resp = self.api("GET", path, query={"limit": page, "offset": len(items)})
+            chunk = resp[key]
+            items.extend(chunk)
+            if not chunk or len(items) >= resp.get("total_entries", 0):
+                return items
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _is_airflow_setting(name: str) -> bool:
+    """Whether an environment variable configures Airflow itself (not inherited).
+
+    ``AIRFLOW_CONN_*`` and ``AIRFLOW_VAR_*`` (connections, variables) are data, not
+    configuration, and pass through.
+    """
+    return name.startswith(("AIRFLOW__", "_AIRFLOW")) or name in ("AIRFLOW_HOME", "AIRFLOW_CONFIG")
+
+
+def _q(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+def _is_fresh(health: dict, component: str, since: datetime) -> bool:
+    info = health.get(component) or {}
+    beat = info.get(f"latest_{component}_heartbeat")
+    if info.get("status") != "healthy" or not beat:
+        return False
+    return _utc(beat) >= since
+
+
+def _utc(iso: str) -> datetime:
+    """Parse an ISO 8601 time from the API ("Z" or an offset; naive means UTC)."""
+    at = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _ti_label(ti: dict) -> str:
+    idx = ti.get("map_index", -1)
+    name = ti["task_id"] if idx is None or idx < 0 else f"{ti['task_id']}[{idx}]"
+    return f"{name}={ti.get('state')}(try {ti.get('try_number')})"
+
+
+#: Context Airflow repeats on every task log event; left out of :meth:`LocalAirflow.task_log`.
+_LOG_CONTEXT_KEYS = frozenset(
+    {"dag_id", "run_id", "task_id", "map_index", "try_number", "ti_id", "logger", "filename", "lineno", "loc"}
+)
+
+
+def _log_line(entry: Any) -> str:
+    """Render one structured task-log event as ``timestamp level event key=value ...``."""
+    if not isinstance(entry, dict):
+        return str(entry)
+    entry = {k: v for k, v in entry.items() if k not in _LOG_CONTEXT_KEYS}
+    head = " ".join(str(entry.pop(k)) for k in ("timestamp", "level", "event") if entry.get(k) is not None)
+    errors = entry.pop("error_detail", None)
+    entry.pop("sources", None)
+    line = " ".join([head, *(f"{k}={v}" for k, v in entry.items())]).rstrip()
+    if isinstance(errors, list):
+        line += "".join("\n" + _format_error(e) for e in errors if isinstance(e, dict))
+    return line
+
+
+def _format_error(err: dict) -> str:
+    """Render one ``error_detail`` item of a task log like a Python traceback."""
+    lines = ["Traceback (most recent call last):"]
+    for f in err.get("frames") or []:
+        lines.append(f'  File "{f.get("filename")}", line {f.get("lineno")}, in {f.get("name")}')
+    lines.append(f"{err.get('exc_type')}: {err.get('exc_value')}")
+    return "\n".join(lines)
+
+
+def _tree(pid: int) -> set[int]:
+    """Return ``pid`` and all its descendants that are running now."""
+    try:
+        parent = psutil.Process(pid)
+        return {pid, *(c.pid for c in parent.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (a zombie has already exited)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _signal(pids: Iterable[int], sig: signal.Signals) -> None:
+    """Send ``sig`` to each pid and to its process group (never to our own group)."""
+    own = os.getpgrp()
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pgid in groups - {own}:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+
+def _terminate(pids: set[int], grace: float, reap: Iterable[subprocess.Popen[bytes]] = ()) -> None:
+    """SIGTERM ``pids`` and their process groups; SIGKILL whatever runs after ``grace`` s.
+
+    ``reap`` are our own children among them, polled so they do not stay zombies.
+    """
+    reap = list(reap)
+
+    def alive() -> set[int]:
+        for proc in reap:
+            proc.poll()
+        return {p for p in pids if _running(p)}
+
+    _signal(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left := alive():
+        # Something still runs: take its newest children along, and kill.
+        for pid in list(left):
+            left |= _tree(pid)
+        pids |= left
+        _signal(left, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
