@@ -9,6 +9,7 @@ from typing import Any
 
 from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
+from docker.errors import APIError
 from docker.types import DeviceRequest, Mount
 
 import batchscore_runtime.formats
@@ -148,6 +149,14 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         )
         try:
             super().execute(context)
+        except APIError as exc:
+            if self.device_requests and "device driver" in str(exc):
+                raise ScoringError(
+                    f"{mb_id}: Docker cannot give the container the GPUs it asks for "
+                    f"(resources.gpus: {self.spec.resources.gpus!r}): {exc.explanation}. Install the NVIDIA "
+                    "Container Toolkit on the Docker host, or set resources.gpus to 0"
+                ) from None
+            raise
         except DockerContainerFailedException as exc:
             status = result_dir.read_status()
             if status is not None and status.error is not None:

@@ -1,0 +1,129 @@
+"""``python -m batchscore``: run a deployment's DAG on a local Airflow, or check YAML files.
+
+    python -m batchscore run iris-batch          # api-server + scheduler + dag-processor, one run
+    python -m batchscore check dags/deployments  # validate YAML files, as the DAG file would
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from batchscore.errors import DeploymentSpecError
+from batchscore.factory import find_yaml_files
+from batchscore.plan import run_layout
+from batchscore.spec import EndpointSpec, load_endpoint
+
+
+def _endpoint(deployments: Path, dag_id: str) -> EndpointSpec:
+    for path in find_yaml_files(deployments):
+        try:
+            endpoint = load_endpoint(path)
+        except DeploymentSpecError:
+            continue
+        if endpoint.dag_id == dag_id:
+            return endpoint
+    raise SystemExit(f"no valid deployment YAML in {deployments} defines endpoint {dag_id!r}")
+
+
+def _progress(tis: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for ti in tis:
+        state = ti.get("state") or "not started"
+        counts[state] = counts.get(state, 0) + 1
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+
+
+def run(args: argparse.Namespace) -> int:
+    from batchscore.localairflow import LocalAirflow, LocalAirflowError
+
+    dags_folder = Path(args.dags_folder).resolve()
+    deployments = Path(os.environ.get("BATCHSCORE_DEPLOYMENTS_DIR", dags_folder / "deployments"))
+    endpoint = _endpoint(deployments, args.dag_id)
+    home = Path(args.home).resolve()
+    print(f"Starting Airflow (api-server, scheduler, dag-processor) in {home} ...", flush=True)
+    with LocalAirflow(home, dags_folder) as airflow:  # starts the components, stops them on exit
+        print(f"Airflow is up at {airflow.base_url}; waiting for DAG {args.dag_id} to be parsed ...", flush=True)
+        try:
+            airflow.wait_for_dag(args.dag_id)
+        except LocalAirflowError as exc:
+            for err in airflow.import_errors():
+                print(f"import error in {err.get('filename')}:\n{err.get('stack_trace')}", file=sys.stderr)
+            print(exc, file=sys.stderr)
+            return 1
+        run_id = airflow.trigger(args.dag_id, conf=json.loads(args.conf) if args.conf else None)
+        print(f"Triggered run {run_id}", flush=True)
+        deadline = time.monotonic() + args.timeout
+        last = ""
+        while True:
+            state = airflow.dag_run(args.dag_id, run_id)["state"]
+            line = _progress(airflow.task_instances(args.dag_id, run_id))
+            if line != last:
+                print(f"  {state}: {line}", flush=True)
+                last = line
+            if state in ("success", "failed"):
+                break
+            if time.monotonic() > deadline:
+                print(f"run {run_id} still {state} after {args.timeout} s", file=sys.stderr)
+                return 1
+            time.sleep(2)
+        if state == "failed":
+            for ti in airflow.task_instances(args.dag_id, run_id):
+                if ti.get("state") == "failed":
+                    label = ti.get("rendered_map_index") or ti["task_id"]
+                    print(f"\nFailed: {ti['task_id']} {label}", file=sys.stderr)
+                    log = airflow.task_log(
+                        args.dag_id, run_id, ti["task_id"], map_index=ti.get("map_index", -1),
+                        try_number=max(1, ti.get("try_number") or 1),
+                    )
+                    print("\n".join(log.splitlines()[-15:]), file=sys.stderr)
+    print(f"\nRun {run_id} of {args.dag_id}: {state}")
+    for deployment in endpoint.deployments:
+        layout = run_layout(deployment, run_id)
+        summary_path = layout.summary_file
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+            print(f"  {deployment.name}: {summary['rows']} rows, {summary['mini_batches']['succeeded']}"
+                  f"/{summary['mini_batches']['total']} mini-batches")
+            print(f"    predictions: {summary['output']}")
+            print(f"    summary:     {summary_path}")
+        else:
+            print(f"  {deployment.name}: no summary in {layout.root}")
+    return 0 if state == "success" else 1
+
+
+def check(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in find_yaml_files(Path(args.folder)):
+        try:
+            endpoint = load_endpoint(path)
+            print(f"ok   {path}: endpoint {endpoint.dag_id}, {len(endpoint.deployments)} deployment(s)")
+        except DeploymentSpecError as exc:
+            failed += 1
+            print(f"FAIL {exc}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m batchscore", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run one DAG on a local Airflow (SQLite, LocalExecutor) and wait")
+    p_run.add_argument("dag_id")
+    p_run.add_argument("--dags-folder", default="dags")
+    p_run.add_argument("--home", default=".airflow", help="AIRFLOW_HOME of the local Airflow")
+    p_run.add_argument("--conf", help="the run's conf, as JSON")
+    p_run.add_argument("--timeout", type=float, default=1800)
+    p_run.set_defaults(func=run)
+    p_check = sub.add_parser("check", help="validate the deployment YAML files of a folder")
+    p_check.add_argument("folder", nargs="?", default="dags/deployments")
+    p_check.set_defaults(func=check)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""ScoreMiniBatchOperator: what reaches Docker for one mini-batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from docker.types import DeviceRequest
+
+from batchscore.errors import ScoringError
+from batchscore.operators.score import RUNTIME_SOURCE, ScoreMiniBatchOperator, container_setup, device_requests
+from batchscore.plan import plan_run, run_layout
+from batchscore_runtime.formats import ContainerPaths
+from tests.helpers import deployment_file, load, write
+
+
+@pytest.fixture()
+def deployment(tmp_path: Path):
+    (tmp_path / "model").mkdir()
+    write(tmp_path / "code" / "score.py", "def run(mb):\n    return mb\n")
+    write(tmp_path / "in" / "a.csv", "x\n")
+
+    def make(**kwargs):
+        kwargs.setdefault("model", tmp_path / "model")
+        path = deployment_file(tmp_path / "yaml", code=tmp_path / "code", inputs=tmp_path / "in", **kwargs)
+        return load(path)
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("gpus", "expected"),
+    [
+        (0, []),
+        (2, [DeviceRequest(count=2, capabilities=[["gpu"]])]),
+        ("all", [DeviceRequest(count=-1, capabilities=[["gpu"]])]),
+        (["0", "GPU-3b2f"], [DeviceRequest(device_ids=["0", "GPU-3b2f"], capabilities=[["gpu"]])]),
+    ],
+)
+def test_gpus_become_docker_device_requests(gpus, expected) -> None:
+    assert device_requests(gpus) == expected
+
+
+def test_only_the_mini_batch_result_folder_is_writable(deployment, tmp_path: Path) -> None:
+    d = deployment().deployments[0]
+    setup = container_setup(d, "run-1", 7)
+
+    mounts = {m["Target"]: (m["Source"], m["ReadOnly"]) for m in setup["mounts"]}
+    layout = run_layout(d, "run-1")
+    assert mounts == {
+        f"{ContainerPaths.RUNTIME}/batchscore_runtime": (str(RUNTIME_SOURCE), True),
+        ContainerPaths.MODEL: (str(tmp_path / "model"), True),
+        ContainerPaths.CODE: (str(tmp_path / "code"), True),
+        ContainerPaths.INPUT: (str(tmp_path / "in"), True),
+        ContainerPaths.MINI_BATCH: (str(layout.mini_batch_file(7)), True),
+        ContainerPaths.OUTPUT: (str(layout.mini_batch_dir(7).path), False),
+    }
+    assert setup["environment"]["AZUREML_MODEL_DIR"] == ContainerPaths.MODEL
+    assert setup["environment"]["BATCHSCORE_MINI_BATCH"] == "mb-00007"
+    assert setup["command"][:3] == ["python3", "-m", "batchscore_runtime"]
+    assert f"{ContainerPaths.CODE}/score.py" in setup["command"]
+
+
+def test_a_model_file_is_mounted_inside_the_model_folder(deployment, tmp_path: Path) -> None:
+    write(tmp_path / "model.pkl", "x")
+    d = deployment(model=tmp_path / "model.pkl").deployments[0]
+    targets = [m["Target"] for m in container_setup(d, "r", 0)["mounts"]]
+    assert f"{ContainerPaths.MODEL}/model.pkl" in targets
+
+
+@pytest.mark.docker
+def test_a_gpu_request_on_a_host_without_gpus_fails_naming_the_setting(
+    deployment, scoring_image: str, airflow_db, tmp_path: Path
+) -> None:
+    # No GPU exists on this machine or in CI: the request is made of the real Docker engine,
+    # which refuses it; on a GPU host the same request is what starts the container there.
+    endpoint = deployment(resources={"gpus": 1})
+    d = endpoint.deployments[0]
+    plan_run(endpoint.endpoint_name, d, "run-gpu")
+    op = ScoreMiniBatchOperator(
+        task_id="score",
+        endpoint_name=endpoint.endpoint_name,
+        deployment=d.model_dump(mode="json"),
+        mini_batch={"index": 0, "files": 1, "bytes": 2, "label": "mb-00000 (1 file)"},
+    )
+    assert op.device_requests == [DeviceRequest(count=1, capabilities=[["gpu"]])]
+
+    with pytest.raises(ScoringError) as info:
+        op.execute({"run_id": "run-gpu"})
+
+    assert str(info.value) == (
+        "mb-00000: Docker cannot give the container the GPUs it asks for (resources.gpus: 1): could not select "
+        'device driver "" with capabilities: [[gpu]]. Install the NVIDIA Container Toolkit on the Docker host, '
+        "or set resources.gpus to 0"
+    )
+
+
+@pytest.mark.docker
+def test_the_operator_scores_one_mini_batch_in_a_real_container(deployment, scoring_image: str, airflow_db) -> None:
+    endpoint = deployment()
+    d = endpoint.deployments[0]
+    plan_run(endpoint.endpoint_name, d, "run-1")
+    op = ScoreMiniBatchOperator(
+        task_id="score",
+        endpoint_name=endpoint.endpoint_name,
+        deployment=d.model_dump(mode="json"),
+        mini_batch={"index": 0, "files": 1, "bytes": 2, "label": "mb-00000 (1 file)"},
+    )
+
+    assert op.execute({"run_id": "run-1"}) == {"mini_batch": "mb-00000", "rows": 1}
+    status = run_layout(d, "run-1").mini_batch_dir(0).read_status()
+    assert status.succeeded and status.rows == 1
