@@ -1,0 +1,313 @@
+#!/usr/bin/env bash
+# Build the scoring image (default tag batchscore-scoring:latest).
+#
+# Works both where a container registry can be reached and where none can:
+#   1. If the image already carries the label batchscore.build-hash=<hash of
+#      Dockerfile + requirements + base>, stop at once (cached run).
+#   2. Base: BASE_IMAGE (python:3.11-slim) if it is here or can be pulled,
+#      else batchscore-base:bookworm, a Debian bookworm root file system made
+#      with debootstrap and imported into Docker (made once, then reused).
+#   3. Wheels are downloaded by pip on the HOST, since pip inside a build
+#      container cannot reach the package index on our machines; air-gapped
+#      sites point BATCHSCORE_WHEELS_DIR at a folder of wheels instead.
+#   4. docker build from a context holding the Dockerfile and the wheels.
+#
+# Usage: docker/build-images.sh [--force] [--help]
+#   --force   rebuild even if the image is up to date (no Docker layer cache)
+# Environment:
+#   IMAGE                    tag to build (batchscore-scoring:latest)
+#   BASE_IMAGE               preferred base (python:3.11-slim)
+#   BATCHSCORE_WHEELS_DIR    folder of ready wheels; then nothing is downloaded
+#   BATCHSCORE_PULL_TIMEOUT  seconds allowed for pulling the base (60)
+#   DEBIAN_MIRROR            mirror for debootstrap (http://deb.debian.org/debian)
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly SCRIPT_DIR
+readonly CONTEXT_SRC="${SCRIPT_DIR}/scoring"
+readonly CACHE_DIR="${SCRIPT_DIR}/.cache"
+
+IMAGE="${IMAGE:-batchscore-scoring:latest}"
+BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim}"
+readonly FALLBACK_BASE="batchscore-base:bookworm"
+readonly DEBIAN_SUITE="bookworm"   # its python3 is 3.11, as the cp311 wheels need
+readonly DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+readonly DEBOOTSTRAP_INCLUDE="python3,python3-venv,ca-certificates"
+readonly PULL_TIMEOUT="${BATCHSCORE_PULL_TIMEOUT:-60}"
+readonly HASH_LABEL="batchscore.build-hash"
+readonly RECIPE_LABEL="batchscore.base-recipe"
+# Bump when the way this script builds changes without the Dockerfile changing.
+readonly BUILD_LOGIC_VERSION=1
+
+FORCE=0
+WORK_DIR=""   # scratch folder of one build, made after the cache check
+
+log() { echo "[build-images] $*" >&2; }
+die() { echo "[build-images] ERROR: $*" >&2; exit 1; }
+
+# The scratch folder goes away on any exit. A debootstrap that failed half
+# way can leave /proc, /sys or a bind mount of /dev inside the root file
+# system: unmount those first, and never let rm cross into another file system.
+cleanup() {
+    [[ -n "$WORK_DIR" && -d "$WORK_DIR" ]] || return 0
+    local m
+    while read -r m; do
+        umount -l "$m" 2>/dev/null || true
+    done < <(awk -v p="$WORK_DIR/" 'index($2, p) == 1 { print $2 }' /proc/mounts | sort -r)
+    rm -rf --one-file-system -- "$WORK_DIR" || log "could not remove $WORK_DIR"
+}
+trap cleanup EXIT
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+
+parse_args() {
+    while (($#)); do
+        case "$1" in
+            --force) FORCE=1 ;;
+            -h|--help) usage; exit 0 ;;
+            *) die "unknown argument: $1 (see --help)" ;;
+        esac
+        shift
+    done
+}
+
+sha256_of_stdin() { sha256sum | cut -d' ' -f1; }
+
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+image_id() { docker image inspect --format '{{.Id}}' "$1"; }
+
+image_label() {
+    # Prints nothing (not "<no value>") when the image has no such label.
+    docker image inspect --format "{{with .Config.Labels}}{{index . \"$2\"}}{{end}}" "$1" \
+        2>/dev/null || true
+}
+
+# The fallback base is made again when its recipe (the code of
+# build_fallback_base and its settings) changes; the recipe hash is stored as
+# a label on it.
+base_recipe_hash() {
+    { echo "$DEBIAN_SUITE $DEBOOTSTRAP_INCLUDE"; declare -f build_fallback_base; } | sha256_of_stdin
+}
+
+# The base that is usable without the network, or nothing. Checking only
+# local images keeps the cached path fast and offline.
+local_base() {
+    if image_exists "$BASE_IMAGE"; then
+        echo "$BASE_IMAGE"
+    elif image_exists "$FALLBACK_BASE" \
+        && [[ "$(image_label "$FALLBACK_BASE" "$RECIPE_LABEL")" == "$(base_recipe_hash)" ]]; then
+        echo "$FALLBACK_BASE"
+    fi
+}
+
+# Hash of everything the image is made of: the Dockerfile, the pinned
+# requirements, the base asked for, and the base used, by name and by image
+# id (a re-made or re-pulled base means a new scoring image).
+build_hash() {
+    local base="$1"
+    {
+        echo "logic=$BUILD_LOGIC_VERSION"
+        echo "requested=$BASE_IMAGE"
+        echo "base=$base $(image_id "$base")"
+        echo "--- Dockerfile"; cat "$CONTEXT_SRC/Dockerfile"
+        echo "--- requirements.txt"; cat "$CONTEXT_SRC/requirements.txt"
+    } | sha256_of_stdin
+}
+
+is_up_to_date() {
+    local base
+    base="$(local_base)"
+    [[ -n "$base" ]] && image_exists "$IMAGE" \
+        && [[ "$(image_label "$IMAGE" "$HASH_LABEL")" == "$(build_hash "$base")" ]]
+}
+
+# Runs started at the same time (parallel test sessions, make -j, two
+# people) would each build and race on the tags and the wheel folder. One
+# builds; the others wait for it and then find the image up to date.
+take_build_lock() {
+    if ! command -v flock >/dev/null 2>&1; then
+        log "flock not found (util-linux); concurrent runs are not serialised"
+        return 0
+    fi
+    mkdir -p "$CACHE_DIR"
+    exec 9>"$CACHE_DIR/build.lock"
+    if ! flock -n 9; then
+        log "another build-images.sh is running; waiting for it"
+        flock 9
+    fi
+}
+
+exit_if_up_to_date() {
+    if ((!FORCE)) && is_up_to_date; then
+        echo "scoring image $IMAGE is up to date"
+        exit 0
+    fi
+}
+
+ensure_debootstrap() {
+    command -v debootstrap >/dev/null 2>&1 && return 0
+    if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        die "debootstrap is needed to make a base image without a registry; install it (Debian/Ubuntu: apt-get install debootstrap) and run again as root"
+    fi
+    log "installing debootstrap with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >&2 \
+        || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive \
+             apt-get install -y --no-install-recommends debootstrap >&2; } \
+        || die "could not install debootstrap with apt-get"
+}
+
+# Debian bookworm with python3 and venv, made with debootstrap and imported.
+build_fallback_base() {
+    [[ "$(id -u)" == 0 ]] || die "making $FALLBACK_BASE with debootstrap needs root; run as root, or make $BASE_IMAGE available (docker load / a reachable registry)"
+    ensure_debootstrap
+    local rootfs="$WORK_DIR/rootfs"
+
+    log "making $FALLBACK_BASE with debootstrap ($DEBIAN_SUITE from $DEBIAN_MIRROR, about a minute)"
+    local dlog="$CACHE_DIR/debootstrap.log" started=$SECONDS
+    if ! debootstrap --variant=minbase --include="$DEBOOTSTRAP_INCLUDE" \
+            "$DEBIAN_SUITE" "$rootfs" "$DEBIAN_MIRROR" >"$dlog" 2>&1; then
+        tail -n 20 "$dlog" >&2
+        [[ -f "$rootfs/debootstrap/debootstrap.log" ]] && tail -n 20 "$rootfs/debootstrap/debootstrap.log" >&2
+        die "debootstrap failed (full output in $dlog)"
+    fi
+    log "debootstrap done in $((SECONDS - started))s"
+
+    # Keep the image small (as Debian's own slim images do: no apt caches,
+    # manuals, translations; of the docs only the copyright files) and free
+    # of this host's settings.
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin \
+        "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/* "$rootfs"/tmp/* \
+        "$rootfs"/debootstrap "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
+        "$rootfs"/usr/share/locale/*
+    find "$rootfs/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
+    find "$rootfs/usr/share/doc" -mindepth 1 -type d -empty -delete
+    # ...and packages installed later in the image stay slim too.
+    printf '%s\n' 'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' \
+        'path-exclude /usr/share/locale/*' 'path-exclude /usr/share/doc/*' \
+        'path-include /usr/share/doc/*/copyright' \
+        > "$rootfs/etc/dpkg/dpkg.cfg.d/batchscore-slim"
+    : > "$rootfs/etc/resolv.conf"    # Docker mounts its own at run time
+    echo "batchscore" > "$rootfs/etc/hostname"
+
+    log "importing the root file system as $FALLBACK_BASE"
+    tar --numeric-owner -C "$rootfs" -c . \
+        | docker import \
+            --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+            --change "ENV LANG=C.UTF-8" \
+            --change "LABEL $RECIPE_LABEL=$(base_recipe_hash)" \
+            --change 'CMD ["python3"]' \
+            - "$FALLBACK_BASE" >/dev/null \
+        || die "docker import of the root file system failed"
+    rm -rf --one-file-system -- "$rootfs"   # ~200 MB; no need to wait for the exit
+}
+
+# Prints the base to build from: local BASE_IMAGE, else pulled, else the
+# debootstrap fallback (made if missing).
+resolve_base() {
+    if image_exists "$BASE_IMAGE"; then
+        log "base: $BASE_IMAGE (present locally)"
+        echo "$BASE_IMAGE"; return
+    fi
+    log "pulling $BASE_IMAGE (at most ${PULL_TIMEOUT}s)"
+    local out
+    if out="$(timeout "$PULL_TIMEOUT" docker pull --quiet "$BASE_IMAGE" 2>&1)"; then
+        log "base: $BASE_IMAGE (pulled)"
+        echo "$BASE_IMAGE"; return
+    fi
+    [[ -n "$out" ]] || out="no answer in ${PULL_TIMEOUT}s"
+    log "cannot pull $BASE_IMAGE: ${out##*$'\n'}"
+    log "falling back to $FALLBACK_BASE"
+    if [[ "$(local_base)" == "$FALLBACK_BASE" ]]; then
+        log "base: $FALLBACK_BASE (present locally)"
+    else
+        build_fallback_base
+        log "base: $FALLBACK_BASE (made)"
+    fi
+    echo "$FALLBACK_BASE"
+}
+
+# Prints the folder holding the wheels for requirements.txt.
+prepare_wheels() {
+    local req="$CONTEXT_SRC/requirements.txt"
+    if [[ -n "${BATCHSCORE_WHEELS_DIR:-}" ]]; then
+        log "wheels: from $BATCHSCORE_WHEELS_DIR (no download)"
+        echo "$BATCHSCORE_WHEELS_DIR"; return
+    fi
+    local dir="$CACHE_DIR/wheels" stamp want started=$SECONDS
+    stamp="$dir/.requirements.sha256"
+    want="$(sha256_of_stdin < "$req")"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        log "wheels: $dir (already downloaded)"
+        echo "$dir"; return
+    fi
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        die "python3 with pip is needed on the host to download wheels (or set BATCHSCORE_WHEELS_DIR)"
+    fi
+    # A fresh folder: wheels of older pins must not linger and be picked up.
+    rm -rf "$dir"; mkdir -p "$dir"
+    log "wheels: downloading for cp311 manylinux x86_64 into $dir"
+    python3 -m pip download --quiet --disable-pip-version-check \
+        --only-binary=:all: --python-version 3.11 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 \
+        -d "$dir" -r "$req" >&2 \
+        || die "pip download failed; check access to the package index, or set BATCHSCORE_WHEELS_DIR"
+    echo "$want" > "$stamp"
+    log "wheels: $(find "$dir" -name '*.whl' | wc -l) downloaded in $((SECONDS - started))s"
+    echo "$dir"
+}
+
+# Dockerfile + wheels/ (with requirements.txt) in the scratch folder.
+make_context() {
+    local wheels="$1" ctx="$WORK_DIR/context"
+    mkdir -p "$ctx/wheels"
+    cp "$CONTEXT_SRC/Dockerfile" "$ctx/"
+    compgen -G "$wheels/*.whl" >/dev/null || die "no wheels (*.whl) in $wheels"
+    # Hard links where the wheels are on the same file system: no 125 MB copy.
+    if ! cp -l "$wheels"/*.whl "$ctx/wheels/" 2>/dev/null; then
+        rm -f "$ctx"/wheels/*.whl
+        cp "$wheels"/*.whl "$ctx/wheels/" || die "cannot copy the wheels from $wheels"
+    fi
+    cp "$CONTEXT_SRC/requirements.txt" "$ctx/wheels/"
+    echo "$ctx"
+}
+
+main() {
+    parse_args "$@"
+    command -v docker >/dev/null 2>&1 || die "docker is not installed"
+    docker info >/dev/null 2>&1 || die "cannot reach the Docker engine (is it running? are you allowed to use it?)"
+    [[ -f "$CONTEXT_SRC/Dockerfile" && -f "$CONTEXT_SRC/requirements.txt" ]] \
+        || die "missing $CONTEXT_SRC/Dockerfile or requirements.txt"
+    if [[ -n "${BATCHSCORE_WHEELS_DIR:-}" && ! -d "$BATCHSCORE_WHEELS_DIR" ]]; then
+        die "BATCHSCORE_WHEELS_DIR=$BATCHSCORE_WHEELS_DIR is not a folder"
+    fi
+
+    exit_if_up_to_date
+    take_build_lock
+    exit_if_up_to_date   # a run we waited for may have built it meanwhile
+
+    # Under the cache folder, so the wheels can be hard-linked into the context.
+    mkdir -p "$CACHE_DIR"
+    WORK_DIR="$(mktemp -d "$CACHE_DIR/work.XXXXXX")"
+
+    local base wheels ctx hash
+    base="$(resolve_base)"
+    wheels="$(prepare_wheels)"
+    ctx="$(make_context "$wheels")"
+    hash="$(build_hash "$base")"
+    log "build hash: $hash"
+
+    local build_args=(--build-arg "BASE_IMAGE=$base" --label "$HASH_LABEL=$hash" -t "$IMAGE")
+    ((FORCE)) && build_args+=(--no-cache)
+    log "docker build -t $IMAGE from $base"
+    local started=$SECONDS
+    # The legacy builder is enough (and the only one without the buildx plugin).
+    DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-0}" docker build "${build_args[@]}" "$ctx" >&2 \
+        || die "docker build of $IMAGE failed (see the output above)"
+    log "docker build done in $((SECONDS - started))s; all done in ${SECONDS}s"
+
+    echo "scoring image $IMAGE built ($(image_id "$IMAGE"))"
+}
+
+main "$@"
