@@ -28,6 +28,18 @@ def deployment(tmp_path: Path):
     return make
 
 
+def planned_operator(endpoint, run_id: str) -> ScoreMiniBatchOperator:
+    """The score operator of the first mini-batch of a freshly planned run."""
+    d = endpoint.deployments[0]
+    plan_run(endpoint.endpoint_name, d, run_id)
+    return ScoreMiniBatchOperator(
+        task_id="score",
+        endpoint_name=endpoint.endpoint_name,
+        deployment=d.model_dump(mode="json"),
+        mini_batch={"index": 0, "files": 1, "bytes": 2, "label": "mb-00000 (1 file)"},
+    )
+
+
 @pytest.mark.parametrize(
     ("gpus", "expected"),
     [
@@ -74,15 +86,7 @@ def test_a_gpu_request_on_a_host_without_gpus_fails_naming_the_setting(
 ) -> None:
     # No GPU exists on this machine or in CI: the request is made of the real Docker engine,
     # which refuses it; on a GPU host the same request is what starts the container there.
-    endpoint = deployment(resources={"gpus": 1})
-    d = endpoint.deployments[0]
-    plan_run(endpoint.endpoint_name, d, "run-gpu")
-    op = ScoreMiniBatchOperator(
-        task_id="score",
-        endpoint_name=endpoint.endpoint_name,
-        deployment=d.model_dump(mode="json"),
-        mini_batch={"index": 0, "files": 1, "bytes": 2, "label": "mb-00000 (1 file)"},
-    )
+    op = planned_operator(deployment(resources={"gpus": 1}), "run-gpu")
     assert op.device_requests == [DeviceRequest(count=1, capabilities=[["gpu"]])]
 
     with pytest.raises(ScoringError) as info:
@@ -98,15 +102,8 @@ def test_a_gpu_request_on_a_host_without_gpus_fails_naming_the_setting(
 @pytest.mark.docker
 def test_the_operator_scores_one_mini_batch_in_a_real_container(deployment, scoring_image: str, airflow_db) -> None:
     endpoint = deployment()
-    d = endpoint.deployments[0]
-    plan_run(endpoint.endpoint_name, d, "run-1")
-    op = ScoreMiniBatchOperator(
-        task_id="score",
-        endpoint_name=endpoint.endpoint_name,
-        deployment=d.model_dump(mode="json"),
-        mini_batch={"index": 0, "files": 1, "bytes": 2, "label": "mb-00000 (1 file)"},
-    )
+    op = planned_operator(endpoint, "run-1")
 
     assert op.execute({"run_id": "run-1"}) == {"mini_batch": "mb-00000", "rows": 1}
-    status = run_layout(d, "run-1").mini_batch_dir(0).read_status()
+    status = run_layout(endpoint.deployments[0], "run-1").mini_batch_dir(0).read_status()
     assert status.succeeded and status.rows == 1
