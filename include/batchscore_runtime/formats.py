@@ -97,12 +97,6 @@ class MiniBatch:
     def bytes(self) -> int:
         return sum(f.size for f in self.files)
 
-    @property
-    def label(self) -> str:
-        """How the mini-batch is named in the Airflow UI."""
-        n = len(self.files)
-        return f"{self.id} ({n} file{'s' if n != 1 else ''})"
-
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "index": self.index, "files": [asdict(f) for f in self.files]}
 
@@ -123,6 +117,11 @@ class PlanEntry:
     @property
     def id(self) -> str:
         return mini_batch_id(self.index)
+
+    @property
+    def label(self) -> str:
+        """How the mini-batch is named in the Airflow UI: ``mb-00007 (10 files)``."""
+        return f"{self.id} ({self.files} file{'s' if self.files != 1 else ''})"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from batchscore.errors import IncompleteJobError, PlanError
 from batchscore.plan import run_layout
 from batchscore.spec import DeploymentSpec
-from batchscore_runtime.formats import MiniBatchStatus, PlanEntry, atomic_path, now_iso, write_json_atomic
+from batchscore_runtime.formats import MiniBatchStatus, atomic_path, now_iso, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
             f"{run_id!r} did not finish, so there is nothing to merge"
         )
 
-    done: list[tuple[PlanEntry, MiniBatchStatus]] = []
+    done: list[tuple[MiniBatchStatus, Path]] = []  # succeeded mini-batches and their result files
     failures: list[Failure] = []
     for entry in plan.mini_batches:
         mb_dir = layout.mini_batch_dir(entry.index)
@@ -129,13 +129,12 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
         elif not (result := mb_dir.result_path(status)) or not result.is_file():
             failures.append(Failure(entry.id, "missing", f"its status names {status.result_file}, which is gone"))
         else:
-            done.append((entry, status))
+            done.append((status, result))
 
     output = layout.root / deployment.settings.output_file_name
-    parts = [layout.mini_batch_dir(e.index).result_path(s) for e, s in done]
-    rows = write_output(output, parts)
+    rows = write_output(output, [result for _, result in done])
 
-    statuses = [s for _, s in done]
+    statuses = [s for s, _ in done]
     started = min((s.started_at for s in statuses if s.started_at), default="")
     finished = max((s.finished_at for s in statuses if s.finished_at), default="")
     run_seconds = round(sum(s.run_seconds for s in statuses), 3)

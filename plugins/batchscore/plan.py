@@ -75,7 +75,7 @@ def mini_batch_refs(plan: Plan) -> list[dict[str, Any]]:
             "index": e.index,
             "files": e.files,
             "bytes": e.bytes,
-            "label": f"{e.id} ({e.files} file{'s' if e.files != 1 else ''})",
+            "label": e.label,
         }
         for e in plan.mini_batches
     ]
