@@ -91,3 +91,32 @@ def test_a_missing_deployments_folder_is_reported_not_ignored(tmp_path: Path) ->
     with pytest.raises(Exception) as info:
         dags[INVALID_DAG_ID].validate()
     assert str(info.value) == f"{tmp_path / 'nope'}: the deployments folder does not exist"
+
+
+def test_an_output_folder_shared_across_files_names_the_clashing_deployments_line(
+    iris_example: Path, tmp_path: Path
+) -> None:
+    folder = examples_copy(tmp_path / "deployments")
+    taken = f"{REPO}/var/output/iris-batch"  # iris-batch.yaml writes here
+    common = (
+        f"    model: {{path: {iris_example / 'model'}}}\n"
+        f"    code_configuration: {{code: {iris_example / 'code'}, scoring_script: score.py}}\n"
+        "    environment: {image: batchscore-scoring:latest}\n"
+        f"    input: {{path: {iris_example / 'data'}}}\n"
+    )
+    clash = folder / "x-clash.yaml"
+    clash.write_text(
+        "endpoint_name: clash\ndeployments:\n"
+        f"  - name: fine\n{common}    output: {{path: {tmp_path / 'own'}}}\n"
+        f"  - name: late\n{common}    output:\n      path: {taken}\n"
+    )
+    line = clash.read_text().splitlines().index(f"      path: {taken}") + 1
+
+    dags = build_dags(folder)
+
+    with pytest.raises(Exception) as info:
+        dags[INVALID_DAG_ID].validate()
+    assert str(info.value) == (
+        f"{clash}:{line}: output.path: deployment 'late' writes to {taken}, as 'iris-sklearn' in "
+        f"{folder / 'iris-batch.yaml'} does"
+    )

@@ -17,7 +17,7 @@ from airflow.sdk import DAG, TaskGroup
 from batchscore.errors import DeploymentSpecError, InvalidDeploymentFilesError, SpecIssue
 from batchscore.operators import MergeOperator, PlanOperator, ScoreMiniBatchOperator
 from batchscore.operators.score import RETRY_DELAY
-from batchscore.spec import EndpointSpec, load_endpoint
+from batchscore.spec import EndpointSpec, key_line, load_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -134,20 +134,20 @@ def _check_unique(
             path,
             [
                 SpecIssue(
-                    _key_line(path, "endpoint_name"),
+                    key_line(path, ("endpoint_name",)),
                     "endpoint_name",
                     f"endpoint {endpoint.dag_id!r} is already defined in {owners[endpoint.dag_id]}",
                 )
             ],
         )
-    for d in endpoint.deployments:
+    for i, d in enumerate(endpoint.deployments):
         if d.output.path in outputs:
             other, name = outputs[d.output.path]
             raise DeploymentSpecError(
                 path,
                 [
                     SpecIssue(
-                        _key_line(path, "output"),
+                        key_line(path, ("deployments", i, "output", "path"), ("output", "path")),
                         "output.path",
                         f"deployment {d.name!r} writes to {d.output.path}, as {name!r} in {other} does",
                     )
@@ -156,11 +156,3 @@ def _check_unique(
     owners[endpoint.dag_id] = path
     for d in endpoint.deployments:
         outputs[d.output.path] = (path, d.name)
-
-
-def _key_line(path: Path, key: str) -> int | None:
-    """The first line where ``key:`` appears in the file (for errors found across files)."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.lstrip().startswith(f"{key}:"):
-            return number
-    return None

@@ -319,6 +319,18 @@ def load_endpoint(path: Path | str) -> EndpointSpec:
     return endpoint
 
 
+def key_line(path: Path, *key_paths: tuple) -> int | None:
+    """The 1-based line of the first of ``key_paths`` present in the YAML file, if any.
+
+    For problems found after loading (across files), e.g. ``("deployments", 1, "output", "path")``.
+    """
+    try:
+        lines, _ = _line_map(yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return next((lines[k] for k in key_paths if k in lines), None)
+
+
 def _line_map(node: yaml.Node | None) -> tuple[dict[tuple, int], list[SpecIssue]]:
     """Map each key path of the YAML document to its 1-based line; report duplicate keys."""
     lines: dict[tuple, int] = {}
