@@ -57,7 +57,7 @@ def test_only_the_mini_batch_result_folder_is_writable(deployment, tmp_path: Pat
     d = deployment().deployments[0]
     setup = container_setup(d, "run-1", 7)
 
-    mounts = {m["Target"]: (m["Source"], m["ReadOnly"]) for m in setup["mounts"]}
+    mounts = {m["Target"]: (m["Source"], m["ReadOnly"]) for m in setup.mounts}
     layout = run_layout(d, "run-1")
     assert mounts == {
         f"{ContainerPaths.RUNTIME}/batchscore_runtime": (str(RUNTIME_SOURCE), True),
@@ -67,16 +67,17 @@ def test_only_the_mini_batch_result_folder_is_writable(deployment, tmp_path: Pat
         ContainerPaths.MINI_BATCH: (str(layout.mini_batch_file(7)), True),
         ContainerPaths.OUTPUT: (str(layout.mini_batch_dir(7).path), False),
     }
-    assert setup["environment"]["AZUREML_MODEL_DIR"] == ContainerPaths.MODEL
-    assert setup["environment"]["BATCHSCORE_MINI_BATCH"] == "mb-00007"
-    assert setup["command"][:3] == ["python3", "-m", "batchscore_runtime"]
-    assert f"{ContainerPaths.CODE}/score.py" in setup["command"]
+    assert setup.environment["AZUREML_MODEL_DIR"] == ContainerPaths.MODEL
+    assert setup.environment["BATCHSCORE_MINI_BATCH"] == "mb-00007"
+    assert setup.command[:3] == ["python3", "-m", "batchscore_runtime"]
+    assert f"{ContainerPaths.CODE}/score.py" in setup.command
+    assert (setup.mini_batch_file, setup.result_dir) == (layout.mini_batch_file(7), layout.mini_batch_dir(7))
 
 
 def test_a_model_file_is_mounted_inside_the_model_folder(deployment, tmp_path: Path) -> None:
     write(tmp_path / "model.pkl", "x")
     d = deployment(model=tmp_path / "model.pkl").deployments[0]
-    targets = [m["Target"] for m in container_setup(d, "r", 0)["mounts"]]
+    targets = [m["Target"] for m in container_setup(d, "r", 0).mounts]
     assert f"{ContainerPaths.MODEL}/model.pkl" in targets
 
 

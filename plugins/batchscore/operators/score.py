@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,18 @@ def device_requests(gpus: int | str | list[str]) -> list[DeviceRequest]:
     return [DeviceRequest(device_ids=list(gpus), capabilities=[["gpu"]])]
 
 
-def container_setup(spec: DeploymentSpec, run_id: str, index: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ContainerSetup:
+    """What the container of one mini-batch gets, and where that mini-batch's files are."""
+
+    mounts: list[Mount]
+    environment: dict[str, str]
+    command: list[str]
+    mini_batch_file: Path  # the plan's file list of the mini-batch (host side)
+    result_dir: MiniBatchDir  # its result folder (host side), the only writable mount
+
+
+def container_setup(spec: DeploymentSpec, run_id: str, index: int) -> ContainerSetup:
     """Mounts, environment and command of the container that scores mini-batch ``index``.
 
     Everything is mounted read-only except the mini-batch's own result folder.
@@ -77,7 +89,7 @@ def container_setup(spec: DeploymentSpec, run_id: str, index: int) -> dict[str, 
         "--log-level",
         spec.settings.logging_level,
     ]
-    return {"mounts": mounts, "environment": environment, "command": command, "result_dir": out}
+    return ContainerSetup(mounts, environment, command, layout.mini_batch_file(index), out)
 
 
 class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
@@ -119,19 +131,18 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         index = int(self.mini_batch["index"])
         mb_id = mini_batch_id(index)
         run_id = context["run_id"]
-        mini_batch_file = run_layout(self.spec, run_id).mini_batch_file(index)
-        if not mini_batch_file.is_file():
+        setup = container_setup(self.spec, run_id, index)
+        if not setup.mini_batch_file.is_file():
             raise ScoringError(
-                f"{mb_id}: its file list {mini_batch_file} is missing; the plan of run {run_id!r} "
+                f"{mb_id}: its file list {setup.mini_batch_file} is missing; the plan of run {run_id!r} "
                 "was removed or never finished (clear the plan task of this run as well)"
             )
-        setup = container_setup(self.spec, run_id, index)
-        result_dir: MiniBatchDir = setup["result_dir"]
+        result_dir = setup.result_dir
         result_dir.path.mkdir(parents=True, exist_ok=True)
         result_dir.retract()
-        self.mounts = setup["mounts"]
-        self.environment = setup["environment"]
-        self.command = setup["command"]
+        self.mounts = setup.mounts
+        self.environment = setup.environment
+        self.command = setup.command
         self.labels = {
             "batchscore.endpoint": self.endpoint_name,
             "batchscore.deployment": self.spec.name,
