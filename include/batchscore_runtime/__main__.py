@@ -4,4 +4,6 @@ import sys
 
 from batchscore_runtime.azure import main
 
-sys.exit(main())
+# Guarded: worker processes are spawned, and a spawned child imports this module again.
+if __name__ == "__main__":
+    sys.exit(main())

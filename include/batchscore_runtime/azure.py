@@ -1,9 +1,15 @@
 """Runs an Azure ML batch-deployment scoring script on one mini-batch.
 
-The contract, as Azure defines it: the script's ``init()`` is called once before any
-mini-batch, with the model folder in ``AZUREML_MODEL_DIR``; ``run(mini_batch)`` is called
-with the list of the mini-batch's file paths and returns a list, a pandas DataFrame or a
-generator of either. Every returned element (list item or DataFrame row) is one result row.
+The contract, as Azure defines it: the script's ``init()`` is called once per worker process
+before any mini-batch, with the model folder in ``AZUREML_MODEL_DIR``; ``run(mini_batch)`` is
+called with a list of file paths and returns a list, a pandas DataFrame or a generator of
+either. Every returned element (list item or DataFrame row) is one successful item; the
+files it falls short of are failed items. Scripts that write their own files find a fresh
+folder in ``AZUREML_BI_OUTPUT_PATH``.
+
+With ``--workers N`` the mini-batch's files are shared out among N worker processes
+(:mod:`batchscore_runtime.workers`), each with its own ``init()``; ``--timeout`` bounds each
+``run()`` call, and a worker past it is killed.
 
 The result is committed in the formats of :mod:`batchscore_runtime.formats`; any failure
 is written to the mini-batch's status and ends the process with exit code 1, with the
@@ -17,15 +23,18 @@ import importlib.util
 import inspect
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from batchscore_runtime.formats import (
     ErrorInfo,
+    ItemError,
     MiniBatch,
     MiniBatchDir,
     MiniBatchStatus,
@@ -142,53 +151,181 @@ def to_table(result: Any):
         return pa.Table.from_pandas(df, preserve_index=False)
 
 
-def write_result(out: MiniBatchDir, table) -> str:
+def write_table(table, path: Path) -> None:
+    """Write ``table`` to ``path`` as parquet, atomically."""
     import pyarrow.parquet as pq
 
-    name = out.new_result_name()
-    with atomic_path(out.path / name) as tmp:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-    return name
+
+
+#: Column names that usually hold the input file a result row belongs to; tried first.
+_FILE_COLUMN_HINTS = ("file", "filename", "file_name", "path", "filepath", "file_path", "source", "input", "result")
+
+
+def count_failed_items(table, paths: list[str], rel_paths: list[str]) -> tuple[int, list[ItemError]]:
+    """Azure's item accounting for one ``run()`` call, and which files failed when that can be told.
+
+    Every returned element is one successful item, so ``len(paths) - rows`` items failed
+    (never fewer than 0). When a text column of the result names input files (the input list
+    itself, or a ``file`` column) and exactly that many files are not named in it, those are
+    the failed files; otherwise the failures are reported without a file.
+    """
+    import pyarrow as pa
+
+    failed = max(0, len(paths) - table.num_rows)
+    if not failed:
+        return 0, []
+    keys: dict[str, int] = {}
+    for i, (p, rel) in enumerate(zip(paths, rel_paths)):
+        for key in (p, rel, os.path.basename(p)):
+            keys.setdefault(key, i)
+    names = sorted(
+        (n for n in table.column_names if pa.types.is_string(table.schema.field(n).type)
+         or pa.types.is_large_string(table.schema.field(n).type)),
+        key=lambda n: (n.lower() not in _FILE_COLUMN_HINTS, table.column_names.index(n)),
+    )
+    for name in names:
+        values = [v for v in table.column(name).to_pylist() if v is not None]
+        if values and all(v in keys for v in values):
+            named = {keys[v] for v in values}
+            missing = [i for i in range(len(paths)) if i not in named]
+            if len(missing) == failed:
+                return failed, [
+                    ItemError(rel_paths[i], "NoResult", f"run() returned no result for this file (column {name!r} does not name it)")
+                    for i in missing
+                ]
+            break
+    message = (
+        f"run() returned {table.num_rows} results for {len(paths)} files; which files failed cannot be told "
+        "(return a column naming each row's input file to find out)"
+    )
+    return failed, [ItemError(None, "NoResult", message) for _ in range(failed)]
 
 
 # --------------------------------------------------------------------------- main
 
 
-def score_mini_batch(mini_batch: MiniBatch, input_root: Path, script_path: Path, out: MiniBatchDir) -> MiniBatchStatus:
-    """Score one mini-batch and commit its result; raises on any failure."""
+@dataclass(frozen=True)
+class RunOptions:
+    """How to score a mini-batch: the deployment's settings as the container receives them."""
+
+    workers: int = 1
+    timeout: float = 30.0
+    init_timeout: float = 600.0
+    output_action: str = "append_row"  # or "summary_only"
+    gpu_count: int | None = None
+    attempt: int = 1
+    log_level: str = "info"
+
+
+def score_mini_batch(
+    mini_batch: MiniBatch,
+    input_root: Path,
+    script_path: Path,
+    out: MiniBatchDir,
+    options: RunOptions = RunOptions(),
+) -> MiniBatchStatus:
+    """Score one mini-batch in worker processes and commit its result; raises on any failure."""
+    from batchscore_runtime.workers import WorkerTask, run_workers, split_evenly, worker_gpus
+
     started = now_iso()
-    paths = resolve_inputs(mini_batch, input_root)
-    log.info("%s: %d files, %d bytes", mini_batch.id, len(paths), mini_batch.bytes)
-
-    script = load_scoring_script(script_path)
     t0 = time.monotonic()
-    init = getattr(script, "init", None)
-    if callable(init):
-        init()
-    else:
-        log.warning("scoring script %s defines no init(); continuing without it", script_path.name)
-    init_seconds = time.monotonic() - t0
-    log.info("init() finished in %.2f s", init_seconds)
+    paths = resolve_inputs(mini_batch, input_root)
+    rel_paths = [f.path for f in mini_batch.files]
+    parts = split_evenly(list(zip(paths, rel_paths)), options.workers)
+    if not script_path.is_file():
+        raise ScoringScriptError(f"scoring script {script_path} does not exist")
+    log.info(
+        "%s: %d files, %d bytes, %d worker process(es), run() timeout %g s, try %d",
+        mini_batch.id,
+        len(paths),
+        mini_batch.bytes,
+        len(parts),
+        options.timeout,
+        options.attempt,
+    )
+    outputs = out.new_outputs_dir()
+    os.environ["AZUREML_BI_OUTPUT_PATH"] = str(outputs)  # inherited by the spawned workers
+    token = os.urandom(6).hex()
+    tasks = [
+        WorkerTask(
+            worker=k,
+            workers=len(parts),
+            mini_batch=mini_batch.id,
+            script=str(script_path),
+            paths=[p for p, _ in part],
+            rel_paths=[r for _, r in part],
+            result_file=(
+                str(out.path / f"result-{token}-part{k}.parquet") if options.output_action == "append_row" else None
+            ),
+            log_level=options.log_level,
+            cuda_visible_devices=worker_gpus(k, len(parts), options.gpu_count),
+        )
+        for k, part in enumerate(parts)
+    ]
+    results = run_workers(tasks, timeout=options.timeout, init_timeout=options.init_timeout)
 
-    t1 = time.monotonic()
-    table = to_table(script.run(paths))
-    run_seconds = time.monotonic() - t1
-    rate = table.num_rows / run_seconds if run_seconds > 0 else float("inf")
-    log.info("run() returned %d rows in %.2f s (%.0f rows/s)", table.num_rows, run_seconds, rate)
-
+    rows = sum(r.rows for r in results)
+    result_file = None
+    if options.output_action == "append_row":
+        result_file = _join_parts(out, [Path(r.result_file) for r in results if r.result_file])
+    custom = [p for p in outputs.rglob("*") if p.is_file()]
+    if not custom:
+        shutil.rmtree(outputs, ignore_errors=True)
     status = MiniBatchStatus(
         index=mini_batch.index,
         state=MiniBatchStatus.SUCCEEDED,
         files=len(paths),
-        rows=table.num_rows,
-        result_file=write_result(out, table),
-        init_seconds=round(init_seconds, 3),
-        run_seconds=round(run_seconds, 3),
+        rows=rows,
+        result_file=result_file,
+        init_seconds=round(max(r.init_seconds for r in results), 3),
+        run_seconds=round(max(r.run_seconds for r in results), 3),
         started_at=started,
         finished_at=now_iso(),
+        attempt=options.attempt,
+        workers=len(parts),
+        failed_items=sum(r.failed_items for r in results),
+        item_errors=[e for r in results for e in r.item_errors],
+        outputs_dir=outputs.name if custom else None,
+        custom_outputs=len(custom),
     )
     out.commit(status)
+    seconds = time.monotonic() - t0
+    log.info(
+        "%s: %d rows from %d files in %.2f s (%.1f rows/s)%s%s",
+        mini_batch.id,
+        rows,
+        len(paths),
+        seconds,
+        rows / seconds if seconds > 0 else 0.0,
+        f", {status.failed_items} failed item(s)" if status.failed_items else "",
+        f", {len(custom)} custom output file(s)" if custom else "",
+    )
     return status
+
+
+def _join_parts(out: MiniBatchDir, parts: list[Path]) -> str:
+    """One result file from the workers' parts, in worker (= input) order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = out.new_result_name()
+    if len(parts) == 1:
+        os.replace(parts[0], out.path / name)
+        return name
+    tables = [pq.read_table(p) for p in parts]
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        described = "; ".join(f"worker {k + 1}: {t.schema.to_string(show_schema_metadata=False)}" for k, t in enumerate(tables))
+        raise ScoringScriptError(
+            f"the worker processes' run() results have incompatible columns ({exc}): {described}"
+        ) from None
+    write_table(table, out.path / name)
+    for p in parts:
+        p.unlink(missing_ok=True)
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scoring-script", required=True, type=Path)
     parser.add_argument("--output", required=True, type=Path, help="the mini-batch's result folder")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (max_concurrency_per_instance)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds one run() call may take")
+    parser.add_argument("--init-timeout", type=float, default=600.0, help="seconds start-up and init() may take")
+    parser.add_argument("--output-action", default="append_row", choices=["append_row", "summary_only"])
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs this container sees (to pin workers)")
+    parser.add_argument("--attempt", type=int, default=1, help="the orchestrator's try number")
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -205,21 +348,35 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    options = RunOptions(
+        workers=max(1, args.workers),
+        timeout=args.timeout,
+        init_timeout=args.init_timeout,
+        output_action=args.output_action,
+        gpu_count=args.gpus,
+        attempt=args.attempt,
+        log_level=args.log_level,
+    )
     mini_batch = read_mini_batch_file(args.mini_batch)
     out = MiniBatchDir(args.output, mini_batch.index)
     started = now_iso()
     try:
-        status = score_mini_batch(mini_batch, args.input_root, args.scoring_script, out)
+        status = score_mini_batch(mini_batch, args.input_root, args.scoring_script, out, options)
     except Exception as exc:  # every failure is recorded, then reported through the exit code
+        from batchscore_runtime.workers import MiniBatchFailed
+
         sys.stdout.flush()
-        traceback.print_exc()
+        if isinstance(exc, MiniBatchFailed):
+            error = exc.info  # the worker printed the script's traceback already
+        else:
+            traceback.print_exc()
+            error = ErrorInfo(
+                type=type(exc).__name__,
+                message=str(exc),
+                traceback=traceback.format_exc(),
+                file=getattr(exc, "file", None),
+            )
         sys.stderr.flush()
-        error = ErrorInfo(
-            type=type(exc).__name__,
-            message=str(exc),
-            traceback=traceback.format_exc(),
-            file=getattr(exc, "file", None),
-        )
         out.commit(
             MiniBatchStatus(
                 index=mini_batch.index,
@@ -228,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                 started_at=started,
                 finished_at=now_iso(),
                 error=error,
+                attempt=options.attempt,
+                workers=options.workers,
             )
         )
         log.error("%s failed: %s", mini_batch.id, error.one_line())

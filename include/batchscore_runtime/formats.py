@@ -10,14 +10,19 @@ A run directory looks like this::
     <output.path>/<run key>/
         predictions.csv             the job's output (name from settings.output_file_name)
         summary.json                the job summary, written by the merge
+        processed_mini-batches.csv  the ledger: one line per mini-batch (attempts, rows, seconds, error)
+        errors.csv                  one line per failed item (mini-batch, file, error type, message)
+        <custom outputs>            files scoring scripts wrote to AZUREML_BI_OUTPUT_PATH
         _batchscore/
             plan.json               the plan: which mini-batches exist (written last, so
                                     its presence means the plan is complete)
             minibatches/mb-00007.json   the files of one mini-batch
             results/mb-00007/
                 result-<token>.parquet  what run() returned, one file per attempt that succeeded
-                status.json             commit record: points at the result file of the
-                                        attempt that counts, or says why it failed
+                outputs-<token>/        the attempt's AZUREML_BI_OUTPUT_PATH (custom outputs)
+                status.json             commit record: points at the result file and outputs
+                                        folder of the attempt that counts, or says why it failed
+            collected.json          which custom outputs the merge placed in the run folder
 
 A mini-batch's result is committed by writing its parquet file under a fresh name and then
 atomically replacing ``status.json``; the merge reads only the file the status names. A rerun
@@ -30,8 +35,9 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +45,26 @@ FORMAT_VERSION = 1
 
 WORK_DIR_NAME = "_batchscore"
 SUMMARY_FILE_NAME = "summary.json"
+LEDGER_FILE_NAME = "processed_mini-batches.csv"
+ERRORS_FILE_NAME = "errors.csv"
+#: Columns of the ledger and the errors file, in order.
+LEDGER_COLUMNS = (
+    "mini_batch",
+    "files",
+    "bytes",
+    "status",
+    "attempts",
+    "rows",
+    "failed_items",
+    "seconds",
+    "init_seconds",
+    "run_seconds",
+    "workers",
+    "started_at",
+    "finished_at",
+    "error",
+)
+ERRORS_COLUMNS = ("mini_batch", "file", "error_type", "message")
 
 
 class ContainerPaths:
@@ -50,6 +76,7 @@ class ContainerPaths:
     INPUT = "/mnt/batchscore/input"
     MINI_BATCH = "/mnt/batchscore/minibatch.json"
     OUTPUT = "/mnt/batchscore/output"  # the mini-batch's result folder, the only writable mount
+    # AZUREML_BI_OUTPUT_PATH is a fresh folder ``outputs-<token>`` inside OUTPUT, made per attempt.
 
 
 def mini_batch_id(index: int) -> str:
@@ -173,19 +200,38 @@ class ErrorInfo:
 
 
 @dataclass(frozen=True)
+class ItemError:
+    """One input item (file) of a succeeded mini-batch that run() returned no result for."""
+
+    file: str | None  # relative to the input folder; None when it cannot be told which file
+    type: str
+    message: str
+
+
+@dataclass(frozen=True)
 class MiniBatchStatus:
-    """The commit record of one mini-batch (``results/mb-00007/status.json``)."""
+    """The commit record of one mini-batch (``results/mb-00007/status.json``).
+
+    Items are counted as Azure counts them: every element run() returns is one successful
+    item, and ``files - rows`` (when positive) is the number of failed items.
+    """
 
     index: int
     state: str  # "succeeded" | "failed"
     files: int
     rows: int = 0
-    result_file: str | None = None  # name inside the mini-batch's result folder
+    result_file: str | None = None  # name inside the mini-batch's result folder; None for summary_only
     init_seconds: float = 0.0
     run_seconds: float = 0.0
     started_at: str = ""
     finished_at: str = ""
     error: ErrorInfo | None = None
+    attempt: int = 1  # the Airflow try number that committed this status
+    workers: int = 1
+    failed_items: int = 0
+    item_errors: list[ItemError] = field(default_factory=list)
+    outputs_dir: str | None = None  # custom outputs folder inside the result folder, if any
+    custom_outputs: int = 0  # files in it
     version: int = FORMAT_VERSION
 
     SUCCEEDED = "succeeded"
@@ -209,6 +255,7 @@ class MiniBatchStatus:
         values = {k: v for k, v in data.items() if k in known}
         if values.get("error") is not None:
             values["error"] = ErrorInfo(**values["error"])
+        values["item_errors"] = [ItemError(**e) for e in values.get("item_errors") or []]
         return cls(**values)
 
 
@@ -240,6 +287,12 @@ class MiniBatchDir:
         """A fresh result file name; a rerun never writes over the file a status points at."""
         return f"result-{os.urandom(6).hex()}.parquet"
 
+    def new_outputs_dir(self) -> Path:
+        """A fresh, empty folder for the custom outputs of one attempt (AZUREML_BI_OUTPUT_PATH)."""
+        path = self.path / f"outputs-{os.urandom(6).hex()}"
+        path.mkdir(parents=True)
+        return path
+
     def read_status(self) -> MiniBatchStatus | None:
         """The committed status, or None when no attempt has committed one."""
         try:
@@ -251,14 +304,18 @@ class MiniBatchDir:
     def commit(self, status: MiniBatchStatus) -> None:
         """Make ``status`` the mini-batch's record.
 
-        After a success, result files of earlier attempts are removed; after a failure they
-        stay on disk (nothing already produced is deleted), but nothing reads them.
+        After a success, result files and custom-output folders of earlier attempts are
+        removed; after a failure they stay on disk (nothing already produced is deleted), but
+        nothing reads them.
         """
         write_json_atomic(self.status_file, status.to_json())
         if status.succeeded:
             for stale in self.path.glob("result-*.parquet"):
                 if stale.name != status.result_file:
                     stale.unlink(missing_ok=True)
+            for stale in self.path.glob("outputs-*"):
+                if stale.name != status.outputs_dir and stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
 
     def retract(self) -> None:
         """Withdraw the committed status before a new attempt, so a crash cannot leave an old one."""
@@ -266,6 +323,9 @@ class MiniBatchDir:
 
     def result_path(self, status: MiniBatchStatus) -> Path | None:
         return self.path / status.result_file if status.result_file else None
+
+    def outputs_path(self, status: MiniBatchStatus) -> Path | None:
+        return self.path / status.outputs_dir if status.outputs_dir else None
 
 
 @dataclass(frozen=True)
@@ -285,6 +345,19 @@ class RunLayout:
     @property
     def summary_file(self) -> Path:
         return self.root / SUMMARY_FILE_NAME
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.root / LEDGER_FILE_NAME
+
+    @property
+    def errors_file(self) -> Path:
+        return self.root / ERRORS_FILE_NAME
+
+    @property
+    def collected_file(self) -> Path:
+        """The list of custom outputs the merge placed in the run folder (so a re-merge can redo it)."""
+        return self.work / "collected.json"
 
     def mini_batch_file(self, index: int) -> Path:
         return self.work / "minibatches" / f"{mini_batch_id(index)}.json"
@@ -345,8 +418,13 @@ def now_iso() -> str:
 __all__ = [
     "FORMAT_VERSION",
     "ContainerPaths",
+    "ERRORS_COLUMNS",
+    "ERRORS_FILE_NAME",
     "ErrorInfo",
     "InputFile",
+    "ItemError",
+    "LEDGER_COLUMNS",
+    "LEDGER_FILE_NAME",
     "MiniBatch",
     "MiniBatchDir",
     "MiniBatchStatus",

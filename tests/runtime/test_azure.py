@@ -30,10 +30,10 @@ def job(tmp_path: Path):
     write_json_atomic(mb_file, MiniBatch(index=4, files=files).to_json())
     out = MiniBatchDir(tmp_path / "out", 4)
 
-    def run(script: str) -> tuple[int, MiniBatchDir]:
+    def run(script: str, *options: str) -> tuple[int, MiniBatchDir]:
         path = write(tmp_path / "code" / "score.py", script)
         code = main(
-            ["--mini-batch", str(mb_file), "--input-root", str(inputs), "--scoring-script", str(path), "--output", str(out.path)]
+            ["--mini-batch", str(mb_file), "--input-root", str(inputs), "--scoring-script", str(path), "--output", str(out.path), *options]
         )
         return code, out
 
@@ -132,12 +132,12 @@ def test_complex_objects_are_written_as_text(job) -> None:
         ),
     ],
 )
-def test_failures_are_committed_with_the_cause_and_exit_1(job, script: str, expected: str, capsys) -> None:
+def test_failures_are_committed_with_the_cause_and_exit_1(job, script: str, expected: str, capfd) -> None:
     code, out = job(script)
     assert code == 1
     assert failure(out) == expected
     assert out.read_status().error.traceback.startswith("Traceback")
-    assert "Traceback" in capsys.readouterr().err  # the task log shows the script's traceback
+    assert "Traceback" in capfd.readouterr().err  # the task log shows the script's traceback
 
 
 def test_a_vanished_input_file_fails_naming_it(job) -> None:
@@ -163,3 +163,73 @@ def test_a_rerun_replaces_the_result_and_a_failed_rerun_keeps_the_old_file(job) 
     assert code == 1 and out.read_status().result_file is None
     assert (out.path / second).is_file()  # nothing already produced is deleted
     assert json.loads(out.status_file.read_text())["state"] == "failed"
+
+
+# --------------------------------------------------------------------------- item accounting
+
+
+def test_fewer_rows_than_files_are_failed_items_named_by_a_file_column(job) -> None:
+    code, out = job(
+        """
+        import os, pandas as pd
+        def run(mini_batch):
+            kept = [p for p in mini_batch if not p.endswith("b.csv")]
+            return pd.DataFrame({"file": [os.path.basename(p) for p in kept], "score": [0.5] * len(kept)})
+        """
+    )
+    status = out.read_status()
+    assert code == 0 and (status.rows, status.failed_items) == (2, 1)
+    assert [(e.file, e.type) for e in status.item_errors] == [("b.csv", "NoResult")]
+
+
+def test_a_returned_subset_of_the_input_list_names_the_failed_files(job) -> None:
+    code, out = job("def run(mb):\n    return [p for p in mb if not p.endswith(('a.csv', 'c.csv'))]\n")
+    status = out.read_status()
+    assert code == 0 and status.failed_items == 2
+    assert [e.file for e in status.item_errors] == ["a.csv", "c.csv"]
+
+
+def test_failed_items_that_cannot_be_named_are_counted_without_a_file(job) -> None:
+    code, out = job("def run(mb):\n    return [0.1]\n")
+    status = out.read_status()
+    assert code == 0 and status.failed_items == 2
+    assert [e.file for e in status.item_errors] == [None, None]
+    assert status.item_errors[0].message == (
+        "run() returned 1 results for 3 files; which files failed cannot be told "
+        "(return a column naming each row's input file to find out)"
+    )
+
+
+def test_more_rows_than_files_fail_nothing(job) -> None:
+    code, out = job("def run(mb):\n    return list(range(7))\n")
+    assert code == 0 and (out.read_status().rows, out.read_status().failed_items) == (7, 0)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_custom_outputs_go_to_a_fresh_folder_per_attempt(job) -> None:
+    script = """
+        import os, pathlib
+        def run(mini_batch):
+            out = pathlib.Path(os.environ["AZUREML_BI_OUTPUT_PATH"])
+            for p in mini_batch:
+                (out / ("scored-" + os.path.basename(p))).write_text("ok")
+            return mini_batch
+        """
+    code, out = job(script, "--output-action", "summary_only")
+    first = out.read_status()
+    assert code == 0 and first.result_file is None and first.rows == 3  # summary_only: counted, not written
+    assert first.custom_outputs == 3
+    assert sorted(p.name for p in out.outputs_path(first).iterdir()) == ["scored-a.csv", "scored-b.csv", "scored-c.csv"]
+    assert not list(out.path.glob("result-*.parquet"))
+
+    code, out = job(script, "--output-action", "summary_only")
+    second = out.read_status()
+    assert second.outputs_dir != first.outputs_dir
+    assert [p.name for p in out.path.glob("outputs-*")] == [second.outputs_dir]  # the old attempt's are gone
+
+
+def test_no_custom_outputs_leave_no_folder(job) -> None:
+    code, out = job("def run(mb):\n    return mb\n")
+    assert code == 0 and out.read_status().outputs_dir is None and not list(out.path.glob("outputs-*"))

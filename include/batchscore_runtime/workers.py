@@ -1,0 +1,339 @@
+"""Worker processes for one mini-batch: each runs ``init()`` once and ``run()`` on its share.
+
+Azure's ``max_concurrency_per_instance`` starts that many worker processes per node, each
+with its own ``init()``. Here one scoring container scores one mini-batch, so its files are
+shared out in contiguous parts, one per worker; the parts' results are put back together in
+input order.
+
+The supervisor (the container's main process) never runs user code itself. It enforces the
+time limits by killing a worker (``SIGKILL``, which also stops code stuck in C), notices a
+worker that dies, and logs progress: how many of its files ``run()`` has opened so far, read
+from ``/proc/<pid>/fd`` without the script's help.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Callable
+
+from batchscore_runtime.formats import ErrorInfo, ItemError
+
+log = logging.getLogger("batchscore")
+
+#: How often the supervisor looks at its workers, and how often it reports unchanged progress.
+POLL_SECONDS = 0.5
+PROGRESS_EVERY_SECONDS = 5.0
+HEARTBEAT_EVERY_SECONDS = 30.0
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """``items`` cut into ``parts`` contiguous runs whose lengths differ by at most one."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + size + (1 if k < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def worker_gpus(worker: int, workers: int, gpu_count: int | None) -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` for worker ``worker`` of ``workers`` in a container with ``gpu_count`` GPUs.
+
+    A single worker sees every GPU of the container. Several workers get disjoint, contiguous
+    slices of the GPUs (4 GPUs, 2 workers: ``0,1`` and ``2,3``); with fewer GPUs than workers
+    (allowed only by ``resources.share_gpus``) they take turns (``k mod gpu_count``). The
+    indexes are the container's own: the NVIDIA runtime numbers a container's GPUs from 0.
+    """
+    if not gpu_count or workers <= 1:
+        return None
+    if gpu_count < workers:
+        return str(worker % gpu_count)
+    lo, hi = worker * gpu_count // workers, (worker + 1) * gpu_count // workers
+    return ",".join(str(i) for i in range(lo, hi))
+
+
+@dataclass(frozen=True)
+class WorkerTask:
+    """What one worker process is given (pickled to it)."""
+
+    worker: int  # 0-based
+    workers: int
+    mini_batch: str  # "mb-00007"
+    script: str
+    paths: list[str]  # absolute paths inside the container, in input order
+    rel_paths: list[str]  # the same files relative to the input folder
+    result_file: str | None  # where to write what run() returned; None for summary_only
+    log_level: str = "info"
+    cuda_visible_devices: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.worker + 1}/{self.workers}"
+
+
+@dataclass
+class WorkerResult:
+    """What a worker reports after ``run()``."""
+
+    rows: int
+    files: int
+    failed_items: int
+    item_errors: list[ItemError]
+    init_seconds: float
+    run_seconds: float
+    result_file: str | None
+
+
+class MiniBatchFailed(Exception):
+    """A worker failed, timed out or died; ``info`` says why (the script's exception when it raised)."""
+
+    def __init__(self, info: ErrorInfo):
+        super().__init__(info.one_line())
+        self.info = info
+
+
+# --------------------------------------------------------------------------- the worker side
+
+
+def _worker_main(conn: Connection, task: WorkerTask) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter, nothing inherited but env)."""
+    # Imported here: the module is also the supervisor's, and the supervisor never loads the script.
+    from batchscore_runtime import azure
+
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=task.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s [{task.name}]: %(message)s",
+        force=True,
+    )
+    if task.cuda_visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
+        log.info("pinned to GPU %s (CUDA_VISIBLE_DEVICES)", task.cuda_visible_devices)
+    try:
+        t0 = time.monotonic()
+        script = azure.load_scoring_script(Path(task.script))
+        init = getattr(script, "init", None)
+        if callable(init):
+            init()
+        elif task.worker == 0:
+            log.warning("scoring script %s defines no init(); continuing without it", Path(task.script).name)
+        init_seconds = time.monotonic() - t0
+        log.info("init() finished in %.2f s", init_seconds)
+        conn.send(("ready", init_seconds))
+
+        t1 = time.monotonic()
+        table = azure.to_table(script.run(list(task.paths)))
+        run_seconds = time.monotonic() - t1
+        failed, item_errors = azure.count_failed_items(table, task.paths, task.rel_paths)
+        if task.result_file is not None:
+            azure.write_table(table, Path(task.result_file))
+        rate = table.num_rows / run_seconds if run_seconds > 0 else float("inf")
+        log.info(
+            "run() returned %d rows for %d files in %.2f s (%.1f rows/s)%s",
+            table.num_rows,
+            len(task.paths),
+            run_seconds,
+            rate,
+            f"; {failed} failed item(s)" if failed else "",
+        )
+        conn.send(
+            (
+                "done",
+                WorkerResult(
+                    rows=table.num_rows,
+                    files=len(task.paths),
+                    failed_items=failed,
+                    item_errors=item_errors,
+                    init_seconds=init_seconds,
+                    run_seconds=run_seconds,
+                    result_file=task.result_file,
+                ),
+            )
+        )
+    except BaseException as exc:  # noqa: BLE001 - everything the script raises is reported
+        traceback.print_exc()
+        sys.stderr.flush()
+        conn.send(
+            (
+                "error",
+                ErrorInfo(
+                    type=type(exc).__name__,
+                    message=str(exc),
+                    traceback=traceback.format_exc(),
+                    file=getattr(exc, "file", None),
+                ),
+            )
+        )
+    finally:
+        sys.stdout.flush()
+        conn.close()
+
+
+# --------------------------------------------------------------------------- the supervisor side
+
+
+@dataclass
+class _Worker:
+    task: WorkerTask
+    process: Any
+    conn: Connection
+    started: float
+    phase: str = "init"  # init -> run -> done
+    run_started: float = 0.0
+    opened: int = 0  # how many of its files run() has opened so far (highest index + 1)
+    result: WorkerResult | None = None
+    index_of: dict[str, int] = field(default_factory=dict)
+
+
+def _files_opened(pid: int, index_of: dict[str, int]) -> int | None:
+    """Highest position + 1 among the worker's files that process ``pid`` has open now."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    best = None
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        i = index_of.get(target)
+        if i is not None and (best is None or i + 1 > best):
+            best = i + 1
+    return best
+
+
+def _kill(w: _Worker) -> None:
+    if w.process.is_alive():
+        try:
+            os.kill(w.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    w.process.join(timeout=10)
+
+
+def run_workers(
+    tasks: list[WorkerTask],
+    *,
+    timeout: float,
+    init_timeout: float,
+    on_progress: Callable[[str], None] | None = None,
+) -> list[WorkerResult]:
+    """Run ``tasks`` in parallel worker processes; return their results in task order.
+
+    Raises :class:`MiniBatchFailed` when a worker raises, runs past ``init_timeout``
+    (start and ``init()``) or ``timeout`` (its ``run()``), or dies; every worker still alive
+    is then killed, so nothing is left running.
+    """
+    report = on_progress or log.info
+    ctx = multiprocessing.get_context("spawn")  # no fork: CUDA and threads do not survive it
+    workers: list[_Worker] = []
+    try:
+        for task in tasks:
+            recv, send = ctx.Pipe(duplex=False)
+            process = ctx.Process(target=_worker_main, args=(send, task), name=task.name, daemon=True)
+            process.start()
+            send.close()
+            workers.append(
+                _Worker(
+                    task,
+                    process,
+                    recv,
+                    time.monotonic(),
+                    index_of={os.path.realpath(p): i for i, p in enumerate(task.paths)},
+                )
+            )
+        total_files = sum(len(t.paths) for t in tasks)
+        last_report, last_opened = time.monotonic(), -1
+        while any(w.phase != "done" for w in workers):
+            pending = {w.conn: w for w in workers if w.phase != "done"}
+            for conn in wait(list(pending), timeout=POLL_SECONDS):
+                _receive(pending[conn])
+            now = time.monotonic()
+            for w in workers:
+                _check_deadlines(w, now, timeout, init_timeout)
+            # Progress: files opened by run() so far, across workers.
+            for w in workers:
+                if w.phase == "run":
+                    opened = _files_opened(w.process.pid, w.index_of)
+                    if opened is not None:
+                        w.opened = max(w.opened, opened)
+            running = [w for w in workers if w.phase == "run"]
+            opened = sum(len(w.task.paths) if w.phase == "done" else w.opened for w in workers)
+            since = now - last_report
+            if running and (
+                (opened != last_opened and since >= PROGRESS_EVERY_SECONDS) or since >= HEARTBEAT_EVERY_SECONDS
+            ):
+                elapsed = now - min(w.run_started for w in running)
+                report(
+                    f"{tasks[0].mini_batch}: {opened} of {total_files} files opened by run() so far, "
+                    f"{sum(w.phase == 'done' for w in workers)} of {len(workers)} worker(s) done, "
+                    f"{elapsed:.0f} s into run()"
+                )
+                last_report, last_opened = now, opened
+        return [w.result for w in workers]  # type: ignore[misc]
+    finally:
+        for w in workers:
+            _kill(w)
+            w.conn.close()
+
+
+def _receive(w: _Worker) -> None:
+    try:
+        kind, payload = w.conn.recv()
+    except (EOFError, OSError):
+        # The pipe closed without a result: the process ended (or is ending) on its own.
+        w.process.join(timeout=5)
+        code = w.process.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        hint = " (SIGKILL: often the kernel's out-of-memory killer)" if code == -signal.SIGKILL else ""
+        raise MiniBatchFailed(
+            ErrorInfo(
+                type="WorkerDied",
+                message=f"{w.task.name} of {w.task.mini_batch} {how}{hint} during {_phase_name(w.phase)}",
+            )
+        ) from None
+    if kind == "ready":
+        w.phase, w.run_started = "run", time.monotonic()
+    elif kind == "done":
+        w.phase, w.result = "done", payload
+        w.process.join(timeout=30)
+    elif kind == "error":
+        raise MiniBatchFailed(payload)
+
+
+def _phase_name(phase: str) -> str:
+    return {"init": "start-up and init()", "run": "run()"}.get(phase, phase)
+
+
+def _check_deadlines(w: _Worker, now: float, timeout: float, init_timeout: float) -> None:
+    if w.phase == "init" and now - w.started > init_timeout:
+        _kill(w)
+        raise MiniBatchFailed(
+            ErrorInfo(
+                type="InitTimeout",
+                message=f"{w.task.name} of {w.task.mini_batch} did not finish init() within "
+                f"settings.init_timeout = {init_timeout:g} s; it was killed after {now - w.started:.1f} s",
+            )
+        )
+    if w.phase == "run" and now - w.run_started > timeout:
+        _kill(w)
+        raise MiniBatchFailed(
+            ErrorInfo(
+                type="MiniBatchTimeout",
+                message=f"run() of {w.task.mini_batch} ({w.task.name}, {len(w.task.paths)} files) did not finish "
+                f"within retry_settings.timeout = {timeout:g} s; the worker was killed after "
+                f"{now - w.run_started:.1f} s, having opened {w.opened} of its files",
+            )
+        )
