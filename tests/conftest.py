@@ -53,6 +53,8 @@ def scoring_image() -> str:
 def iris_example(scoring_image: str) -> Path:
     """The iris example with its trained model and input files, made by `make example`."""
     model = EXAMPLE / "model" / "iris-classifier" / "model.joblib"
+    if not (model.parent / "model.pkl").is_file():
+        model = model.parent / "model.pkl"
     data = sorted((EXAMPLE / "data").glob("*.csv")) if (EXAMPLE / "data").is_dir() else []
     if not model.is_file() or len(data) != 15:
         pytest.fail(f"the iris example is not prepared ({model} or 15 files in {EXAMPLE / 'data'}); run `make example`")

@@ -56,7 +56,7 @@ def test_example_scores_every_row_in_input_order(airflow_db, iris_example: Path,
     assert tis[("test-deployment.score", 3)].rendered_map_index == "mb-00003 (3 files)"
 
 
-def test_a_failing_mini_batch_fails_the_run_and_names_itself(
+def test_a_failing_mini_batch_within_azures_default_thresholds_is_recorded_not_fatal(
     airflow_db, iris_example: Path, tmp_path: Path, monkeypatch
 ) -> None:
     code = tmp_path / "code"
@@ -82,22 +82,25 @@ def test_a_failing_mini_batch_fails_the_run_and_names_itself(
 
     dag_run, deployment = run_dag(path, monkeypatch)
 
-    assert dag_run.state == "failed"
+    # Azure's defaults (error_threshold -1, ...) tolerate failures: the job succeeds, the mini-batch
+    # shows failed in Airflow, and the summary, ledger and errors file say what failed.
+    assert dag_run.state == "success"
     tis = {(ti.task_id, ti.map_index): ti.state for ti in dag_run.get_task_instances()}
     assert [tis[("test-deployment.score", i)] for i in range(3)] == ["success", "failed", "success"]
-    assert tis[("test-deployment.merge", -1)] == "failed"
+    assert tis[("test-deployment.merge", -1)] == "success"
 
     run_dir = deployment.output.path / run_key(dag_run.run_id)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "incomplete"
+    assert summary["status"] == "succeeded_with_failures"
     assert summary["failures"] == [
         {
             "mini_batch": "mb-00001",
             "reason": "failed",
             "error": "ValueError: cannot score iris-005.csv: sensor offline",
-            "file": None,
+            "files": 5,
         }
     ]
     # What the other mini-batches produced is kept, in order.
     kept = pd.read_csv(run_dir / "predictions.csv")["file"].tolist()
     assert kept == [f"iris-{i:03d}.csv" for i in (0, 1, 2, 3, 4, 10, 11, 12, 13, 14)]
+    assert len(pd.read_csv(run_dir / "errors.csv")) == 5

@@ -1,4 +1,4 @@
-"""merge: results in plan order, every output format, and never a silent hole."""
+"""merge: results in plan order, every output format, the ledger, the errors file, the thresholds."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchscore.errors import IncompleteJobError, PlanError
+from batchscore.errors import MergeError, PlanError, ThresholdExceededError
 from batchscore.merge import merge_run
 from batchscore.plan import plan_run, run_layout
-from batchscore_runtime.formats import ErrorInfo, MiniBatchStatus, atomic_path
+from batchscore_runtime.formats import ErrorInfo, ItemError, MiniBatchStatus, atomic_path
 from tests.helpers import deployment_file, load, write
 
 RUN = "manual__1"
@@ -27,13 +27,13 @@ def make_run(tmp_path: Path):
     for i in range(4):
         write(tmp_path / "in" / f"f{i}.csv", "x\n")
 
-    def make(output_file_name: str = "predictions.csv"):
+    def make(output_file_name: str = "predictions.csv", **settings):
         path = deployment_file(
             tmp_path / "yaml",
             model=tmp_path / "model",
             code=tmp_path / "code",
             inputs=tmp_path / "in",
-            settings={"mini_batch_size": 2, "output_file_name": output_file_name},
+            settings={"mini_batch_size": 2, "output_file_name": output_file_name, **settings},
         )
         d = load(path).deployments[0]
         plan_run("ep", d, RUN)
@@ -42,19 +42,24 @@ def make_run(tmp_path: Path):
     return make
 
 
-def commit(d, index: int, table: pa.Table | None, error: str | None = None) -> None:
+def commit(d, index: int, table: pa.Table | None, error: str | None = None, **status) -> None:
+    """Commit mini-batch ``index``'s result as the runtime would: ``table``, or a failure."""
     mb_dir = run_layout(d, RUN).mini_batch_dir(index)
     mb_dir.path.mkdir(parents=True, exist_ok=True)
     if table is None:
-        mb_dir.commit(MiniBatchStatus(index=index, state="failed", files=2, error=ErrorInfo("ValueError", error or "x")))
+        mb_dir.commit(
+            MiniBatchStatus(index=index, state="failed", files=2, attempt=2, error=ErrorInfo("ValueError", error or "x"))
+        )
         return
     name = mb_dir.new_result_name()
     with atomic_path(mb_dir.path / name) as tmp:
         pq.write_table(table, tmp)
+    status = {"failed_items": max(0, 2 - table.num_rows), **status}
     mb_dir.commit(
         MiniBatchStatus(
             index=index, state="succeeded", files=2, rows=table.num_rows, result_file=name,
             run_seconds=0.5, started_at="2026-11-21T10:00:00+00:00", finished_at="2026-11-21T10:00:02+00:00",
+            **status,
         )
     )
 
@@ -91,29 +96,155 @@ def test_parquet_and_json_lines_outputs_unify_differing_columns(make_run, name: 
     assert frame["label"].isna().tolist() == [True, True, False, False]
 
 
-def test_a_failed_and_a_missing_mini_batch_fail_the_merge_after_writing_what_exists(make_run) -> None:
-    d = make_run()
+def test_failures_within_the_default_thresholds_succeed_and_are_recorded(make_run) -> None:
+    d = make_run()  # Azure's defaults: error_threshold -1, mini_batch_error_threshold -1, allowed_failed_percent 100
     commit(d, 0, None, "bad row 7")  # mini-batch 1 never committed anything
 
-    with pytest.raises(IncompleteJobError) as info:
-        merge_run("ep", d, RUN)
+    summary = merge_run("ep", d, RUN)
 
     root = run_layout(d, RUN).root
-    assert str(info.value) == (
-        "2 of 2 mini-batches have no result: mb-00000 (failed: ValueError: bad row 7); mb-00001 (missing: no "
-        "result was committed (the task failed or never ran)). The output "
-        f"{root / 'predictions.csv'} holds the other 0; clear the failed score instances in Airflow to rerun "
-        "them, and the merge runs again."
-    )
-    summary = json.loads((root / "summary.json").read_text())
-    assert summary["status"] == "incomplete"
+    assert summary["status"] == "succeeded_with_failures"
     assert summary["mini_batches"] == {"total": 2, "succeeded": 0, "failed": 1, "missing": 1}
+    assert summary["items"] == {"total": 4, "succeeded": 0, "failed": 4}
     assert [f["mini_batch"] for f in summary["failures"]] == ["mb-00000", "mb-00001"]
+    assert json.loads((root / "summary.json").read_text()) == summary
+    assert pd.read_csv(root / "errors.csv").values.tolist() == [
+        ["mb-00000", "f0.csv", "ValueError", "bad row 7"],
+        ["mb-00000", "f1.csv", "ValueError", "bad row 7"],
+        ["mb-00001", "f2.csv", "NoResult", "no result was committed (the task failed or never ran)"],
+        ["mb-00001", "f3.csv", "NoResult", "no result was committed (the task failed or never ran)"],
+    ]
 
     commit(d, 0, pa.table({"id": [1, 2]}))  # the reruns succeed: the merge converges
     commit(d, 1, pa.table({"id": [3, 4]}))
     assert merge_run("ep", d, RUN)["status"] == "succeeded"
     assert (root / "predictions.csv").read_text() == '"id"\n1\n2\n3\n4\n'
+    assert (root / "errors.csv").read_text() == "mini_batch,file,error_type,message\n"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"error_threshold": 2}, "error_threshold exceeded: 3 items failed, 2 allowed (1 over)"),
+        ({"mini_batch_error_threshold": 0}, "mini_batch_error_threshold exceeded: 1 mini-batches failed, 0 allowed (1 over)"),
+        (
+            {"allowed_failed_percent": 25},
+            "allowed_failed_percent exceeded: 50% of mini-batches failed (1 of 2), 25% allowed (25 points over)",
+        ),
+    ],
+)
+def test_each_threshold_exceeded_fails_the_job_after_writing_everything(make_run, settings, message) -> None:
+    d = make_run(**settings)
+    commit(d, 0, None, "bad row 7")  # 2 failed items
+    commit(d, 1, pa.table({"file": ["f2.csv"]}), item_errors=[ItemError("f3.csv", "NoResult", "no row")])  # 1 more
+
+    with pytest.raises(ThresholdExceededError) as info:
+        merge_run("ep", d, RUN)
+
+    root = run_layout(d, RUN).root
+    assert str(info.value) == (
+        f"{message}. The output, summary.json, processed_mini-batches.csv and errors.csv (one line per failed "
+        f"item) are in {root}; clear the failed score instances in Airflow to rerun them, and the merge runs again."
+    )
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["items"]["failed"] == 3
+    name = next(iter(settings))
+    assert summary["thresholds"][name]["exceeded"] is True
+    assert pd.read_csv(root / "predictions.csv")["file"].tolist() == ["f2.csv"]  # what succeeded is kept
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"error_threshold": 3}, {"mini_batch_error_threshold": 1}, {"allowed_failed_percent": 50}],
+)
+def test_each_threshold_not_exceeded_lets_the_job_succeed(make_run, settings) -> None:
+    d = make_run(**settings)
+    commit(d, 0, None, "bad row 7")
+    commit(d, 1, pa.table({"file": ["f2.csv"]}), item_errors=[ItemError("f3.csv", "NoResult", "no row")])
+    summary = merge_run("ep", d, RUN)
+    assert summary["status"] == "succeeded_with_failures"
+    assert not any(t["exceeded"] for t in summary["thresholds"].values())
+
+
+def test_the_ledger_has_a_line_per_mini_batch(make_run) -> None:
+    d = make_run()
+    commit(d, 0, pa.table({"id": [1, 2]}), attempt=3, workers=2, init_seconds=0.25)
+    commit(d, 1, None, "bad row 7")
+    merge_run("ep", d, RUN)
+    ledger = pd.read_csv(run_layout(d, RUN).root / "processed_mini-batches.csv", keep_default_na=False, dtype=str)
+    assert ledger.columns.tolist() == [
+        "mini_batch", "files", "bytes", "status", "attempts", "rows", "failed_items", "seconds",
+        "init_seconds", "run_seconds", "workers", "started_at", "finished_at", "error",
+    ]
+    first, second = ledger.to_dict("records")
+    assert first == {
+        "mini_batch": "mb-00000", "files": "2", "bytes": "4", "status": "succeeded", "attempts": "3", "rows": "2",
+        "failed_items": "0", "seconds": "2.0", "init_seconds": "0.25", "run_seconds": "0.5", "workers": "2",
+        "started_at": "2026-11-21T10:00:00+00:00", "finished_at": "2026-11-21T10:00:02+00:00", "error": "",
+    }
+    assert (second["status"], second["attempts"], second["failed_items"], second["error"]) == (
+        "failed", "2", "2", "ValueError: bad row 7"
+    )
+
+
+def test_azure_layout_has_no_header_and_separates_values_with_spaces(make_run) -> None:
+    d = make_run("predictions.csv", output_layout="azure")
+    commit(d, 0, pa.table({"file": ["f0.csv", "f1.csv"], "label": [1, 0], "p": [0.75, None]}))
+    commit(d, 1, pa.table({"file": ["f2.csv", "f3.csv"], "label": [1, 1], "p": [0.5, 0.25]}))
+    merge_run("ep", d, RUN)
+    assert (run_layout(d, RUN).root / "predictions.csv").read_text() == (
+        "f0.csv 1 0.75\nf1.csv 0 \nf2.csv 1 0.5\nf3.csv 1 0.25\n"
+    )
+
+
+def test_summary_only_writes_no_output_but_counts(make_run) -> None:
+    d = make_run(output_action="summary_only")
+    commit(d, 0, pa.table({"x": [1, 2]}))
+    commit(d, 1, pa.table({"x": [3]}))
+    summary = merge_run("ep", d, RUN)
+    root = run_layout(d, RUN).root
+    assert not (root / "predictions.csv").exists() and summary["output"] is None
+    assert (summary["returned_elements"], summary["items"]["failed"]) == (3, 1)
+
+
+def test_custom_outputs_are_collected_without_clashes_and_a_re_merge_places_each_once(make_run) -> None:
+    d = make_run(output_action="summary_only")
+    layout = run_layout(d, RUN)
+    for index in (0, 1):
+        mb_dir = layout.mini_batch_dir(index)
+        mb_dir.path.mkdir(parents=True)
+        outputs = mb_dir.new_outputs_dir()
+        write(outputs / "part.parquet", f"data {index}")
+        write(outputs / f"own-{index}.txt", "x")
+        write(outputs / "summary.json", "a script's own summary")  # clashes with the run's summary
+        mb_dir.commit(MiniBatchStatus(index=index, state="succeeded", files=2, rows=2, outputs_dir=outputs.name, custom_outputs=3))
+
+    first = merge_run("ep", d, RUN)
+    second = merge_run("ep", d, RUN)
+
+    root = layout.root
+    placed = sorted(p.name for p in root.iterdir() if p.is_file())
+    assert placed == [
+        "errors.csv", "own-0.txt", "own-1.txt", "part-mb-00001.parquet", "part.parquet",
+        "processed_mini-batches.csv", "summary-mb-00000.json", "summary-mb-00001.json", "summary.json",
+    ]
+    assert (root / "part.parquet").read_text() == "data 0" and (root / "part-mb-00001.parquet").read_text() == "data 1"
+    assert json.loads((root / "summary.json").read_text())["run_id"] == RUN
+    assert first["custom_outputs"]["files"] == second["custom_outputs"]["files"] == 6
+    assert {"mini_batch": "mb-00001", "from": "part.parquet", "to": "part-mb-00001.parquet"} in second["custom_outputs"]["renamed"]
+
+
+def test_results_whose_column_types_clash_name_the_mini_batches(make_run) -> None:
+    d = make_run()
+    commit(d, 0, pa.table({"score": [1, 2]}))
+    commit(d, 1, pa.table({"score": ["high", "low"]}))
+    with pytest.raises(MergeError) as info:
+        merge_run("ep", d, RUN)
+    assert str(info.value) == (
+        "the mini-batches' results cannot be put into one output: column 'score' is int64 in mb-00000 but "
+        "string in mb-00001. Make run() return the same column types for every mini-batch (e.g. cast with "
+        "DataFrame.astype)"
+    )
 
 
 def test_merge_without_a_plan_says_so(make_run) -> None:

@@ -44,7 +44,7 @@ def test_clearing_one_failed_mapped_instance_reruns_only_it_and_the_output_comes
     deployments = tmp_path / "deployments"
     yaml_path = deployment_file(
         deployments, model=model, code=tmp_path / "code", inputs=iris_example / "data",
-        endpoint="flaky", settings={"mini_batch_size": 5},
+        endpoint="flaky", settings={"mini_batch_size": 5, "mini_batch_error_threshold": 0},
     )
     deployment = load(yaml_path).deployments[0]
     dags = tmp_path / "dags"

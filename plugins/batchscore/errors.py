@@ -41,8 +41,16 @@ class ScoringError(BatchScoreError):
     """A mini-batch failed; the message names the mini-batch and the cause."""
 
 
-class IncompleteJobError(BatchScoreError):
-    """The merge found mini-batches without a result; the output was written without them."""
+class GpuUnavailableError(BatchScoreError):
+    """The GPUs that ``resources.gpus`` asks for cannot be leased on this host (unknown or too few)."""
+
+
+class MergeError(BatchScoreError):
+    """The mini-batches' results cannot be merged into one output (e.g. a column's types differ)."""
+
+
+class ThresholdExceededError(BatchScoreError):
+    """The job has more failures than an error threshold allows; its output and summary were written."""
 
 
 class InvalidDeploymentFilesError(BatchScoreError):
@@ -51,3 +59,7 @@ class InvalidDeploymentFilesError(BatchScoreError):
     def __init__(self, errors: list[DeploymentSpecError]):
         self.errors = list(errors)
         super().__init__("\n".join(str(e) for e in self.errors))
+
+
+class RunParamError(BatchScoreError):
+    """A run's parameter (trigger form or ``conf``) cannot be applied; the message names it and its value."""

@@ -1,16 +1,31 @@
-"""merge: gather the mini-batches' results into the job's output, in plan order, and summarize.
+"""merge: gather the mini-batches' results into the job's output, check the error thresholds.
 
-Runs after every mini-batch has finished, also when some failed. The output is streamed
-record batch by record batch with pyarrow, so memory does not grow with the job's rows, and
-written under a temporary name that is renamed at the end. When a mini-batch has no
-committed result, the output and the summary are still written from what exists (nothing
-already produced is lost), and then :class:`IncompleteJobError` fails the task, so a run is
-never green with holes in it.
+Runs after every mini-batch has finished, also when some failed. It writes, into the run
+folder (see :mod:`batchscore_runtime.formats` for the layout):
+
+* the output (``settings.output_file_name``), streamed record batch by record batch with
+  pyarrow in plan order, so memory does not grow with the job's rows; nothing for
+  ``output_action: summary_only``;
+* the custom outputs the scoring scripts wrote to ``AZUREML_BI_OUTPUT_PATH``, linked into the
+  run folder, renamed ``<stem>-mb-00007<suffix>`` where two would clash;
+* the ledger (one line per mini-batch), the errors file (one line per failed item) and
+  ``summary.json``.
+
+Items are counted as Azure counts them: a failed or missing mini-batch fails all its files;
+a succeeded one fails the files ``run()`` returned nothing for. The job fails, after all of
+the above is written, when a threshold is exceeded (:class:`ThresholdExceededError`); within
+the thresholds it succeeds and the summary says what failed. Running the merge again (after
+a rerun of some mini-batches) rewrites all of it from the committed results.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
+import os
+import shutil
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,25 +34,155 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchscore.errors import IncompleteJobError, PlanError
+from batchscore.errors import MergeError, PlanError, ThresholdExceededError
 from batchscore.plan import run_layout
-from batchscore.spec import DeploymentSpec
-from batchscore_runtime.formats import MiniBatchStatus, atomic_path, now_iso, write_json_atomic
+from batchscore.spec import DeploymentSpec, Settings
+from batchscore_runtime.formats import (
+    ERRORS_COLUMNS,
+    LEDGER_COLUMNS,
+    WORK_DIR_NAME,
+    MiniBatchStatus,
+    Plan,
+    PlanEntry,
+    RunLayout,
+    atomic_path,
+    now_iso,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
+SUCCEEDED, FAILED, MISSING = "succeeded", "failed", "missing"
+
 
 @dataclass(frozen=True)
-class Failure:
-    """A mini-batch without a committed result."""
+class Outcome:
+    """What became of one planned mini-batch."""
+
+    entry: PlanEntry
+    state: str  # succeeded | failed | missing
+    status: MiniBatchStatus | None
+    result: Path | None = None  # the committed result file (append_row)
+    reason: str = ""  # why it has no result
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+
+@dataclass(frozen=True)
+class FailedItem:
+    """One line of the errors file."""
 
     mini_batch: str
-    reason: str  # "failed" | "missing"
-    error: str
-    file: str | None = None
+    file: str
+    error_type: str
+    message: str
 
-    def one_line(self) -> str:
-        return f"{self.mini_batch} ({self.reason}: {self.error})"
+
+@dataclass(frozen=True)
+class ThresholdCheck:
+    """One of Azure's error thresholds, against what the job did."""
+
+    name: str
+    limit: float  # -1 (or 100 %) means unlimited
+    observed: float
+    exceeded: bool
+    message: str = ""
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+def collect_outcomes(layout: RunLayout, plan: Plan) -> list[Outcome]:
+    """Every planned mini-batch's committed status, in plan order."""
+    outcomes = []
+    for entry in plan.mini_batches:
+        mb_dir = layout.mini_batch_dir(entry.index)
+        status = mb_dir.read_status()
+        if status is None:
+            outcomes.append(Outcome(entry, MISSING, None, reason="no result was committed (the task failed or never ran)"))
+        elif not status.succeeded:
+            err = status.error
+            outcomes.append(Outcome(entry, FAILED, status, reason=err.one_line() if err else "failed"))
+        elif status.result_file and not mb_dir.result_path(status).is_file():
+            outcomes.append(Outcome(entry, MISSING, status, reason=f"its status names {status.result_file}, which is gone"))
+        else:
+            outcomes.append(Outcome(entry, SUCCEEDED, status, mb_dir.result_path(status) if status.result_file else None))
+    return outcomes
+
+
+def failed_items(layout: RunLayout, outcomes: Iterable[Outcome]) -> list[FailedItem]:
+    """One line per failed item, in plan order: every file of a mini-batch without a result,
+    and the files a succeeded ``run()`` returned nothing for."""
+    items: list[FailedItem] = []
+    for o in outcomes:
+        if o.state == SUCCEEDED:
+            named = [FailedItem(o.id, e.file or "", e.type, e.message) for e in o.status.item_errors]
+            unnamed = o.status.failed_items - len(named)  # the status's count is the one that counts
+            items += named + [FailedItem(o.id, "", "NoResult", "run() returned fewer results than files")] * unnamed
+            continue
+        if o.state == FAILED and o.status and o.status.error:
+            error_type, message = o.status.error.type, o.status.error.message
+        else:
+            error_type, message = "NoResult", o.reason
+        try:
+            files = [f.path for f in layout.read_mini_batch(o.entry.index).files]
+        except (OSError, ValueError):
+            files = [""] * o.entry.files
+        items += [FailedItem(o.id, f, error_type, message) for f in files]
+    return items
+
+
+def check_thresholds(settings: Settings, failed_items: int, failed_mini_batches: int, mini_batches: int) -> list[ThresholdCheck]:
+    """Azure's three thresholds, each counted across the whole job."""
+    checks = []
+    limit = settings.error_threshold
+    exceeded = limit != -1 and failed_items > limit
+    checks.append(
+        ThresholdCheck(
+            "error_threshold",
+            limit,
+            failed_items,
+            exceeded,
+            f"error_threshold exceeded: {failed_items} items failed, {limit} allowed ({failed_items - limit} over)"
+            if exceeded
+            else "",
+        )
+    )
+    limit = settings.mini_batch_error_threshold
+    exceeded = limit != -1 and failed_mini_batches > limit
+    checks.append(
+        ThresholdCheck(
+            "mini_batch_error_threshold",
+            limit,
+            failed_mini_batches,
+            exceeded,
+            f"mini_batch_error_threshold exceeded: {failed_mini_batches} mini-batches failed, {limit} allowed "
+            f"({failed_mini_batches - limit} over)"
+            if exceeded
+            else "",
+        )
+    )
+    limit = settings.allowed_failed_percent
+    percent = round(100.0 * failed_mini_batches / mini_batches, 2) if mini_batches else 0.0
+    exceeded = percent > limit
+    checks.append(
+        ThresholdCheck(
+            "allowed_failed_percent",
+            limit,
+            percent,
+            exceeded,
+            f"allowed_failed_percent exceeded: {percent:g}% of mini-batches failed ({failed_mini_batches} of "
+            f"{mini_batches}), {limit:g}% allowed ({percent - limit:.3g} points over)"
+            if exceeded
+            else "",
+        )
+    )
+    return checks
+
+
+# --------------------------------------------------------------------------- output
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
@@ -65,7 +210,28 @@ class _JsonLinesWriter:
         self._fh.close()
 
 
-def _open_writer(path: Path, suffix: str, schema: pa.Schema):
+def _azure_value(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class _AzureTextWriter:
+    """Azure's ``append_row`` layout: one line per element, values separated by a space, no header."""
+
+    def __init__(self, path: Path):
+        self._fh = open(path, "w", encoding="utf-8", newline="\n")
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        columns = [c.to_pylist() for c in batch.columns]
+        for row in zip(*columns):
+            self._fh.write(" ".join(_azure_value(v) for v in row) + "\n")
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _open_writer(path: Path, suffix: str, schema: pa.Schema, layout: str):
+    if layout == "azure":
+        return _AzureTextWriter(path)
     if suffix == ".csv":
         import pyarrow.csv as pacsv
 
@@ -77,18 +243,46 @@ def _open_writer(path: Path, suffix: str, schema: pa.Schema):
     raise ValueError(f"no writer for output format {suffix!r}")  # the spec admits only the three above
 
 
-def write_output(path: Path, parts: Iterable[Path]) -> int:
-    """Concatenate the parquet ``parts`` in order into ``path`` (format from its suffix); return rows."""
-    parts = list(parts)
+def _unified_schema(parts: list[Path]) -> pa.Schema:
     schemas = [pq.read_schema(p) for p in parts]
-    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    if not schemas:
+        return pa.schema([])
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        # Name the mini-batches whose columns disagree, not just Arrow's types.
+        by_column: dict[str, dict[str, list[str]]] = {}
+        for part, schema in zip(parts, schemas):
+            for f in schema:
+                by_column.setdefault(f.name, {}).setdefault(str(f.type), []).append(part.parent.name)
+        clashes = [
+            f"column {name!r} is "
+            + " but ".join(f"{t} in {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}" for t, ids in types.items())
+            for name, types in by_column.items()
+            if len(types) > 1
+        ]
+        raise MergeError(
+            "the mini-batches' results cannot be put into one output: "
+            + ("; ".join(clashes) or str(exc))
+            + ". Make run() return the same column types for every mini-batch (e.g. cast with DataFrame.astype)"
+        ) from None
+
+
+def write_output(path: Path, parts: Iterable[Path], layout: str = "table") -> int:
+    """Concatenate the parquet ``parts`` in order into ``path``; return its rows.
+
+    ``layout`` "table" writes the format ``path``'s suffix names, with column names;
+    "azure" writes Azure's append_row text.
+    """
+    parts = list(parts)
+    schema = _unified_schema(parts)
     suffix = path.suffix.lower()
     rows = 0
     with atomic_path(path) as tmp:
-        if suffix == ".csv" and len(schema) == 0:
+        if layout == "table" and suffix == ".csv" and len(schema) == 0:
             tmp.write_text("")  # nothing returned any column: an empty file, not a broken header
         else:
-            writer = _open_writer(tmp, suffix, schema)
+            writer = _open_writer(tmp, suffix, schema, layout)
             try:
                 for part in parts:
                     for batch in pq.ParquetFile(part).iter_batches():
@@ -99,6 +293,14 @@ def write_output(path: Path, parts: Iterable[Path]) -> int:
     return rows
 
 
+def _write_csv(path: Path, header: tuple[str, ...], rows: Iterable[Iterable[Any]]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(rows)
+
+
 def _seconds_between(start: str, end: str) -> float | None:
     try:
         return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 3)
@@ -106,8 +308,95 @@ def _seconds_between(start: str, end: str) -> float | None:
         return None
 
 
+def write_ledger(path: Path, outcomes: Iterable[Outcome]) -> None:
+    """The per-mini-batch ledger (Azure's ``processed_mini-batches.csv``, with batchscore's columns)."""
+
+    def line(o: Outcome) -> list[Any]:
+        s = o.status
+        seconds = _seconds_between(s.started_at, s.finished_at) if s and s.started_at and s.finished_at else None
+        return [
+            o.id,
+            o.entry.files,
+            o.entry.bytes,
+            o.state,
+            s.attempt if s else "",
+            s.rows if s and o.state == SUCCEEDED else "",
+            s.failed_items if o.state == SUCCEEDED else o.entry.files,
+            "" if seconds is None else seconds,
+            s.init_seconds if s and o.state == SUCCEEDED else "",
+            s.run_seconds if s and o.state == SUCCEEDED else "",
+            s.workers if s else "",
+            s.started_at if s else "",
+            s.finished_at if s else "",
+            "" if o.state == SUCCEEDED else o.reason,
+        ]
+
+    _write_csv(path, LEDGER_COLUMNS, (line(o) for o in outcomes))
+
+
+def collect_custom_outputs(layout: RunLayout, outcomes: Iterable[Outcome], reserved: set[str]) -> dict[str, Any]:
+    """Link every succeeded mini-batch's custom outputs into the run folder, without name clashes.
+
+    Files keep their path relative to ``AZUREML_BI_OUTPUT_PATH``. A file whose name is taken
+    (by an earlier mini-batch in plan order, or by one of the run's own files) becomes
+    ``<stem>-mb-00007<suffix>``. The files are hard links to the committed ones under
+    ``_batchscore`` (copies where links are impossible); what an earlier merge placed is
+    removed first, so a merge after a rerun places each file once.
+    """
+    previous = _read_collected(layout)
+    for rel in previous.get("files", []):
+        (layout.root / rel).unlink(missing_ok=True)
+
+    placed: list[str] = []
+    renamed: list[dict[str, str]] = []
+    taken = {r.lower() for r in reserved}
+    for o in outcomes:
+        if o.state != SUCCEEDED or not o.status.outputs_dir:
+            continue
+        source_dir = layout.mini_batch_dir(o.entry.index).outputs_path(o.status)
+        if source_dir is None or not source_dir.is_dir():
+            continue
+        for source in sorted(p for p in source_dir.rglob("*") if p.is_file()):
+            rel = source.relative_to(source_dir)
+            target = rel
+            n = 1
+            while target.as_posix().lower() in taken or target.parts[0].lower() in taken or (layout.root / target).exists():
+                target = rel.with_name(f"{rel.stem}-{o.id}{'' if n == 1 else f'-{n}'}{rel.suffix}")
+                n += 1
+            if target != rel:
+                renamed.append({"mini_batch": o.id, "from": rel.as_posix(), "to": target.as_posix()})
+            dest = layout.root / target
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, dest)
+            except OSError:
+                shutil.copy2(source, dest)
+            taken.add(target.as_posix().lower())
+            placed.append(target.as_posix())
+    write_json_atomic(layout.collected_file, {"files": placed, "renamed": renamed})
+    for r in renamed:
+        log.warning("Custom output %s of %s is named like an earlier one; placed as %s", r["from"], r["mini_batch"], r["to"])
+    return {"files": len(placed), "renamed": renamed}
+
+
+def _read_collected(layout: RunLayout) -> dict[str, Any]:
+    try:
+        return json.loads(layout.collected_file.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+# --------------------------------------------------------------------------- the merge
+
+
 def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> dict[str, Any]:
-    """Write the run's output and ``summary.json``; raise IncompleteJobError if results are missing."""
+    """Write the run's output, custom outputs, ledger, errors file and summary; then check thresholds.
+
+    Raises :class:`ThresholdExceededError` (after writing everything) when the failures
+    exceed a threshold of ``settings``.
+    """
+    t0 = time.monotonic()
+    settings = deployment.settings
     layout = run_layout(deployment, run_id)
     plan = layout.read_plan()
     if plan is None:
@@ -115,71 +404,113 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
             f"run directory {layout.root} has no plan ({layout.plan_file}); the plan task of run "
             f"{run_id!r} did not finish, so there is nothing to merge"
         )
+    outcomes = collect_outcomes(layout, plan)
+    done = [o for o in outcomes if o.state == SUCCEEDED]
+    not_done = [o for o in outcomes if o.state != SUCCEEDED]
 
-    done: list[tuple[MiniBatchStatus, Path]] = []  # succeeded mini-batches and their result files
-    failures: list[Failure] = []
-    for entry in plan.mini_batches:
-        mb_dir = layout.mini_batch_dir(entry.index)
-        status = mb_dir.read_status()
-        if status is None:
-            failures.append(Failure(entry.id, "missing", "no result was committed (the task failed or never ran)"))
-        elif not status.succeeded:
-            err = status.error
-            failures.append(Failure(entry.id, "failed", err.one_line() if err else "failed", err.file if err else None))
-        elif not (result := mb_dir.result_path(status)) or not result.is_file():
-            failures.append(Failure(entry.id, "missing", f"its status names {status.result_file}, which is gone"))
-        else:
-            done.append((status, result))
+    output: Path | None = None
+    if settings.output_action == "append_row":
+        output = layout.root / settings.output_file_name
+        output_rows = write_output(output, [o.result for o in done if o.result], settings.output_layout)
+    else:
+        output_rows = 0
+    items = failed_items(layout, outcomes)
+    write_ledger(layout.ledger_file, outcomes)
+    _write_csv(layout.errors_file, ERRORS_COLUMNS, ([i.mini_batch, i.file, i.error_type, i.message] for i in items))
+    reserved = {settings.output_file_name, layout.summary_file.name, layout.ledger_file.name, layout.errors_file.name, WORK_DIR_NAME}
+    custom = collect_custom_outputs(layout, done, reserved)
 
-    output = layout.root / deployment.settings.output_file_name
-    rows = write_output(output, [result for _, result in done])
-
-    statuses = [s for s, _ in done]
+    checks = check_thresholds(settings, len(items), len(not_done), len(outcomes))
+    exceeded = [c for c in checks if c.exceeded]
+    statuses = [o.status for o in done]
+    returned = sum(s.rows for s in statuses)
     started = min((s.started_at for s in statuses if s.started_at), default="")
     finished = max((s.finished_at for s in statuses if s.finished_at), default="")
+    wall = _seconds_between(started, finished) if started and finished else None
     run_seconds = round(sum(s.run_seconds for s in statuses), 3)
     summary: dict[str, Any] = {
         "endpoint": endpoint_name,
         "deployment": deployment.name,
         "run_id": run_id,
-        "status": "succeeded" if not failures else "incomplete",
-        "output": str(output),
+        "status": "failed" if exceeded else ("succeeded_with_failures" if items or not_done else "succeeded"),
+        "output": str(output) if output else None,
+        "output_action": settings.output_action,
+        "output_layout": settings.output_layout,
+        "ledger": str(layout.ledger_file),
+        "errors": str(layout.errors_file),
         "input": {"path": plan.input_path, "pattern": plan.pattern, "files": plan.files, "bytes": plan.bytes},
         "mini_batch_size": plan.mini_batch_size,
         "mini_batches": {
-            "total": len(plan.mini_batches),
+            "total": len(outcomes),
             "succeeded": len(done),
-            "failed": sum(f.reason == "failed" for f in failures),
-            "missing": sum(f.reason == "missing" for f in failures),
+            "failed": sum(o.state == FAILED for o in outcomes),
+            "missing": sum(o.state == MISSING for o in outcomes),
         },
-        "rows": rows,
+        "items": {"total": plan.files, "succeeded": plan.files - len(items), "failed": len(items)},
+        "rows": output_rows if output else returned,
+        "returned_elements": returned,
+        "custom_outputs": custom,
+        "thresholds": {c.name: {"limit": c.limit, "observed": c.observed, "exceeded": c.exceeded} for c in checks},
         "durations": {
             "first_mini_batch_started_at": started,
             "last_mini_batch_finished_at": finished,
-            "scoring_wall_seconds": _seconds_between(started, finished) if started and finished else None,
+            "scoring_wall_seconds": wall,
             "init_seconds_total": round(sum(s.init_seconds for s in statuses), 3),
             "run_seconds_total": run_seconds,
-            "rows_per_run_second": round(rows / run_seconds, 1) if run_seconds > 0 else None,
+            "merge_seconds": round(time.monotonic() - t0, 3),
         },
-        "failures": [f.__dict__ for f in failures],
+        "rows_per_second": round(returned / wall, 1) if wall else None,
+        "rows_per_run_second": round(returned / run_seconds, 1) if run_seconds > 0 else None,
+        "failures": [
+            {"mini_batch": o.id, "reason": o.state, "error": o.reason, "files": o.entry.files} for o in not_done
+        ],
         "planned_at": plan.created_at,
         "merged_at": now_iso(),
     }
     write_json_atomic(layout.summary_file, summary)
     log.info(
-        "Merged %d of %d mini-batches, %d rows, into %s; summary in %s",
+        "Merged %d of %d mini-batches: %d rows%s; %d of %d items failed; summary in %s",
         len(done),
-        len(plan.mini_batches),
-        rows,
-        output,
+        len(outcomes),
+        summary["rows"],
+        f" into {output}" if output else " (summary_only: counted, not written)",
+        len(items),
+        plan.files,
         layout.summary_file,
     )
-    if failures:
-        shown = "; ".join(f.one_line() for f in failures[:10])
-        more = f"; and {len(failures) - 10} more" if len(failures) > 10 else ""
-        raise IncompleteJobError(
-            f"{len(failures)} of {len(plan.mini_batches)} mini-batches have no result: {shown}{more}. "
-            f"The output {output} holds the other {len(done)}; clear the failed score instances in "
-            "Airflow to rerun them, and the merge runs again."
+    if custom["files"]:
+        log.info("Placed %d custom output file(s) in %s", custom["files"], layout.root)
+    if not_done:
+        log.warning(
+            "%d mini-batch(es) have no result: %s",
+            len(not_done),
+            "; ".join(f"{o.id} ({o.state}: {o.reason})" for o in not_done[:10]) + (" ..." if len(not_done) > 10 else ""),
+        )
+    if exceeded:
+        raise ThresholdExceededError(
+            f"{'; '.join(c.message for c in exceeded)}. The output, {layout.summary_file.name}, "
+            f"{layout.ledger_file.name} and {layout.errors_file.name} (one line per failed item) are in "
+            f"{layout.root}; clear the failed score instances in Airflow to rerun them, and the merge runs again."
+        )
+    if items or not_done:
+        log.warning(
+            "%d item(s) failed, within the thresholds (%s): the job succeeds; see %s",
+            len(items),
+            ", ".join(f"{c.name} {c.limit:g}" for c in checks),
+            layout.errors_file,
         )
     return summary
+
+
+__all__ = [
+    "FailedItem",
+    "Outcome",
+    "ThresholdCheck",
+    "check_thresholds",
+    "collect_custom_outputs",
+    "collect_outcomes",
+    "failed_items",
+    "merge_run",
+    "write_ledger",
+    "write_output",
+]

@@ -31,6 +31,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.json_schema import models_json_schema
 
@@ -38,6 +39,7 @@ from batchscore.errors import DeploymentSpecError, SpecIssue
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 OUTPUT_FORMATS = (".csv", ".parquet", ".jsonl")
+AZURE_LAYOUT_SUFFIXES = (".csv", ".txt")
 SCHEDULE_PRESETS = (
     "@once",
     "@continuous",
@@ -133,32 +135,72 @@ class OutputSpec(_Strict):
 
 
 class RetrySettings(_Strict):
-    """Retries of a failed mini-batch (Azure's ``retry_settings``)."""
+    """Retries and time limits of a mini-batch (Azure's ``retry_settings``)."""
 
-    max_retries: int = Field(3, ge=0, le=100)
+    max_retries: int = Field(3, ge=0, le=100, description="Retries of a failed or timed-out mini-batch.")
+    timeout: PositiveInt = Field(
+        30,
+        description="Seconds one run() call may take; past it the worker is killed and the mini-batch retried.",
+    )
 
 
 class Settings(_Strict):
     """Batch settings, with Azure's names and defaults."""
 
     mini_batch_size: PositiveInt = Field(10, description="Files per mini-batch.")
+    max_concurrency_per_instance: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes in one scoring container, each with its own init(); "
+        "a mini-batch's files are shared out among them.",
+    )
+    error_threshold: int = Field(
+        -1, ge=-1, description="Failed items (files) allowed across the job; -1 allows any number."
+    )
+    mini_batch_error_threshold: int = Field(
+        -1, ge=-1, description="Failed mini-batches allowed across the job; -1 allows any number."
+    )
+    allowed_failed_percent: float = Field(
+        100, ge=0, le=100, description="Failed mini-batches allowed, as a percentage of all mini-batches."
+    )
+    output_action: Literal["append_row", "summary_only"] = Field(
+        "append_row",
+        description="append_row: what run() returns is written to output_file_name; "
+        "summary_only: it is only counted (scripts that write their own files).",
+    )
     output_file_name: str = Field(
         "predictions.csv", description="The job's output file; its suffix picks the format."
     )
+    output_layout: Literal["table", "azure"] = Field(
+        "table",
+        description="table: column names kept, in the format the file name says; "
+        "azure: Azure's append_row text (no header, values separated by spaces).",
+    )
     retry_settings: RetrySettings = RetrySettings()
+    init_timeout: PositiveInt = Field(
+        600,
+        description="Seconds a scoring container may take to start and run init() before it is killed.",
+    )
     logging_level: Literal["debug", "info", "warning"] = "info"
     environment_variables: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("output_file_name")
     @classmethod
     def _output_name(cls, value: str) -> str:
-        if "/" in value or "\\" in value or value.startswith("."):
+        if "/" in value or "\\" in value or value.startswith(".") or not value.strip():
             raise ValueError(f"output_file_name must be a plain file name, got {value!r}")
-        if not value.lower().endswith(OUTPUT_FORMATS):
-            raise ValueError(
-                f"output_file_name {value!r} must end with one of {', '.join(OUTPUT_FORMATS)}"
-            )
         return value
+
+    @model_validator(mode="after")
+    def _output_format(self) -> Settings:
+        suffixes = AZURE_LAYOUT_SUFFIXES if self.output_layout == "azure" else OUTPUT_FORMATS
+        if not self.output_file_name.lower().endswith(suffixes):
+            raise ValueError(
+                f"output_file_name {self.output_file_name!r} must end with one of {', '.join(suffixes)} "
+                f"(output_layout {self.output_layout})"
+            )
+        return self
 
 
 def _gpus(value: Any) -> int | Literal["all"] | list[str]:
@@ -190,6 +232,11 @@ class Resources(_Strict):
             ]
         },
     )
+    share_gpus: bool = Field(
+        False,
+        description="Let concurrent scoring containers (and worker processes) share GPUs; "
+        "by default each gets GPUs of its own.",
+    )
 
 
 class DeploymentSpec(_Strict):
@@ -205,6 +252,19 @@ class DeploymentSpec(_Strict):
     output: OutputSpec
     settings: Settings = Settings()
     resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _workers_fit_gpus(self) -> DeploymentSpec:
+        gpus, workers = self.resources.gpus, self.settings.max_concurrency_per_instance
+        count = len(gpus) if isinstance(gpus, list) else gpus
+        if isinstance(count, int) and 0 < count < workers and not self.resources.share_gpus:
+            raise ValueError(
+                f"settings.max_concurrency_per_instance is {workers} but resources.gpus gives each container "
+                f"{count} GPU(s), so worker processes would share GPUs; lower max_concurrency_per_instance, "
+                "raise resources.gpus, or set resources.share_gpus: true"
+            )
+        return self
+
 
 
 def _check_schedule(value: str | None) -> str | None:

@@ -105,6 +105,6 @@ def test_the_operator_scores_one_mini_batch_in_a_real_container(deployment, scor
     endpoint = deployment()
     op = planned_operator(endpoint, "run-1")
 
-    assert op.execute({"run_id": "run-1"}) == {"mini_batch": "mb-00000", "rows": 1}
+    assert op.execute({"run_id": "run-1"}) == {"mini_batch": "mb-00000", "rows": 1, "failed_items": 0}
     status = run_layout(endpoint.deployments[0], "run-1").mini_batch_dir(0).read_status()
     assert status.succeeded and status.rows == 1

@@ -5,14 +5,19 @@ scikit-learn that will load it. Writes, next to this file:
 
 * ``model/iris-classifier/model.joblib``: the model, one level down as Azure ML's registered
   models are (the scoring script finds it with a glob under ``AZUREML_MODEL_DIR``);
+* ``model/iris-classifier/model.pkl``: the same model, pickled, taking whole input rows (it
+  picks its feature columns itself), as Azure's custom-outputs example expects;
 * ``data/iris-000.csv`` ... ``iris-014.csv``: the 150 iris rows, shuffled, 10 per file.
 """
 
 from pathlib import Path
 
+import pickle
+
 import joblib
 import numpy as np
 import pandas as pd
+from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -35,6 +40,14 @@ def main() -> None:
     joblib.dump(model, model_dir / "model.joblib")
 
     rows = X.assign(id=np.arange(len(X)))[["id", *FEATURES]]
+    whole_rows = make_pipeline(
+        ColumnTransformer([("features", StandardScaler(), FEATURES)], remainder="drop"),
+        LogisticRegression(max_iter=1000),
+    )
+    whole_rows.fit(rows, y)
+    with open(model_dir / "model.pkl", "wb") as fh:
+        pickle.dump(whole_rows, fh)
+
     rows = rows.sample(frac=1.0, random_state=7).reset_index(drop=True)
     data_dir = HERE / "data"
     data_dir.mkdir(parents=True, exist_ok=True)

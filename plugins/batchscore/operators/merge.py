@@ -26,6 +26,6 @@ class MergeOperator(DeploymentMixin, BaseOperator):
         self.deployment = deployment
 
     def execute(self, context: Any) -> dict[str, Any]:
-        summary = merge_run(self.endpoint_name, self.spec, context["run_id"])
+        summary = merge_run(self.endpoint_name, self.run_spec(context), context["run_id"])
         self.log.info("Output: %s (%d rows)", summary["output"], summary["rows"])
         return {"output": summary["output"], "rows": summary["rows"], "status": summary["status"]}

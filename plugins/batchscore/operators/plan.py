@@ -23,5 +23,7 @@ class PlanOperator(DeploymentMixin, BaseOperator):
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
         max_map_length = conf.getint("core", "max_map_length", fallback=1024)
-        plan = plan_run(self.endpoint_name, self.spec, context["run_id"], max_mini_batches=max_map_length)
+        plan = plan_run(
+            self.endpoint_name, self.run_spec(context), context["run_id"], max_mini_batches=max_map_length
+        )
         return mini_batch_refs(plan)

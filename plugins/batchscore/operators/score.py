@@ -10,6 +10,8 @@ from typing import Any
 
 from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
+from airflow.sdk.exceptions import AirflowTaskTimeout
+from airflow.sdk.execution_time.timeout import timeout
 from docker.errors import APIError
 from docker.types import DeviceRequest, Mount
 
@@ -18,7 +20,7 @@ from batchscore.errors import ScoringError
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import run_layout
 from batchscore.spec import DeploymentSpec
-from batchscore_runtime.formats import ContainerPaths, MiniBatchDir, mini_batch_id
+from batchscore_runtime.formats import ContainerPaths, ErrorInfo, MiniBatchDir, MiniBatchStatus, mini_batch_id, now_iso
 
 #: Pause before a failed mini-batch is retried (Azure retries at once; a short pause lets a
 #: transient cause, such as a busy Docker engine, pass).
@@ -37,6 +39,17 @@ def device_requests(gpus: int | str | list[str]) -> list[DeviceRequest]:
     return [DeviceRequest(device_ids=list(gpus), capabilities=[["gpu"]])]
 
 
+#: Time a scoring container gets beyond ``init_timeout + retry_settings.timeout`` (container
+#: start, reading the file list, writing the result) before the orchestrator kills it. The
+#: runtime enforces the two limits itself; this only catches a container that stops answering.
+CONTAINER_GRACE_SECONDS = 120
+
+
+def backstop_seconds(spec: DeploymentSpec) -> float:
+    """How long the container of one mini-batch may run before the orchestrator kills it."""
+    return spec.settings.init_timeout + spec.settings.retry_settings.timeout + CONTAINER_GRACE_SECONDS
+
+
 @dataclass(frozen=True)
 class ContainerSetup:
     """What the container of one mini-batch gets, and where that mini-batch's files are."""
@@ -48,13 +61,17 @@ class ContainerSetup:
     result_dir: MiniBatchDir  # its result folder (host side), the only writable mount
 
 
-def container_setup(spec: DeploymentSpec, run_id: str, index: int) -> ContainerSetup:
+def container_setup(
+    spec: DeploymentSpec, run_id: str, index: int, *, attempt: int = 1, gpu_count: int | None = None
+) -> ContainerSetup:
     """Mounts, environment and command of the container that scores mini-batch ``index``.
 
     Everything is mounted read-only except the mini-batch's own result folder.
+    ``gpu_count`` is how many GPUs the container sees, for pinning worker processes.
     """
     layout = run_layout(spec, run_id)
     out = layout.mini_batch_dir(index)
+    settings = spec.settings
     model = spec.model.path
     model_target = ContainerPaths.MODEL if model.is_dir() else f"{ContainerPaths.MODEL}/{model.name}"
     mounts = [
@@ -66,7 +83,7 @@ def container_setup(spec: DeploymentSpec, run_id: str, index: int) -> ContainerS
         Mount(target=ContainerPaths.OUTPUT, source=str(out.path), type="bind", read_only=False),
     ]
     environment = {
-        **spec.settings.environment_variables,
+        **settings.environment_variables,
         "AZUREML_MODEL_DIR": ContainerPaths.MODEL,
         "BATCHSCORE_MINI_BATCH": mini_batch_id(index),
         "PYTHONPATH": ContainerPaths.RUNTIME,
@@ -87,9 +104,27 @@ def container_setup(spec: DeploymentSpec, run_id: str, index: int) -> ContainerS
         "--output",
         ContainerPaths.OUTPUT,
         "--log-level",
-        spec.settings.logging_level,
+        settings.logging_level,
+        "--workers",
+        str(settings.max_concurrency_per_instance),
+        "--timeout",
+        str(settings.retry_settings.timeout),
+        "--init-timeout",
+        str(settings.init_timeout),
+        "--output-action",
+        settings.output_action,
+        "--attempt",
+        str(attempt),
     ]
+    if gpu_count is not None:
+        command += ["--gpus", str(gpu_count)]
     return ContainerSetup(mounts, environment, command, layout.mini_batch_file(index), out)
+
+
+def _gpu_count(gpus: int | str | list[str]) -> int | None:
+    if isinstance(gpus, list):
+        return len(gpus)
+    return None if gpus == "all" else int(gpus)
 
 
 class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
@@ -98,7 +133,9 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
     Mapped over the plan's output (``mini_batch``: a reference with ``index`` and ``label``).
     The container runs as the Airflow worker's user, is removed when it ends, and its output
     streams into this task's log. The mini-batch's previous status is withdrawn before the
-    container starts, so a crash can never leave an old result looking current.
+    container starts, so a crash can never leave an old result looking current; a container
+    that ends without committing one (killed, out of memory, past its time) gets a failed
+    status written for it, so the ledger shows every attempt's fate.
     """
 
     # Nothing of ours is a Jinja template: mounts, environment and command are built in execute().
@@ -131,7 +168,10 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         index = int(self.mini_batch["index"])
         mb_id = mini_batch_id(index)
         run_id = context["run_id"]
-        setup = container_setup(self.spec, run_id, index)
+        spec = self.run_spec(context)
+        ti = context.get("ti")
+        attempt = int(getattr(ti, "try_number", 1) or 1)
+        setup = container_setup(spec, run_id, index, attempt=attempt, gpu_count=_gpu_count(spec.resources.gpus))
         if not setup.mini_batch_file.is_file():
             raise ScoringError(
                 f"{mb_id}: its file list {setup.mini_batch_file} is missing; the plan of run {run_id!r} "
@@ -145,45 +185,86 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         self.command = setup.command
         self.labels = {
             "batchscore.endpoint": self.endpoint_name,
-            "batchscore.deployment": self.spec.name,
+            "batchscore.deployment": spec.name,
             "batchscore.run_id": run_id,
             "batchscore.mini_batch": mb_id,
         }
-        ti = context.get("ti")
         self.log.info(
-            "%s: scoring %s files (%s bytes) in image %s, try %s",
+            "%s: scoring %s files (%s bytes) in image %s, try %s of %s",
             mb_id,
             self.mini_batch.get("files"),
             self.mini_batch.get("bytes"),
             self.image,
-            getattr(ti, "try_number", "?"),
+            attempt,
+            spec.settings.retry_settings.max_retries + 1,
         )
+        started = now_iso()
+        backstop = backstop_seconds(spec)
         try:
-            super().execute(context)
+            with timeout(backstop, error_message=f"{mb_id}: scoring container past {backstop:g} s"):
+                super().execute(context)
+        except AirflowTaskTimeout:
+            # DockerOperator removes the container with force on the way out: it is killed, not left running.
+            raise self._failed(
+                result_dir,
+                spec,
+                "ContainerTimeout",
+                f"the scoring container ran past {backstop:g} s (settings.init_timeout "
+                f"{spec.settings.init_timeout} + retry_settings.timeout {spec.settings.retry_settings.timeout} "
+                f"+ {CONTAINER_GRACE_SECONDS} s) without ending and was killed",
+                attempt,
+                started,
+            ) from None
         except APIError as exc:
             if self.device_requests and "device driver" in str(exc):
                 raise ScoringError(
                     f"{mb_id}: Docker cannot give the container the GPUs it asks for "
-                    f"(resources.gpus: {self.spec.resources.gpus!r}): {exc.explanation}. Install the NVIDIA "
+                    f"(resources.gpus: {spec.resources.gpus!r}): {exc.explanation}. Install the NVIDIA "
                     "Container Toolkit on the Docker host, or set resources.gpus to 0"
                 ) from None
             raise
         except DockerContainerFailedException as exc:
             status = result_dir.read_status()
             if status is not None and status.error is not None:
-                cause = status.error.one_line()
-            else:
-                cause = f"the container ended without committing a result ({exc})"
-            raise ScoringError(f"{mb_id} failed: {cause}") from None
+                raise ScoringError(f"{mb_id} failed: {status.error.one_line()}") from None
+            raise self._failed(
+                result_dir,
+                spec,
+                "ContainerDied",
+                f"the scoring container ended without committing a result ({exc})",
+                attempt,
+                started,
+            ) from None
         status = result_dir.read_status()
         if status is None or not status.succeeded:
             raise ScoringError(f"{mb_id}: the container exited 0 but committed no result in {result_dir.path}")
         self.log.info(
-            "%s: %d rows from %d files (init %.2f s, run %.2f s)",
+            "%s: %d rows from %d files (init %.2f s, run %.2f s)%s",
             mb_id,
             status.rows,
             status.files,
             status.init_seconds,
             status.run_seconds,
+            f"; {status.failed_items} failed item(s)" if status.failed_items else "",
         )
-        return {"mini_batch": mb_id, "rows": status.rows}
+        return {"mini_batch": mb_id, "rows": status.rows, "failed_items": status.failed_items}
+
+    def _failed(
+        self, result_dir: MiniBatchDir, spec: DeploymentSpec, kind: str, message: str, attempt: int, started: str
+    ) -> ScoringError:
+        """Commit a failed status for an attempt whose container could not, and return the error to raise."""
+        mb_id = mini_batch_id(result_dir.index)
+        if result_dir.read_status() is None:
+            result_dir.commit(
+                MiniBatchStatus(
+                    index=result_dir.index,
+                    state=MiniBatchStatus.FAILED,
+                    files=int(self.mini_batch.get("files") or 0),
+                    started_at=started,
+                    finished_at=now_iso(),
+                    error=ErrorInfo(type=kind, message=message),
+                    attempt=attempt,
+                    workers=spec.settings.max_concurrency_per_instance,
+                )
+            )
+        return ScoringError(f"{mb_id} failed: {kind}: {message}")
