@@ -9,7 +9,7 @@ IRIS   := include/examples/iris
 MODEL  := $(IRIS)/model/iris-classifier/model.joblib
 
 .DEFAULT_GOAL := help
-.PHONY: help venv images example demo test schema lock clean
+.PHONY: help venv images images-gpu example demo test schema lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 images:  ## the scoring image, built offline when no registry answers (docker/build-images.sh)
 	IMAGE=$(IMAGE) bash docker/build-images.sh
+
+images-gpu:  ## the GPU variant of the scoring image (needs a CUDA runtime base: CUDA_BASE_IMAGE)
+	bash docker/build-images.sh --gpu
 
 example: images $(MODEL)  ## train the example model and write its input files (in the scoring image)
 $(MODEL): $(IRIS)/train.py

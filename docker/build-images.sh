@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the scoring image (default tag batchscore-scoring:latest).
+# Build the scoring image (default tag batchscore-scoring:latest), or with
+# --gpu its GPU variant (batchscore-scoring:gpu) on an NVIDIA CUDA runtime base.
 #
 # Works both where a container registry can be reached and where none can:
 #   1. If the image already carries the label batchscore.build-hash=<hash of
@@ -11,12 +12,25 @@
 #      container cannot reach the package index on our machines; air-gapped
 #      sites point BATCHSCORE_WHEELS_DIR at a folder of wheels instead.
 #   4. docker build from a context holding the Dockerfile and the wheels.
+# --gpu (docker/scoring-gpu/Dockerfile, the same wheels): the base is
+# CUDA_BASE_IMAGE, present or pulled, with no fallback (the build fails at
+# once, naming CUDA_BASE_IMAGE, when it cannot be had); Python 3.11 is a
+# python-build-standalone archive, downloaded on the host (pinned, sha256
+# checked) into docker/.cache/python, or given in BATCHSCORE_PYTHON_TARBALL.
 #
-# Usage: docker/build-images.sh [--force] [--help]
+# Usage: docker/build-images.sh [--gpu] [--force] [--help]
+#   --gpu     build the GPU variant instead of the CPU image
 #   --force   rebuild even if the image is up to date (no Docker layer cache)
 # Environment:
-#   IMAGE                    tag to build (batchscore-scoring:latest)
+#   IMAGE                    tag to build (batchscore-scoring:latest; :gpu with --gpu)
 #   BASE_IMAGE               preferred base (python:3.11-slim)
+#   CUDA_BASE_IMAGE          base of the GPU variant, a CUDA runtime image
+#                            (nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04)
+#   BATCHSCORE_PYTHON_TARBALL  GPU variant: a python-build-standalone
+#                            install_only archive of CPython 3.11 (x86_64 gnu);
+#                            then nothing is downloaded
+#   BATCHSCORE_PYTHON_URL, BATCHSCORE_PYTHON_SHA256  where that archive is
+#                            downloaded from otherwise, and its checksum
 #   BATCHSCORE_WHEELS_DIR    folder of ready wheels; then nothing is downloaded
 #   BATCHSCORE_PULL_TIMEOUT  seconds allowed for pulling the base (60)
 #   DEBIAN_MIRROR            mirror for debootstrap (http://deb.debian.org/debian)
@@ -24,11 +38,18 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
-readonly CONTEXT_SRC="${SCRIPT_DIR}/scoring"
+readonly CPU_CONTEXT="${SCRIPT_DIR}/scoring"
+readonly GPU_CONTEXT="${SCRIPT_DIR}/scoring-gpu"
+readonly REQUIREMENTS="${CPU_CONTEXT}/requirements.txt"   # both images
 readonly CACHE_DIR="${SCRIPT_DIR}/.cache"
 
-IMAGE="${IMAGE:-batchscore-scoring:latest}"
+IMAGE="${IMAGE:-}"   # default set by configure: :latest, or :gpu with --gpu
 BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim}"
+CUDA_BASE_IMAGE="${CUDA_BASE_IMAGE:-nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04}"
+# CPython 3.11 for the GPU variant: python-build-standalone's install_only
+# archive for x86_64-unknown-linux-gnu (needs glibc 2.17+, any CUDA base).
+readonly PYTHON_URL="${BATCHSCORE_PYTHON_URL:-https://github.com/indygreg/python-build-standalone/releases/download/20240909/cpython-3.11.10%2B20240909-x86_64-unknown-linux-gnu-install_only_stripped.tar.gz}"
+readonly PYTHON_SHA256="${BATCHSCORE_PYTHON_SHA256:-2f8fdc87e8aab1f9f166575e3379d36abd0f7a87ea6c66c5e97e3aaadedd291d}"
 readonly FALLBACK_BASE="batchscore-base:bookworm"
 readonly DEBIAN_SUITE="bookworm"   # its python3 is 3.11, as the cp311 wheels need
 readonly DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -40,6 +61,10 @@ readonly RECIPE_LABEL="batchscore.base-recipe"
 readonly BUILD_LOGIC_VERSION=1
 
 FORCE=0
+GPU=0
+CONTEXT_SRC=""      # set by configure: the folder of the Dockerfile
+REQUESTED_BASE=""   # set by configure: BASE_IMAGE, or CUDA_BASE_IMAGE with --gpu
+BASE_ARG=""         # set by configure: the Dockerfile's build argument for it
 WORK_DIR=""   # scratch folder of one build, made after the cache check
 
 log() { echo "[build-images] $*" >&2; }
@@ -64,11 +89,28 @@ parse_args() {
     while (($#)); do
         case "$1" in
             --force) FORCE=1 ;;
+            --gpu) GPU=1 ;;
             -h|--help) usage; exit 0 ;;
             *) die "unknown argument: $1 (see --help)" ;;
         esac
         shift
     done
+}
+
+# Which image: the CPU one, or with --gpu its GPU variant.
+configure() {
+    if ((GPU)); then
+        CONTEXT_SRC="$GPU_CONTEXT"
+        IMAGE="${IMAGE:-batchscore-scoring:gpu}"
+        REQUESTED_BASE="$CUDA_BASE_IMAGE"
+        BASE_ARG="CUDA_BASE_IMAGE"
+    else
+        CONTEXT_SRC="$CPU_CONTEXT"
+        IMAGE="${IMAGE:-batchscore-scoring:latest}"
+        REQUESTED_BASE="$BASE_IMAGE"
+        BASE_ARG="BASE_IMAGE"
+    fi
+    readonly CONTEXT_SRC IMAGE REQUESTED_BASE BASE_ARG GPU
 }
 
 sha256_of_stdin() { sha256sum | cut -d' ' -f1; }
@@ -93,7 +135,9 @@ base_recipe_hash() {
 # The base that is usable without the network, or nothing. Checking only
 # local images keeps the cached path fast and offline.
 local_base() {
-    if image_exists "$BASE_IMAGE"; then
+    if ((GPU)); then
+        if image_exists "$CUDA_BASE_IMAGE"; then echo "$CUDA_BASE_IMAGE"; fi
+    elif image_exists "$BASE_IMAGE"; then
         echo "$BASE_IMAGE"
     elif image_exists "$FALLBACK_BASE" \
         && [[ "$(image_label "$FALLBACK_BASE" "$RECIPE_LABEL")" == "$(base_recipe_hash)" ]]; then
@@ -108,10 +152,11 @@ build_hash() {
     local base="$1"
     {
         echo "logic=$BUILD_LOGIC_VERSION"
-        echo "requested=$BASE_IMAGE"
+        echo "requested=$REQUESTED_BASE"
         echo "base=$base $(image_id "$base")"
         echo "--- Dockerfile"; cat "$CONTEXT_SRC/Dockerfile"
-        echo "--- requirements.txt"; cat "$CONTEXT_SRC/requirements.txt"
+        echo "--- requirements.txt"; cat "$REQUIREMENTS"
+        if ((GPU)); then echo "--- python.tar.gz $(python_sha256)"; fi
     } | sha256_of_stdin
 }
 
@@ -203,8 +248,10 @@ build_fallback_base() {
 }
 
 # Prints the base to build from: local BASE_IMAGE, else pulled, else the
-# debootstrap fallback (made if missing).
+# debootstrap fallback (made if missing). With --gpu: CUDA_BASE_IMAGE, local
+# or pulled, or the build stops here, before any download.
 resolve_base() {
+    if ((GPU)); then resolve_cuda_base; return; fi
     if image_exists "$BASE_IMAGE"; then
         log "base: $BASE_IMAGE (present locally)"
         echo "$BASE_IMAGE"; return
@@ -227,9 +274,85 @@ resolve_base() {
     echo "$FALLBACK_BASE"
 }
 
+# A CUDA base cannot be made here as Debian's can: it is pulled, or loaded by
+# hand (docker load), or the build fails with what to do.
+resolve_cuda_base() {
+    if image_exists "$CUDA_BASE_IMAGE"; then
+        log "base: $CUDA_BASE_IMAGE (present locally)"
+        echo "$CUDA_BASE_IMAGE"; return
+    fi
+    log "pulling $CUDA_BASE_IMAGE (at most ${PULL_TIMEOUT}s)"
+    local out
+    if out="$(timeout "$PULL_TIMEOUT" docker pull --quiet "$CUDA_BASE_IMAGE" 2>&1)"; then
+        log "base: $CUDA_BASE_IMAGE (pulled)"
+        echo "$CUDA_BASE_IMAGE"; return
+    fi
+    [[ -n "$out" ]] || out="no answer in ${PULL_TIMEOUT}s"
+    die "cannot pull the GPU image's base $CUDA_BASE_IMAGE (build argument CUDA_BASE_IMAGE): ${out##*$'\n'}
+  The GPU image has no fallback base. Make a CUDA runtime image available here
+  (docker pull where a registry answers, or docker save on another machine and
+  docker load -i here), or set CUDA_BASE_IMAGE to one that is present
+  (docker images nvidia/cuda). It must be a CUDA runtime image without a driver."
+}
+
+# The python-build-standalone archive: given, cached, or downloaded now.
+python_tarball() {
+    if [[ -n "${BATCHSCORE_PYTHON_TARBALL:-}" ]]; then
+        echo "$BATCHSCORE_PYTHON_TARBALL"
+    else
+        echo "$CACHE_DIR/python/cpython-$PYTHON_SHA256.tar.gz"
+    fi
+}
+
+# Part of the GPU image's build hash: the given archive's checksum, or the
+# pinned one (a download is checked against it before it is kept).
+python_sha256() {
+    if [[ -n "${BATCHSCORE_PYTHON_TARBALL:-}" ]]; then
+        sha256_of_stdin < "$BATCHSCORE_PYTHON_TARBALL"
+    else
+        echo "$PYTHON_SHA256"
+    fi
+}
+
+# Prints the archive to put into the build context, downloading it if needed.
+prepare_python() {
+    local file
+    file="$(python_tarball)"
+    if [[ -n "${BATCHSCORE_PYTHON_TARBALL:-}" ]]; then
+        log "python: $file (given, no download)"
+    elif [[ -f "$file" ]]; then
+        log "python: $file (already downloaded)"
+    else
+        command -v curl >/dev/null 2>&1 \
+            || die "curl is needed to download Python for the GPU image; or set BATCHSCORE_PYTHON_TARBALL"
+        mkdir -p "${file%/*}"
+        log "python: downloading $PYTHON_URL"
+        local err
+        if ! err="$(curl --fail --silent --show-error --location --connect-timeout 20 \
+                --max-time 600 --output "$file.part" "$PYTHON_URL" 2>&1)"; then
+            rm -f "$file.part"
+            die "cannot download Python 3.11 for the GPU image from $PYTHON_URL: ${err##*$'\n'}
+  Download a python-build-standalone install_only archive of CPython 3.11 for
+  x86_64-unknown-linux-gnu where you can and set BATCHSCORE_PYTHON_TARBALL to
+  its path (or BATCHSCORE_PYTHON_URL and BATCHSCORE_PYTHON_SHA256 to a mirror)."
+        fi
+        local got
+        got="$(sha256_of_stdin < "$file.part")"
+        if [[ "$got" != "$PYTHON_SHA256" ]]; then
+            rm -f "$file.part"
+            die "the download from $PYTHON_URL has sha256 $got, not $PYTHON_SHA256 (BATCHSCORE_PYTHON_SHA256)"
+        fi
+        mv "$file.part" "$file"
+    fi
+    # A clear message now rather than a failed RUN in the middle of the build.
+    tar -tzf "$file" python/bin/python3 >/dev/null 2>&1 \
+        || die "$file is not a python-build-standalone install_only archive (no python/bin/python3 in it)"
+    echo "$file"
+}
+
 # Prints the folder holding the wheels for requirements.txt.
 prepare_wheels() {
-    local req="$CONTEXT_SRC/requirements.txt"
+    local req="$REQUIREMENTS"
     if [[ -n "${BATCHSCORE_WHEELS_DIR:-}" ]]; then
         log "wheels: from $BATCHSCORE_WHEELS_DIR (no download)"
         echo "$BATCHSCORE_WHEELS_DIR"; return
@@ -258,9 +381,10 @@ prepare_wheels() {
     echo "$dir"
 }
 
-# Dockerfile + wheels/ (with requirements.txt) in the scratch folder.
+# Dockerfile + wheels/ (with requirements.txt) in the scratch folder, and for
+# the GPU image python.tar.gz.
 make_context() {
-    local wheels="$1" ctx="$WORK_DIR/context"
+    local wheels="$1" python="${2:-}" ctx="$WORK_DIR/context"
     mkdir -p "$ctx/wheels"
     cp "$CONTEXT_SRC/Dockerfile" "$ctx/"
     compgen -G "$wheels/*.whl" >/dev/null || die "no wheels (*.whl) in $wheels"
@@ -269,18 +393,26 @@ make_context() {
         rm -f "$ctx"/wheels/*.whl
         cp "$wheels"/*.whl "$ctx/wheels/" || die "cannot copy the wheels from $wheels"
     fi
-    cp "$CONTEXT_SRC/requirements.txt" "$ctx/wheels/"
+    cp "$REQUIREMENTS" "$ctx/wheels/"
+    if [[ -n "$python" ]]; then
+        cp -l "$python" "$ctx/python.tar.gz" 2>/dev/null || cp "$python" "$ctx/python.tar.gz" \
+            || die "cannot copy $python into the build context"
+    fi
     echo "$ctx"
 }
 
 main() {
     parse_args "$@"
+    configure
     command -v docker >/dev/null 2>&1 || die "docker is not installed"
     docker info >/dev/null 2>&1 || die "cannot reach the Docker engine (is it running? are you allowed to use it?)"
-    [[ -f "$CONTEXT_SRC/Dockerfile" && -f "$CONTEXT_SRC/requirements.txt" ]] \
-        || die "missing $CONTEXT_SRC/Dockerfile or requirements.txt"
+    [[ -f "$CONTEXT_SRC/Dockerfile" && -f "$REQUIREMENTS" ]] \
+        || die "missing $CONTEXT_SRC/Dockerfile or $REQUIREMENTS"
     if [[ -n "${BATCHSCORE_WHEELS_DIR:-}" && ! -d "$BATCHSCORE_WHEELS_DIR" ]]; then
         die "BATCHSCORE_WHEELS_DIR=$BATCHSCORE_WHEELS_DIR is not a folder"
+    fi
+    if ((GPU)) && [[ -n "${BATCHSCORE_PYTHON_TARBALL:-}" && ! -f "$BATCHSCORE_PYTHON_TARBALL" ]]; then
+        die "BATCHSCORE_PYTHON_TARBALL=$BATCHSCORE_PYTHON_TARBALL is not a file"
     fi
 
     exit_if_up_to_date
@@ -291,14 +423,15 @@ main() {
     mkdir -p "$CACHE_DIR"
     WORK_DIR="$(mktemp -d "$CACHE_DIR/work.XXXXXX")"
 
-    local base wheels ctx hash
+    local base python="" wheels ctx hash
     base="$(resolve_base)"
+    if ((GPU)); then python="$(prepare_python)"; fi
     wheels="$(prepare_wheels)"
-    ctx="$(make_context "$wheels")"
+    ctx="$(make_context "$wheels" "$python")"
     hash="$(build_hash "$base")"
     log "build hash: $hash"
 
-    local build_args=(--build-arg "BASE_IMAGE=$base" --label "$HASH_LABEL=$hash" -t "$IMAGE")
+    local build_args=(--build-arg "$BASE_ARG=$base" --label "$HASH_LABEL=$hash" -t "$IMAGE")
     ((FORCE)) && build_args+=(--no-cache)
     log "docker build -t $IMAGE from $base"
     local started=$SECONDS

@@ -83,15 +83,19 @@ def test_a_model_file_is_mounted_inside_the_model_folder(deployment, tmp_path: P
 
 @pytest.mark.docker
 def test_a_gpu_request_on_a_host_without_gpus_fails_naming_the_setting(
-    deployment, scoring_image: str, airflow_db, tmp_path: Path
+    deployment, scoring_image: str, airflow_db, tmp_path: Path, monkeypatch
 ) -> None:
     # No GPU exists on this machine or in CI: the request is made of the real Docker engine,
     # which refuses it; on a GPU host the same request is what starts the container there.
+    # BATCHSCORE_GPUS stands in for the host's GPU list, which nvidia-smi would give there.
+    monkeypatch.setenv("BATCHSCORE_GPUS", "0,1")
+    monkeypatch.setenv("BATCHSCORE_GPU_LOCK_DIR", str(tmp_path / "locks"))
     op = planned_operator(deployment(resources={"gpus": 1}), "run-gpu")
-    assert op.device_requests == [DeviceRequest(count=1, capabilities=[["gpu"]])]
 
     with pytest.raises(ScoringError) as info:
         op.execute({"run_id": "run-gpu"})
+
+    assert op.device_requests == [DeviceRequest(device_ids=["0"], capabilities=[["gpu"]])]  # leased, pinned
 
     assert str(info.value) == (
         "mb-00000: Docker cannot give the container the GPUs it asks for (resources.gpus: 1): could not select "
@@ -108,3 +112,30 @@ def test_the_operator_scores_one_mini_batch_in_a_real_container(deployment, scor
     assert op.execute({"run_id": "run-1"}) == {"mini_batch": "mb-00000", "rows": 1, "failed_items": 0}
     status = run_layout(endpoint.deployments[0], "run-1").mini_batch_dir(0).read_status()
     assert status.succeeded and status.rows == 1
+
+
+def test_the_runtime_gets_the_settings_the_try_and_the_leased_gpu_count(deployment) -> None:
+    d = deployment(
+        settings={
+            "max_concurrency_per_instance": 2,
+            "output_action": "summary_only",
+            "init_timeout": 90,
+            "retry_settings": {"max_retries": 0, "timeout": 45},
+        },
+        resources={"gpus": 2},
+    ).deployments[0]
+    command = container_setup(d, "r", 0, attempt=3, gpu_count=2).command
+    options = dict(zip(command[5::2], command[6::2]))
+    assert options == {
+        "--input-root": "/mnt/batchscore/input",
+        "--scoring-script": "/mnt/batchscore/code/score.py",
+        "--output": "/mnt/batchscore/output",
+        "--log-level": "info",
+        "--workers": "2",
+        "--timeout": "45",
+        "--init-timeout": "90",
+        "--output-action": "summary_only",
+        "--attempt": "3",
+        "--gpus": "2",  # the runtime pins each worker to one of them
+    }
+    assert "--gpus" not in container_setup(d, "r", 0).command  # unknown count: no pinning

@@ -17,6 +17,7 @@ from docker.types import DeviceRequest, Mount
 
 import batchscore_runtime.formats
 from batchscore.errors import ScoringError
+from batchscore.gpus import lease_gpus
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import run_layout
 from batchscore.spec import DeploymentSpec
@@ -121,12 +122,6 @@ def container_setup(
     return ContainerSetup(mounts, environment, command, layout.mini_batch_file(index), out)
 
 
-def _gpu_count(gpus: int | str | list[str]) -> int | None:
-    if isinstance(gpus, list):
-        return len(gpus)
-    return None if gpus == "all" else int(gpus)
-
-
 class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
     """Run the deployment's scoring container on one mini-batch and check its committed result.
 
@@ -171,13 +166,33 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         spec = self.run_spec(context)
         ti = context.get("ti")
         attempt = int(getattr(ti, "try_number", 1) or 1)
-        setup = container_setup(spec, run_id, index, attempt=attempt, gpu_count=_gpu_count(spec.resources.gpus))
+        label = f"{self.endpoint_name}/{spec.name}/{run_id}/{mb_id}"
+        # The GPUs are held from before the container starts until after it is gone.
+        with lease_gpus(spec.resources.gpus, spec.resources.share_gpus, label=label, log=self.log) as gpus:
+            self.device_requests = gpus.device_requests
+            setup = container_setup(spec, run_id, index, attempt=attempt, gpu_count=gpus.count)
+            status = self._score(context, spec, setup, attempt)
+        self.log.info(
+            "%s: %d rows from %d files (init %.2f s, run %.2f s)%s",
+            mb_id,
+            status.rows,
+            status.files,
+            status.init_seconds,
+            status.run_seconds,
+            f"; {status.failed_items} failed item(s)" if status.failed_items else "",
+        )
+        return {"mini_batch": mb_id, "rows": status.rows, "failed_items": status.failed_items}
+
+    def _score(self, context: Any, spec: DeploymentSpec, setup: ContainerSetup, attempt: int) -> MiniBatchStatus:
+        """Run the container on the mini-batch; return its committed status or raise ScoringError."""
+        result_dir = setup.result_dir
+        mb_id = mini_batch_id(result_dir.index)
+        run_id = context["run_id"]
         if not setup.mini_batch_file.is_file():
             raise ScoringError(
                 f"{mb_id}: its file list {setup.mini_batch_file} is missing; the plan of run {run_id!r} "
                 "was removed or never finished (clear the plan task of this run as well)"
             )
-        result_dir = setup.result_dir
         result_dir.path.mkdir(parents=True, exist_ok=True)
         result_dir.retract()
         self.mounts = setup.mounts
@@ -238,16 +253,7 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         status = result_dir.read_status()
         if status is None or not status.succeeded:
             raise ScoringError(f"{mb_id}: the container exited 0 but committed no result in {result_dir.path}")
-        self.log.info(
-            "%s: %d rows from %d files (init %.2f s, run %.2f s)%s",
-            mb_id,
-            status.rows,
-            status.files,
-            status.init_seconds,
-            status.run_seconds,
-            f"; {status.failed_items} failed item(s)" if status.failed_items else "",
-        )
-        return {"mini_batch": mb_id, "rows": status.rows, "failed_items": status.failed_items}
+        return status
 
     def _failed(
         self, result_dir: MiniBatchDir, spec: DeploymentSpec, kind: str, message: str, attempt: int, started: str
