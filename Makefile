@@ -12,7 +12,7 @@ MODEL  := $(IRIS)/model/iris-classifier/model.joblib
 .PHONY: help venv images images-gpu example demo test schema lock clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 venv: $(VENV)/.installed  ## the virtual environment with the pinned Airflow side
 $(VENV)/.installed: requirements.lock pyproject.toml
