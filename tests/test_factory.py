@@ -32,7 +32,7 @@ def test_example_dags_load_with_plan_score_merge_per_deployment(iris_example: Pa
     bag = parse(monkeypatch)
 
     assert bag.import_errors == {}
-    assert sorted(bag.dag_ids) == ["iris-batch", "iris-nightly"]
+    assert sorted(bag.dag_ids) == ["iris-batch", "iris-custom-outputs", "iris-nightly"]
     dag = bag.dags["iris-batch"]
     assert sorted(dag.task_ids) == ["iris-sklearn.merge", "iris-sklearn.plan", "iris-sklearn.score"]
     plan, score, merge = (dag.get_task(f"iris-sklearn.{t}") for t in ("plan", "score", "merge"))
@@ -61,7 +61,7 @@ def test_a_broken_yaml_is_an_import_error_naming_file_line_and_key_and_the_other
 
     bag = parse(monkeypatch, folder)
 
-    assert sorted(bag.dag_ids) == ["iris-batch", "iris-nightly"]
+    assert sorted(bag.dag_ids) == ["iris-batch", "iris-custom-outputs", "iris-nightly"]
     assert list(bag.import_errors) == [str(LOADER)]
     assert bag.import_errors[str(LOADER)] == (
         f"InvalidDeploymentFilesError: {broken}:{line}: settings.mini_batch_szie: unknown key 'mini_batch_szie'; "
@@ -76,7 +76,7 @@ def test_every_broken_file_is_listed_and_duplicates_across_files_are_refused(iri
 
     dags = build_dags(folder)
 
-    assert sorted(dags) == [INVALID_DAG_ID, "iris-batch", "iris-nightly"]
+    assert sorted(dags) == [INVALID_DAG_ID, "iris-batch", "iris-custom-outputs", "iris-nightly"]
     with pytest.raises(Exception) as info:
         dags[INVALID_DAG_ID].validate()
     assert str(info.value).splitlines() == [
@@ -119,4 +119,20 @@ def test_an_output_folder_shared_across_files_names_the_clashing_deployments_lin
     assert str(info.value) == (
         f"{clash}:{line}: output.path: deployment 'late' writes to {taken}, as 'iris-sklearn' in "
         f"{folder / 'iris-batch.yaml'} does"
+    )
+
+
+def test_every_dag_has_the_trigger_forms_params_and_each_merge_updates_its_output_asset(
+    iris_example: Path, monkeypatch
+) -> None:
+    bag = parse(monkeypatch)
+
+    for dag_id, deployment in [("iris-batch", "iris-sklearn"), ("iris-nightly", "iris-parquet")]:
+        dag = bag.dags[dag_id]
+        assert dict(dag.params) == {"input_path": None, "output_path": None, "mini_batch_size": None}
+        assert [(a.name, a.uri) for a in dag.get_task(f"{deployment}.merge").outlets] == [
+            (f"batchscore/{dag_id}/{deployment}", f"batchscore/{dag_id}/{deployment}")
+        ]
+    assert bag.dags["iris-batch"].params.get_param("mini_batch_size").description == (
+        "A whole number, 1 or more. Empty: the YAML's settings.mini_batch_size (4)."
     )

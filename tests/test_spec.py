@@ -63,8 +63,83 @@ def test_azure_layout_is_an_endpoint_with_one_deployment_and_azure_defaults(fold
     assert d.settings.mini_batch_size == 10
     assert d.settings.output_file_name == "predictions.csv"
     assert d.settings.retry_settings.max_retries == 3
+    assert d.settings.retry_settings.timeout == 30
     assert d.settings.logging_level == "info"
-    assert d.resources.instance_count == 1 and d.resources.gpus == 0
+    assert d.settings.max_concurrency_per_instance == 1
+    assert (d.settings.error_threshold, d.settings.mini_batch_error_threshold, d.settings.allowed_failed_percent) == (
+        -1, -1, 100
+    )
+    assert (d.settings.output_action, d.settings.output_layout) == ("append_row", "table")
+    assert d.settings.init_timeout == 600 and d.settings.environment_variables == {}
+    assert d.resources.instance_count == 1 and d.resources.gpus == 0 and d.resources.share_gpus is False
+
+
+AZURE_SETTINGS = AZURE + textwrap.dedent(
+    """
+    settings:
+      mini_batch_size: 20
+      max_concurrency_per_instance: 4
+      error_threshold: 10
+      mini_batch_error_threshold: 2
+      allowed_failed_percent: 5
+      output_action: append_row
+      output_file_name: out.csv
+      logging_level: debug
+      retry_settings:
+        max_retries: 5
+        timeout: 300
+      environment_variables:
+        MODEL_VARIANT: large
+    """
+)
+
+
+def test_azures_settings_block_is_accepted_verbatim(folder: Path) -> None:
+    (d,) = load_endpoint(write(folder / "churn.yaml", AZURE_SETTINGS)).deployments
+    s = d.settings
+    assert (s.mini_batch_size, s.max_concurrency_per_instance, s.error_threshold) == (20, 4, 10)
+    assert (s.mini_batch_error_threshold, s.allowed_failed_percent, s.output_file_name) == (2, 5, "out.csv")
+    assert (s.retry_settings.max_retries, s.retry_settings.timeout) == (5, 300)
+    assert s.environment_variables == {"MODEL_VARIANT": "large"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            "  output_layout: azure\n  output_file_name: out.parquet\n",
+            "settings.output_file_name: output_file_name 'out.parquet' must end with one of .csv, .txt (output_layout azure)",
+        ),
+        (
+            "  output_file_name: out.txt\n",
+            "settings.output_file_name: output_file_name 'out.txt' must end with one of .csv, .parquet, .jsonl (output_layout table)",
+        ),
+        ("  error_threshold: -2\n", "settings.error_threshold: Input should be greater than or equal to -1 (got -2)"),
+        (
+            "  allowed_failed_percent: 120\n",
+            "settings.allowed_failed_percent: Input should be less than or equal to 100 (got 120)",
+        ),
+        (
+            "  output_action: append_rows\n",
+            "settings.output_action: Input should be 'append_row' or 'summary_only' (got 'append_rows')",
+        ),
+        ("  retry_settings:\n    timeout: 0\n", "settings.retry_settings.timeout: Input should be greater than 0 (got 0)"),
+    ],
+)
+def test_bad_settings_name_the_key(folder: Path, settings: str, expected: str) -> None:
+    path = write(folder / "churn.yaml", AZURE + "settings:\n" + settings)
+    assert error_of(path).split(": ", 1)[1] == expected
+
+
+def test_worker_processes_may_not_share_gpus_unless_allowed(folder: Path) -> None:
+    text = AZURE + "settings:\n  max_concurrency_per_instance: 4\nresources:\n  gpus: 2\n"
+    assert error_of(write(folder / "churn.yaml", text)).endswith(
+        "settings.max_concurrency_per_instance is 4 but resources.gpus gives each container 2 GPU(s), so worker "
+        "processes would share GPUs; lower max_concurrency_per_instance, raise resources.gpus, or set "
+        "resources.share_gpus: true"
+    )
+    (d,) = load_endpoint(write(folder / "churn.yaml", text + "  share_gpus: true\n")).deployments
+    assert d.resources.share_gpus is True
 
 
 def test_endpoint_layout_with_two_deployments(folder: Path) -> None:
@@ -140,7 +215,7 @@ def test_every_problem_is_reported_in_line_order(folder: Path) -> None:
         f"{path}:7: deployments[0].environment.image: String should have at least 1 character (got '')",
         f"{path}:10: deployments[0].settings.mini_batch_size: Input should be greater than 0 (got -3)",
         f"{path}:10: deployments[0].settings.output_file_name: output_file_name 'p.txt' must end with one of "
-        ".csv, .parquet, .jsonl",
+        ".csv, .parquet, .jsonl (output_layout table)",
         f"{path}:11: deployments[0].resources.gpus: gpus must be 0 or more, got -1",
         f"{path}:12: deployments[1].model: required key is missing",
         f"{path}:12: deployments[1].code_configuration: required key is missing",

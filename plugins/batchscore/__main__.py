@@ -13,10 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from batchscore.errors import DeploymentSpecError
+from batchscore.errors import BatchScoreError, DeploymentSpecError
 from batchscore.factory import find_yaml_files
 from batchscore.plan import run_layout
 from batchscore.spec import EndpointSpec, load_endpoint
+from batchscore.triggers import apply_run_params
 
 
 def _endpoint(deployments: Path, dag_id: str) -> EndpointSpec:
@@ -82,15 +83,24 @@ def run(args: argparse.Namespace) -> int:
                     )
                     print("\n".join(log.splitlines()[-15:]), file=sys.stderr)
     print(f"\nRun {run_id} of {args.dag_id}: {state}")
+    conf = json.loads(args.conf) if args.conf else {}
     for deployment in endpoint.deployments:
+        try:  # where this run wrote: the YAML's output folder, or the one its conf chose
+            deployment = apply_run_params(deployment, conf, several_deployments=len(endpoint.deployments) > 1)
+        except BatchScoreError:
+            pass  # the plan task refused the conf and said why above
         layout = run_layout(deployment, run_id)
         summary_path = layout.summary_file
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text())
-            print(f"  {deployment.name}: {summary['rows']} rows, {summary['mini_batches']['succeeded']}"
-                  f"/{summary['mini_batches']['total']} mini-batches")
-            print(f"    predictions: {summary['output']}")
-            print(f"    summary:     {summary_path}")
+            print(f"  {deployment.name}: {summary['status']}, {summary['rows']} rows, "
+                  f"{summary['mini_batches']['succeeded']}/{summary['mini_batches']['total']} mini-batches, "
+                  f"{summary['items']['failed']} failed items")
+            print(f"    output:  {summary['output'] or '(summary_only: custom outputs in the run folder)'}")
+            print(f"    summary: {summary_path}")
+            print(f"    ledger:  {summary['ledger']}")
+            if summary["items"]["failed"]:
+                print(f"    errors:  {summary['errors']}")
         else:
             print(f"  {deployment.name}: no summary in {layout.root}")
     return 0 if state == "success" else 1

@@ -17,7 +17,8 @@ from airflow.sdk import DAG, TaskGroup
 from batchscore.errors import DeploymentSpecError, InvalidDeploymentFilesError, SpecIssue
 from batchscore.operators import MergeOperator, PlanOperator, ScoreMiniBatchOperator
 from batchscore.operators.score import RETRY_DELAY
-from batchscore.spec import EndpointSpec, key_line, load_endpoint
+from batchscore.spec import AssetSchedule, EndpointSpec, key_line, load_endpoint
+from batchscore.triggers import RUN_PARAMS, airflow_schedule, dag_params, output_asset, upstream_asset
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,16 @@ INVALID_DAG_ID = "batchscore_invalid_deployments"
 
 
 def build_dag(endpoint: EndpointSpec) -> DAG:
-    """The DAG of one endpoint: per deployment, a task group ``plan → score[mapped] → merge``."""
+    """The DAG of one endpoint: per deployment, a task group ``plan → score[mapped] → merge``.
+
+    Runs start on the YAML's schedule (cron, preset or assets), or by hand with the DAG's params
+    (the trigger form); each deployment's merge task updates its output asset (see
+    :mod:`batchscore.triggers`).
+    """
     with DAG(
         dag_id=endpoint.dag_id,
-        schedule=endpoint.schedule,
+        schedule=airflow_schedule(endpoint.schedule),
+        params=dag_params(endpoint),
         start_date=START_DATE,
         catchup=False,
         description=endpoint.description or f"Batch scoring endpoint {endpoint.endpoint_name}",
@@ -53,22 +60,38 @@ def build_dag(endpoint: EndpointSpec) -> DAG:
                     map_index_template="{{ task.mini_batch['label'] }}",
                     **common,
                 ).expand(mini_batch=plan.output)
-                merge = MergeOperator(task_id="merge", **common)
+                merge = MergeOperator(
+                    task_id="merge", outlets=[output_asset(endpoint.endpoint_name, deployment.name)], **common
+                )
                 score >> merge
     return dag
 
 
 def _doc(endpoint: EndpointSpec) -> str:
     lines = [f"# {endpoint.endpoint_name}", "", f"Built by batchscore from `{endpoint.source}`.", ""]
+    params = ", ".join(RUN_PARAMS)
+    lines += [f"Starts: {_starts(endpoint)}. Trigger parameters ({params}) left empty keep the YAML's values.", ""]
     for d in endpoint.deployments:
         lines += [
             f"## {d.name}",
             f"- image `{d.environment.image}`, script `{d.code_configuration.scoring_script}`",
             f"- input `{d.input.path}` (`{d.input.pattern}`), {d.settings.mini_batch_size} files per mini-batch",
             f"- output `{d.output.path}/<run id>/{d.settings.output_file_name}` and `summary.json`",
+            f"- a complete output updates the asset `{output_asset(endpoint.endpoint_name, d.name).name}`",
             "",
         ]
     return "\n".join(lines)
+
+
+def _starts(endpoint: EndpointSpec) -> str:
+    schedule = endpoint.schedule
+    if schedule is None:
+        return "by hand only"
+    if not isinstance(schedule, AssetSchedule):
+        return f"on the schedule `{schedule}`, and by hand"
+    names = ", ".join(f"`{upstream_asset(e).name}`" for e in schedule.assets)
+    which = "any one of" if schedule.when == "any" or len(schedule.assets) == 1 else "all of"
+    return f"when {which} these assets are updated: {names}; and by hand"
 
 
 class _InvalidDeployments(DAG):

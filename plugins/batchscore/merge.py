@@ -433,6 +433,7 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
         "deployment": deployment.name,
         "run_id": run_id,
         "status": "failed" if exceeded else ("succeeded_with_failures" if items or not_done else "succeeded"),
+        "run_folder": str(layout.root),
         "output": str(output) if output else None,
         "output_action": settings.output_action,
         "output_layout": settings.output_layout,

@@ -17,6 +17,7 @@ import difflib
 import json
 import types
 import typing
+import urllib.parse
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
@@ -25,15 +26,17 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PositiveInt,
     PrivateAttr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import SkipJsonSchema, models_json_schema
 
 from batchscore.errors import DeploymentSpecError, SpecIssue
 
@@ -169,13 +172,13 @@ class Settings(_Strict):
         description="append_row: what run() returns is written to output_file_name; "
         "summary_only: it is only counted (scripts that write their own files).",
     )
-    output_file_name: str = Field(
-        "predictions.csv", description="The job's output file; its suffix picks the format."
-    )
     output_layout: Literal["table", "azure"] = Field(
         "table",
         description="table: column names kept, in the format the file name says; "
         "azure: Azure's append_row text (no header, values separated by spaces).",
+    )
+    output_file_name: str = Field(
+        "predictions.csv", description="The job's output file; its suffix picks the format."
     )
     retry_settings: RetrySettings = RetrySettings()
     init_timeout: PositiveInt = Field(
@@ -187,20 +190,16 @@ class Settings(_Strict):
 
     @field_validator("output_file_name")
     @classmethod
-    def _output_name(cls, value: str) -> str:
+    def _output_name(cls, value: str, info: ValidationInfo) -> str:
         if "/" in value or "\\" in value or value.startswith(".") or not value.strip():
             raise ValueError(f"output_file_name must be a plain file name, got {value!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _output_format(self) -> Settings:
-        suffixes = AZURE_LAYOUT_SUFFIXES if self.output_layout == "azure" else OUTPUT_FORMATS
-        if not self.output_file_name.lower().endswith(suffixes):
+        layout = info.data.get("output_layout", "table")  # declared before output_file_name
+        suffixes = AZURE_LAYOUT_SUFFIXES if layout == "azure" else OUTPUT_FORMATS
+        if not value.lower().endswith(suffixes):
             raise ValueError(
-                f"output_file_name {self.output_file_name!r} must end with one of {', '.join(suffixes)} "
-                f"(output_layout {self.output_layout})"
+                f"output_file_name {value!r} must end with one of {', '.join(suffixes)} (output_layout {layout})"
             )
-        return self
+        return value
 
 
 def _gpus(value: Any) -> int | Literal["all"] | list[str]:
@@ -266,9 +265,13 @@ class DeploymentSpec(_Strict):
         return self
 
 
+# --------------------------------------------------------------------------- schedule
+# A DAG starts on a cron expression or preset, on updates of upstream Airflow assets, or only
+# by hand. batchscore.triggers turns a Schedule into Airflow's schedule argument.
 
-def _check_schedule(value: str | None) -> str | None:
-    if value is None or value in SCHEDULE_PRESETS:
+
+def _check_schedule(value: str) -> str:
+    if value in SCHEDULE_PRESETS:
         return value
     from croniter import croniter  # Airflow's own cron parser
 
@@ -280,7 +283,123 @@ def _check_schedule(value: str | None) -> str | None:
     return value
 
 
-Schedule = Annotated[str | None, AfterValidator(_check_schedule)]
+def _check_asset(entry: str | AssetSpec) -> None:
+    """Refuse what Airflow's ``Asset`` refuses, and URIs with credentials (Airflow would show them)."""
+    shown = _shown(entry)
+    for value in (entry,) if isinstance(entry, str) else (entry.name, entry.uri):
+        if value is not None and "://" in value:
+            try:
+                userinfo = "@" in (urllib.parse.urlsplit(value).netloc or "")
+            except ValueError as exc:
+                raise ValueError(f"asset {shown}: not a valid URI ({exc})") from None
+            if userinfo:
+                raise ValueError(
+                    f"asset {shown}: a URI must not hold a user name or password "
+                    "(Airflow shows asset names and URIs to every user)"
+                )
+    from batchscore.triggers import upstream_asset  # imports Airflow; only files that use assets pay
+
+    try:
+        upstream_asset(entry)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"asset {shown}: {exc}") from None
+
+
+def _check_asset_string(value: str) -> str:
+    _check_asset(value)
+    return value
+
+
+class AssetSpec(_Strict):
+    """An upstream asset by name and/or URI, spelt exactly as the producing DAG declares it."""
+
+    name: str | None = Field(None, description="The asset's name; defaults to its URI.")
+    uri: str | None = Field(None, description="The asset's URI; defaults to its name.")
+
+    @model_validator(mode="after")
+    def _valid(self) -> AssetSpec:
+        if self.name is None and self.uri is None:
+            raise ValueError("an asset needs a name, a uri, or both")
+        _check_asset(self)
+        return self
+
+
+def _string_or_mapping(value: Any) -> str:
+    return "mapping" if isinstance(value, (dict, BaseModel)) else "string"
+
+
+#: One upstream asset: ``"s3://bucket/path"`` (a URI), ``"iris-features"`` (a name), or a
+#: mapping ``{name: ..., uri: ...}``.
+AssetEntry = Annotated[
+    Annotated[str, AfterValidator(_check_asset_string), Tag("string")] | Annotated[AssetSpec, Tag("mapping")],
+    Discriminator(_string_or_mapping),
+]
+
+
+class AssetSchedule(_Strict):
+    """Start a run when upstream Airflow assets are updated (a producing task succeeded, or an event was posted)."""
+
+    assets: list[AssetEntry] = Field(
+        min_length=1,
+        description="Upstream assets: a URI ('s3://bucket/iris/'), a name ('iris-features'), "
+        "or {name: ..., uri: ...}, as the producer declares them.",
+    )
+    when: Literal["all", "any"] = Field(
+        "all",
+        description="all: a run starts once every asset has been updated since the last run "
+        "(Airflow's default); any: an update of any one of them starts a run.",
+    )
+
+    @field_validator("assets")
+    @classmethod
+    def _distinct(cls, assets: list[str | AssetSpec]) -> list[str | AssetSpec]:
+        from batchscore.triggers import upstream_asset
+
+        seen: dict[str, str | AssetSpec] = {}
+        for entry in assets:
+            asset = upstream_asset(entry)
+            for key in (f"the name {asset.name!r}", f"the URI {asset.uri!r}"):
+                if key not in seen:
+                    seen[key] = entry
+                elif seen[key] == entry:
+                    raise ValueError(f"asset {_shown(entry)} is listed twice")
+                else:
+                    raise ValueError(
+                        f"assets {_shown(seen[key])} and {_shown(entry)} are one asset to Airflow (both have {key})"
+                    )
+        return assets
+
+
+def _shown(entry: str | AssetSpec) -> str:
+    return repr(entry if isinstance(entry, str) else {k: v for k, v in entry.model_dump().items() if v is not None})
+
+
+def _schedule_kind(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        return "cron"
+    return "asset-schedule" if isinstance(value, (dict, AssetSchedule)) else "other"
+
+
+def _not_a_schedule(value: Any) -> None:
+    raise ValueError(
+        f"schedule must be a cron expression, a preset, or a mapping with 'assets', got {_short(value)}"
+    )
+
+
+#: ``None`` (manual runs only), a cron expression or preset, or an :class:`AssetSchedule`.
+Schedule = Annotated[
+    Annotated[None, Tag("none")]
+    | Annotated[str, AfterValidator(_check_schedule), Tag("cron")]
+    | Annotated[AssetSchedule, Tag("asset-schedule")]
+    | Annotated[SkipJsonSchema[Any], AfterValidator(_not_a_schedule), Tag("other")],
+    Discriminator(_schedule_kind),
+]
+SCHEDULE_DESCRIPTION = (
+    "A cron expression or preset, or {assets: [...]} to run when upstream Airflow assets are "
+    "updated; none for manual runs only."
+)
 
 
 class EndpointSpec(_Strict):
@@ -289,7 +408,7 @@ class EndpointSpec(_Strict):
     schema_: str | None = Field(None, alias="$schema")
     endpoint_name: Name = Field(description="The DAG id.")
     description: str | None = None
-    schedule: Schedule = Field(None, description="Cron expression or preset; none for manual runs only.")
+    schedule: Schedule = Field(None, description=SCHEDULE_DESCRIPTION)
     tags: dict[str, str] = Field(default_factory=dict)
     deployments: list[DeploymentSpec] = Field(min_length=1)
     _source: Path | None = PrivateAttr(None)
@@ -323,7 +442,7 @@ class DeploymentFile(DeploymentSpec):
     schema_: str | None = Field(None, alias="$schema")
     endpoint_name: Name = Field(description="The DAG id.")
     type: Literal["model"] = "model"
-    schedule: Schedule = None
+    schedule: Schedule = Field(None, description=SCHEDULE_DESCRIPTION)
 
     def to_endpoint(self, context: dict[str, Any]) -> EndpointSpec:
         own = {"schema_", "endpoint_name", "type", "schedule"}
@@ -452,6 +571,9 @@ def _allowed_keys(model: type[BaseModel], parent: tuple) -> list[str]:
         if tp is None:
             return []
     tp = _unwrap(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):  # a value of several shapes, e.g. schedule
+        models = [_unwrap(a) for a in typing.get_args(tp)]
+        tp = next((m for m in models if isinstance(m, type) and issubclass(m, BaseModel)), tp)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return sorted(f.alias or name for name, f in tp.model_fields.items())
     return []

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from batchscore.errors import BatchScoreError
 from batchscore.spec import DeploymentSpec
+from batchscore.triggers import OUTPUT_PATH, apply_run_params, deployment_names
 
 
 class DeploymentMixin:
@@ -28,5 +29,13 @@ class DeploymentMixin:
             ) from None
 
     def run_spec(self, context: Any) -> DeploymentSpec:
-        """The deployment as this DAG run sees it: the YAML's, with the run's parameters applied."""
-        return self.spec
+        """The deployment as this DAG run sees it: the YAML's, with the run's parameters applied.
+
+        Plan, score and merge of one run call this with the same ``params`` (the run's conf over
+        the DAG's defaults), so they agree; see :mod:`batchscore.triggers`.
+        """
+        params = context.get("params") or {}
+        # With several deployments, an output_path param is the parent of one folder per deployment.
+        dag = context.get("dag") or self.get_dag()
+        several = params.get(OUTPUT_PATH) is not None and dag is not None and len(deployment_names(dag)) > 1
+        return apply_run_params(self.spec, params, several_deployments=several)

@@ -1,0 +1,184 @@
+"""How the runs of an endpoint's DAG start: on a schedule, by hand through the trigger form, or on assets.
+
+* :func:`airflow_schedule` turns the YAML's ``schedule`` into Airflow's ``schedule`` argument: a
+  cron expression or preset as it is, ``{assets: [...]}`` into Airflow assets (all of them
+  updated, or any one of them with ``when: any``).
+* :func:`dag_params` are the DAG's params, which Airflow's UI shows as the trigger form:
+  ``input_path``, ``output_path`` and ``mini_batch_size``. Each defaults to null, meaning "as the
+  YAML says", so scheduled and asset-triggered runs behave exactly as the YAML says.
+* :func:`apply_run_params` gives the deployment a run works on: the YAML's, with the run's params
+  applied. Plan, score and merge of one run all call it (``DeploymentMixin.run_spec``), so they
+  agree; Airflow keeps a run's conf, so a cleared and rerun task sees the same params.
+* :func:`output_asset` is the asset a deployment's merge task updates when it succeeds, for
+  downstream DAGs to be scheduled on: ``batchscore/<endpoint>/<deployment>``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from airflow.sdk import Asset, AssetAny, Param, TaskGroup
+from pydantic import ValidationError
+
+from batchscore.errors import RunParamError
+from batchscore.spec import AssetSchedule, AssetSpec, DeploymentSpec, EndpointSpec
+
+INPUT_PATH = "input_path"
+OUTPUT_PATH = "output_path"
+MINI_BATCH_SIZE = "mini_batch_size"
+#: The run parameters, in the trigger form's order.
+RUN_PARAMS = (INPUT_PATH, OUTPUT_PATH, MINI_BATCH_SIZE)
+#: The name (and URI) of a deployment's output asset: ``batchscore/<endpoint>/<deployment>``.
+OUTPUT_ASSET_PREFIX = "batchscore"
+
+AirflowSchedule = str | list[Asset] | AssetAny | None
+
+# --------------------------------------------------------------------------- schedule
+
+
+def upstream_asset(entry: str | AssetSpec) -> Asset:
+    """The Airflow asset of one ``schedule.assets`` entry.
+
+    A string with ``://`` is a URI, any other string a name; Airflow gives an asset with only
+    one of them the other as well (the same string), so an entry matches a producer's
+    ``Asset("<that string>")``. A mapping gives both, for producers that declare both.
+    """
+    if isinstance(entry, str):
+        return Asset(uri=entry) if "://" in entry else Asset(name=entry)
+    return Asset(name=entry.name, uri=entry.uri)
+
+
+def airflow_schedule(schedule: str | AssetSchedule | None) -> AirflowSchedule:
+    """Airflow's ``schedule`` argument for the YAML's ``schedule``."""
+    if not isinstance(schedule, AssetSchedule):
+        return schedule
+    assets = [upstream_asset(entry) for entry in schedule.assets]
+    return AssetAny(*assets) if schedule.when == "any" else assets  # a list: all of them
+
+
+def output_asset(endpoint_name: str, deployment_name: str) -> Asset:
+    """The asset a deployment's merge task updates when a run's output is complete."""
+    return Asset(name=f"{OUTPUT_ASSET_PREFIX}/{endpoint_name}/{deployment_name}")
+
+
+# --------------------------------------------------------------------------- params
+
+
+def _yaml_values(endpoint: EndpointSpec, value: Any) -> str:
+    if len(endpoint.deployments) == 1:
+        return str(value(endpoint.deployments[0]))
+    return "; ".join(f"{d.name}: {value(d)}" for d in endpoint.deployments)
+
+
+def dag_params(endpoint: EndpointSpec) -> dict[str, Param]:
+    """The DAG's params: the trigger form's fields, each null ("as the YAML says") by default."""
+    several = len(endpoint.deployments) > 1
+    each = " It applies to every deployment." if several else ""
+    return {
+        INPUT_PATH: Param(
+            None,
+            type=["null", "string"],
+            minLength=1,
+            pattern="^/",
+            title="Input folder",
+            description=(
+                "Absolute path of a folder of input files, read with the YAML's input.pattern. "
+                f"Empty: the YAML's input.path ({_yaml_values(endpoint, lambda d: d.input.path)})." + each
+            ),
+        ),
+        OUTPUT_PATH: Param(
+            None,
+            type=["null", "string"],
+            minLength=1,
+            pattern="^/",
+            title="Output folder",
+            description=(
+                (
+                    "Absolute path; each deployment writes this run to "
+                    "<output folder>/<deployment name>/<run id>/. "
+                    if several
+                    else "Absolute path; this run writes to <output folder>/<run id>/. "
+                )
+                + f"Empty: the YAML's output.path ({_yaml_values(endpoint, lambda d: d.output.path)})."
+            ),
+        ),
+        MINI_BATCH_SIZE: Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Files per mini-batch",
+            description=(
+                "A whole number, 1 or more. Empty: the YAML's settings.mini_batch_size "
+                f"({_yaml_values(endpoint, lambda d: d.settings.mini_batch_size)})." + each
+            ),
+        ),
+    }
+
+
+def _absolute(name: str, value: Any) -> Path:
+    if not isinstance(value, str):
+        raise RunParamError(f"run parameter {name} must be a string (an absolute path), got {value!r}")
+    if not PurePosixPath(value).is_absolute():
+        raise RunParamError(f"run parameter {name} must be an absolute path, got {value!r}")
+    return Path(value).resolve()
+
+
+def _unknown(keys: list[str]) -> str:
+    parts = []
+    for key in keys:
+        match = difflib.get_close_matches(key, RUN_PARAMS, n=1, cutoff=0.8)
+        parts.append(f"{key!r}" + (f" (did you mean {match[0]!r}?)" if match else ""))
+    return (
+        f"unknown run parameter{'s' if len(keys) > 1 else ''} {', '.join(parts)}; "
+        f"batchscore's run parameters are {', '.join(RUN_PARAMS)}"
+    )
+
+
+def apply_run_params(
+    spec: DeploymentSpec, params: Mapping[str, Any], *, several_deployments: bool
+) -> DeploymentSpec:
+    """The deployment as a run with ``params`` sees it; ``spec`` itself when no param is set.
+
+    ``params`` is the run's ``context["params"]``: the DAG's params, with the run's conf applied
+    (Airflow has checked them against their JSON schema). Null means "as the YAML says". With
+    ``several_deployments``, ``output_path`` is the parent of one folder per deployment.
+    Raises :class:`RunParamError` naming the parameter and its value.
+    """
+    unknown = sorted(k for k in params if k not in RUN_PARAMS)
+    if unknown:
+        raise RunParamError(_unknown(unknown))
+    data = spec.model_dump(mode="json", by_alias=True)
+    changed = False
+    if (value := params.get(INPUT_PATH)) is not None:
+        folder = _absolute(INPUT_PATH, value)
+        if not folder.exists():
+            raise RunParamError(f"run parameter {INPUT_PATH}: folder {value!r} does not exist")
+        if not folder.is_dir():
+            raise RunParamError(f"run parameter {INPUT_PATH}: {value!r} is not a folder")
+        data["input"]["path"], changed = str(folder), True
+    if (value := params.get(OUTPUT_PATH)) is not None:
+        folder = _absolute(OUTPUT_PATH, value)
+        if several_deployments:
+            folder = folder / spec.name
+        if folder.exists() and not folder.is_dir():
+            raise RunParamError(f"run parameter {OUTPUT_PATH}: {str(folder)!r} exists and is not a folder")
+        data["output"]["path"], changed = str(folder), True
+    if (value := params.get(MINI_BATCH_SIZE)) is not None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RunParamError(f"run parameter {MINI_BATCH_SIZE} must be a whole number, 1 or more, got {value!r}")
+        data["settings"]["mini_batch_size"], changed = value, True
+    if not changed:
+        return spec
+    try:
+        return DeploymentSpec.model_validate(data)
+    except ValidationError as exc:  # an invariant of the YAML's schema that the params break
+        set_ = {k: params[k] for k in RUN_PARAMS if params.get(k) is not None}
+        raise RunParamError(f"run parameters {set_} do not fit deployment {spec.name!r}:\n{exc}") from None
+
+
+def deployment_names(dag: Any) -> list[str]:
+    """The deployments of a DAG built by :func:`batchscore.factory.build_dag`: its top-level task groups."""
+    return [label for label, node in dag.task_group.children.items() if isinstance(node, TaskGroup)]
