@@ -7,17 +7,20 @@ input order.
 
 The supervisor (the container's main process) never runs user code itself. It enforces the
 time limits by killing a worker (``SIGKILL``, which also stops code stuck in C), notices a
-worker that dies, and logs progress: how many of its files ``run()`` has opened so far, read
-from ``/proc/<pid>/fd`` without the script's help.
+worker that dies, and logs progress without the script's help: how many of its files
+``run()`` has opened so far (seen by an audit hook on Python's ``open`` in the worker, and in
+``/proc/<pid>/fd`` for files opened from C), and for a generator, the rows yielded so far.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -106,6 +109,52 @@ class MiniBatchFailed(Exception):
 # --------------------------------------------------------------------------- the worker side
 
 
+class _Progress:
+    """Reports a worker's progress to the supervisor: files opened, rows yielded (thread-safe)."""
+
+    ROWS_EVERY_SECONDS = 1.0
+
+    def __init__(self, conn: Connection, paths: list[str]):
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._index_of: dict[str, int] = {}
+        for i, p in enumerate(paths):
+            self._index_of.setdefault(p, i)
+            self._index_of.setdefault(os.path.realpath(p), i)
+        self.opened = 0
+        self.rows = 0
+        self._rows_sent_at = 0.0
+
+    def audit(self, event: str, args: tuple) -> None:
+        """``sys.addaudithook`` hook: note when run() opens one of its files (any thread)."""
+        if event != "open" or not args or not isinstance(args[0], str):
+            return
+        i = self._index_of.get(args[0])
+        if i is not None and i + 1 > self.opened:
+            self._send("opened", i + 1)
+
+    def count(self, items):
+        """Pass a generator's items through, counting rows (a DataFrame's rows, else 1 each)."""
+        for item in items:
+            self.rows += len(item) if hasattr(item, "columns") and hasattr(item, "__len__") else 1
+            now = time.monotonic()
+            if now - self._rows_sent_at >= self.ROWS_EVERY_SECONDS:
+                self._rows_sent_at = now
+                self._send("rows", self.rows)
+            yield item
+
+    def _send(self, kind: str, value: int) -> None:
+        with self._lock:
+            if kind == "opened":
+                if value <= self.opened:
+                    return
+                self.opened = value
+            try:
+                self._conn.send((kind, value))
+            except OSError:
+                pass  # the supervisor is gone or killing us; progress does not matter then
+
+
 def _worker_main(conn: Connection, task: WorkerTask) -> None:
     """Entry point of a worker process (spawned: a fresh interpreter, nothing inherited but env)."""
     # Imported here: the module is also the supervisor's, and the supervisor never loads the script.
@@ -132,8 +181,13 @@ def _worker_main(conn: Connection, task: WorkerTask) -> None:
         log.info("init() finished in %.2f s", init_seconds)
         conn.send(("ready", init_seconds))
 
+        progress = _Progress(conn, task.paths)
+        sys.addaudithook(progress.audit)  # stays for the process's life: the process scores just this
         t1 = time.monotonic()
-        table = azure.to_table(script.run(list(task.paths)))
+        result = script.run(list(task.paths))
+        if inspect.isgenerator(result):
+            result = list(progress.count(result))
+        table = azure.to_table(result)
         run_seconds = time.monotonic() - t1
         failed, item_errors = azure.count_failed_items(table, task.paths, task.rel_paths)
         if task.result_file is not None:
@@ -192,6 +246,7 @@ class _Worker:
     phase: str = "init"  # init -> run -> done
     run_started: float = 0.0
     opened: int = 0  # how many of its files run() has opened so far (highest index + 1)
+    rows: int | None = None  # rows a generator run() has yielded so far
     result: WorkerResult | None = None
     index_of: dict[str, int] = field(default_factory=dict)
 
@@ -255,7 +310,7 @@ def run_workers(
                 )
             )
         total_files = sum(len(t.paths) for t in tasks)
-        last_report, last_opened = time.monotonic(), -1
+        last_report, last_progress = time.monotonic(), None
         while any(w.phase != "done" for w in workers):
             pending = {w.conn: w for w in workers if w.phase != "done"}
             for conn in wait(list(pending), timeout=POLL_SECONDS):
@@ -272,16 +327,22 @@ def run_workers(
             running = [w for w in workers if w.phase == "run"]
             opened = sum(len(w.task.paths) if w.phase == "done" else w.opened for w in workers)
             since = now - last_report
+            rows = [w.result.rows if w.result else w.rows for w in workers]
+            progress = (opened, tuple(rows))
             if running and (
-                (opened != last_opened and since >= PROGRESS_EVERY_SECONDS) or since >= HEARTBEAT_EVERY_SECONDS
+                (progress != last_progress and since >= PROGRESS_EVERY_SECONDS) or since >= HEARTBEAT_EVERY_SECONDS
             ):
                 elapsed = now - min(w.run_started for w in running)
+                counted = [r for r in rows if r is not None]
+                rows_text = (
+                    f", {sum(counted)} rows so far ({sum(counted) / elapsed:.1f} rows/s)" if counted and elapsed > 0 else ""
+                )
                 report(
-                    f"{tasks[0].mini_batch}: {opened} of {total_files} files opened by run() so far, "
+                    f"{tasks[0].mini_batch}: {opened} of {total_files} files opened by run() so far{rows_text}, "
                     f"{sum(w.phase == 'done' for w in workers)} of {len(workers)} worker(s) done, "
                     f"{elapsed:.0f} s into run()"
                 )
-                last_report, last_opened = now, opened
+                last_report, last_progress = now, progress
         return [w.result for w in workers]  # type: ignore[misc]
     finally:
         for w in workers:
@@ -304,7 +365,11 @@ def _receive(w: _Worker) -> None:
                 message=f"{w.task.name} of {w.task.mini_batch} {how}{hint} during {_phase_name(w.phase)}",
             )
         ) from None
-    if kind == "ready":
+    if kind == "opened":
+        w.opened = max(w.opened, payload)
+    elif kind == "rows":
+        w.rows = payload
+    elif kind == "ready":
         w.phase, w.run_started = "run", time.monotonic()
     elif kind == "done":
         w.phase, w.result = "done", payload

@@ -140,21 +140,60 @@ def test_a_worker_that_dies_is_reported(job) -> None:
     )
 
 
+def progress_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "files opened by run()" in r.getMessage()]
+
+
 def test_progress_is_logged_while_run_reads_its_files(job, monkeypatch, caplog) -> None:
     monkeypatch.setattr(workers, "PROGRESS_EVERY_SECONDS", 0.2)
     script = """
         import time
+        import pandas as pd
         def run(mini_batch):
-            handles = []
+            rows = []
             for p in mini_batch:
-                handles.append(open(p))  # kept open, so the supervisor sees each file being read
-                time.sleep(0.6)
-            return mini_batch
+                rows.append(pd.read_csv(p))  # opened and closed at once: seen by the audit hook
+                time.sleep(0.5)
+            return pd.concat(rows)
         """
     with caplog.at_level("INFO", logger="batchscore"):
         code, _ = job(script)
     assert code == 0
-    progress = [r.getMessage() for r in caplog.records if "files opened by run()" in r.getMessage()]
-    assert progress and progress[0].startswith("mb-00002: ")
-    counts = [int(m.split(": ")[1].split(" of ")[0]) for m in progress]
-    assert counts == sorted(counts) and max(counts) >= 3
+    counts = [int(m.split(": ")[1].split(" of ")[0]) for m in progress_lines(caplog)]
+    assert progress_lines(caplog)[0].startswith("mb-00002: ")
+    assert counts == sorted(counts) and len(set(counts)) >= 3  # it moved while run() worked
+
+
+def test_files_opened_from_c_are_seen_in_proc(job, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(workers, "PROGRESS_EVERY_SECONDS", 0.2)
+    script = """
+        import os, time
+        def run(mini_batch):
+            fds = []
+            for p in mini_batch:
+                fds.append(os.open(p, os.O_RDONLY))  # kept open, as a C reader keeps its file
+                time.sleep(0.5)
+            return mini_batch
+        """
+    with caplog.at_level("INFO", logger="batchscore"):
+        code, _ = job(script)
+    counts = [int(m.split(": ")[1].split(" of ")[0]) for m in progress_lines(caplog)]
+    assert code == 0 and max(counts) >= 3
+
+
+def test_a_generators_rows_are_counted_while_it_runs(job, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(workers, "PROGRESS_EVERY_SECONDS", 0.2)
+    script = """
+        import time
+        import pandas as pd
+        def run(mini_batch):
+            for p in mini_batch:
+                time.sleep(0.6)
+                yield pd.DataFrame({"file": [p] * 3})
+        """
+    with caplog.at_level("INFO", logger="batchscore"):
+        code, out = job(script)
+    assert code == 0 and out.read_status().rows == 15
+    rows = [m for m in progress_lines(caplog) if "rows so far" in m]
+    assert rows, progress_lines(caplog)  # the worker reports its rows at most once a second
+    assert " rows/s)" in rows[-1]
