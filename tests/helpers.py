@@ -52,3 +52,16 @@ def deployment_file(
 
 def load(path: Path) -> EndpointSpec:
     return load_endpoint(path)
+
+
+def run_dag(yaml_path: Path, monkeypatch, run_conf: dict | None = None):
+    """Run the YAML's DAG with ``dag.test()``; return the DAG run and the endpoint.
+
+    ``dag.test()`` serializes the DAG through Airflow's parse of the DAGs folder, so the
+    repository's DAG file is pointed at the YAML's folder.
+    """
+    from batchscore.factory import build_dag
+
+    monkeypatch.setenv("BATCHSCORE_DEPLOYMENTS_DIR", str(yaml_path.parent))
+    endpoint = load(yaml_path)
+    return build_dag(endpoint).test(run_conf=run_conf), endpoint

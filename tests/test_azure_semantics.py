@@ -15,19 +15,11 @@ import pytest
 import yaml
 
 from batchscore.errors import ThresholdExceededError
-from batchscore.factory import build_dag
 from batchscore.merge import merge_run
 from batchscore_runtime.formats import run_key
-from tests.helpers import deployment_file, load, write
+from tests.helpers import deployment_file, run_dag, write
 
 pytestmark = pytest.mark.docker
-
-
-def run_dag(yaml_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Run the YAML's DAG with dag.test(), found through the repository's own DAG file."""
-    monkeypatch.setenv("BATCHSCORE_DEPLOYMENTS_DIR", str(yaml_path.parent))
-    endpoint = load(yaml_path)
-    return build_dag(endpoint).test(), endpoint
 
 
 def states(dag_run) -> dict[tuple[str, int], str]:

@@ -8,18 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from batchscore.factory import build_dag
 from batchscore_runtime.formats import run_key
-from tests.helpers import deployment_file, load, write
+from tests.helpers import deployment_file, run_dag, write
 
 pytestmark = pytest.mark.docker
-
-
-def run_dag(yaml_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Run the YAML's DAG with dag.test(), found through the repository's own DAG file."""
-    monkeypatch.setenv("BATCHSCORE_DEPLOYMENTS_DIR", str(yaml_path.parent))
-    endpoint = load(yaml_path)
-    return build_dag(endpoint).test(), endpoint.deployments[0]
 
 
 def test_example_scores_every_row_in_input_order(airflow_db, iris_example: Path, tmp_path: Path, monkeypatch) -> None:
@@ -31,7 +23,8 @@ def test_example_scores_every_row_in_input_order(airflow_db, iris_example: Path,
         settings={"mini_batch_size": 4},
     )
 
-    dag_run, deployment = run_dag(path, monkeypatch)
+    dag_run, endpoint = run_dag(path, monkeypatch)
+    deployment = endpoint.deployments[0]
 
     assert dag_run.state == "success"
     run_dir = deployment.output.path / run_key(dag_run.run_id)
@@ -80,7 +73,8 @@ def test_a_failing_mini_batch_within_azures_default_thresholds_is_recorded_not_f
         tmp_path / "deployments", model=iris_example / "model", code=code, inputs=iris_example / "data", settings={"mini_batch_size": 5}
     )
 
-    dag_run, deployment = run_dag(path, monkeypatch)
+    dag_run, endpoint = run_dag(path, monkeypatch)
+    deployment = endpoint.deployments[0]
 
     # Azure's defaults (error_threshold -1, ...) tolerate failures: the job succeeds, the mini-batch
     # shows failed in Airflow, and the summary, ledger and errors file say what failed.

@@ -30,7 +30,7 @@ from batchscore.triggers import (
     output_asset,
 )
 from batchscore_runtime.formats import run_key
-from tests.helpers import deployment_file, load, write
+from tests.helpers import deployment_file, load, run_dag, write
 
 REPO = Path(__file__).resolve().parent.parent
 LOADER = REPO / "dags" / "batchscore_deployments.py"
@@ -368,13 +368,6 @@ def test_a_bad_param_is_refused_naming_it_and_its_value(
 # --------------------------------------------------------------------------- real runs: dag.test()
 
 
-def run_dag(yaml_path: Path, monkeypatch: pytest.MonkeyPatch, run_conf: dict | None = None):
-    """Run the YAML's DAG with dag.test(), found through the repository's own DAG file."""
-    monkeypatch.setenv("BATCHSCORE_DEPLOYMENTS_DIR", str(yaml_path.parent))
-    endpoint = load(yaml_path)
-    return build_dag(endpoint).test(run_conf=run_conf), endpoint.deployments[0]
-
-
 def raised_in(output: str, module: str) -> list[str]:
     """The exceptions (last traceback lines) that dag.test() printed from ``module``'s execute()."""
     found, block = [], None
@@ -406,7 +399,8 @@ def test_a_run_with_params_scores_another_folder_into_another_output(
     )
     conf = {"input_path": str(iris_inputs), "output_path": str(tmp_path / "other-out"), "mini_batch_size": 2}
 
-    dag_run, yaml_deployment = run_dag(path, monkeypatch, run_conf=conf)
+    dag_run, endpoint = run_dag(path, monkeypatch, run_conf=conf)
+    yaml_deployment = endpoint.deployments[0]
 
     assert dag_run.state == "success"
     assert dag_run.conf == conf

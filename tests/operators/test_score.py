@@ -139,3 +139,33 @@ def test_the_runtime_gets_the_settings_the_try_and_the_leased_gpu_count(deployme
         "--gpus": "2",  # the runtime pins each worker to one of them
     }
     assert "--gpus" not in container_setup(d, "r", 0).command  # unknown count: no pinning
+
+
+@pytest.mark.docker
+def test_a_container_that_stops_answering_is_killed_and_its_attempt_recorded(
+    deployment, scoring_image: str, airflow_db, tmp_path: Path, monkeypatch
+) -> None:
+    # The runtime enforces init_timeout and timeout itself; this is the orchestrator's last
+    # resort for a container that does not end. The grace is shortened so it fires first.
+    import subprocess
+
+    from batchscore.operators import score
+
+    monkeypatch.setattr(score, "CONTAINER_GRACE_SECONDS", -3)  # backstop: 5 + 1 - 3 = 3 s
+    write(tmp_path / "code" / "score.py", "import time\ndef init():\n    time.sleep(60)\ndef run(mb):\n    return mb\n")
+    endpoint = deployment(settings={"init_timeout": 5, "retry_settings": {"max_retries": 0, "timeout": 1}})
+    op = planned_operator(endpoint, "run-hang")
+
+    with pytest.raises(ScoringError) as info:
+        op.execute({"run_id": "run-hang"})
+
+    assert str(info.value) == (
+        "mb-00000 failed: ContainerTimeout: the scoring container ran past 3 s (settings.init_timeout 5 + "
+        "retry_settings.timeout 1 + -3 s) without ending and was killed"
+    )
+    status = run_layout(endpoint.deployments[0], "run-hang").mini_batch_dir(0).read_status()
+    assert status.state == "failed" and status.error.type == "ContainerTimeout"  # the ledger shows the attempt
+    left = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", "label=batchscore.run_id=run-hang"], capture_output=True, text=True, check=True
+    ).stdout
+    assert left == ""  # killed and removed, not left running
