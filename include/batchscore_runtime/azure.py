@@ -246,7 +246,6 @@ def score_mini_batch(
         options.attempt,
     )
     outputs = out.new_outputs_dir()
-    os.environ["AZUREML_BI_OUTPUT_PATH"] = str(outputs)  # inherited by the spawned workers
     token = os.urandom(6).hex()
     tasks = [
         WorkerTask(
@@ -259,6 +258,7 @@ def score_mini_batch(
             result_file=(
                 str(out.path / f"result-{token}-part{k}.parquet") if options.output_action == "append_row" else None
             ),
+            outputs_dir=str(outputs),
             log_level=options.log_level,
             cuda_visible_devices=worker_gpus(k, len(parts), options.gpu_count),
         )

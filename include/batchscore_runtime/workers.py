@@ -77,6 +77,7 @@ class WorkerTask:
     paths: list[str]  # absolute paths inside the container, in input order
     rel_paths: list[str]  # the same files relative to the input folder
     result_file: str | None  # where to write what run() returned; None for summary_only
+    outputs_dir: str | None = None  # AZUREML_BI_OUTPUT_PATH: the attempt's custom-outputs folder
     log_level: str = "info"
     cuda_visible_devices: str | None = None
 
@@ -166,6 +167,8 @@ def _worker_main(conn: Connection, task: WorkerTask) -> None:
         format=f"%(asctime)s %(levelname)s %(name)s [{task.name}]: %(message)s",
         force=True,
     )
+    if task.outputs_dir is not None:
+        os.environ["AZUREML_BI_OUTPUT_PATH"] = task.outputs_dir  # before the script is imported
     if task.cuda_visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
         log.info("pinned to GPU %s (CUDA_VISIBLE_DEVICES)", task.cuda_visible_devices)
