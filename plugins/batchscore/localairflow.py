@@ -66,6 +66,11 @@ __all__ = ["LocalAirflow", "LocalAirflowError"]
 
 #: Components started by :meth:`LocalAirflow.start`, in start order.
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
+_COMMANDS = {
+    "api-server": ["api-server"],
+    "scheduler": ["scheduler", "--skip-serve-logs"],
+    "dag-processor": ["dag-processor"],
+}
 #: Dag run states after which the scheduler does nothing more with a run.
 TERMINAL_RUN_STATES = ("success", "failed")
 _POLL_S = 1.0
@@ -236,9 +241,8 @@ class LocalAirflow:
         self.migrate(timeout=timeout)
         started_at = self.started_at = datetime.now(UTC) - timedelta(seconds=1)
         try:
-            self.procs["api-server"] = self._spawn("api-server", ["api-server"])
-            self.procs["scheduler"] = self._spawn("scheduler", ["scheduler", "--skip-serve-logs"])
-            self.procs["dag-processor"] = self._spawn("dag-processor", ["dag-processor"])
+            for component in COMPONENTS:
+                self.procs[component] = self._spawn(component, _COMMANDS[component])
             health: dict[str, Any] = {}
             while True:
                 self._check_alive()
@@ -280,6 +284,35 @@ class LocalAirflow:
             if proc.poll() is None:
                 found |= _tree(proc.pid)
         return found
+
+    def stop_component(self, component: str, grace: float = 20) -> None:
+        """Stop one component and its children (SIGTERM, SIGKILL after ``grace`` s), e.g. to
+        test that a run survives the scheduler going away; :meth:`start_component` brings it back."""
+        proc = self.procs.pop(component)
+        if proc.poll() is None:
+            _terminate(_tree(proc.pid), grace, [proc])
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+    def start_component(self, component: str, timeout: float = 120) -> None:
+        """Start a component stopped by :meth:`stop_component` and wait until it is healthy."""
+        if component in self.procs:
+            raise LocalAirflowError(f"{component} is already running")
+        since = datetime.now(UTC) - timedelta(seconds=1)
+        self.procs[component] = self._spawn(component, _COMMANDS[component])
+        deadline = time.monotonic() + timeout
+        key = component.replace("-", "_")
+        while True:
+            self._check_alive()
+            try:
+                health = self.api("GET", "/api/v2/monitor/health", timeout=5)
+            except LocalAirflowError:
+                health = {}
+            if (component == "api-server" and health) or _is_fresh(health, key, since):
+                return
+            if time.monotonic() > deadline:
+                raise LocalAirflowError(self._failure(f"{component} not healthy after {timeout:.0f}s", component))
+            time.sleep(_POLL_S)
 
     def stop(self, grace: float = 20) -> None:
         """Stop all components and their children: SIGTERM, SIGKILL after ``grace`` s.
