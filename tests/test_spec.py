@@ -230,7 +230,7 @@ def test_every_problem_is_reported_in_line_order(folder: Path) -> None:
     ("text", "expected"),
     [
         ("name: x\n  bad: [\n", ":2: YAML syntax error: mapping values are not allowed here"),
-        ("", ": the file is empty"),
+        ("", ":1: the file is empty"),
         ("- a\n- b\n", ":1: the top level must be a mapping of keys, not a list"),
         ("endpoint_name: a\nendpoint_name: b\ndeployments: []\n", ":2: endpoint_name: key appears twice (first on line 1)"),
         ("endpoint_name: a\ndeployments: []\n", ":2: deployments: List should have at least 1 item after validation, not 0 (got [])"),
@@ -254,7 +254,7 @@ def test_two_deployments_may_not_share_a_name(folder: Path) -> None:
     text = "endpoint_name: e\ndeployments:\n" + one + "      output: {path: o1}\n" + one + "      output: {path: o2}\n"
     path = folder / "dup.yaml"
     path.write_text(text)
-    assert error_of(path) == f"{path}:2: deployments: deployments 'a' and 'a' have the same name: a"
+    assert error_of(path) == f"{path}:9: deployments[1].name: deployments 'a' and 'a' have the same name: a"
 
 
 def test_json_schema_in_the_repository_is_current() -> None:
@@ -267,3 +267,46 @@ def test_json_schema_in_the_repository_is_current() -> None:
 def test_models_forbid_unknown_keys_everywhere() -> None:
     assert EndpointSpec.model_config["extra"] == "forbid"
     assert DeploymentFile.model_config["extra"] == "forbid"
+
+
+def test_security_defaults_of_resources_and_settings(folder: Path) -> None:
+    (d,) = load_endpoint(write(folder / "churn.yaml", AZURE)).deployments
+    r = d.resources
+    assert (r.network, r.memory, r.pids_limit, r.shm_size) == (False, None, 4096, None)
+    assert d.settings.secret_environment == {}
+
+
+def test_security_keys_are_read(folder: Path) -> None:
+    text = (
+        AZURE
+        + "settings:\n  secret_environment:\n    API_TOKEN: {variable: scoring_token}\n"
+        + "    DB_PASSWORD: {connection: warehouse, field: password}\n"
+        + "resources:\n  network: true\n  memory: 4g\n  pids_limit: 512\n  shm_size: 512m\n"
+    )
+    (d,) = load_endpoint(write(folder / "churn.yaml", text)).deployments
+    assert (d.resources.network, d.resources.memory, d.resources.pids_limit, d.resources.shm_size) == (
+        True,
+        "4g",
+        512,
+        "512m",
+    )
+    secrets = d.settings.secret_environment
+    assert (secrets["API_TOKEN"].variable, secrets["DB_PASSWORD"].connection) == ("scoring_token", "warehouse")
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        (
+            "  memory: 4 GB\n",
+            "resources.memory: a size is a whole number with b, k, m or g, e.g. '512m' or '4g'; got '4 GB'",
+        ),
+        ("  memory: 1m\n", "resources.memory: a size must be at least 6m, got '1m'"),
+        ("  shm_size: 2x\n", "resources.shm_size: a size is a whole number with b, k, m or g, e.g. '512m' or '4g'; got '2x'"),
+        ("  pids_limit: -1\n", "resources.pids_limit: Input should be greater than or equal to 64 (got -1)"),
+        ("  network: bridge\n", "resources.network: Input should be a valid boolean, unable to interpret input (got 'bridge')"),
+    ],
+)
+def test_bad_security_resources_name_the_key(folder: Path, resources: str, expected: str) -> None:
+    path = write(folder / "churn.yaml", AZURE + "resources:\n" + resources)
+    assert error_of(path).split(": ", 1)[1] == expected

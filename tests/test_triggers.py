@@ -156,7 +156,7 @@ S = SCHEDULE_LINE
             "\n  assets: []",
             [f"{S + 1}: schedule.assets: List should have at least 1 item after validation, not 0 (got [])"],
         ),
-        ("\n  assets: iris", [f"{S + 1}: schedule.assets: Input should be a valid list (got 'iris')"]),
+        ("\n  assets: iris", [f"{S + 1}: schedule.assets: must be a list, got 'iris'"]),
         ("\n  assets: [a]\n  when: some", [f"{S + 2}: schedule.when: Input should be 'all' or 'any' (got 'some')"]),
         ("\n  assets:\n    - a\n    - 5", [f"{S + 3}: schedule.assets[1]: Input should be a valid string (got 5)"]),
         ("\n  assets:\n    - a\n    - a", [f"{S + 1}: schedule.assets: asset 'a' is listed twice"]),
@@ -179,7 +179,7 @@ S = SCHEDULE_LINE
         (
             "\n  assets: ['s3://user:secret@bucket/x']",
             [
-                f"{S + 1}: schedule.assets[0]: asset 's3://user:secret@bucket/x': a URI must not hold a user name "
+                f"{S + 1}: schedule.assets[0]: asset 's3://***@bucket/x': a URI must not hold a user name "
                 "or password (Airflow shows asset names and URIs to every user)"
             ],
         ),

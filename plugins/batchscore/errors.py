@@ -63,3 +63,11 @@ class InvalidDeploymentFilesError(BatchScoreError):
 
 class RunParamError(BatchScoreError):
     """A run's parameter (trigger form or ``conf``) cannot be applied; the message names it and its value."""
+
+
+class ContainerSecurityError(BatchScoreError):
+    """A scoring container would be set up unsafely (e.g. given the Docker socket, or run as root unasked)."""
+
+
+class SecretUnavailableError(BatchScoreError):
+    """A ``settings.secret_environment`` entry cannot be read from Airflow; the message never holds a value."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import re
 import types
 import typing
 import urllib.parse
@@ -24,6 +26,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -59,13 +62,54 @@ SCHEDULE_PRESETS = (
 # --------------------------------------------------------------------------- path types
 
 
+#: Environment variable: the folders (absolute, separated by os.pathsep, ``:`` on Linux) that
+#: every path of a deployment (model, code, input, output) must lie in once symbolic links and
+#: ``..`` are resolved. Unset or empty: no confinement. Read on every validation, so the DAG
+#: processor (YAML files) and the workers (run parameters) both check it where it is set.
+ALLOWED_ROOTS_ENV = "BATCHSCORE_ALLOWED_ROOTS"
+
+
+def allowed_roots() -> list[Path] | None:
+    """The folders of ``BATCHSCORE_ALLOWED_ROOTS``, resolved; ``None`` when it is unset (no confinement)."""
+    raw = os.environ.get(ALLOWED_ROOTS_ENV, "")
+    roots = []
+    for part in (p.strip() for p in raw.split(os.pathsep)):
+        if not part:
+            continue
+        if not Path(part).is_absolute():
+            raise ValueError(f"{ALLOWED_ROOTS_ENV} holds {part!r}, which is not an absolute path")
+        roots.append(Path(part).resolve())
+    return roots or None
+
+
+def _confine(given: Path, joined: Path, resolved: Path) -> None:
+    """Refuse a resolved path outside the allowed roots, saying whether ``..`` or a symlink led out."""
+    roots = allowed_roots()
+    if roots is None or any(resolved.is_relative_to(root) for root in roots):
+        return
+    lexical = Path(os.path.normpath(joined))
+    if any(lexical.is_relative_to(root) for root in roots):
+        how = "; a symbolic link on the way leads out of them"
+    elif ".." in given.parts:
+        how = "; its '..' leads out of them"
+    else:
+        how = ""
+    raise ValueError(
+        f"path {str(given)!r} resolves to {resolved}, outside the folders allowed by {ALLOWED_ROOTS_ENV} "
+        f"({', '.join(str(r) for r in roots)}){how}"
+    )
+
+
 def _resolve(value: Path, info: ValidationInfo) -> Path:
     base = (info.context or {}).get("base_dir")
+    given = value
     if not value.is_absolute():
         if base is None:
             raise ValueError(f"relative path {str(value)!r} needs a base folder")
         value = Path(base) / value
-    return Path(value).resolve()
+    resolved = Path(value).resolve()
+    _confine(given, Path(value), resolved)  # before any existence check: nothing is said of paths outside
+    return resolved
 
 
 def _must_exist(value: Path) -> Path:
@@ -147,6 +191,47 @@ class RetrySettings(_Strict):
     )
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Environment variables the orchestrator and runtime set in the scoring container.
+RESERVED_ENVIRONMENT = frozenset(
+    {"AZUREML_MODEL_DIR", "AZUREML_BI_OUTPUT_PATH", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "HOME"}
+)
+CONNECTION_FIELDS = ("password", "login", "host", "schema", "port", "uri")
+
+
+class SecretRef(_Strict):
+    """batchscore's own: where one secret environment variable's value comes from.
+
+    Either an Airflow variable (``variable``), or a field of an Airflow connection
+    (``connection`` and ``field``). Only the reference is in the YAML; the value is read from
+    Airflow (its metadata database or secrets backend) when the mini-batch starts.
+    """
+
+    variable: str | None = Field(None, min_length=1, description="Key of an Airflow variable.")
+    connection: str | None = Field(None, min_length=1, description="Id of an Airflow connection.")
+    field: str | None = Field(
+        None,
+        description="With connection: password (default), login, host, schema, port, uri, or extra.<key>.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        if (self.variable is None) == (self.connection is None):
+            raise ValueError("a secret needs either `variable` or `connection` (not both)")
+        if self.variable is not None and self.field is not None:
+            raise ValueError("`field` goes with `connection`, not with `variable`")
+        field = self.field
+        if field is not None and field not in CONNECTION_FIELDS and not (field.startswith("extra.") and field[6:]):
+            raise ValueError(f"field must be one of {', '.join(CONNECTION_FIELDS)} or extra.<key>, got {field!r}")
+        return self
+
+    def describe(self) -> str:
+        """Where the value comes from, for messages (never the value)."""
+        if self.variable is not None:
+            return f"Airflow variable {self.variable!r}"
+        return f"field {self.field or 'password'!r} of Airflow connection {self.connection!r}"
+
+
 class Settings(_Strict):
     """Batch settings, with Azure's names and defaults."""
 
@@ -186,7 +271,30 @@ class Settings(_Strict):
         description="Seconds a scoring container may take to start and run init() before it is killed.",
     )
     logging_level: Literal["debug", "info", "warning"] = "info"
-    environment_variables: dict[str, str] = Field(default_factory=dict)
+    environment_variables: dict[str, str] = Field(
+        default_factory=dict,
+        description="Plain environment variables of the scoring process. They are shown in Airflow's UI and "
+        "logs: put secrets in secret_environment.",
+    )
+    secret_environment: dict[str, SecretRef] = Field(
+        default_factory=dict,
+        description="batchscore's own: environment variables whose values are secrets kept in Airflow, "
+        "{NAME: {variable: <key>}} or {NAME: {connection: <conn id>, field: password}}. They are read when "
+        "the mini-batch starts, given to the container only, masked in the task log, never stored in the DAG.",
+    )
+
+    @field_validator("secret_environment")
+    @classmethod
+    def _secret_names(cls, value: dict[str, SecretRef], info: ValidationInfo) -> dict[str, SecretRef]:
+        plain = info.data.get("environment_variables") or {}
+        for name in value:
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"secret_environment: {name!r} is not an environment variable name")
+            if name in plain:
+                raise ValueError(f"{name!r} is in both environment_variables and secret_environment")
+            if name in RESERVED_ENVIRONMENT or name.startswith("BATCHSCORE_"):
+                raise ValueError(f"secret_environment: {name!r} is set by batchscore itself")
+        return value
 
     @field_validator("output_file_name")
     @classmethod
@@ -216,8 +324,38 @@ def _gpus(value: Any) -> int | Literal["all"] | list[str]:
     raise ValueError(f"gpus must be a count, 'all', or a non-empty list of device ids, got {value!r}")
 
 
+MEMORY_PATTERN = r"^[0-9]+[bkmgBKMG]?$"
+MEMORY_UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+MIN_MEMORY = 6 * 1024**2  # Docker refuses less
+SIZE_SCHEMA = [
+    {"type": "string", "pattern": MEMORY_PATTERN},
+    {"type": "integer", "minimum": MIN_MEMORY},
+    {"type": "null"},
+]
+
+
+def memory_bytes(value: str) -> int:
+    """Bytes of a size in Docker's syntax (``"4g"``, ``"512m"``, ``"1048576"``)."""
+    unit = value[-1].lower()
+    return int(value[:-1]) * MEMORY_UNITS[unit] if unit in MEMORY_UNITS else int(value)
+
+
+def _bytes_as_text(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _memory(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not re.fullmatch(MEMORY_PATTERN, value):
+        raise ValueError(f"a size is a whole number with b, k, m or g, e.g. '512m' or '4g'; got {value!r}")
+    if memory_bytes(value) < MIN_MEMORY:
+        raise ValueError(f"a size must be at least 6m, got {value!r}")
+    return value
+
+
 class Resources(_Strict):
-    """What one run may use."""
+    """What one run may use, and what its scoring containers may reach."""
 
     instance_count: PositiveInt = Field(1, description="Mini-batches of one run scored at the same time.")
     gpus: Annotated[Any, AfterValidator(_gpus)] = Field(
@@ -235,6 +373,29 @@ class Resources(_Strict):
         False,
         description="Let concurrent scoring containers (and worker processes) share GPUs; "
         "by default each gets GPUs of its own.",
+    )
+    network: bool = Field(
+        False,
+        description="batchscore's own: give the scoring container a network (Docker's default bridge). "
+        "By default it has none: no access to other hosts, the Docker host or the internet.",
+    )
+    memory: Annotated[str | None, BeforeValidator(_bytes_as_text), AfterValidator(_memory)] = Field(
+        None,
+        description="batchscore's own: memory limit of one scoring container, in Docker's syntax: a whole "
+        "number with b, k, m or g ('512m', '4g'), at least 6m; no swap beyond it. Default: no limit.",
+        json_schema_extra={"anyOf": SIZE_SCHEMA},
+    )
+    pids_limit: int = Field(
+        4096,
+        ge=64,
+        description="batchscore's own: processes and threads one scoring container may have at once "
+        "(fork bombs stop there); -1 is not accepted.",
+    )
+    shm_size: Annotated[str | None, BeforeValidator(_bytes_as_text), AfterValidator(_memory)] = Field(
+        None,
+        description="batchscore's own: size of /dev/shm in the container, Docker's syntax ('1g'); "
+        "default Docker's 64m. Raise it for data loaders that share memory between processes.",
+        json_schema_extra={"anyOf": SIZE_SCHEMA},
     )
 
 
@@ -371,7 +532,9 @@ class AssetSchedule(_Strict):
 
 
 def _shown(entry: str | AssetSpec) -> str:
-    return repr(entry if isinstance(entry, str) else {k: v for k, v in entry.model_dump().items() if v is not None})
+    """The entry for an error message, with any credentials in a URI masked (errors are public)."""
+    text = repr(entry if isinstance(entry, str) else {k: v for k, v in entry.model_dump().items() if v is not None})
+    return re.sub(r"(://)[^/@\s'\"]*@", r"\1***@", text)
 
 
 def _schedule_kind(value: Any) -> str:
@@ -463,39 +626,151 @@ def load_endpoint(path: Path | str) -> EndpointSpec:
     """Load and validate one YAML file; raises :class:`DeploymentSpecError` naming file, line and key."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise DeploymentSpecError(path, [SpecIssue(None, None, f"cannot read the file: {exc}")]) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, column = _line_column(raw, exc.start)
+        raise DeploymentSpecError(
+            path,
+            [
+                SpecIssue(
+                    line,
+                    None,
+                    f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {column} cannot be decoded "
+                    "(a binary file, or text in another encoding? save it as UTF-8)",
+                )
+            ],
+        ) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        raise DeploymentSpecError(path, [SpecIssue(line, None, f"YAML syntax error: {problem}")]) from exc
+        raise DeploymentSpecError(path, [_syntax_issue(exc)]) from exc
+    except yaml.reader.ReaderError as exc:  # a character YAML refuses, such as NUL: no mark, a position
+        line, column = _line_column(text, exc.position)
+        raise DeploymentSpecError(
+            path,
+            [
+                SpecIssue(
+                    line,
+                    None,
+                    f"character #x{exc.character:04x} at column {column} is not allowed in YAML (a binary file?)",
+                )
+            ],
+        ) from exc
     except yaml.YAMLError as exc:
-        raise DeploymentSpecError(path, [SpecIssue(None, None, f"YAML error: {exc}")]) from exc
-    if data is None:
-        raise DeploymentSpecError(path, [SpecIssue(None, None, "the file is empty")])
+        raise DeploymentSpecError(path, [SpecIssue(1, None, f"YAML error: {exc}")]) from exc
+    if node is None:
+        empty = "the file is empty" if not text.strip() else "the file holds no keys, only comments"
+        raise DeploymentSpecError(path, [SpecIssue(1, None, empty)])
     if not isinstance(data, dict):
         raise DeploymentSpecError(
             path,
-            [SpecIssue(1, None, f"the top level must be a mapping of keys, not a {type(data).__name__}")],
+            [
+                SpecIssue(
+                    node.start_mark.line + 1, None, f"the top level must be a mapping of keys, not {_kind(data)}"
+                )
+            ],
         )
     lines, duplicates = _line_map(node)
     if duplicates:
         raise DeploymentSpecError(path, duplicates)
 
-    model: type[BaseModel] = EndpointSpec if "deployments" in data else DeploymentFile
+    model = _layout(data)
     context = {"base_dir": path.parent.resolve()}
+    booleans = _booleans_for_numbers(model, data, lines)
     try:
         spec = model.model_validate(data, context=context)
     except ValidationError as exc:
-        raise DeploymentSpecError(path, _issues(exc, data, lines, model)) from None
+        named = {issue.key for issue in booleans}
+        issues = [i for i in _issues(exc, data, lines, model, context["base_dir"]) if i.key not in named]
+        raise DeploymentSpecError(path, sorted(issues + booleans, key=lambda i: i.line or 0)) from None
+    if booleans:
+        raise DeploymentSpecError(path, booleans)
     endpoint = spec.to_endpoint(context) if isinstance(spec, DeploymentFile) else spec
     endpoint._source = path
     return endpoint
+
+
+def _line_column(text: str | bytes, position: int) -> tuple[int, int]:
+    """The 1-based line and column of ``position`` in ``text``."""
+    newline = "\n" if isinstance(text, str) else b"\n"
+    start = text.rfind(newline, 0, position) + 1  # type: ignore[arg-type]
+    return text.count(newline, 0, position) + 1, position - start + 1  # type: ignore[arg-type]
+
+
+def _syntax_issue(exc: yaml.MarkedYAMLError) -> SpecIssue:
+    """A YAML syntax error on the line to fix: where an unclosed quote or bracket opens, else where it broke."""
+    problem, context = exc.problem or "", exc.context or ""
+    context_line = exc.context_mark.line + 1 if exc.context_mark else None
+    at_end = "end of stream" in problem or "<stream end>" in problem
+    mark = exc.context_mark if (at_end or exc.problem_mark is None) and exc.context_mark else exc.problem_mark
+    line = mark.line + 1 if mark else None
+    message = f"YAML syntax error: {problem or context}"
+    if context and problem:
+        message += f" ({context}{f' that starts on line {context_line}' if context_line not in (None, line) else ''})"
+    if "'\\t'" in problem:
+        message += "; indent with spaces, not tabs"
+    elif at_end and context_line is not None:
+        message += "; is a quote or bracket not closed?"
+    elif "expected <block end>" in problem:
+        message += "; check the indentation of this line"
+    return SpecIssue(line, None, message)
+
+
+def _kind(value: Any) -> str:
+    """What a YAML value is, in words: 'a list', 'a string', 'null'..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    names = {str: "a string", list: "a list", dict: "a mapping"}
+    return next((n for t, n in names.items() if isinstance(value, t)), f"a {type(value).__name__}")
+
+
+def _layout(data: dict) -> type[BaseModel]:
+    """The endpoint file (``deployments:``) or Azure's deployment file.
+
+    A file with none of a deployment's own keys is taken for an endpoint file, so that one
+    without ``deployments`` is told just that, not that ``name``, ``model``, ... are missing.
+    """
+    deployment_only = set(DeploymentFile.model_fields) - set(EndpointSpec.model_fields)
+    if "deployments" in data or not deployment_only & set(data):
+        return EndpointSpec
+    return DeploymentFile
+
+
+def _booleans_for_numbers(model: type[BaseModel], data: Any, lines: dict[tuple, int]) -> list[SpecIssue]:
+    """true/false (YAML also reads yes, no, on, off so) where a number belongs; pydantic takes them for 1 and 0."""
+    issues: list[SpecIssue] = []
+
+    def walk(tp: Any, value: Any, path: tuple) -> None:
+        tp = _unwrap(tp)
+        if isinstance(value, bool):
+            if tp in (int, float):
+                what = "a whole number" if tp is int else "a number"
+                issues.append(
+                    SpecIssue(
+                        lines.get(path),
+                        _dotted(path),
+                        f"must be {what}, got the boolean {json.dumps(value)} "
+                        "(YAML reads true, false, yes, no, on and off as booleans)",
+                    )
+                )
+            return
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in items:
+            child_type = _child_type(tp, key)
+            if child_type is not None:
+                walk(child_type, child, path + (key,))
+
+    walk(model, data, ())
+    return issues
 
 
 def key_line(path: Path, *key_paths: tuple) -> int | None:
@@ -605,7 +880,9 @@ def _child_type(tp: Any, part: Any) -> Any:
     return None
 
 
-def _issues(exc: ValidationError, data: dict, lines: dict[tuple, int], model: type[BaseModel]) -> list[SpecIssue]:
+def _issues(
+    exc: ValidationError, data: dict, lines: dict[tuple, int], model: type[BaseModel], base_dir: Path | None = None
+) -> list[SpecIssue]:
     issues: list[SpecIssue] = []
     seen: set[tuple] = set()
     for err in exc.errors():
@@ -613,6 +890,8 @@ def _issues(exc: ValidationError, data: dict, lines: dict[tuple, int], model: ty
         if path in seen:  # several union members failed for one value: report it once
             continue
         seen.add(path)
+        if err["type"] == "value_error":  # a check of a whole mapping or list: point at the key it is about
+            path = _culprit(path, data, lines, err["msg"].removeprefix("Value error, "), base_dir)
         line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
         if err["type"] == "extra_forbidden":
             message = f"unknown key {path[-1]!r}"
@@ -632,10 +911,47 @@ def _issues(exc: ValidationError, data: dict, lines: dict[tuple, int], model: ty
             )
         elif err["type"] == "value_error":  # our validators' messages already quote the value
             message = err["msg"].removeprefix("Value error, ")
+        elif err["type"] in ("model_type", "dict_type"):  # pydantic: "a valid dictionary or instance of ModelSpec"
+            message = f"must be a mapping of keys, got {_short(err.get('input'))}"
+        elif err["type"] == "list_type":
+            message = f"must be a list, got {_short(err.get('input'))}"
         else:
             message = f"{err['msg']} (got {_short(err.get('input'))})"
         issues.append(SpecIssue(line, _dotted(path) or None, message))
     return sorted(issues, key=lambda i: i.line or 0)
+
+
+def _culprit(path: tuple, data: Any, lines: dict[tuple, int], message: str, base_dir: Path | None) -> tuple:
+    """The key a whole-mapping or whole-list check is about, when it can be told; else ``path``.
+
+    A mapping's check that names a key first ("settings.max_concurrency_per_instance is 4 but
+    ...") points at that key; a list of deployments that repeats a name or an output folder
+    points at the repeat.
+    """
+    value = _value_at(data, path)
+    if isinstance(value, dict):
+        named = path + tuple(message.split(" ", 1)[0].split("."))
+        return named if named in lines else path
+    if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+        for key in (("name",), ("output", "path")):
+            seen: set[Any] = set()
+            for i, item in enumerate(value):
+                found = _value_at(item, key)
+                if isinstance(found, str) and key[0] == "output" and base_dir is not None:
+                    found = (base_dir / found).resolve()
+                if found is not None and found in seen and path + (i, *key) in lines:
+                    return path + (i, *key)
+                seen.add(found)
+    return path
+
+
+def _value_at(data: Any, path: tuple) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 def _short(value: Any) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -16,11 +15,12 @@ from docker.errors import APIError
 from docker.types import DeviceRequest, Mount
 
 import batchscore_runtime.formats
-from batchscore.errors import ScoringError
+from batchscore import security
+from batchscore.errors import ScoringError, SecretUnavailableError
 from batchscore.gpus import lease_gpus
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import run_layout
-from batchscore.spec import DeploymentSpec
+from batchscore.spec import DeploymentSpec, memory_bytes
 from batchscore_runtime.formats import ContainerPaths, ErrorInfo, MiniBatchDir, MiniBatchStatus, mini_batch_id, now_iso
 
 #: Pause before a failed mini-batch is retried (Azure retries at once; a short pause lets a
@@ -67,8 +67,10 @@ def container_setup(
 ) -> ContainerSetup:
     """Mounts, environment and command of the container that scores mini-batch ``index``.
 
-    Everything is mounted read-only except the mini-batch's own result folder.
-    ``gpu_count`` is how many GPUs the container sees, for pinning worker processes.
+    Everything is mounted read-only except the mini-batch's own result folder, and no mount
+    can give the container the Docker socket. ``gpu_count`` is how many GPUs the container
+    sees, for pinning worker processes. Secrets (``settings.secret_environment``) are not here:
+    they are read from Airflow in ``execute`` and never leave the operator's private environment.
     """
     layout = run_layout(spec, run_id)
     out = layout.mini_batch_dir(index)
@@ -83,6 +85,7 @@ def container_setup(
         Mount(target=ContainerPaths.MINI_BATCH, source=str(layout.mini_batch_file(index)), type="bind", read_only=True),
         Mount(target=ContainerPaths.OUTPUT, source=str(out.path), type="bind", read_only=False),
     ]
+    security.check_mounts(mounts)
     environment = {
         **settings.environment_variables,
         "AZUREML_MODEL_DIR": ContainerPaths.MODEL,
@@ -126,9 +129,11 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
     """Run the deployment's scoring container on one mini-batch and check its committed result.
 
     Mapped over the plan's output (``mini_batch``: a reference with ``index`` and ``label``).
-    The container runs as the Airflow worker's user, is removed when it ends, and its output
-    streams into this task's log. The mini-batch's previous status is withdrawn before the
-    container starts, so a crash can never leave an old result looking current; a container
+    The container is locked down (see :mod:`batchscore.security`): no network unless
+    ``resources.network``, never root unless configured, no capabilities, no new privileges, a
+    read-only root file system, a process limit and ``resources.memory``. It is removed when it
+    ends, and its output streams into this task's log, secrets redacted. The mini-batch's
+    previous status is withdrawn before the container starts, so a crash can never leave an old result looking current; a container
     that ends without committing one (killed, out of memory, past its time) gets a failed
     status written for it, so the ledger shows every attempt's fate.
     """
@@ -149,13 +154,20 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         self.deployment = deployment
         self.mini_batch = mini_batch
         spec = self.spec
+        resources = spec.resources
         kwargs.setdefault("image", spec.environment.image)
-        kwargs.setdefault("user", f"{os.getuid()}:{os.getgid()}")
+        # The user is chosen in execute(), on the worker that runs the container (see security.container_user).
+        kwargs.setdefault("user", None)
+        memory = memory_bytes(resources.memory) if resources.memory else None
         super().__init__(
             auto_remove="force",
             mount_tmp_dir=False,
             do_xcom_push=False,
-            device_requests=device_requests(spec.resources.gpus),
+            device_requests=device_requests(resources.gpus),
+            network_mode=None if resources.network else "none",  # None: Docker's default bridge
+            mem_limit=memory,
+            shm_size=memory_bytes(resources.shm_size) if resources.shm_size else None,
+            privileged=False,
             **kwargs,
         )
 
@@ -193,8 +205,11 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
                 f"{mb_id}: its file list {setup.mini_batch_file} is missing; the plan of run {run_id!r} "
                 "was removed or never finished (clear the plan task of this run as well)"
             )
+        self.user = self.user or security.container_user()
         result_dir.path.mkdir(parents=True, exist_ok=True)
         result_dir.retract()
+        security.make_writable_for(result_dir.path, self.user)
+        setup.mini_batch_file.chmod(0o644)  # written 0600 by the plan; the container's user reads it
         self.mounts = setup.mounts
         self.environment = setup.environment
         self.command = setup.command
@@ -215,6 +230,13 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         )
         started = now_iso()
         backstop = backstop_seconds(spec)
+        # Read from Airflow now, on the worker; only DockerOperator's private environment holds them
+        # (neither rendered, serialized nor logged), and only while the container runs.
+        try:
+            self._private_environment = security.resolve_secrets(spec.settings.secret_environment)
+        except SecretUnavailableError as exc:
+            raise self._failed(result_dir, spec, "SecretUnavailable", str(exc), attempt, started) from None
+        self._secret_values = tuple(self._private_environment.values())
         try:
             with timeout(backstop, error_message=f"{mb_id}: scoring container past {backstop:g} s"):
                 super().execute(context)
@@ -241,7 +263,7 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         except DockerContainerFailedException as exc:
             status = result_dir.read_status()
             if status is not None and status.error is not None:
-                raise ScoringError(f"{mb_id} failed: {status.error.one_line()}") from None
+                raise ScoringError(f"{mb_id} failed: {self._redact(status.error.one_line())}") from None
             raise self._failed(
                 result_dir,
                 spec,
@@ -250,10 +272,46 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
                 attempt,
                 started,
             ) from None
+        finally:
+            self._private_environment, self._secret_values = {}, ()
         status = result_dir.read_status()
         if status is None or not status.succeeded:
             raise ScoringError(f"{mb_id}: the container exited 0 but committed no result in {result_dir.path}")
         return status
+
+    _secret_values: tuple[str, ...] = ()
+
+    @property
+    def log(self) -> Any:
+        """The task's logger; while a container with secrets runs, one that redacts them (its output streams here)."""
+        log = super().log
+        return security.RedactingLogger(log, self._secret_values) if self._secret_values else log
+
+    def _redact(self, text: str) -> str:
+        return security.redact(text, self._secret_values)
+
+    def _run_image_with_mounts(self, target_mounts: Any, add_tmp_variable: bool) -> Any:
+        """DockerOperator's container start, with batchscore's hardening added to the host config.
+
+        DockerOperator 4.6 builds the host config inside this method and has no parameters for
+        ``cap_drop``, ``security_opt``, ``pids_limit``, ``read_only``, ``tmpfs`` or
+        ``memswap_limit``. Rather than copy its ~70 lines (and drift from the provider), the
+        client's ``create_host_config`` is wrapped for this one call: the wrapper adds those
+        options, forces ``privileged`` off and checks the mounts once more.
+        """
+        cli = self.cli  # DockerHook.api_client is cached: the wrapper is what the method calls
+        original = cli.create_host_config
+        extra = security.host_config_options(self.spec.resources)
+
+        def create_host_config(*args: Any, **kwargs: Any) -> Any:
+            security.check_mounts(kwargs.get("mounts") or [])
+            return original(*args, **{**kwargs, **extra})
+
+        cli.create_host_config = create_host_config
+        try:
+            return super()._run_image_with_mounts(target_mounts, add_tmp_variable)
+        finally:
+            del cli.create_host_config  # the instance attribute; the class's method shows again
 
     def _failed(
         self, result_dir: MiniBatchDir, spec: DeploymentSpec, kind: str, message: str, attempt: int, started: str
