@@ -240,11 +240,19 @@ def test_results_whose_column_types_clash_name_the_mini_batches(make_run) -> Non
     commit(d, 1, pa.table({"score": ["high", "low"]}))
     with pytest.raises(MergeError) as info:
         merge_run("ep", d, RUN)
+    root = run_layout(d, RUN).root
     assert str(info.value) == (
         "the mini-batches' results cannot be put into one output: column 'score' is int64 in mb-00000 but "
         "string in mb-00001. Make run() return the same column types for every mini-batch (e.g. cast with "
-        "DataFrame.astype)"
+        f"DataFrame.astype). The mini-batches' results are kept in {root / '_batchscore' / 'results'}; "
+        f"summary.json, processed_mini-batches.csv and errors.csv are in {root}."
     )
+    # The records are written all the same; no output that could be taken for this merge's.
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["output"] is None
+    assert summary["error"].startswith("the mini-batches' results cannot be put into one output: column 'score'")
+    assert (root / "processed_mini-batches.csv").is_file() and (root / "errors.csv").is_file()
+    assert not (root / "predictions.csv").exists()
 
 
 def test_merge_without_a_plan_says_so(make_run) -> None:
@@ -256,3 +264,41 @@ def test_merge_without_a_plan_says_so(make_run) -> None:
         f"run directory {root} has no plan ({root / '_batchscore' / 'plan.json'}); the plan task of run "
         "'another-run' did not finish, so there is nothing to merge"
     )
+
+
+def test_dicts_and_lists_become_json_text_in_a_csv_output(make_run) -> None:
+    d = make_run()
+    commit(d, 0, pa.table({"file": ["f0.csv", "f1.csv"], "detail": [{"rank": 1}, {"rank": 2}], "tags": [[1], [2, 3]]}))
+    commit(d, 1, pa.table({"file": ["f2.csv", "f3.csv"]}))
+    merge_run("ep", d, RUN)
+    out = pd.read_csv(run_layout(d, RUN).root / "predictions.csv", keep_default_na=False)
+    assert out.to_dict("list") == {
+        "file": ["f0.csv", "f1.csv", "f2.csv", "f3.csv"],
+        "detail": ['{"rank": 1}', '{"rank": 2}', "", ""],
+        "tags": ["[1]", "[2, 3]", "", ""],
+    }
+
+
+def test_a_mini_batch_without_rows_adds_no_columns(make_run) -> None:
+    d = make_run()
+    commit(d, 0, pa.table({"file": ["f0.csv", "f1.csv"]}))
+    commit(d, 1, pa.table({"result": pa.array([], pa.null())}))  # run() returned an empty list
+    merge_run("ep", d, RUN)
+    assert list(pd.read_csv(run_layout(d, RUN).root / "predictions.csv").columns) == ["file"]
+
+
+def test_errors_file_says_which_file_a_failed_mini_batch_raised_on(make_run) -> None:
+    d = make_run()
+    commit(d, 0, pa.table({"file": ["f0.csv", "f1.csv"]}))
+    mb_dir = run_layout(d, RUN).mini_batch_dir(1)
+    mb_dir.path.mkdir(parents=True, exist_ok=True)
+    mb_dir.commit(
+        MiniBatchStatus(index=1, state="failed", files=2, error=ErrorInfo("ParserError", "Expected 2 fields", file="f3.csv"))
+    )
+    summary = merge_run("ep", d, RUN)
+    errors = pd.read_csv(run_layout(d, RUN).root / "errors.csv")
+    assert errors.values.tolist() == [
+        ["mb-00001", "f2.csv", "ParserError", "Expected 2 fields (raised on f3.csv; failed with its mini-batch)"],
+        ["mb-00001", "f3.csv", "ParserError", "Expected 2 fields"],
+    ]
+    assert summary["failures"][0]["error"] == "ParserError: Expected 2 fields (file f3.csv)"

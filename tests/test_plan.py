@@ -110,3 +110,17 @@ def test_outputs_inside_the_input_folder_are_never_planned(tmp_path: Path, make_
     d = make_deployment(inputs, pattern="**/*.csv", output=inputs / "out")
     write(inputs / "out" / "old-run" / "predictions.csv", "x\n")
     assert [f.path for f in list_input_files(d)] == ["a.csv"]
+
+
+def test_an_output_path_that_is_a_file_fails_the_plan_naming_output_path(tmp_path: Path, make_deployment) -> None:
+    write(tmp_path / "in" / "f.csv", "x\n")
+    not_a_folder = write(tmp_path / "taken", "a file\n")
+    d = make_deployment(tmp_path / "in", output=not_a_folder)
+    with pytest.raises(PlanError) as info:
+        plan_run("ep", d, "manual__1")
+    assert str(info.value) == (
+        f"cannot write the run folder {not_a_folder / 'manual__1'} of deployment 'test-deployment' (key output.path "
+        f"{not_a_folder}): Not a directory: {not_a_folder / 'manual__1' / '_batchscore' / 'plan.json'}; "
+        "output.path must be a folder this Airflow worker can write"
+    )
+    assert not_a_folder.read_text() == "a file\n"

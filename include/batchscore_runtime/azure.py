@@ -176,6 +176,8 @@ def count_failed_items(table, paths: list[str], rel_paths: list[str]) -> tuple[i
     failed = max(0, len(paths) - table.num_rows)
     if not failed:
         return 0, []
+    if table.num_rows == 0:  # nothing returned: every file failed, and which ones is known
+        return failed, [ItemError(rel, "NoResult", "run() returned no results for this mini-batch") for rel in rel_paths]
     keys: dict[str, int] = {}
     for i, (p, rel) in enumerate(zip(paths, rel_paths)):
         for key in (p, rel, os.path.basename(p)):
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             error = ErrorInfo(
                 type=type(exc).__name__,
-                message=str(exc),
+                message=str(exc).strip(),
                 traceback=traceback.format_exc(),
                 file=getattr(exc, "file", None),
             )

@@ -123,6 +123,7 @@ class _Progress:
             self._index_of.setdefault(p, i)
             self._index_of.setdefault(os.path.realpath(p), i)
         self.opened = 0
+        self.last_opened: int | None = None  # index of the file run() opened most recently
         self.rows = 0
         self._rows_sent_at = 0.0
 
@@ -131,8 +132,10 @@ class _Progress:
         if event != "open" or not args or not isinstance(args[0], str):
             return
         i = self._index_of.get(args[0])
-        if i is not None and i + 1 > self.opened:
-            self._send("opened", i + 1)
+        if i is not None:
+            self.last_opened = i
+            if i + 1 > self.opened:
+                self._send("opened", i + 1)
 
     def count(self, items):
         """Pass a generator's items through, counting rows (a DataFrame's rows, else 1 each)."""
@@ -172,6 +175,7 @@ def _worker_main(conn: Connection, task: WorkerTask) -> None:
     if task.cuda_visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
         log.info("pinned to GPU %s (CUDA_VISIBLE_DEVICES)", task.cuda_visible_devices)
+    progress: _Progress | None = None
     try:
         t0 = time.monotonic()
         script = azure.load_scoring_script(Path(task.script))
@@ -182,6 +186,11 @@ def _worker_main(conn: Connection, task: WorkerTask) -> None:
             log.warning("scoring script %s defines no init(); continuing without it", Path(task.script).name)
         init_seconds = time.monotonic() - t0
         log.info("init() finished in %.2f s", init_seconds)
+        # What turns run()'s return into a result file, loaded now (within init_timeout): the time
+        # limit of run() is then run()'s and the result's alone, not a first import of pyarrow.
+        import pandas  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+
         conn.send(("ready", init_seconds))
 
         progress = _Progress(conn, task.paths)
@@ -226,15 +235,46 @@ def _worker_main(conn: Connection, task: WorkerTask) -> None:
                 "error",
                 ErrorInfo(
                     type=type(exc).__name__,
-                    message=str(exc),
+                    message=str(exc).strip(),
                     traceback=traceback.format_exc(),
-                    file=getattr(exc, "file", None),
+                    file=getattr(exc, "file", None) or (_file_of(exc, task, progress) if progress else None),
                 ),
             )
         )
     finally:
         sys.stdout.flush()
         conn.close()
+
+
+def _file_of(exc: BaseException, task: WorkerTask, progress: _Progress) -> str | None:
+    """The input file ``run()`` was working on when it raised ``exc``, relative to the input folder.
+
+    First a variable of the frames the exception passed through (innermost first) that holds
+    one of the worker's files, e.g. the script's ``file_path`` or pandas' ``filepath_or_buffer``;
+    this also finds files opened from C (pyarrow). Otherwise the file run() opened last (the
+    audit hook). None when neither points at one of the files.
+    """
+    index_of = {}
+    for i, p in enumerate(task.paths):
+        index_of.setdefault(p, i)
+        index_of.setdefault(os.path.realpath(p), i)
+    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    for frame in reversed(frames[1:]):  # frames[0] is _worker_main itself
+        try:
+            values = list(frame.f_locals.values())
+        except Exception:  # noqa: BLE001 - a frame's locals are a best effort
+            continue
+        for value in values:
+            if isinstance(value, (str, os.PathLike)):
+                try:
+                    i = index_of.get(os.fspath(value))
+                except TypeError:
+                    continue
+                if i is not None:
+                    return task.rel_paths[i]
+    if progress.last_opened is not None:
+        return task.rel_paths[progress.last_opened]
+    return None
 
 
 # --------------------------------------------------------------------------- the supervisor side

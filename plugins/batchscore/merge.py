@@ -122,15 +122,24 @@ def failed_items(layout: RunLayout, outcomes: Iterable[Outcome]) -> list[FailedI
             unnamed = o.status.failed_items - len(named)  # the status's count is the one that counts
             items += named + [FailedItem(o.id, "", "NoResult", "run() returned fewer results than files")] * unnamed
             continue
+        culprit = None
         if o.state == FAILED and o.status and o.status.error:
-            error_type, message = o.status.error.type, o.status.error.message
+            error_type, message, culprit = o.status.error.type, o.status.error.message, o.status.error.file
         else:
             error_type, message = "NoResult", o.reason
         try:
             files = [f.path for f in layout.read_mini_batch(o.entry.index).files]
         except (OSError, ValueError):
             files = [""] * o.entry.files
-        items += [FailedItem(o.id, f, error_type, message) for f in files]
+        if culprit and culprit in files:  # say which file it was raised on, on the other files' lines
+            items += [
+                FailedItem(
+                    o.id, f, error_type, message if f == culprit else f"{message} (raised on {culprit}; failed with its mini-batch)"
+                )
+                for f in files
+            ]
+        else:
+            items += [FailedItem(o.id, f, error_type, message) for f in files]
     return items
 
 
@@ -185,13 +194,37 @@ def check_thresholds(settings: Settings, failed_items: int, failed_mini_batches:
 # --------------------------------------------------------------------------- output
 
 
+def _is_nested(t: pa.DataType) -> bool:
+    return pa.types.is_nested(t) or pa.types.is_dictionary(t) and pa.types.is_nested(t.value_type)
+
+
+def _as_json_text(column: pa.Array) -> pa.Array:
+    return pa.array(
+        [None if v is None else json.dumps(v, default=str, ensure_ascii=False) for v in column.to_pylist()],
+        type=pa.string(),
+    )
+
+
+def _text_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with nested columns (dicts, lists: structs, lists, maps) as text, for CSV, which cannot hold them."""
+    return pa.schema(
+        [pa.field(f.name, pa.string()) if _is_nested(f.type) else f for f in schema], metadata=schema.metadata
+    )
+
+
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
-    """Reorder, cast and null-fill ``batch``'s columns to ``schema`` (parts may differ in columns)."""
+    """Reorder, cast and null-fill ``batch``'s columns to ``schema`` (parts may differ in columns).
+
+    A nested column (what run() returned as dicts or lists) becomes JSON text where ``schema``
+    has text for it.
+    """
     columns = []
     for field in schema:
         i = batch.schema.get_field_index(field.name)
         if i < 0:
             columns.append(pa.nulls(batch.num_rows, type=field.type))
+        elif _is_nested(batch.schema.field(i).type) and not _is_nested(field.type):
+            columns.append(_as_json_text(batch.column(i)).cast(field.type))
         else:
             columns.append(batch.column(i).cast(field.type))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
@@ -275,8 +308,11 @@ def write_output(path: Path, parts: Iterable[Path], layout: str = "table") -> in
     "azure" writes Azure's append_row text.
     """
     parts = list(parts)
-    schema = _unified_schema(parts)
+    # A part without rows (a run() that returned nothing) adds no columns: its schema is a guess.
+    schema = _unified_schema([p for p in parts if pq.read_metadata(p).num_rows] or parts)
     suffix = path.suffix.lower()
+    if layout == "table" and suffix == ".csv":
+        schema = _text_schema(schema)
     rows = 0
     with atomic_path(path) as tmp:
         if layout == "table" and suffix == ".csv" and len(schema) == 0:
@@ -409,11 +445,15 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
     not_done = [o for o in outcomes if o.state != SUCCEEDED]
 
     output: Path | None = None
+    output_error: MergeError | None = None
+    output_rows = 0
     if settings.output_action == "append_row":
         output = layout.root / settings.output_file_name
-        output_rows = write_output(output, [o.result for o in done if o.result], settings.output_layout)
-    else:
-        output_rows = 0
+        try:
+            output_rows = write_output(output, [o.result for o in done if o.result], settings.output_layout)
+        except MergeError as exc:  # the records below are still written, then this is raised
+            output_error = exc
+            output.unlink(missing_ok=True)  # an output of an earlier merge would look current
     items = failed_items(layout, outcomes)
     write_ledger(layout.ledger_file, outcomes)
     _write_csv(layout.errors_file, ERRORS_COLUMNS, ([i.mini_batch, i.file, i.error_type, i.message] for i in items))
@@ -432,9 +472,12 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
         "endpoint": endpoint_name,
         "deployment": deployment.name,
         "run_id": run_id,
-        "status": "failed" if exceeded else ("succeeded_with_failures" if items or not_done else "succeeded"),
+        "status": "failed"
+        if exceeded or output_error
+        else ("succeeded_with_failures" if items or not_done else "succeeded"),
         "run_folder": str(layout.root),
-        "output": str(output) if output else None,
+        "output": str(output) if output and not output_error else None,
+        "error": str(output_error) if output_error else None,
         "output_action": settings.output_action,
         "output_layout": settings.output_layout,
         "ledger": str(layout.ledger_file),
@@ -474,7 +517,9 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
         len(done),
         len(outcomes),
         summary["rows"],
-        f" into {output}" if output else " (summary_only: counted, not written)",
+        (f" not written, the output cannot be made ({output_error})" if output_error else f" into {output}")
+        if output
+        else " (summary_only: counted, not written)",
         len(items),
         plan.files,
         layout.summary_file,
@@ -486,6 +531,11 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
             "%d mini-batch(es) have no result: %s",
             len(not_done),
             "; ".join(f"{o.id} ({o.state}: {o.reason})" for o in not_done[:10]) + (" ..." if len(not_done) > 10 else ""),
+        )
+    if output_error:
+        raise MergeError(
+            f"{output_error}. The mini-batches' results are kept in {layout.work / 'results'}; "
+            f"{layout.summary_file.name}, {layout.ledger_file.name} and {layout.errors_file.name} are in {layout.root}."
         )
     if exceeded:
         raise ThresholdExceededError(

@@ -81,12 +81,24 @@ def mini_batch_refs(plan: Plan) -> list[dict[str, Any]]:
     ]
 
 
+def _unwritable(deployment: DeploymentSpec, layout: RunLayout, exc: OSError) -> PlanError:
+    return PlanError(
+        f"cannot write the run folder {layout.root} of deployment {deployment.name!r} (key output.path "
+        f"{deployment.output.path}): {exc.strerror or exc}"
+        + (f": {exc.filename}" if exc.filename else "")
+        + "; output.path must be a folder this Airflow worker can write"
+    )
+
+
 def plan_run(
     endpoint_name: str, deployment: DeploymentSpec, run_id: str, *, max_mini_batches: int | None = None
 ) -> Plan:
     """Return the run's plan, making and persisting it on the first call."""
     layout = run_layout(deployment, run_id)
-    existing = layout.read_plan()
+    try:
+        existing = layout.read_plan()
+    except NotADirectoryError as exc:  # output.path (or a folder below it) is a file
+        raise _unwritable(deployment, layout, exc) from None
     if existing is not None:
         log.info(
             "Reusing the plan of this run from %s: %d files in %d mini-batches",
@@ -110,8 +122,11 @@ def plan_run(
             f"Airflow's [core] max_map_length ({max_mini_batches}); raise settings.mini_batch_size "
             "or AIRFLOW__CORE__MAX_MAP_LENGTH"
         )
-    for mb in mini_batches:
-        write_json_atomic(layout.mini_batch_file(mb.index), mb.to_json())
+    try:
+        for mb in mini_batches:
+            write_json_atomic(layout.mini_batch_file(mb.index), mb.to_json())
+    except OSError as exc:
+        raise _unwritable(deployment, layout, exc) from None
     plan = Plan(
         endpoint=endpoint_name,
         deployment=deployment.name,

@@ -233,3 +233,43 @@ def test_custom_outputs_go_to_a_fresh_folder_per_attempt(job) -> None:
 def test_no_custom_outputs_leave_no_folder(job) -> None:
     code, out = job("def run(mb):\n    return mb\n")
     assert code == 0 and out.read_status().outputs_dir is None and not list(out.path.glob("outputs-*"))
+
+
+def test_no_results_at_all_name_every_file(job) -> None:
+    code, out = job("def run(mb):\n    return []\n")
+    status = out.read_status()
+    assert code == 0 and (status.rows, status.failed_items) == (0, 3)
+    assert [(e.file, e.type, e.message) for e in status.item_errors] == [
+        (name, "NoResult", "run() returned no results for this mini-batch") for name in ("a.csv", "b.csv", "c.csv")
+    ]
+
+
+def test_an_exception_names_the_file_run_was_working_on(job) -> None:
+    # The file is in a variable of a frame the exception passed through (pandas' own, here).
+    code, out = job(
+        """
+        import pandas as pd
+        def run(mini_batch):
+            return [len(pd.read_csv(p, usecols=["y"] if p.endswith("b.csv") else None)) for p in mini_batch]
+        """
+    )
+    assert code == 1
+    assert failure(out) == "ValueError: Usecols do not match columns, columns expected but not found: ['y'] (file b.csv)"
+
+
+def test_an_exception_names_the_file_run_opened_last(job) -> None:
+    # No variable holds the path: the audit hook's last opened file names it.
+    code, out = job(
+        """
+        def run(mini_batch):
+            handles = [open(p) for p in mini_batch[:2]]
+            del mini_batch
+            raise RuntimeError("bad header")
+        """
+    )
+    assert code == 1 and failure(out) == "RuntimeError: bad header (file b.csv)"
+
+
+def test_an_exception_before_any_file_names_none(job) -> None:
+    code, out = job("def init():\n    raise RuntimeError('no model')\ndef run(mb):\n    return mb\n")
+    assert code == 1 and failure(out) == "RuntimeError: no model"
