@@ -337,6 +337,7 @@ def run_workers(
     report = on_progress or log.info
     ctx = multiprocessing.get_context("spawn")  # no fork: CUDA and threads do not survive it
     workers: list[_Worker] = []
+    oom_baseline = oom_kills()
     try:
         for task in tasks:
             recv, send = ctx.Pipe(duplex=False)
@@ -357,7 +358,7 @@ def run_workers(
         while any(w.phase != "done" for w in workers):
             pending = {w.conn: w for w in workers if w.phase != "done"}
             for conn in wait(list(pending), timeout=POLL_SECONDS):
-                _receive(pending[conn])
+                _receive(pending[conn], oom_baseline)
             now = time.monotonic()
             for w in workers:
                 _check_deadlines(w, now, timeout, init_timeout)
@@ -393,13 +394,59 @@ def run_workers(
             w.conn.close()
 
 
-def _receive(w: _Worker) -> None:
+def _cgroup_value(files: tuple[str, ...], key: str | None = None) -> int | None:
+    """A number from the first readable cgroup file (v2, then v1); ``key`` picks a ``key value`` line."""
+    for name in files:
+        try:
+            text = Path(name).read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            parts = line.split()
+            if key is None and len(parts) == 1 and parts[0].isdigit():
+                return int(parts[0])
+            if key is not None and len(parts) == 2 and parts[0] == key and parts[1].isdigit():
+                return int(parts[1])
+    return None
+
+
+def oom_kills() -> int | None:
+    """How often the kernel's out-of-memory killer struck in this container's cgroup, if it can be read."""
+    return _cgroup_value(("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"), "oom_kill")
+
+
+def memory_limit() -> int | None:
+    """The container's memory limit in bytes; None when there is none (or it cannot be read)."""
+    limit = _cgroup_value(("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+    return limit if limit is not None and limit < 1 << 60 else None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _receive(w: _Worker, oom_baseline: int | None = None) -> None:
     try:
         kind, payload = w.conn.recv()
     except (EOFError, OSError):
         # The pipe closed without a result: the process ended (or is ending) on its own.
         w.process.join(timeout=5)
         code = w.process.exitcode
+        if code == -signal.SIGKILL and oom_baseline is not None and (oom_kills() or 0) > oom_baseline:
+            limit = memory_limit()
+            raise MiniBatchFailed(
+                ErrorInfo(
+                    type="OutOfMemory",
+                    message=f"{w.task.name} of {w.task.mini_batch} was killed by the kernel's out-of-memory killer "
+                    f"during {_phase_name(w.phase)}: the container reached its memory limit"
+                    f"{f' of {_size(limit)}' if limit else ''} (resources.memory); raise resources.memory, or "
+                    "give each mini-batch fewer files (settings.mini_batch_size)",
+                )
+            ) from None
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
         hint = " (SIGKILL: often the kernel's out-of-memory killer)" if code == -signal.SIGKILL else ""
         raise MiniBatchFailed(

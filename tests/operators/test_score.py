@@ -169,3 +169,27 @@ def test_a_container_that_stops_answering_is_killed_and_its_attempt_recorded(
         ["docker", "ps", "-aq", "--filter", "label=batchscore.run_id=run-hang"], capture_output=True, text=True, check=True
     ).stdout
     assert left == ""  # killed and removed, not left running
+
+
+@pytest.mark.docker
+def test_a_mini_batch_over_its_memory_limit_fails_naming_the_setting(
+    deployment, scoring_image: str, airflow_db, tmp_path: Path
+) -> None:
+    # A real limit and a real out-of-memory kill: run() asks for far more than resources.memory.
+    write(
+        tmp_path / "code" / "score.py",
+        "def run(mb):\n    hog = bytearray(1024 * 1024 * 1024)\n    return mb\n",
+    )
+    endpoint = deployment(resources={"memory": "160m"})
+    op = planned_operator(endpoint, "run-oom")
+
+    with pytest.raises(ScoringError) as info:
+        op.execute({"run_id": "run-oom"})
+
+    assert str(info.value) == (
+        "mb-00000 failed: OutOfMemory: worker 1/1 of mb-00000 was killed by the kernel's out-of-memory killer "
+        "during run(): the container reached its memory limit of 160.0 MiB (resources.memory); raise "
+        "resources.memory, or give each mini-batch fewer files (settings.mini_batch_size)"
+    )
+    status = run_layout(endpoint.deployments[0], "run-oom").mini_batch_dir(0).read_status()
+    assert status.error.type == "OutOfMemory"  # the ledger and errors.csv say so too

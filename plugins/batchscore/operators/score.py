@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -123,6 +124,18 @@ def container_setup(
     if gpu_count is not None:
         command += ["--gpus", str(gpu_count)]
     return ContainerSetup(mounts, environment, command, layout.mini_batch_file(index), out)
+
+
+def _exit_hint(failure: str, spec: DeploymentSpec) -> str:
+    """What an exit code of a container that committed nothing usually means."""
+    match = re.search(r"'StatusCode': (\d+)", failure)
+    if not match or int(match.group(1)) != 137:
+        return ""
+    limit = f" ({spec.resources.memory})" if spec.resources.memory else ""
+    return (
+        "; exit code 137 is SIGKILL: the container's memory limit resources.memory"
+        f"{limit} was reached, or it was stopped from outside (docker kill)"
+    )
 
 
 class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
@@ -268,7 +281,7 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
                 result_dir,
                 spec,
                 "ContainerDied",
-                f"the scoring container ended without committing a result ({exc})",
+                f"the scoring container ended without committing a result ({exc}){_exit_hint(str(exc), spec)}",
                 attempt,
                 started,
             ) from None
