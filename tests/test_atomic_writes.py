@@ -90,6 +90,8 @@ def test_a_killed_merge_leaves_the_previous_output_whole_or_none_at_all(tmp_path
     assert (root / "predictions.csv").read_bytes() == complete  # the old output, whole
     assert (root / "summary.json").read_text() == summary and json.loads(summary)["rows"] == 400_000
 
+    assert list(root.glob(".*.tmp"))  # what the killed merge was writing...
     merge_run("ep", d, RUN)  # the merge run again converges
+    assert not list(root.glob(".*.tmp"))  # ...is cleaned up by the next one
     assert (root / "predictions.csv").read_bytes() != complete
     assert json.loads((root / "summary.json").read_text())["rows"] == 400_000

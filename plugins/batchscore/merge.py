@@ -440,6 +440,8 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
             f"run directory {layout.root} has no plan ({layout.plan_file}); the plan task of run "
             f"{run_id!r} did not finish, so there is nothing to merge"
         )
+    for debris in layout.root.glob(".*.tmp"):  # temporary files of a merge that was killed
+        debris.unlink(missing_ok=True)
     outcomes = collect_outcomes(layout, plan)
     done = [o for o in outcomes if o.state == SUCCEEDED]
     not_done = [o for o in outcomes if o.state != SUCCEEDED]
