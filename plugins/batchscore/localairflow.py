@@ -243,25 +243,7 @@ class LocalAirflow:
         try:
             for component in COMPONENTS:
                 self.procs[component] = self._spawn(component, _COMMANDS[component])
-            health: dict[str, Any] = {}
-            while True:
-                self._check_alive()
-                try:
-                    health = self.api("GET", "/api/v2/monitor/health", timeout=5)
-                except LocalAirflowError:
-                    health = {}
-                if _is_fresh(health, "scheduler", started_at) and _is_fresh(
-                    health, "dag_processor", started_at
-                ):
-                    return
-                if time.monotonic() > deadline:
-                    raise LocalAirflowError(
-                        self._failure(
-                            f"not healthy after {timeout:.0f}s (health: {health or 'no answer'})",
-                            *COMPONENTS,
-                        )
-                    )
-                time.sleep(_POLL_S)
+            self._wait_healthy(("scheduler", "dag_processor"), started_at, deadline, COMPONENTS)
         except BaseException:
             self.stop()
             raise
@@ -300,18 +282,25 @@ class LocalAirflow:
             raise LocalAirflowError(f"{component} is already running")
         since = datetime.now(UTC) - timedelta(seconds=1)
         self.procs[component] = self._spawn(component, _COMMANDS[component])
-        deadline = time.monotonic() + timeout
-        key = component.replace("-", "_")
+        fresh = () if component == "api-server" else (component.replace("-", "_"),)
+        self._wait_healthy(fresh, since, time.monotonic() + timeout, (component,))
+
+    def _wait_healthy(self, fresh: tuple[str, ...], since: datetime, deadline: float, logs: tuple[str, ...]) -> None:
+        """Wait until the API answers its health check with a heartbeat newer than ``since``
+        from each of ``fresh``; on timeout, fail with the tails of the ``logs`` components' logs."""
+        health: dict[str, Any] = {}
         while True:
             self._check_alive()
             try:
                 health = self.api("GET", "/api/v2/monitor/health", timeout=5)
             except LocalAirflowError:
                 health = {}
-            if (component == "api-server" and health) or _is_fresh(health, key, since):
+            if health and all(_is_fresh(health, key, since) for key in fresh):
                 return
             if time.monotonic() > deadline:
-                raise LocalAirflowError(self._failure(f"{component} not healthy after {timeout:.0f}s", component))
+                raise LocalAirflowError(
+                    self._failure(f"not healthy in time (health: {health or 'no answer'})", *logs)
+                )
             time.sleep(_POLL_S)
 
     def stop(self, grace: float = 20) -> None:
