@@ -116,7 +116,7 @@ CASES = [
     Case(
         "az-mini-batch-size-string",
         az(("mini_batch_size: 4", "mini_batch_size: four")),
-        ("17: settings.mini_batch_size: Input should be a valid integer, unable to parse string as an integer (got 'four')",),
+        ("17: settings.mini_batch_size: must be a number of files (10) or a size such as '64MB' or '1GiB', got 'four'",),
     ),
     Case(
         "az-instance-count-boolean",
@@ -276,7 +276,7 @@ CASES = [
     Case(
         "az-mini-batch-size-zero",
         az(("mini_batch_size: 4", "mini_batch_size: 0")),
-        ("17: settings.mini_batch_size: Input should be greater than 0 (got 0)",),
+        ("17: settings.mini_batch_size: must be 1 or more files, got 0",),
     ),
     Case(
         "az-instance-count-negative",

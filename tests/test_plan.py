@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from batchscore.errors import PlanError
-from batchscore.plan import list_input_files, mini_batch_refs, plan_run, run_layout
+from batchscore.plan import list_input_files, mini_batch_refs, partition, partition_by_size, plan_run, run_layout
+from batchscore_runtime.formats import InputFile
 from tests.helpers import deployment_file, load, write
 
 
@@ -124,3 +125,66 @@ def test_an_output_path_that_is_a_file_fails_the_plan_naming_output_path(tmp_pat
         "output.path must be a folder this Airflow worker can write"
     )
     assert not_a_folder.read_text() == "a file\n"
+
+
+# --------------------------------------------------------------------------- size mode
+
+
+def files_of(sizes: list[int]) -> list[InputFile]:
+    return [InputFile(f"f{i:03d}.bin", size, 0) for i, size in enumerate(sizes)]
+
+
+def sizes_of(mini_batches) -> list[list[int]]:
+    return [[f.size for f in mb.files] for mb in mini_batches]
+
+
+def test_size_mode_balances_bytes_in_contiguous_input_order() -> None:
+    files = files_of([40, 40, 40, 40, 40, 40, 40])  # 280 bytes at 100 per mini-batch
+    mbs = partition_by_size(files, 100, max_files=1000)
+    # Cutting at 100 gives 4 mini-batches (80 + 80 + 80 + 40); with the limit lowered to the
+    # smallest that keeps 4, the heaviest holds 80 still (no 4-way split does better), and
+    # none is left nearly empty when a lower limit can spread the bytes.
+    assert sizes_of(mbs) == [[40, 40], [40, 40], [40, 40], [40]]
+    uneven = files_of([10, 10, 10, 10, 10, 10, 10, 10, 10, 70])  # cut at 100: 90 + 80 -> 2 mini-batches
+    assert sizes_of(partition_by_size(uneven, 100, max_files=1000)) == [[10] * 8, [10, 70]]  # 80 + 80
+    assert [f for mb in mbs for f in mb.files] == files  # every file once, in input order
+    assert [mb.index for mb in mbs] == [0, 1, 2, 3]
+
+
+def test_size_mode_puts_a_file_bigger_than_the_target_alone_and_caps_files() -> None:
+    assert sizes_of(partition_by_size(files_of([5, 500, 5, 5]), 100, max_files=1000)) == [[5], [500], [5, 5]]
+    assert sizes_of(partition_by_size(files_of([1] * 7), 100, max_files=3)) == [[1, 1, 1], [1, 1, 1], [1]]
+    assert partition_by_size([], 100, max_files=3) == []
+
+
+def test_size_mode_is_deterministic_and_evens_out_skewed_sizes() -> None:
+    import random
+
+    rng = random.Random(7)
+    sizes = [int(1_000_000 / rng.paretovariate(1.2)) + 1 for _ in range(2000)]  # heavy-tailed
+    files = files_of(sizes)
+    first = partition_by_size(files, 50_000_000, max_files=1000)
+    assert sizes_of(first) == sizes_of(partition_by_size(files, 50_000_000, max_files=1000))
+    by_bytes = [sum(s) for s in sizes_of(first)]
+    assert max(by_bytes) <= 50_000_000 or any(len(s) == 1 for s in sizes_of(first))
+    by_count = [sum(f.size for f in mb.files) for mb in partition(files, -(-len(files) // len(first)))]
+    # Counting files leaves the heaviest mini-batch far above the mean; sizing keeps it close.
+    assert max(by_bytes) / (sum(by_bytes) / len(by_bytes)) < max(by_count) / (sum(by_count) / len(by_count))
+
+
+def test_size_mode_from_the_yaml(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    write(tmp_path / "code" / "score.py", "def run(mb):\n    return mb\n")
+    for i, size in enumerate([3000, 1000, 1000, 1000, 2000]):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / f"f{i}.csv").write_bytes(b"x" * size)
+    path = deployment_file(
+        tmp_path / "yaml", model=tmp_path / "model", code=tmp_path / "code", inputs=tmp_path / "in",
+        settings={"mini_batch_size": "4kB", "max_files_per_mini_batch": 2},
+    )
+    d = load(path).deployments[0]
+    assert d.settings.mini_batch_bytes == 4000
+    plan = plan_run("ep", d, "run-size")
+    # Cut at 4 kB: 4000 + 2000 + 2000; balanced: the same 3 mini-batches, none over 3000.
+    assert [(e.files, e.bytes) for e in plan.mini_batches] == [(1, 3000), (2, 2000), (2, 3000)]
+    assert plan.mini_batch_size == "4kB"

@@ -213,7 +213,7 @@ def test_every_problem_is_reported_in_line_order(folder: Path) -> None:
         f"{path}:6: deployments[0].code_configuration.scoring_script: scoring_script must be a path inside "
         "`code`, got '../x.py'",
         f"{path}:7: deployments[0].environment.image: String should have at least 1 character (got '')",
-        f"{path}:10: deployments[0].settings.mini_batch_size: Input should be greater than 0 (got -3)",
+        f"{path}:10: deployments[0].settings.mini_batch_size: must be 1 or more files, got -3",
         f"{path}:10: deployments[0].settings.output_file_name: output_file_name 'p.txt' must end with one of "
         ".csv, .parquet, .jsonl (output_layout table)",
         f"{path}:11: deployments[0].resources.gpus: gpus must be 0 or more, got -1",

@@ -160,7 +160,7 @@ class Plan:
     run_id: str
     input_path: str
     pattern: str
-    mini_batch_size: int
+    mini_batch_size: int | str  # files, or a size such as "64MB" (batchscore's size mode)
     created_at: str
     mini_batches: list[PlanEntry]
     version: int = FORMAT_VERSION

@@ -75,7 +75,12 @@ def _doc(endpoint: EndpointSpec) -> str:
         lines += [
             f"## {d.name}",
             f"- image `{d.environment.image}`, script `{d.code_configuration.scoring_script}`",
-            f"- input `{d.input.path}` (`{d.input.pattern}`), {d.settings.mini_batch_size} files per mini-batch",
+            f"- input `{d.input.path}` (`{d.input.pattern}`), "
+            + (
+                f"mini-batches of about {d.settings.mini_batch_size}"
+                if d.settings.mini_batch_bytes is not None
+                else f"{d.settings.mini_batch_size} files per mini-batch"
+            ),
             f"- output `{d.output.path}/<run id>/{d.settings.output_file_name}` and `summary.json`",
             f"- a complete output updates the asset `{output_asset(endpoint.endpoint_name, d.name).name}`",
             "",

@@ -7,9 +7,9 @@ changed since. ``plan.json`` is written last, so its presence means the plan is 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
-from pathlib import Path
 from typing import Any
 
 from batchscore.errors import PlanError
@@ -68,6 +68,45 @@ def partition(files: list[InputFile], mini_batch_size: int) -> list[MiniBatch]:
     ]
 
 
+def _cuts(prefix: list[int], limit: int, max_files: int) -> list[int]:
+    """Greedy contiguous cuts: each run as long as it stays within ``limit`` bytes and
+    ``max_files`` files; a file bigger than ``limit`` makes a run of its own."""
+    n = len(prefix) - 1
+    cuts, start = [0], 0
+    while start < n:
+        end = bisect.bisect_right(prefix, prefix[start] + limit, lo=start + 1) - 1  # last index fitting
+        end = min(max(end, start + 1), start + max_files, n)
+        cuts.append(end)
+        start = end
+    return cuts
+
+
+def partition_by_size(files: list[InputFile], target_bytes: int, max_files: int) -> list[MiniBatch]:
+    """Contiguous mini-batches of about ``target_bytes`` each, balanced, in input order.
+
+    As many mini-batches as cutting greedily at ``target_bytes`` gives (at most
+    ``max_files`` files each; a bigger file alone), then the smallest byte limit that still
+    gives that many, so the bytes are spread evenly instead of leaving a small remainder.
+    Deterministic: the same files always give the same mini-batches.
+    """
+    if not files:
+        return []
+    prefix = [0]
+    for f in files:
+        prefix.append(prefix[-1] + f.size)
+    count = len(_cuts(prefix, target_bytes, max_files)) - 1
+    hi = max(target_bytes, 1)
+    lo = min(max(1, -(-prefix[-1] // count)), hi)  # no limit below the mean can keep that count
+    while lo < hi:  # smallest limit that needs no more mini-batches than the target gave
+        mid = (lo + hi) // 2
+        if len(_cuts(prefix, mid, max_files)) - 1 <= count:
+            hi = mid
+        else:
+            lo = mid + 1
+    cuts = _cuts(prefix, lo, max_files)
+    return [MiniBatch(index=i, files=files[a:b]) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+
+
 def mini_batch_refs(plan: Plan) -> list[dict[str, Any]]:
     """The small per-mini-batch references passed through XCom to the mapped scoring task."""
     return [
@@ -114,8 +153,12 @@ def plan_run(
             f"no input files match {deployment.input.pattern!r} in {deployment.input.path} "
             f"(deployment {deployment.name!r}, keys input.path and input.pattern)"
         )
-    size = deployment.settings.mini_batch_size
-    mini_batches = partition(files, size)
+    settings = deployment.settings
+    size = settings.mini_batch_size
+    if settings.mini_batch_bytes is not None:
+        mini_batches = partition_by_size(files, settings.mini_batch_bytes, settings.max_files_per_mini_batch)
+    else:
+        mini_batches = partition(files, size)
     if max_mini_batches is not None and len(mini_batches) > max_mini_batches:
         raise PlanError(
             f"{len(files)} files at mini_batch_size {size} make {len(mini_batches)} mini-batches, more than "
@@ -139,7 +182,7 @@ def plan_run(
     )
     write_json_atomic(layout.plan_file, plan.to_json())  # last: its presence marks a complete plan
     log.info(
-        "Planned %d files (%d bytes) from %s into %d mini-batches of up to %d files; plan in %s",
+        "Planned %d files (%d bytes) from %s into %d mini-batches (mini_batch_size %s); plan in %s",
         plan.files,
         plan.bytes,
         deployment.input.path,

@@ -232,10 +232,56 @@ class SecretRef(_Strict):
         return f"field {self.field or 'password'!r} of Airflow connection {self.connection!r}"
 
 
+#: Units of ``mini_batch_size`` as a size: decimal (kB, MB, GB, TB) and binary (KiB, MiB, GiB, TiB).
+SIZE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b)\s*$", re.IGNORECASE)
+
+
+def size_bytes(text: str) -> int:
+    """Bytes of a size such as ``"64MB"`` (10^6) or ``"1.5GiB"`` (2^30)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def _mini_batch_size(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"must be 1 or more files, got {value}")
+        return value
+    if isinstance(value, str) and _SIZE.match(value):
+        if size_bytes(value) < 1:
+            raise ValueError(f"must be more than 0 bytes, got {value!r}")
+        return value.strip()
+    raise ValueError(
+        f"must be a number of files (10) or a size such as '64MB' or '1GiB', got {_short(value)}"
+    )
+
+
+#: ``mini_batch_size``: a number of files, or a size (a string such as ``"64MB"``).
+MiniBatchSize = Annotated[Union[int, str], BeforeValidator(_mini_batch_size)]
+
+
 class Settings(_Strict):
     """Batch settings, with Azure's names and defaults."""
 
-    mini_batch_size: PositiveInt = Field(10, description="Files per mini-batch.")
+    mini_batch_size: MiniBatchSize = Field(
+        10,
+        description="Files per mini-batch (a whole number), or batchscore's size mode: a size such as "
+        "'64MB' or '1GiB', and mini-batches are then balanced by bytes, keeping input order.",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[kKmMgGtT][iI]?[bB]\s*$"},
+            ]
+        },
+    )
+    max_files_per_mini_batch: PositiveInt = Field(
+        1000, description="batchscore's own: with mini_batch_size as a size, at most this many files per mini-batch."
+    )
     max_concurrency_per_instance: int = Field(
         1,
         ge=1,
@@ -295,6 +341,11 @@ class Settings(_Strict):
             if name in RESERVED_ENVIRONMENT or name.startswith("BATCHSCORE_"):
                 raise ValueError(f"secret_environment: {name!r} is set by batchscore itself")
         return value
+
+    @property
+    def mini_batch_bytes(self) -> int | None:
+        """The size mode's bytes per mini-batch; None when mini-batches are counted in files."""
+        return size_bytes(self.mini_batch_size) if isinstance(self.mini_batch_size, str) else None
 
     @field_validator("output_file_name")
     @classmethod
