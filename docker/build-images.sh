@@ -250,20 +250,28 @@ build_fallback_base() {
 # Prints the base to build from: local BASE_IMAGE, else pulled, else the
 # debootstrap fallback (made if missing). With --gpu: CUDA_BASE_IMAGE, local
 # or pulled, or the build stops here, before any download.
-resolve_base() {
-    if ((GPU)); then resolve_cuda_base; return; fi
-    if image_exists "$BASE_IMAGE"; then
-        log "base: $BASE_IMAGE (present locally)"
-        echo "$BASE_IMAGE"; return
+# Prints IMAGE when it is here or can be pulled; else returns 1 with the
+# reason in PULL_ERROR (call it directly, not in $(...), to see that).
+local_or_pulled() {
+    local image=$1 out
+    if image_exists "$image"; then
+        log "base: $image (present locally)"
+        echo "$image"; return
     fi
-    log "pulling $BASE_IMAGE (at most ${PULL_TIMEOUT}s)"
-    local out
-    if out="$(timeout "$PULL_TIMEOUT" docker pull --quiet "$BASE_IMAGE" 2>&1)"; then
-        log "base: $BASE_IMAGE (pulled)"
-        echo "$BASE_IMAGE"; return
+    log "pulling $image (at most ${PULL_TIMEOUT}s)"
+    if out="$(timeout "$PULL_TIMEOUT" docker pull --quiet "$image" 2>&1)"; then
+        log "base: $image (pulled)"
+        echo "$image"; return
     fi
     [[ -n "$out" ]] || out="no answer in ${PULL_TIMEOUT}s"
-    log "cannot pull $BASE_IMAGE: ${out##*$'\n'}"
+    PULL_ERROR="${out##*$'\n'}"
+    return 1
+}
+
+resolve_base() {
+    if ((GPU)); then resolve_cuda_base; return; fi
+    local_or_pulled "$BASE_IMAGE" && return
+    log "cannot pull $BASE_IMAGE: $PULL_ERROR"
     log "falling back to $FALLBACK_BASE"
     if [[ "$(local_base)" == "$FALLBACK_BASE" ]]; then
         log "base: $FALLBACK_BASE (present locally)"
@@ -277,18 +285,8 @@ resolve_base() {
 # A CUDA base cannot be made here as Debian's can: it is pulled, or loaded by
 # hand (docker load), or the build fails with what to do.
 resolve_cuda_base() {
-    if image_exists "$CUDA_BASE_IMAGE"; then
-        log "base: $CUDA_BASE_IMAGE (present locally)"
-        echo "$CUDA_BASE_IMAGE"; return
-    fi
-    log "pulling $CUDA_BASE_IMAGE (at most ${PULL_TIMEOUT}s)"
-    local out
-    if out="$(timeout "$PULL_TIMEOUT" docker pull --quiet "$CUDA_BASE_IMAGE" 2>&1)"; then
-        log "base: $CUDA_BASE_IMAGE (pulled)"
-        echo "$CUDA_BASE_IMAGE"; return
-    fi
-    [[ -n "$out" ]] || out="no answer in ${PULL_TIMEOUT}s"
-    die "cannot pull the GPU image's base $CUDA_BASE_IMAGE (build argument CUDA_BASE_IMAGE): ${out##*$'\n'}
+    local_or_pulled "$CUDA_BASE_IMAGE" && return
+    die "cannot pull the GPU image's base $CUDA_BASE_IMAGE (build argument CUDA_BASE_IMAGE): $PULL_ERROR
   The GPU image has no fallback base. Make a CUDA runtime image available here
   (docker pull where a registry answers, or docker save on another machine and
   docker load -i here), or set CUDA_BASE_IMAGE to one that is present

@@ -143,36 +143,19 @@ def failed_items(layout: RunLayout, outcomes: Iterable[Outcome]) -> list[FailedI
     return items
 
 
+def _count_check(name: str, limit: int, observed: int, what: str) -> ThresholdCheck:
+    """A threshold on a count, where -1 allows any number."""
+    exceeded = limit != -1 and observed > limit
+    message = f"{name} exceeded: {observed} {what} failed, {limit} allowed ({observed - limit} over)"
+    return ThresholdCheck(name, limit, observed, exceeded, message if exceeded else "")
+
+
 def check_thresholds(settings: Settings, failed_items: int, failed_mini_batches: int, mini_batches: int) -> list[ThresholdCheck]:
     """Azure's three thresholds, each counted across the whole job."""
-    checks = []
-    limit = settings.error_threshold
-    exceeded = limit != -1 and failed_items > limit
-    checks.append(
-        ThresholdCheck(
-            "error_threshold",
-            limit,
-            failed_items,
-            exceeded,
-            f"error_threshold exceeded: {failed_items} items failed, {limit} allowed ({failed_items - limit} over)"
-            if exceeded
-            else "",
-        )
-    )
-    limit = settings.mini_batch_error_threshold
-    exceeded = limit != -1 and failed_mini_batches > limit
-    checks.append(
-        ThresholdCheck(
-            "mini_batch_error_threshold",
-            limit,
-            failed_mini_batches,
-            exceeded,
-            f"mini_batch_error_threshold exceeded: {failed_mini_batches} mini-batches failed, {limit} allowed "
-            f"({failed_mini_batches - limit} over)"
-            if exceeded
-            else "",
-        )
-    )
+    checks = [
+        _count_check("error_threshold", settings.error_threshold, failed_items, "items"),
+        _count_check("mini_batch_error_threshold", settings.mini_batch_error_threshold, failed_mini_batches, "mini-batches"),
+    ]
     limit = settings.allowed_failed_percent
     percent = round(100.0 * failed_mini_batches / mini_batches, 2) if mini_batches else 0.0
     exceeded = percent > limit

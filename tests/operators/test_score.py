@@ -8,10 +8,10 @@ import pytest
 from docker.types import DeviceRequest
 
 from batchscore.errors import ScoringError
-from batchscore.operators.score import RUNTIME_SOURCE, ScoreMiniBatchOperator, container_setup, device_requests
-from batchscore.plan import plan_run, run_layout
+from batchscore.operators.score import RUNTIME_SOURCE, container_setup, device_requests
+from batchscore.plan import run_layout
 from batchscore_runtime.formats import ContainerPaths
-from tests.helpers import deployment_file, load, write
+from tests.helpers import deployment_file, load, planned_score_operator, write
 
 
 @pytest.fixture()
@@ -26,18 +26,6 @@ def deployment(tmp_path: Path):
         return load(path)
 
     return make
-
-
-def planned_operator(endpoint, run_id: str) -> ScoreMiniBatchOperator:
-    """The score operator of the first mini-batch of a freshly planned run."""
-    d = endpoint.deployments[0]
-    plan_run(endpoint.endpoint_name, d, run_id)
-    return ScoreMiniBatchOperator(
-        task_id="score",
-        endpoint_name=endpoint.endpoint_name,
-        deployment=d.model_dump(mode="json"),
-        mini_batch={"index": 0, "files": 1, "bytes": 2, "label": "mb-00000 (1 file)"},
-    )
 
 
 @pytest.mark.parametrize(
@@ -90,7 +78,7 @@ def test_a_gpu_request_on_a_host_without_gpus_fails_naming_the_setting(
     # BATCHSCORE_GPUS stands in for the host's GPU list, which nvidia-smi would give there.
     monkeypatch.setenv("BATCHSCORE_GPUS", "0,1")
     monkeypatch.setenv("BATCHSCORE_GPU_LOCK_DIR", str(tmp_path / "locks"))
-    op = planned_operator(deployment(resources={"gpus": 1}), "run-gpu")
+    op = planned_score_operator(deployment(resources={"gpus": 1}), "run-gpu")
 
     with pytest.raises(ScoringError) as info:
         op.execute({"run_id": "run-gpu"})
@@ -107,7 +95,7 @@ def test_a_gpu_request_on_a_host_without_gpus_fails_naming_the_setting(
 @pytest.mark.docker
 def test_the_operator_scores_one_mini_batch_in_a_real_container(deployment, scoring_image: str, airflow_db) -> None:
     endpoint = deployment()
-    op = planned_operator(endpoint, "run-1")
+    op = planned_score_operator(endpoint, "run-1")
 
     assert op.execute({"run_id": "run-1"}) == {"mini_batch": "mb-00000", "rows": 1, "failed_items": 0}
     status = run_layout(endpoint.deployments[0], "run-1").mini_batch_dir(0).read_status()
@@ -154,7 +142,7 @@ def test_a_container_that_stops_answering_is_killed_and_its_attempt_recorded(
     monkeypatch.setattr(score, "CONTAINER_GRACE_SECONDS", -3)  # backstop: 5 + 1 - 3 = 3 s
     write(tmp_path / "code" / "score.py", "import time\ndef init():\n    time.sleep(60)\ndef run(mb):\n    return mb\n")
     endpoint = deployment(settings={"init_timeout": 5, "retry_settings": {"max_retries": 0, "timeout": 1}})
-    op = planned_operator(endpoint, "run-hang")
+    op = planned_score_operator(endpoint, "run-hang")
 
     with pytest.raises(ScoringError) as info:
         op.execute({"run_id": "run-hang"})
@@ -181,7 +169,7 @@ def test_a_mini_batch_over_its_memory_limit_fails_naming_the_setting(
         "def run(mb):\n    hog = bytearray(1024 * 1024 * 1024)\n    return mb\n",
     )
     endpoint = deployment(resources={"memory": "160m"})
-    op = planned_operator(endpoint, "run-oom")
+    op = planned_score_operator(endpoint, "run-oom")
 
     with pytest.raises(ScoringError) as info:
         op.execute({"run_id": "run-oom"})

@@ -30,10 +30,10 @@ from batchscore.errors import (
     SecretUnavailableError,
 )
 from batchscore.operators.score import ScoreMiniBatchOperator, container_setup
-from batchscore.plan import plan_run, run_layout
+from batchscore.plan import run_layout
 from batchscore.spec import SecretRef
 from batchscore.triggers import apply_run_params
-from tests.helpers import deployment_file, load, write
+from tests.helpers import deployment_file, load, planned_score_operator, write
 
 SECRET = "tok-9f3c1d7e-not-for-logs"
 SECRET_SHA = hashlib.sha256(SECRET.encode()).hexdigest()
@@ -110,17 +110,6 @@ def make(tmp_path: Path):
     return make
 
 
-def _operator(endpoint, run_id: str) -> ScoreMiniBatchOperator:
-    d = endpoint.deployments[0]
-    plan_run(endpoint.endpoint_name, d, run_id)
-    return ScoreMiniBatchOperator(
-        task_id="score",
-        endpoint_name=endpoint.endpoint_name,
-        deployment=d.model_dump(mode="json"),
-        mini_batch={"index": 0, "files": 1, "bytes": 4, "label": "mb-00000 (1 file)"},
-    )
-
-
 def _run_and_inspect(op: ScoreMiniBatchOperator, run_id: str, inputs: Path) -> tuple[dict, dict]:
     """Execute ``op``; while its container waits in init(), read its configuration from Docker.
 
@@ -166,7 +155,7 @@ def test_a_scoring_container_is_locked_down_by_default(
     monkeypatch.delenv(security.CONTAINER_USER_ENV, raising=False)
     monkeypatch.setenv("AIRFLOW_VAR_BATCHSCORE_TEST_TOKEN", SECRET)  # an Airflow variable (env secrets backend)
     endpoint = make(settings={"secret_environment": {"TOKEN": {"variable": "batchscore_test_token"}}})
-    op = _operator(endpoint, "run-sec")
+    op = planned_score_operator(endpoint, "run-sec")
 
     attrs, seen = _run_and_inspect(op, "run-sec", tmp_path / "in")
 
@@ -226,7 +215,7 @@ def test_a_scoring_container_is_locked_down_by_default(
 @pytest.mark.docker
 def test_network_memory_and_processes_follow_resources(make, scoring_image: str, airflow_db, tmp_path: Path) -> None:
     endpoint = make(resources={"network": True, "memory": "256m", "shm_size": "128m", "pids_limit": 256})
-    op = _operator(endpoint, "run-res")
+    op = planned_score_operator(endpoint, "run-res")
 
     attrs, seen = _run_and_inspect(op, "run-res", tmp_path / "in")
 
@@ -244,7 +233,7 @@ def test_a_configured_container_user_is_used(
     make, scoring_image: str, airflow_db, tmp_path: Path, monkeypatch
 ) -> None:
     monkeypatch.setenv(security.CONTAINER_USER_ENV, "1000:1000")  # the image's own `scorer`
-    op = _operator(make(), "run-user")
+    op = planned_score_operator(make(), "run-user")
 
     attrs, seen = _run_and_inspect(op, "run-user", tmp_path / "in")
 
@@ -258,7 +247,7 @@ def test_a_missing_secret_fails_the_mini_batch_before_any_container(
 ) -> None:
     monkeypatch.delenv("AIRFLOW_VAR_BATCHSCORE_ABSENT", raising=False)
     endpoint = make(settings={"secret_environment": {"TOKEN": {"variable": "batchscore_absent"}}})
-    op = _operator(endpoint, "run-nosecret")
+    op = planned_score_operator(endpoint, "run-nosecret")
 
     with pytest.raises(ScoringError) as info:
         op.execute({"run_id": "run-nosecret"})
@@ -373,7 +362,7 @@ def test_the_container_user_is_never_root_unless_configured(monkeypatch) -> None
 
 def test_hardening_reaches_the_host_config_dockeroperator_builds(make) -> None:
     """The wrapper adds what DockerOperator 4.6 has no parameters for, to the host config it builds."""
-    op = _operator(make(resources={"memory": "1g", "pids_limit": 100}), "run-hc")
+    op = planned_score_operator(make(resources={"memory": "1g", "pids_limit": 100}), "run-hc")
     captured: dict = {}
 
     class Client:
