@@ -184,7 +184,21 @@ def test_a_run_survives_the_scheduler_being_stopped_and_started_again(iris_examp
         airflow.stop_component("scheduler")
         time.sleep(3)
         airflow.start_component("scheduler")
-        assert airflow.wait_for_run("restart", run_id, timeout=400) == "success"
+        state = airflow.wait_for_run("restart", run_id, timeout=400)
+        if state == "failed":
+            # Airflow 3.3.2: a mapped instance that gets SIGTERM while it is still being prepared
+            # calls on_kill() on the MappedOperator, which has none, and fails with no retry. Only
+            # that may fail here; "Clear failed", as README says, then completes the run.
+            failed = [t for t in airflow.task_instances("restart", run_id) if t["state"] == "failed"]
+            killed = [t for t in failed if t["task_id"].endswith("score")]
+            assert killed and all(
+                "'MappedOperator' object has no attribute 'on_kill'"
+                in airflow.task_log("restart", run_id, t["task_id"], map_index=t["map_index"], try_number=max(1, t["try_number"]))
+                for t in killed
+            ), failed
+            airflow.clear("restart", run_id, ["test-deployment.score", "test-deployment.merge"], only_failed=True)
+            state = airflow.wait_for_run("restart", run_id, timeout=400)
+        assert state == "success"
 
     run_dir = deployment.output.path / run_key(run_id)
     pd.testing.assert_frame_equal(pd.read_csv(run_dir / "predictions.csv"), expected_rows(iris_example / "data"))
