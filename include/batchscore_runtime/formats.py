@@ -19,10 +19,12 @@ A run directory looks like this::
             minibatches/mb-00007.json   the files of one mini-batch
             results/mb-00007/
                 result-<token>.parquet  what run() returned, one file per attempt that succeeded
-                outputs-<token>/        the attempt's AZUREML_BI_OUTPUT_PATH (custom outputs)
+                outputs-<token>/        the attempt's AZUREML_BI_OUTPUT_PATH (custom outputs), or
+                                        the serving contract's <input file>.out files
                 status.json             commit record: points at the result file and outputs
                                         folder of the attempt that counts, or says why it failed
             collected.json          which custom outputs the merge placed in the run folder
+            model/                  serving contract: model.tar.gz unpacked (once per run)
 
 A mini-batch's result is committed by writing its parquet file under a fresh name and then
 atomically replacing ``status.json``; the merge reads only the file the status names. A rerun
@@ -64,7 +66,7 @@ LEDGER_COLUMNS = (
     "finished_at",
     "error",
 )
-ERRORS_COLUMNS = ("mini_batch", "file", "error_type", "message")
+ERRORS_COLUMNS = ("mini_batch", "file", "record", "error_type", "message")
 
 
 class ContainerPaths:
@@ -77,6 +79,8 @@ class ContainerPaths:
     MINI_BATCH = "/mnt/batchscore/minibatch.json"
     OUTPUT = "/mnt/batchscore/output"  # the mini-batch's result folder, the only writable mount
     # AZUREML_BI_OUTPUT_PATH is a fresh folder ``outputs-<token>`` inside OUTPUT, made per attempt.
+    SERVING_MODEL = "/opt/ml/model"  # serving contract: the model archive's contents, in the serving container
+    SERVING_URL = "http://127.0.0.1:8080"  # serving contract: seen from the client, which shares its network
 
 
 def mini_batch_id(index: int) -> str:
@@ -201,11 +205,63 @@ class ErrorInfo:
 
 @dataclass(frozen=True)
 class ItemError:
-    """One input item (file) of a succeeded mini-batch that run() returned no result for."""
+    """One input item (file) of a succeeded mini-batch that has no result.
+
+    Azure contract: a file run() returned nothing for. Serving contract: a file with a record
+    whose request failed after its retries (``record`` is that record's 1-based number in the
+    file, the first of its payload); the message says which records, the HTTP status and the
+    start of the response body.
+    """
 
     file: str | None  # relative to the input folder; None when it cannot be told which file
     type: str
     message: str
+    record: int | None = None
+
+
+# --------------------------------------------------------------------------- serving contract
+
+#: SageMaker's defaults for the three settings a serving container may also choose
+#: (``/execution-parameters``): used when neither the deployment nor the container sets them.
+DEFAULT_MAX_CONCURRENT_TRANSFORMS = 1
+DEFAULT_BATCH_STRATEGY = "MULTI_RECORD"
+DEFAULT_MAX_PAYLOAD_MB = 6
+MAX_PAYLOAD_LIMIT_MB = 100
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """What the serving client needs of a deployment's ``transform`` block (SageMaker's settings).
+
+    The orchestrator builds it from the validated YAML and passes it to the client as JSON
+    (``--transform``); ``None`` for the three negotiable settings means "not set by the job":
+    the container's ``/execution-parameters`` answer, else the defaults above, apply.
+    """
+
+    split_type: str = "None"  # None | Line | RecordIO | TFRecord
+    batch_strategy: str | None = None  # MULTI_RECORD | SINGLE_RECORD
+    max_payload_mb: int | None = None  # 1..100
+    max_concurrent_transforms: int | None = None
+    compression: str = "None"  # None | Gzip (input files)
+    content_type: str | None = None  # Content-Type of /invocations requests
+    accept: str | None = None  # Accept of /invocations requests
+    assemble_with: str = "None"  # None: responses concatenated; Line: a newline after each
+    invocation_timeout: float = 600.0  # seconds per request
+    invocation_max_retries: int = 3  # retries of a failed request
+    input_filter: str = "$"  # JSONPath applied to each input record (CSV or JSON)
+    output_filter: str = "$"  # JSONPath applied to each (joined) output record
+    join_source: str = "None"  # None | Input: each output joined to its input record
+    startup_timeout: float = 600.0  # seconds the container has to answer /ping with 200
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TransformConfig:
+        _check_version(data, "transform settings")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -355,6 +411,11 @@ class RunLayout:
         return self.root / ERRORS_FILE_NAME
 
     @property
+    def model_dir(self) -> Path:
+        """Serving contract: the model archive's contents, unpacked once per run (``/opt/ml/model``)."""
+        return self.work / "model"
+
+    @property
     def collected_file(self) -> Path:
         """The list of custom outputs the merge placed in the run folder (so a re-merge can redo it)."""
         return self.work / "collected.json"
@@ -430,6 +491,7 @@ __all__ = [
     "MiniBatchStatus",
     "Plan",
     "PlanEntry",
+    "TransformConfig",
     "RunLayout",
     "atomic_path",
     "mini_batch_id",
