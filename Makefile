@@ -5,14 +5,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 IMAGE  ?= batchscore-scoring:latest
+SERVE_IMAGE ?= batchscore-iris-serve:latest
 IRIS   := include/examples/iris
 MODEL  := $(IRIS)/model/iris-classifier/model.joblib
 
 .DEFAULT_GOAL := help
-.PHONY: help venv images images-gpu example demo test schema lock clean
+.PHONY: help venv images images-gpu images-serve example demo test schema lock clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 venv: $(VENV)/.installed  ## the virtual environment with the pinned Airflow side
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -27,7 +28,10 @@ images:  ## the scoring image, built offline when no registry answers (docker/bu
 images-gpu:  ## the GPU variant of the scoring image (needs a CUDA runtime base: CUDA_BASE_IMAGE)
 	bash docker/build-images.sh --gpu
 
-example: images $(MODEL)  ## train the example model and write its input files (in the scoring image)
+images-serve: images  ## the example's SageMaker serving image (batchscore-iris-serve), FROM the scoring image
+	DOCKER_BUILDKIT=0 docker build --quiet --build-arg BASE_IMAGE=$(IMAGE) -t $(SERVE_IMAGE) $(IRIS)/serving
+
+example: images images-serve $(MODEL)  ## train the example model, write its input files; build its serving image
 $(MODEL): $(IRIS)/train.py
 	docker run --rm --user $$(id -u):$$(id -g) -e HOME=/tmp -v $(CURDIR)/$(IRIS):/example -w /example $(IMAGE) python3 train.py
 
@@ -47,4 +51,4 @@ lock:  ## re-pin requirements.lock from requirements.in
 	 /tmp/batchscore-lock/bin/pip freeze | sort -f) > requirements.lock
 
 clean:  ## remove the venv, the demo's Airflow home and outputs, and the example's model and data
-	rm -rf $(VENV) .airflow var $(IRIS)/model $(IRIS)/data
+	rm -rf $(VENV) .airflow var $(IRIS)/model $(IRIS)/data $(IRIS)/data-serve $(IRIS)/data-serve-jsonl

@@ -67,3 +67,39 @@ def iris_inputs(iris_example: Path, tmp_path: Path) -> Path:
     target = tmp_path / "inputs"
     shutil.copytree(iris_example / "data", target)
     return target
+
+
+SERVING_IMAGE = "batchscore-iris-serve:latest"
+SERVING_TEST_IMAGE = "batchscore-serve-test:latest"
+
+
+@pytest.fixture(scope="session")
+def serving_image() -> str:
+    """The example's SageMaker serving image, built by `make images-serve` (part of `make example`)."""
+    found = subprocess.run(["docker", "image", "inspect", SERVING_IMAGE], capture_output=True)
+    if found.returncode != 0:
+        pytest.fail(f"image {SERVING_IMAGE} does not exist; build it with `make images-serve`")
+    return SERVING_IMAGE
+
+
+@pytest.fixture(scope="session")
+def serving_test_image(serving_image: str) -> str:
+    """The serving image with fault injection (tests/images/serve-test), built here on demand.
+
+    Docker's layer cache makes the build take about a second once it was built.
+    """
+    built = subprocess.run(
+        [
+            "docker", "build", "--quiet",
+            "--build-arg", f"SERVING_IMAGE={serving_image}",
+            "-t", SERVING_TEST_IMAGE,
+            str(REPO / "tests" / "images" / "serve-test"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        timeout=600,
+    )
+    if built.returncode != 0:
+        pytest.fail(f"docker build of {SERVING_TEST_IMAGE} failed:\n{built.stdout}\n{built.stderr}")
+    return SERVING_TEST_IMAGE
