@@ -83,8 +83,8 @@ BOOLEAN = "(YAML reads true, false, yes, no, on and off as booleans)"
 NAME_RULE = "must start with a letter or digit and hold only letters, digits, '_' and '-' (at most 63 characters)"
 PRESETS = "@once, @continuous, @hourly, @daily, @midnight, @weekly, @monthly, @quarterly, @yearly, @annually"
 TOP_KEYS = (
-    "$schema, code_configuration, description, endpoint_name, environment, input, model, name, output, "
-    "resources, schedule, settings, tags, type"
+    "$schema, code_configuration, contract, description, endpoint_name, environment, input, model, name, "
+    "output, resources, schedule, settings, tags, transform, type"
 )
 
 

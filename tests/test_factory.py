@@ -32,7 +32,7 @@ def test_example_dags_load_with_plan_score_merge_per_deployment(iris_example: Pa
     bag = parse(monkeypatch)
 
     assert bag.import_errors == {}
-    assert sorted(bag.dag_ids) == ["iris-batch", "iris-custom-outputs", "iris-nightly"]
+    assert sorted(bag.dag_ids) == ["iris-batch", "iris-custom-outputs", "iris-nightly", "iris-transform"]
     dag = bag.dags["iris-batch"]
     assert sorted(dag.task_ids) == ["iris-sklearn.merge", "iris-sklearn.plan", "iris-sklearn.score"]
     plan, score, merge = (dag.get_task(f"iris-sklearn.{t}") for t in ("plan", "score", "merge"))
@@ -61,7 +61,7 @@ def test_a_broken_yaml_is_an_import_error_naming_file_line_and_key_and_the_other
 
     bag = parse(monkeypatch, folder)
 
-    assert sorted(bag.dag_ids) == ["iris-batch", "iris-custom-outputs", "iris-nightly"]
+    assert sorted(bag.dag_ids) == ["iris-batch", "iris-custom-outputs", "iris-nightly", "iris-transform"]
     assert list(bag.import_errors) == [str(LOADER)]
     assert bag.import_errors[str(LOADER)] == (
         f"InvalidDeploymentFilesError: {broken}:{line}: settings.mini_batch_szie: unknown key 'mini_batch_szie'; "
@@ -76,7 +76,7 @@ def test_every_broken_file_is_listed_and_duplicates_across_files_are_refused(iri
 
     dags = build_dags(folder)
 
-    assert sorted(dags) == [INVALID_DAG_ID, "iris-batch", "iris-custom-outputs", "iris-nightly"]
+    assert sorted(dags) == [INVALID_DAG_ID, "iris-batch", "iris-custom-outputs", "iris-nightly", "iris-transform"]
     with pytest.raises(Exception) as info:
         dags[INVALID_DAG_ID].validate()
     assert str(info.value).splitlines() == [

@@ -108,18 +108,18 @@ def test_failures_within_the_default_thresholds_succeed_and_are_recorded(make_ru
     assert summary["items"] == {"total": 4, "succeeded": 0, "failed": 4}
     assert [f["mini_batch"] for f in summary["failures"]] == ["mb-00000", "mb-00001"]
     assert json.loads((root / "summary.json").read_text()) == summary
-    assert pd.read_csv(root / "errors.csv").values.tolist() == [
-        ["mb-00000", "f0.csv", "ValueError", "bad row 7"],
-        ["mb-00000", "f1.csv", "ValueError", "bad row 7"],
-        ["mb-00001", "f2.csv", "NoResult", "no result was committed (the task failed or never ran)"],
-        ["mb-00001", "f3.csv", "NoResult", "no result was committed (the task failed or never ran)"],
+    assert pd.read_csv(root / "errors.csv", keep_default_na=False).values.tolist() == [
+        ["mb-00000", "f0.csv", "", "ValueError", "bad row 7"],
+        ["mb-00000", "f1.csv", "", "ValueError", "bad row 7"],
+        ["mb-00001", "f2.csv", "", "NoResult", "no result was committed (the task failed or never ran)"],
+        ["mb-00001", "f3.csv", "", "NoResult", "no result was committed (the task failed or never ran)"],
     ]
 
     commit(d, 0, pa.table({"id": [1, 2]}))  # the reruns succeed: the merge converges
     commit(d, 1, pa.table({"id": [3, 4]}))
     assert merge_run("ep", d, RUN)["status"] == "succeeded"
     assert (root / "predictions.csv").read_text() == '"id"\n1\n2\n3\n4\n'
-    assert (root / "errors.csv").read_text() == "mini_batch,file,error_type,message\n"
+    assert (root / "errors.csv").read_text() == "mini_batch,file,record,error_type,message\n"
 
 
 @pytest.mark.parametrize(
@@ -296,9 +296,9 @@ def test_errors_file_says_which_file_a_failed_mini_batch_raised_on(make_run) -> 
         MiniBatchStatus(index=1, state="failed", files=2, error=ErrorInfo("ParserError", "Expected 2 fields", file="f3.csv"))
     )
     summary = merge_run("ep", d, RUN)
-    errors = pd.read_csv(run_layout(d, RUN).root / "errors.csv")
+    errors = pd.read_csv(run_layout(d, RUN).root / "errors.csv", keep_default_na=False)
     assert errors.values.tolist() == [
-        ["mb-00001", "f2.csv", "ParserError", "Expected 2 fields (raised on f3.csv; failed with its mini-batch)"],
-        ["mb-00001", "f3.csv", "ParserError", "Expected 2 fields"],
+        ["mb-00001", "f2.csv", "", "ParserError", "Expected 2 fields (raised on f3.csv; failed with its mini-batch)"],
+        ["mb-00001", "f3.csv", "", "ParserError", "Expected 2 fields"],
     ]
     assert summary["failures"][0]["error"] == "ParserError: Expected 2 fields (file f3.csv)"

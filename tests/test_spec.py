@@ -181,8 +181,8 @@ def test_unknown_key_without_a_close_match_lists_the_allowed_keys(folder: Path) 
     path = write(folder / "x.yaml", AZURE + "compute: azureml:cpu-cluster\n")
     assert error_of(path) == (
         f"{path}:15: compute: unknown key 'compute'; allowed keys here: $schema, code_configuration, "
-        "description, endpoint_name, environment, input, model, name, output, resources, schedule, "
-        "settings, tags, type"
+        "contract, description, endpoint_name, environment, input, model, name, output, resources, schedule, "
+        "settings, tags, transform, type"
     )
 
 

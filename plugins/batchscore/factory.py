@@ -15,7 +15,7 @@ from typing import Any
 from airflow.sdk import DAG, TaskGroup
 
 from batchscore.errors import DeploymentSpecError, InvalidDeploymentFilesError, SpecIssue
-from batchscore.operators import MergeOperator, PlanOperator, ScoreMiniBatchOperator
+from batchscore.operators import MergeOperator, PlanOperator, ScoreMiniBatchOperator, ServeMiniBatchOperator
 from batchscore.operators.score import RETRY_DELAY
 from batchscore.spec import AssetSchedule, EndpointSpec, key_line, load_endpoint
 from batchscore.triggers import RUN_PARAMS, airflow_schedule, dag_params, output_asset, upstream_asset
@@ -52,7 +52,8 @@ def build_dag(endpoint: EndpointSpec) -> DAG:
             }
             with TaskGroup(group_id=deployment.name, tooltip=deployment.description or deployment.name):
                 plan = PlanOperator(task_id="plan", **common)
-                score = ScoreMiniBatchOperator.partial(
+                operator = ServeMiniBatchOperator if deployment.contract == "serve" else ScoreMiniBatchOperator
+                score = operator.partial(
                     task_id="score",
                     retries=deployment.settings.retry_settings.max_retries,
                     retry_delay=RETRY_DELAY,
@@ -74,14 +75,24 @@ def _doc(endpoint: EndpointSpec) -> str:
     for d in endpoint.deployments:
         lines += [
             f"## {d.name}",
-            f"- image `{d.environment.image}`, script `{d.code_configuration.scoring_script}`",
+            (
+                f"- image `{d.environment.image}`, script `{d.code_configuration.scoring_script}`"
+                if d.code_configuration is not None
+                else f"- serving image `{d.environment.image}` (`IMAGE serve`), SplitType {d.transform.SplitType}"
+            ),
             f"- input `{d.input.path}` (`{d.input.pattern}`), "
             + (
                 f"mini-batches of about {d.settings.mini_batch_size}"
                 if d.settings.mini_batch_bytes is not None
                 else f"{d.settings.mini_batch_size} files per mini-batch"
             ),
-            f"- output `{d.output.path}/<run id>/{d.settings.output_file_name}` and `summary.json`",
+            (
+                f"- output `{d.output.path}/<run id>/{d.settings.output_file_name}` and `summary.json`"
+                if d.settings.output_action == "append_row"
+                else f"- output in `{d.output.path}/<run id>/`: "
+                + ("`<input file>.out` files" if d.contract == "serve" else "the script's own files")
+                + " and `summary.json`"
+            ),
             f"- a complete output updates the asset `{output_asset(endpoint.endpoint_name, d.name).name}`",
             "",
         ]

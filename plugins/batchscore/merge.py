@@ -6,7 +6,8 @@ folder (see :mod:`batchscore_runtime.formats` for the layout):
 * the output (``settings.output_file_name``), streamed record batch by record batch with
   pyarrow in plan order, so memory does not grow with the job's rows; nothing for
   ``output_action: summary_only``;
-* the custom outputs the scoring scripts wrote to ``AZUREML_BI_OUTPUT_PATH``, linked into the
+* the custom outputs the scoring scripts wrote to ``AZUREML_BI_OUTPUT_PATH`` (for a serving
+  container: its ``<input file>.out`` files, also joined into the output with ``append_row``), linked into the
   run folder, renamed ``<stem>-mb-00007<suffix>`` where two would clash;
 * the ledger (one line per mini-batch), the errors file (one line per failed item) and
   ``summary.json``.
@@ -78,6 +79,10 @@ class FailedItem:
     file: str
     error_type: str
     message: str
+    record: int | None = None  # serving contract: the first record of the failed request, 1-based
+
+    def row(self) -> list[Any]:
+        return [self.mini_batch, self.file, "" if self.record is None else self.record, self.error_type, self.message]
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ def failed_items(layout: RunLayout, outcomes: Iterable[Outcome]) -> list[FailedI
     items: list[FailedItem] = []
     for o in outcomes:
         if o.state == SUCCEEDED:
-            named = [FailedItem(o.id, e.file or "", e.type, e.message) for e in o.status.item_errors]
+            named = [FailedItem(o.id, e.file or "", e.type, e.message, e.record) for e in o.status.item_errors]
             unnamed = o.status.failed_items - len(named)  # the status's count is the one that counts
             items += named + [FailedItem(o.id, "", "NoResult", "run() returned fewer results than files")] * unnamed
             continue
@@ -312,6 +317,33 @@ def write_output(path: Path, parts: Iterable[Path], layout: str = "table") -> in
     return rows
 
 
+def write_serving_output(path: Path, layout: RunLayout, done: Iterable[Outcome]) -> int:
+    """Serving contract: the ``.out`` files of the succeeded mini-batches joined into one file, in input order.
+
+    The bytes are copied as they are (a file that does not end with a newline gets one, so the
+    next file starts on a line of its own); files that failed have no ``.out`` and are left out.
+    Returns the number of ``.out`` files joined.
+    """
+    joined = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as sink:
+        for o in done:
+            outputs = layout.mini_batch_dir(o.entry.index).outputs_path(o.status)
+            if outputs is None:
+                continue
+            for f in layout.read_mini_batch(o.entry.index).files:
+                out = outputs / f"{f.path}.out"
+                if not out.is_file():
+                    continue
+                with open(out, "rb") as source:
+                    shutil.copyfileobj(source, sink, 1 << 20)
+                    if out.stat().st_size:
+                        source.seek(-1, os.SEEK_END)
+                        if source.read(1) != b"\n":
+                            sink.write(b"\n")
+                joined += 1
+    return joined
+
+
 def _write_csv(path: Path, header: tuple[str, ...], rows: Iterable[Iterable[Any]]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
@@ -432,7 +464,11 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
     output: Path | None = None
     output_error: MergeError | None = None
     output_rows = 0
-    if settings.output_action == "append_row":
+    if settings.output_action == "append_row" and deployment.contract == "serve":
+        output = layout.root / settings.output_file_name
+        output_rows = sum(o.status.rows for o in done)
+        write_serving_output(output, layout, done)
+    elif settings.output_action == "append_row":
         output = layout.root / settings.output_file_name
         try:
             output_rows = write_output(output, [o.result for o in done if o.result], settings.output_layout)
@@ -441,7 +477,7 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
             output.unlink(missing_ok=True)  # an output of an earlier merge would look current
     items = failed_items(layout, outcomes)
     write_ledger(layout.ledger_file, outcomes)
-    _write_csv(layout.errors_file, ERRORS_COLUMNS, ([i.mini_batch, i.file, i.error_type, i.message] for i in items))
+    _write_csv(layout.errors_file, ERRORS_COLUMNS, (i.row() for i in items))
     reserved = {settings.output_file_name, layout.summary_file.name, layout.ledger_file.name, layout.errors_file.name, WORK_DIR_NAME}
     custom = collect_custom_outputs(layout, done, reserved)
 
@@ -463,6 +499,7 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
         "run_folder": str(layout.root),
         "output": str(output) if output and not output_error else None,
         "error": str(output_error) if output_error else None,
+        "contract": deployment.contract,
         "output_action": settings.output_action,
         "output_layout": settings.output_layout,
         "ledger": str(layout.ledger_file),
@@ -510,7 +547,8 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
         layout.summary_file,
     )
     if custom["files"]:
-        log.info("Placed %d custom output file(s) in %s", custom["files"], layout.root)
+        what = ".out" if deployment.contract == "serve" else "custom output"
+        log.info("Placed %d %s file(s) in %s", custom["files"], what, layout.root)
     if not_done:
         log.warning(
             "%d mini-batch(es) have no result: %s",
@@ -549,4 +587,5 @@ __all__ = [
     "merge_run",
     "write_ledger",
     "write_output",
+    "write_serving_output",
 ]

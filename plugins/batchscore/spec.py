@@ -40,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema, models_json_schema
+from pydantic_core import PydanticCustomError
 
 from batchscore.errors import DeploymentSpecError, SpecIssue
 
@@ -163,7 +164,8 @@ class CodeConfiguration(_Strict):
 
 
 class EnvironmentSpec(_Strict):
-    """The scoring container's image; it needs Python 3.9+, pandas and pyarrow."""
+    """The container image: for ``contract: azure`` the scoring image (Python 3.9+, pandas and
+    pyarrow); for ``contract: serve`` the serving image, started as ``IMAGE serve``."""
 
     image: str = Field(min_length=1)
 
@@ -361,6 +363,141 @@ class Settings(_Strict):
         return value
 
 
+# --------------------------------------------------------------------------- serving contract
+# SageMaker batch transform's settings, with SageMaker's names (CreateTransformJob's keys), so a
+# transform job's request can be copied over. YAML reads ``None`` as the string "None", which is
+# SageMaker's spelling; a YAML null (``null``, ``~``) is taken to mean the same.
+
+#: Environment variables the orchestrator sets in a serving container (from the transform settings).
+SAGEMAKER_ENVIRONMENT = {
+    "SAGEMAKER_BATCH": None,
+    "SAGEMAKER_MAX_PAYLOAD_IN_MB": "MaxPayloadInMB",
+    "SAGEMAKER_BATCH_STRATEGY": "BatchStrategy",
+    "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "MaxConcurrentTransforms",
+}
+#: Content types whose records DataProcessing can read: CSV rows or JSON values.
+CSV_CONTENT_TYPES = ("text/csv",)
+JSON_CONTENT_TYPES = ("application/jsonlines", "application/x-jsonlines", "application/json")
+MODEL_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+
+
+def _none_string(value: Any) -> Any:
+    return "None" if value is None else value
+
+
+def _batch_strategy(value: Any) -> Any:
+    spelled = {"MULTI_RECORD": "MultiRecord", "SINGLE_RECORD": "SingleRecord"}
+    return spelled.get(value, value) if isinstance(value, str) else value
+
+
+def _json_path(value: str) -> str:
+    from batchscore_runtime.jsonpath import parse  # the runtime's own parser: what it accepts, the YAML may say
+
+    parse(value)
+    return value
+
+
+NoneString = BeforeValidator(_none_string)
+JsonPath = Annotated[str, AfterValidator(_json_path)]
+
+
+class ModelClientConfig(_Strict):
+    """Time limit and retries of one ``/invocations`` request (SageMaker's ``ModelClientConfig``)."""
+
+    InvocationsTimeoutInSeconds: int = Field(600, ge=1, le=3600, description="Seconds one request may take.")
+    InvocationsMaxRetries: int = Field(
+        3, ge=0, le=3, description="Retries of a failed request (connection error, timeout, 5xx, 408, 429)."
+    )
+
+
+class DataProcessing(_Strict):
+    """Filters and join of CSV or JSON records (SageMaker's ``DataProcessing``); needs SplitType Line."""
+
+    InputFilter: JsonPath = Field("$", description="JSONPath selecting what of each input record is sent.")
+    OutputFilter: JsonPath = Field("$", description="JSONPath selecting what of each (joined) output record is kept.")
+    JoinSource: Annotated[Literal["None", "Input"], NoneString] = Field(
+        "None",
+        description="Input: join each output to its input record (CSV: input columns, then the output's; "
+        "JSON: the output under SageMakerOutput).",
+    )
+
+    @property
+    def active(self) -> bool:
+        return (self.InputFilter, self.OutputFilter, self.JoinSource) != ("$", "$", "None")
+
+
+class TransformSettings(_Strict):
+    """SageMaker batch transform's settings for ``contract: serve``, with SageMaker's names and defaults."""
+
+    SplitType: Annotated[Literal["None", "Line", "RecordIO", "TFRecord"], NoneString] = Field(
+        "None", description="None: a whole file is one request; Line, RecordIO, TFRecord: records."
+    )
+    BatchStrategy: Annotated[Literal["MultiRecord", "SingleRecord"] | None, BeforeValidator(_batch_strategy)] = Field(
+        None,
+        description="MultiRecord: as many records per request as fit in MaxPayloadInMB; SingleRecord: one. "
+        "Unset: the container's /execution-parameters answer, else MultiRecord.",
+    )
+    MaxPayloadInMB: int | None = Field(
+        None, ge=1, le=100, description="Largest request body in MB. Unset: the container's answer, else 6."
+    )
+    MaxConcurrentTransforms: int | None = Field(
+        None, ge=1, le=256, description="Requests in flight to one container. Unset: the container's answer, else 1."
+    )
+    CompressionType: Annotated[Literal["None", "Gzip"], NoneString] = Field(
+        "None", description="Gzip: the input files are gzip-compressed."
+    )
+    ContentType: str | None = Field(None, min_length=1, description="Content-Type of the requests.")
+    Accept: str | None = Field(None, min_length=1, description="Accept header of the requests.")
+    AssembleWith: Annotated[Literal["None", "Line"], NoneString] = Field(
+        "None", description="None: the responses of a file concatenated; Line: a newline after each."
+    )
+    client_config: ModelClientConfig = Field(default_factory=lambda: ModelClientConfig(), alias="ModelClientConfig")
+    Environment: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of the serving container."
+    )
+    data_processing: DataProcessing = Field(default_factory=lambda: DataProcessing(), alias="DataProcessing")
+
+    @field_validator("Environment")
+    @classmethod
+    def _environment(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"Environment: {name!r} is not an environment variable name")
+            if name in SAGEMAKER_ENVIRONMENT:
+                key = SAGEMAKER_ENVIRONMENT[name]
+                raise ValueError(
+                    f"Environment: {name} is set by batchscore"
+                    + (f" from transform.{key}; set that instead" if key else " (always 'true')")
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _data_processing(self) -> TransformSettings:
+        dp = self.data_processing
+        if not dp.active:
+            return self
+        content = (self.ContentType or "").split(";")[0].strip().lower()
+        if content not in CSV_CONTENT_TYPES + JSON_CONTENT_TYPES:
+            raise ValueError(
+                "DataProcessing needs ContentType text/csv or a JSON type "
+                f"({', '.join(JSON_CONTENT_TYPES)}) to read records, got {self.ContentType!r}"
+            )
+        if self.SplitType != "Line":
+            raise ValueError(f"DataProcessing needs SplitType Line (one record per line), got {self.SplitType!r}")
+        return self
+
+    def environment(self) -> dict[str, str]:
+        """The serving container's SageMaker variables: SAGEMAKER_BATCH always, the others only when set here."""
+        env = {"SAGEMAKER_BATCH": "true"}
+        if self.MaxPayloadInMB is not None:
+            env["SAGEMAKER_MAX_PAYLOAD_IN_MB"] = str(self.MaxPayloadInMB)
+        if self.BatchStrategy is not None:
+            env["SAGEMAKER_BATCH_STRATEGY"] = "MULTI_RECORD" if self.BatchStrategy == "MultiRecord" else "SINGLE_RECORD"
+        if self.MaxConcurrentTransforms is not None:
+            env["SAGEMAKER_MAX_CONCURRENT_TRANSFORMS"] = str(self.MaxConcurrentTransforms)
+        return env
+
+
 def _gpus(value: Any) -> int | Literal["all"] | list[str]:
     if isinstance(value, bool):
         raise ValueError("gpus must be a count, 'all', or a list of device ids")
@@ -450,19 +587,103 @@ class Resources(_Strict):
     )
 
 
+#: Settings of the Azure contract that mean nothing to a serving container, and what to use instead.
+AZURE_ONLY_SETTINGS = {
+    "max_concurrency_per_instance": "transform.MaxConcurrentTransforms",
+    "output_layout": None,
+}
+#: Defaults of ``settings`` that differ for ``contract: serve``: SageMaker fails a job when a file
+#: fails, and writes one ``.out`` file per input instead of one output file.
+SERVE_SETTING_DEFAULTS = {"error_threshold": 0, "output_action": "summary_only"}
+
+
 class DeploymentSpec(_Strict):
-    """One deployment: a model, its scoring code and image, an input and an output."""
+    """One deployment: a model, its scoring code (or serving image), an input and an output."""
 
     name: Name
     description: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    contract: Literal["azure", "serve"] = Field(
+        "azure",
+        description="azure: an Azure ML scoring script (init/run) in code_configuration; serve: a SageMaker "
+        "serving container (IMAGE serve, /ping and /invocations on port 8080) with the transform settings.",
+    )
     model: ModelSpec
-    code_configuration: CodeConfiguration
+    code_configuration: CodeConfiguration | None = Field(
+        None, validate_default=True, description="contract azure (required): the scoring script."
+    )
     environment: EnvironmentSpec
     input: InputSpec
     output: OutputSpec
+    transform: TransformSettings | None = Field(
+        None,
+        validate_default=True,
+        description="contract serve: SageMaker batch transform's settings, with its names and defaults.",
+    )
     settings: Settings = Settings()
     resources: Resources = Resources()
+
+    @field_validator("code_configuration")
+    @classmethod
+    def _code_for_azure(cls, value: CodeConfiguration | None, info: ValidationInfo) -> CodeConfiguration | None:
+        contract = info.data.get("contract", "azure")
+        if contract == "azure" and value is None:
+            raise PydanticCustomError("missing", "Field required")  # reported with the other missing keys
+        if contract == "serve" and value is not None:
+            raise ValueError("code_configuration is for contract: azure; a serving container brings its own code")
+        return value
+
+    @field_validator("transform")
+    @classmethod
+    def _transform_for_serve(cls, value: TransformSettings | None, info: ValidationInfo) -> TransformSettings | None:
+        contract = info.data.get("contract", "azure")
+        if contract == "azure" and value is not None:
+            raise ValueError("transform is for contract: serve; an Azure scoring script takes settings instead")
+        if contract == "serve" and value is None:
+            return TransformSettings()
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _serve_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("contract") == "serve":
+            settings = data.get("settings")
+            if settings is None or isinstance(settings, dict):
+                data = {**data, "settings": {**SERVE_SETTING_DEFAULTS, **(settings or {})}}
+        return data
+
+    @model_validator(mode="after")
+    def _contract(self) -> DeploymentSpec:
+        if self.contract == "azure":
+            return self
+        for key, instead in AZURE_ONLY_SETTINGS.items():
+            # Compared with the default, not with what was set: operators validate a full dump again.
+            if getattr(self.settings, key) != Settings.model_fields[key].default:
+                raise ValueError(
+                    f"settings.{key} applies to contract: azure only"
+                    + (f"; for a serving container use {instead}" if instead else "; remove it")
+                )
+        if self.settings.retry_settings.timeout != RetrySettings.model_fields["timeout"].default:
+            raise ValueError(
+                "settings.retry_settings.timeout applies to contract: azure only; for a serving container use "
+                "transform.ModelClientConfig.InvocationsTimeoutInSeconds"
+            )
+        if self.settings.output_file_name.lower().endswith(".parquet") and self.settings.output_action == "append_row":
+            raise ValueError(
+                "settings.output_file_name: the .out files of a serving container are joined as text, "
+                "so the collected output cannot be .parquet; use .csv or .jsonl"
+            )
+        model = self.model.path
+        if model.is_file() and not model.name.lower().endswith(MODEL_ARCHIVE_SUFFIXES):
+            raise ValueError(
+                f"model.path {model} must be a folder or a model archive (.tar.gz) for contract: serve"
+            )
+        overlap = set(self.transform.Environment) & set(self.settings.environment_variables)
+        if overlap:
+            raise ValueError(
+                f"transform.Environment and settings.environment_variables both set {', '.join(sorted(overlap))}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _workers_fit_gpus(self) -> DeploymentSpec:

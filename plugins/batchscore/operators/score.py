@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,7 +23,15 @@ from batchscore.gpus import lease_gpus
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import run_layout
 from batchscore.spec import DeploymentSpec, memory_bytes
-from batchscore_runtime.formats import ContainerPaths, ErrorInfo, MiniBatchDir, MiniBatchStatus, mini_batch_id, now_iso
+from batchscore_runtime.formats import (
+    ContainerPaths,
+    ErrorInfo,
+    MiniBatchDir,
+    MiniBatchStatus,
+    RunLayout,
+    mini_batch_id,
+    now_iso,
+)
 
 #: Pause before a failed mini-batch is retried (Azure retries at once; a short pause lets a
 #: transient cause, such as a busy Docker engine, pass).
@@ -74,28 +83,19 @@ def container_setup(
     they are read from Airflow in ``execute`` and never leave the operator's private environment.
     """
     layout = run_layout(spec, run_id)
-    out = layout.mini_batch_dir(index)
     settings = spec.settings
     model = spec.model.path
     model_target = ContainerPaths.MODEL if model.is_dir() else f"{ContainerPaths.MODEL}/{model.name}"
-    mounts = [
-        Mount(target=f"{ContainerPaths.RUNTIME}/batchscore_runtime", source=str(RUNTIME_SOURCE), type="bind", read_only=True),
-        Mount(target=model_target, source=str(model), type="bind", read_only=True),
-        Mount(target=ContainerPaths.CODE, source=str(spec.code_configuration.code), type="bind", read_only=True),
-        Mount(target=ContainerPaths.INPUT, source=str(spec.input.path), type="bind", read_only=True),
-        Mount(target=ContainerPaths.MINI_BATCH, source=str(layout.mini_batch_file(index)), type="bind", read_only=True),
-        Mount(target=ContainerPaths.OUTPUT, source=str(out.path), type="bind", read_only=False),
-    ]
-    security.check_mounts(mounts)
-    environment = {
-        **settings.environment_variables,
-        "AZUREML_MODEL_DIR": ContainerPaths.MODEL,
-        "BATCHSCORE_MINI_BATCH": mini_batch_id(index),
-        "PYTHONPATH": ContainerPaths.RUNTIME,
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "HOME": "/tmp",
-    }
+    mounts, environment = runtime_mounts_and_environment(
+        spec,
+        layout,
+        index,
+        [
+            Mount(target=model_target, source=str(model), type="bind", read_only=True),
+            Mount(target=ContainerPaths.CODE, source=str(spec.code_configuration.code), type="bind", read_only=True),
+        ],
+    )
+    environment = {**settings.environment_variables, "AZUREML_MODEL_DIR": ContainerPaths.MODEL, **environment}
     command = [
         "python3",
         "-m",
@@ -123,7 +123,34 @@ def container_setup(
     ]
     if gpu_count is not None:
         command += ["--gpus", str(gpu_count)]
-    return ContainerSetup(mounts, environment, command, layout.mini_batch_file(index), out)
+    return ContainerSetup(mounts, environment, command, layout.mini_batch_file(index), layout.mini_batch_dir(index))
+
+
+def runtime_mounts_and_environment(
+    spec: DeploymentSpec, layout: RunLayout, index: int, extra_mounts: list[Mount]
+) -> tuple[list[Mount], dict[str, str]]:
+    """What every container running batchscore's runtime on mini-batch ``index`` gets.
+
+    The runtime, the input folder and the mini-batch's file list, read-only; ``extra_mounts``
+    (read-only too); and the mini-batch's result folder, the only writable mount. No mount can
+    give the container the Docker socket.
+    """
+    mounts = [
+        Mount(target=f"{ContainerPaths.RUNTIME}/batchscore_runtime", source=str(RUNTIME_SOURCE), type="bind", read_only=True),
+        *extra_mounts,
+        Mount(target=ContainerPaths.INPUT, source=str(spec.input.path), type="bind", read_only=True),
+        Mount(target=ContainerPaths.MINI_BATCH, source=str(layout.mini_batch_file(index)), type="bind", read_only=True),
+        Mount(target=ContainerPaths.OUTPUT, source=str(layout.mini_batch_dir(index).path), type="bind", read_only=False),
+    ]
+    security.check_mounts(mounts)
+    environment = {
+        "BATCHSCORE_MINI_BATCH": mini_batch_id(index),
+        "PYTHONPATH": ContainerPaths.RUNTIME,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HOME": "/tmp",
+    }
+    return mounts, environment
 
 
 def _exit_hint(failure: str, spec: DeploymentSpec) -> str:
@@ -242,16 +269,21 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
             spec.settings.retry_settings.max_retries + 1,
         )
         started = now_iso()
-        backstop = backstop_seconds(spec)
+        backstop = self._backstop_seconds(spec)
         # Read from Airflow now, on the worker; only DockerOperator's private environment holds them
         # (neither rendered, serialized nor logged), and only while the container runs.
         try:
-            self._private_environment = security.resolve_secrets(spec.settings.secret_environment)
+            secrets = security.resolve_secrets(spec.settings.secret_environment)
         except SecretUnavailableError as exc:
             raise self._failed(result_dir, spec, "SecretUnavailable", str(exc), attempt, started) from None
-        self._secret_values = tuple(self._private_environment.values())
+        self._secret_values = tuple(secrets.values())
+        self._private_environment = self._container_secrets(secrets)
         try:
-            with timeout(backstop, error_message=f"{mb_id}: scoring container past {backstop:g} s"):
+            with (
+                timeout(backstop, error_message=f"{mb_id}: scoring container past {backstop:g} s")
+                if backstop is not None
+                else contextlib.nullcontext()
+            ):
                 super().execute(context)
         except AirflowTaskTimeout:
             # DockerOperator removes the container with force on the way out: it is killed, not left running.
@@ -277,14 +309,8 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
             status = result_dir.read_status()
             if status is not None and status.error is not None:
                 raise ScoringError(f"{mb_id} failed: {self._redact(status.error.one_line())}") from None
-            raise self._failed(
-                result_dir,
-                spec,
-                "ContainerDied",
-                f"the scoring container ended without committing a result ({exc}){_exit_hint(str(exc), spec)}",
-                attempt,
-                started,
-            ) from None
+            kind, message = self._died(exc, spec)
+            raise self._failed(result_dir, spec, kind, message, attempt, started) from None
         finally:
             self._private_environment, self._secret_values = {}, ()
         status = result_dir.read_status()
@@ -293,6 +319,25 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         return status
 
     _secret_values: tuple[str, ...] = ()
+
+    def _backstop_seconds(self, spec: DeploymentSpec) -> float | None:
+        """How long the container may run before it is killed; None: no limit of the orchestrator's own."""
+        return backstop_seconds(spec)
+
+    def _container_secrets(self, secrets: dict[str, str]) -> dict[str, str]:
+        """The secret environment of DockerOperator's container (the scoring container itself)."""
+        return secrets
+
+    def _died(self, exc: DockerContainerFailedException, spec: DeploymentSpec) -> tuple[str, str]:
+        """The error type and message for a container that ended without committing a status."""
+        return (
+            "ContainerDied",
+            f"the scoring container ended without committing a result ({exc}){_exit_hint(str(exc), spec)}",
+        )
+
+    def _host_config_options(self) -> dict[str, Any]:
+        """What batchscore adds to the host config of DockerOperator's container."""
+        return security.host_config_options(self.spec.resources)
 
     @property
     def log(self) -> Any:
@@ -314,7 +359,7 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         """
         cli = self.cli  # DockerHook.api_client is cached: the wrapper is what the method calls
         original = cli.create_host_config
-        extra = security.host_config_options(self.spec.resources)
+        extra = self._host_config_options()
 
         def create_host_config(*args: Any, **kwargs: Any) -> Any:
             security.check_mounts(kwargs.get("mounts") or [])
