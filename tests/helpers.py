@@ -1,9 +1,10 @@
-"""Builders shared by the tests: deployment YAML files and scoring scripts on disk."""
+"""Builders shared by the tests: deployment YAML files, scoring scripts and input files on disk."""
 
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -80,3 +81,31 @@ def planned_score_operator(endpoint: EndpointSpec, run_id: str):
         deployment=d.model_dump(mode="json"),
         mini_batch=mini_batch_refs(plan)[0],
     )
+
+
+def serve_endpoint(folder: Path, endpoint: str, deployments: list[dict[str, Any]]) -> Path:
+    """An endpoint YAML whose deployments are serving containers (absolute paths)."""
+    docs = []
+    for d in deployments:
+        doc = {
+            "name": d["name"],
+            "contract": "serve",
+            "model": {"path": str(d["model"])},
+            "environment": {"image": d["image"]},
+            "input": {"path": str(d["inputs"]), "pattern": d.get("pattern", "*")},
+            "output": {"path": str(folder / "output" / d["name"])},
+            "transform": d.get("transform", {}),
+            "settings": {"retry_settings": {"max_retries": 0}, **d.get("settings", {})},
+        }
+        docs.append(doc)
+    path = folder / f"{endpoint}.yaml"
+    path.write_text(yaml.safe_dump({"endpoint_name": endpoint, "deployments": docs}, sort_keys=False))
+    return path
+
+
+def inputs(folder: Path, files: dict[str, bytes]) -> Path:
+    """Input files with the given contents in ``folder``; returns the folder."""
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder

@@ -21,39 +21,12 @@ import yaml
 from batchscore.plan import run_layout
 from batchscore_runtime.formats import MiniBatchStatus
 from batchscore_runtime.records import masked_crc32c
-from tests.helpers import run_dag
+from tests.helpers import inputs, run_dag, serve_endpoint
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
 ECHO = "application/x-batchscore-echo"
 MIB = 1024 * 1024
-
-
-def serve_endpoint(folder: Path, endpoint: str, deployments: list[dict[str, Any]]) -> Path:
-    """An endpoint YAML whose deployments are serving containers (absolute paths)."""
-    docs = []
-    for d in deployments:
-        doc = {
-            "name": d["name"],
-            "contract": "serve",
-            "model": {"path": str(d["model"])},
-            "environment": {"image": d["image"]},
-            "input": {"path": str(d["inputs"]), "pattern": d.get("pattern", "*")},
-            "output": {"path": str(folder / "output" / d["name"])},
-            "transform": d.get("transform", {}),
-            "settings": {"retry_settings": {"max_retries": 0}, **d.get("settings", {})},
-        }
-        docs.append(doc)
-    path = folder / f"{endpoint}.yaml"
-    path.write_text(yaml.safe_dump({"endpoint_name": endpoint, "deployments": docs}, sort_keys=False))
-    return path
-
-
-def inputs(folder: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(data)
-    return folder
 
 
 def run_folder(endpoint: Any, name: str, dag_run: Any) -> Path:

@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {deployment.name}: {summary['status']}, {summary['rows']} rows, "
                   f"{summary['mini_batches']['succeeded']}/{summary['mini_batches']['total']} mini-batches, "
                   f"{summary['items']['failed']} failed items")
-            print(f"    output:  {summary['output'] or '(summary_only: custom outputs in the run folder)'}")
+            own = ".out files" if summary.get("contract") == "serve" else "custom outputs"
+            print(f"    output:  {summary['output'] or f'(summary_only: {own} in the run folder)'}")
             print(f"    summary: {summary_path}")
             print(f"    ledger:  {summary['ledger']}")
             if summary["items"]["failed"]:
