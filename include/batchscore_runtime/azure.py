@@ -42,6 +42,7 @@ from batchscore_runtime.formats import (
     now_iso,
     read_mini_batch_file,
 )
+from batchscore_runtime.slices import sliced_inputs
 
 log = logging.getLogger("batchscore")
 
@@ -96,11 +97,17 @@ def resolve_inputs(mini_batch: MiniBatch, input_root: Path) -> list[str]:
         except FileNotFoundError:
             raise InputFileMissingError(
                 f"input file {f.path} of {mini_batch.id} no longer exists "
-                f"(it was planned with {f.size} bytes); the plan is kept per run, "
+                f"(it was planned with {f.file_size} bytes); the plan is kept per run, "
                 "so restore the file or start a new run",
                 file=f.path,
             ) from None
-        if st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
+        if st.st_size != f.file_size or st.st_mtime_ns != f.mtime_ns:
+            if f.part is not None:  # its parts were cut at record boundaries of the planned file
+                raise InputFileMissingError(
+                    f"input file {f.path} of {mini_batch.id} changed since the plan cut it into parts "
+                    f"({f.file_size} -> {st.st_size} bytes); restore it or start a new run",
+                    file=f.path,
+                )
             log.warning("input file %s changed since the plan was made (%d -> %d bytes)", f.path, f.size, st.st_size)
         paths.append(str(p))
     return paths
@@ -229,12 +236,18 @@ def score_mini_batch(
     options: RunOptions = RunOptions(),
 ) -> MiniBatchStatus:
     """Score one mini-batch in worker processes and commit its result; raises on any failure."""
+    started = now_iso()
+    with sliced_inputs(mini_batch, resolve_inputs(mini_batch, input_root), out.path) as paths:
+        return _score_files(mini_batch, paths, script_path, out, options, started)
+
+
+def _score_files(
+    mini_batch: MiniBatch, paths: list[str], script_path: Path, out: MiniBatchDir, options: RunOptions, started: str
+) -> MiniBatchStatus:
     from batchscore_runtime.workers import WorkerTask, run_workers, split_evenly, worker_gpus
 
-    started = now_iso()
     t0 = time.monotonic()
-    paths = resolve_inputs(mini_batch, input_root)
-    rel_paths = [f.path for f in mini_batch.files]
+    rel_paths = [f.label for f in mini_batch.files]
     parts = split_evenly(list(zip(paths, rel_paths)), options.workers)
     if not script_path.is_file():
         raise ScoringScriptError(f"scoring script {script_path} does not exist")

@@ -104,12 +104,62 @@ def run_key(run_id: str) -> str:
 
 
 @dataclass(frozen=True)
+class FilePart:
+    """A slice of a large input file, scored as a file of its own (batchscore's size mode).
+
+    ``kind`` ``bytes``: the byte range ``[start, end)`` of a CSV or JSON Lines file, cut between
+    records (never inside a quoted CSV field), preceded by the file's first ``header_end`` bytes
+    (a CSV header; 0 for JSON Lines). ``kind`` ``row_groups``: Parquet row groups
+    ``[start, end)``. The runtime writes the slice as a file named like the original
+    (``big.part-0002-of-0005.csv``) and hands that path to the scoring script.
+    """
+
+    index: int  # 0-based
+    count: int
+    kind: str  # "bytes" | "row_groups"
+    start: int
+    end: int
+    header_end: int = 0
+    file_size: int = 0  # of the whole file, to notice a change since the plan
+
+    BYTES = "bytes"
+    ROW_GROUPS = "row_groups"
+
+
+@dataclass(frozen=True)
 class InputFile:
-    """One input file of a mini-batch, as seen when the plan was made."""
+    """One input file of a mini-batch, as seen when the plan was made, or a part of one."""
 
     path: str  # relative to the input folder, POSIX separators
-    size: int
+    size: int  # bytes; of the part, for a part
     mtime_ns: int
+    part: FilePart | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages and records name it: ``big.csv``, or ``big.csv (part 2 of 5)``."""
+        return self.path if self.part is None else f"{self.path} (part {self.part.index + 1} of {self.part.count})"
+
+    @property
+    def file_size(self) -> int:
+        """The size of the whole file when the plan was made."""
+        return self.part.file_size if self.part is not None else self.size
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.part is None:
+            del data["part"]  # plans without parts stay as they were
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InputFile:
+        part = data.get("part")
+        return cls(
+            path=data["path"],
+            size=int(data["size"]),
+            mtime_ns=int(data["mtime_ns"]),
+            part=FilePart(**part) if part else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -129,12 +179,12 @@ class MiniBatch:
         return sum(f.size for f in self.files)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "index": self.index, "files": [asdict(f) for f in self.files]}
+        return {"version": self.version, "index": self.index, "files": [f.to_json() for f in self.files]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MiniBatch:
         _check_version(data, "mini-batch")
-        return cls(index=int(data["index"]), files=[InputFile(**f) for f in data["files"]])
+        return cls(index=int(data["index"]), files=[InputFile.from_json(f) for f in data["files"]])
 
 
 @dataclass(frozen=True)
@@ -482,6 +532,7 @@ __all__ = [
     "ERRORS_COLUMNS",
     "ERRORS_FILE_NAME",
     "ErrorInfo",
+    "FilePart",
     "InputFile",
     "ItemError",
     "LEDGER_COLUMNS",

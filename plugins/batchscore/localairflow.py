@@ -81,6 +81,11 @@ class LocalAirflowError(RuntimeError):
     """The local Airflow stack failed to start, or an API call or a wait failed."""
 
 
+#: ``[core] max_map_length`` of the local stack: mapped instances one task may expand to, so
+#: mini-batches one run may have (Airflow's default is 1024).
+MAX_MAP_LENGTH = 10_000
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -172,6 +177,8 @@ class LocalAirflow:
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
                 "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                # One mapped score instance per mini-batch: Airflow's default of 1024 is too few.
+                "AIRFLOW__CORE__MAX_MAP_LENGTH": str(MAX_MAP_LENGTH),
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
                 "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",

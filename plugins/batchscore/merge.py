@@ -133,7 +133,7 @@ def failed_items(layout: RunLayout, outcomes: Iterable[Outcome]) -> list[FailedI
         else:
             error_type, message = "NoResult", o.reason
         try:
-            files = [f.path for f in layout.read_mini_batch(o.entry.index).files]
+            files = [f.label for f in layout.read_mini_batch(o.entry.index).files]
         except (OSError, ValueError):
             files = [""] * o.entry.files
         if culprit and culprit in files:  # say which file it was raised on, on the other files' lines

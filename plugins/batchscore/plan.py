@@ -14,6 +14,7 @@ from typing import Any
 
 from batchscore.errors import PlanError
 from batchscore.spec import DeploymentSpec
+from batchscore.split import split_large_files
 from batchscore_runtime.formats import (
     InputFile,
     MiniBatch,
@@ -156,6 +157,8 @@ def plan_run(
     settings = deployment.settings
     size = settings.mini_batch_size
     if settings.mini_batch_bytes is not None:
+        if settings.split_large_files and deployment.contract == "azure":  # a serving container's .out is per file
+            files = split_large_files(files, deployment.input.path, settings.mini_batch_bytes)
         mini_batches = partition_by_size(files, settings.mini_batch_bytes, settings.max_files_per_mini_batch)
     else:
         mini_batches = partition(files, size)

@@ -284,6 +284,12 @@ class Settings(_Strict):
     max_files_per_mini_batch: PositiveInt = Field(
         1000, description="batchscore's own: with mini_batch_size as a size, at most this many files per mini-batch."
     )
+    split_large_files: bool = Field(
+        True,
+        description="batchscore's own: with mini_batch_size as a size, cut CSV, JSON Lines and Parquet files "
+        "bigger than it into parts (between records, never inside a quoted CSV field; Parquet by row groups), "
+        "each scored as a file of its own, results in input order.",
+    )
     max_concurrency_per_instance: int = Field(
         1,
         ge=1,

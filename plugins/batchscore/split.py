@@ -1,0 +1,156 @@
+"""Cutting large input files into parts, so that size-mode mini-batches stay near their size.
+
+In size mode (``mini_batch_size: "64MB"``) a file bigger than the size would be a mini-batch
+of its own, and the slowest mini-batch would be as slow as the biggest file. With
+``settings.split_large_files`` (the default) such a file is cut into about equal parts
+instead, each scored as a file (see :mod:`batchscore_runtime.slices`):
+
+* CSV: byte ranges that end at a record boundary: a newline outside quotes (RFC 4180 quoting:
+  a line break inside a quoted field never ends a part); every part gets the header line;
+* JSON Lines: byte ranges that end at a newline;
+* Parquet: runs of whole row groups (a file with one row group is not cut).
+
+The parts of a file are consecutive in the plan, so results come back in input order. Other
+formats are never cut. Finding CSV boundaries reads the file once (quotes are counted, at C
+speed, with ``bytes.count``); nothing else is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from batchscore_runtime.formats import FilePart, InputFile
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 22
+SPLITTABLE = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+def record_boundaries(path: Path, wanted: list[int], quoted: bool) -> list[int]:
+    """For each offset in ``wanted`` (ascending), the first record boundary at or after it.
+
+    A boundary is the offset just after a newline that is outside quotes (``quoted``: CSV; a
+    quote toggles the state, so an escaped ``""`` leaves it as it was). Offsets passed over by
+    a long record give no boundary of their own; none at the end of the file is returned.
+    """
+    cuts: list[int] = []
+    inside = False
+    searching = False
+    wi, pos = 0, 0
+    with open(path, "rb") as fh:
+        while wi < len(wanted):
+            chunk = fh.read(READ_CHUNK)
+            if not chunk:
+                break
+            i, n = 0, len(chunk)
+            while wi < len(wanted):
+                if not searching:
+                    w = wanted[wi] - pos
+                    if w >= n:
+                        break  # the next wanted offset is in a later chunk
+                    w = max(w, i)
+                    if quoted:
+                        inside ^= bool(chunk.count(b'"', i, w) & 1)
+                    i, searching = w, True
+                nl = chunk.find(b"\n", i)
+                if nl < 0:
+                    break
+                if quoted:
+                    inside ^= bool(chunk.count(b'"', i, nl) & 1)
+                i = nl + 1
+                if not inside:
+                    cut = pos + i
+                    cuts.append(cut)
+                    searching = False
+                    while wi < len(wanted) and wanted[wi] < cut:
+                        wi += 1
+            if quoted and i < n:
+                inside ^= bool(chunk.count(b'"', i) & 1)
+            pos += n
+    return cuts
+
+
+def _text_parts(f: InputFile, path: Path, target: int, csv: bool) -> list[InputFile]:
+    header_end = 0
+    if csv:
+        found = record_boundaries(path, [0], quoted=True)
+        if not found:
+            return [f]  # one record: nothing to cut
+        header_end = found[0]
+    body = f.size - header_end
+    count = -(-body // target)
+    if count < 2:
+        return [f]
+    wanted = [header_end + body * k // count for k in range(1, count)]
+    cuts = [c for c in record_boundaries(path, wanted, quoted=csv) if header_end < c < f.size]
+    bounds = [header_end, *sorted(set(cuts)), f.size]
+    if len(bounds) < 3:
+        return [f]
+    n = len(bounds) - 1
+    return [
+        InputFile(
+            f.path,
+            size=header_end + end - start,
+            mtime_ns=f.mtime_ns,
+            part=FilePart(k, n, FilePart.BYTES, start, end, header_end, f.size),
+        )
+        for k, (start, end) in enumerate(zip(bounds, bounds[1:]))
+    ]
+
+
+def _parquet_parts(f: InputFile, path: Path, target: int) -> list[InputFile]:
+    import pyarrow.parquet as pq
+
+    from batchscore.plan import partition_by_size
+
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors vary; the scoring script will meet it too
+        log.warning("Not cutting %s: its Parquet metadata cannot be read (%s)", f.path, exc)
+        return [f]
+    sizes = [
+        sum(metadata.row_group(g).column(c).total_compressed_size for c in range(metadata.num_columns))
+        for g in range(metadata.num_row_groups)
+    ]
+    if len(sizes) < 2:
+        return [f]
+    groups = partition_by_size([InputFile(str(g), s, 0) for g, s in enumerate(sizes)], target, len(sizes))
+    if len(groups) < 2:
+        return [f]
+    out, first = [], 0
+    for k, group in enumerate(groups):
+        last = first + len(group.files)
+        size = sum(sizes[first:last])
+        out.append(
+            InputFile(
+                f.path,
+                size=size,
+                mtime_ns=f.mtime_ns,
+                part=FilePart(k, len(groups), FilePart.ROW_GROUPS, first, last, 0, f.size),
+            )
+        )
+        first = last
+    return out
+
+
+def split_large_files(files: list[InputFile], root: Path, target: int) -> list[InputFile]:
+    """``files`` with each CSV, JSON Lines or Parquet file bigger than ``target`` bytes cut into parts."""
+    out: list[InputFile] = []
+    for f in files:
+        kind = SPLITTABLE.get(Path(f.path).suffix.lower())
+        if kind is None or f.size <= target:
+            out.append(f)
+            continue
+        t0 = time.monotonic()
+        path = root / f.path
+        if kind == "parquet":
+            parts = _parquet_parts(f, path, target)
+        else:
+            parts = _text_parts(f, path, target, csv=kind == "csv")
+        if len(parts) > 1:
+            log.info("Cut %s (%d bytes) into %d parts in %.2f s", f.path, f.size, len(parts), time.monotonic() - t0)
+        out.extend(parts)
+    return out
