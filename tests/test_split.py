@@ -18,7 +18,7 @@ from batchscore.plan import partition_by_size
 from batchscore.split import record_boundaries, split_large_files
 from batchscore_runtime.formats import FilePart, InputFile, MiniBatch
 from batchscore_runtime.slices import part_name, sliced_inputs
-from tests.helpers import deployment_file, load, run_dag, write
+from tests.helpers import deployment_file, run_dag, write
 
 
 def entry(path: Path, root: Path) -> InputFile:
