@@ -43,6 +43,8 @@ from pydantic.json_schema import SkipJsonSchema, models_json_schema
 from pydantic_core import PydanticCustomError
 
 from batchscore.errors import DeploymentSpecError, SpecIssue
+from batchscore_runtime.jsonpath import CSV_CONTENT_TYPES, JSON_CONTENT_TYPES  # what DataProcessing reads
+from batchscore_runtime.jsonpath import parse as parse_json_path
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 OUTPUT_FORMATS = (".csv", ".parquet", ".jsonl")
@@ -381,9 +383,6 @@ SAGEMAKER_ENVIRONMENT = {
     "SAGEMAKER_BATCH_STRATEGY": "BatchStrategy",
     "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "MaxConcurrentTransforms",
 }
-#: Content types whose records DataProcessing can read: CSV rows or JSON values.
-CSV_CONTENT_TYPES = ("text/csv",)
-JSON_CONTENT_TYPES = ("application/jsonlines", "application/x-jsonlines", "application/json")
 MODEL_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 
 
@@ -397,9 +396,7 @@ def _batch_strategy(value: Any) -> Any:
 
 
 def _json_path(value: str) -> str:
-    from batchscore_runtime.jsonpath import parse  # the runtime's own parser: what it accepts, the YAML may say
-
-    parse(value)
+    parse_json_path(value)  # the runtime's own parser: what it accepts, the YAML may say
     return value
 
 
