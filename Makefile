@@ -10,7 +10,7 @@ IRIS   := include/examples/iris
 MODEL  := $(IRIS)/model/iris-classifier/model.joblib
 
 .DEFAULT_GOAL := help
-.PHONY: help venv images images-gpu images-serve example demo test schema lock clean
+.PHONY: help venv images images-gpu images-serve example demo test bench schema lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ demo: venv example  ## run the example DAG on a real scheduler and print where i
 
 test: venv example  ## the test suite (what CI runs)
 	$(BIN)/pytest
+
+bench: venv example  ## the benchmarks of issue 6 (bench/README.md), not part of test; some: make bench ONLY="merge skew"
+	$(BIN)/python -m bench $(ONLY)
 
 schema: venv  ## regenerate the JSON schema of the deployment YAML
 	$(BIN)/python -m batchscore.spec > include/schema/deployment.schema.json
