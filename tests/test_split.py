@@ -53,7 +53,7 @@ def test_csv_parts_never_cut_a_quoted_field_and_rejoin_exactly(tmp_path: Path, m
     big.parent.mkdir()
     big.write_bytes(data)
 
-    parts = split_large_files([entry(big, tmp_path / "in")], tmp_path / "in", target=len(data) // 6)
+    parts = split_large_files([entry(big, tmp_path / "in")], tmp_path / "in", size=len(data) // 6)
 
     assert len(parts) >= 5
     assert [p.part.index for p in parts] == list(range(len(parts)))
@@ -84,7 +84,7 @@ def test_json_lines_parts_end_at_newlines(tmp_path: Path) -> None:
     data = ("\n".join(lines) + "\n").encode()
     (tmp_path / "big.jsonl").write_bytes(data)
 
-    parts = split_large_files([entry(tmp_path / "big.jsonl", tmp_path)], tmp_path, target=-(-len(data) // 4))
+    parts = split_large_files([entry(tmp_path / "big.jsonl", tmp_path)], tmp_path, size=-(-len(data) // 4))
 
     assert len(parts) == 4 and all(p.part.header_end == 0 for p in parts)
     texts = materialized(parts, tmp_path, tmp_path / "work")
@@ -103,7 +103,7 @@ def test_parquet_parts_are_runs_of_row_groups(tmp_path: Path) -> None:
     meta = pq.ParquetFile(tmp_path / "big.parquet").metadata
     group_bytes = [meta.row_group(g).column(0).total_compressed_size + meta.row_group(g).column(1).total_compressed_size for g in range(10)]
 
-    parts = split_large_files(files, tmp_path, target=sum(group_bytes[:4]))  # 4 row groups fit
+    parts = split_large_files(files, tmp_path, size=sum(group_bytes[:4]))  # 4 row groups fit
 
     big = [p for p in parts if p.path == "big.parquet"]
     target = sum(group_bytes[:4])
@@ -124,7 +124,7 @@ def test_small_files_and_other_formats_are_never_cut(tmp_path: Path) -> None:
     (tmp_path / "big.bin").write_bytes(b"x\n" * 5000)
     (tmp_path / "small.csv").write_bytes(b"a\n1\n")
     files = [entry(tmp_path / "big.bin", tmp_path), entry(tmp_path / "small.csv", tmp_path)]
-    assert split_large_files(files, tmp_path, target=100) == files
+    assert split_large_files(files, tmp_path, size=100) == files
 
 
 def test_parts_balance_size_mode_mini_batches() -> None:
@@ -184,7 +184,7 @@ def test_a_large_csv_is_scored_in_parts_and_comes_back_whole_and_in_order(
     )
     pd.testing.assert_frame_equal(out[["id", "text", "value"]], expected)  # whole, in input order
     sources = out["source"].drop_duplicates().tolist()
-    assert sources[:2] == ["a-big.part-0001-of-0004.csv", "a-big.part-0002-of-0004.csv"]
+    assert sources[:2] == ["a-big.part-0001-of-0008.csv", "a-big.part-0002-of-0008.csv"]  # parts of half a mini-batch
     assert sources[-1] == "b-small.csv"
     summary = json.loads((root / "summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["mini_batches"]["total"] >= 4

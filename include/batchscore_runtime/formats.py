@@ -146,9 +146,10 @@ class InputFile:
         return self.part.file_size if self.part is not None else self.size
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        if self.part is None:
-            del data["part"]  # plans without parts stay as they were
+        # Spelt out rather than asdict(): a plan of 100,000 files calls this 100,000 times.
+        data: dict[str, Any] = {"path": self.path, "size": self.size, "mtime_ns": self.mtime_ns}
+        if self.part is not None:  # plans without parts stay as they were
+            data["part"] = asdict(self.part)
         return data
 
     @classmethod
@@ -515,9 +516,11 @@ def atomic_path(final: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, *, indent: int | None = 2) -> None:
+    """Write ``data`` as JSON under ``path`` atomically; ``indent=None`` is compact (and several
+    times faster: Python's JSON encoder is pure Python when it indents)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=indent, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def now_iso() -> str:

@@ -8,13 +8,17 @@ changed since. ``plan.json`` is written last, so its presence means the plan is 
 from __future__ import annotations
 
 import bisect
+import fnmatch
 import logging
+import os
 import re
-from typing import Any
+import stat
+from pathlib import Path
+from typing import Any, Iterator
 
 from batchscore.errors import PlanError
 from batchscore.spec import DeploymentSpec
-from batchscore.split import split_large_files
+from batchscore.split import part_size, split_large_files
 from batchscore_runtime.formats import (
     InputFile,
     MiniBatch,
@@ -34,9 +38,29 @@ def run_layout(deployment: DeploymentSpec, run_id: str) -> RunLayout:
     return RunLayout(deployment.output.path / run_key(run_id))
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
 def _natural_key(rel: str) -> list:
     """Sort key that puts ``file-2`` before ``file-10``; ties broken by the plain string."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", rel)] + [rel]
+    return [int(t) if t.isdigit() else t for t in _DIGITS.split(rel)] + [rel]
+
+
+def _candidates(root: Path, pattern: str) -> Iterator[str]:
+    """Paths (as text) under ``root`` that match the glob ``pattern``.
+
+    A pattern within one folder (``*.csv``, the usual case) is matched over one ``os.scandir``,
+    several times faster than ``Path.glob`` on 100,000 files; others go through ``Path.glob``.
+    """
+    if "/" in pattern or "**" in pattern:
+        yield from (str(p) for p in root.glob(pattern))
+        return
+    match = re.compile(fnmatch.translate(pattern)).match  # case-sensitive, as Path.glob on Linux
+    base = str(root)
+    with os.scandir(base) as entries:
+        for entry in entries:
+            if match(entry.name):
+                yield f"{base}/{entry.name}"
 
 
 def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
@@ -47,16 +71,29 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
             f"input folder {root} of deployment {deployment.name!r} does not exist or is not a folder "
             "(key input.path)"
         )
+    real_root = root.resolve()
     work_root = deployment.output.path.resolve()
+    # Our own outputs are never scored: a file is checked against the output folder only where
+    # it can lie inside it (the output folder is inside the input folder, or the file is a link).
+    work_inside = work_root.is_relative_to(real_root)
+    prefix = len(str(root)) + 1
     found: list[InputFile] = []
-    for p in root.glob(deployment.input.pattern):
-        rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+    for text in _candidates(root, deployment.input.pattern):
+        rel = text[prefix:]
+        if rel.startswith(".") or "/." in rel:  # hidden, or in a hidden folder
             continue
-        if p.resolve().is_relative_to(work_root):  # never score our own outputs
+        try:
+            st = os.lstat(text)
+            link = stat.S_ISLNK(st.st_mode)
+            if link:
+                st = os.stat(text)
+        except OSError:  # vanished, or a dangling link
             continue
-        st = p.stat()
-        found.append(InputFile(path=rel.as_posix(), size=st.st_size, mtime_ns=st.st_mtime_ns))
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if (link or work_inside) and Path(text).resolve().is_relative_to(work_root):
+            continue
+        found.append(InputFile(path=rel, size=st.st_size, mtime_ns=st.st_mtime_ns))
     found.sort(key=lambda f: _natural_key(f.path))
     return found
 
@@ -158,7 +195,7 @@ def plan_run(
     size = settings.mini_batch_size
     if settings.mini_batch_bytes is not None:
         if settings.split_large_files and deployment.contract == "azure":  # a serving container's .out is per file
-            files = split_large_files(files, deployment.input.path, settings.mini_batch_bytes)
+            files = split_large_files(files, deployment.input.path, part_size(settings.mini_batch_bytes))
         mini_batches = partition_by_size(files, settings.mini_batch_bytes, settings.max_files_per_mini_batch)
     else:
         mini_batches = partition(files, size)
@@ -170,7 +207,7 @@ def plan_run(
         )
     try:
         for mb in mini_batches:
-            write_json_atomic(layout.mini_batch_file(mb.index), mb.to_json())
+            write_json_atomic(layout.mini_batch_file(mb.index), mb.to_json(), indent=None)
     except OSError as exc:
         raise _unwritable(deployment, layout, exc) from None
     plan = Plan(

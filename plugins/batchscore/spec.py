@@ -289,8 +289,8 @@ class Settings(_Strict):
     split_large_files: bool = Field(
         True,
         description="batchscore's own: with mini_batch_size as a size, cut CSV, JSON Lines and Parquet files "
-        "bigger than it into parts (between records, never inside a quoted CSV field; Parquet by row groups), "
-        "each scored as a file of its own, results in input order.",
+        "bigger than half of it into parts of at most half (between records, never inside a quoted CSV field; "
+        "Parquet by row groups), each scored as a file of its own, results in input order.",
     )
     max_concurrency_per_instance: int = Field(
         1,

@@ -2,8 +2,9 @@
 
 In size mode (``mini_batch_size: "64MB"``) a file bigger than the size would be a mini-batch
 of its own, and the slowest mini-batch would be as slow as the biggest file. With
-``settings.split_large_files`` (the default) such a file is cut into about equal parts
-instead, each scored as a file (see :mod:`batchscore_runtime.slices`):
+``settings.split_large_files`` (the default) every such file bigger than half the size is cut
+into about equal parts of at most half the size (:func:`part_size`), each scored as a file
+(see :mod:`batchscore_runtime.slices`):
 
 * CSV: byte ranges that end at a record boundary: a newline outside quotes (RFC 4180 quoting:
   a line break inside a quoted field never ends a part); every part gets the header line;
@@ -136,20 +137,31 @@ def _parquet_parts(f: InputFile, path: Path, target: int) -> list[InputFile]:
     return out
 
 
-def split_large_files(files: list[InputFile], root: Path, target: int) -> list[InputFile]:
-    """``files`` with each CSV, JSON Lines or Parquet file bigger than ``target`` bytes cut into parts."""
+def part_size(target: int) -> int:
+    """The size above which a file is cut, and the largest part: half a mini-batch.
+
+    Parts of at most half a mini-batch let the planner fill mini-batches evenly: with parts of
+    a whole mini-batch's size, two of them rarely fit in one, and the mean falls while the
+    heaviest stays (``bench/skew.py`` measures both).
+    """
+    return max(1, target // 2)
+
+
+def split_large_files(files: list[InputFile], root: Path, size: int) -> list[InputFile]:
+    """``files`` with each CSV, JSON Lines or Parquet file bigger than ``size`` bytes cut into
+    about equal parts of at most ``size`` bytes (as far as records and row groups allow)."""
     out: list[InputFile] = []
     for f in files:
         kind = SPLITTABLE.get(Path(f.path).suffix.lower())
-        if kind is None or f.size <= target:
+        if kind is None or f.size <= size:
             out.append(f)
             continue
         t0 = time.monotonic()
         path = root / f.path
         if kind == "parquet":
-            parts = _parquet_parts(f, path, target)
+            parts = _parquet_parts(f, path, size)
         else:
-            parts = _text_parts(f, path, target, csv=kind == "csv")
+            parts = _text_parts(f, path, size, csv=kind == "csv")
         if len(parts) > 1:
             log.info("Cut %s (%d bytes) into %d parts in %.2f s", f.path, f.size, len(parts), time.monotonic() - t0)
         out.extend(parts)
