@@ -113,6 +113,22 @@ def test_outputs_inside_the_input_folder_are_never_planned(tmp_path: Path, make_
     assert [f.path for f in list_input_files(d)] == ["a.csv"]
 
 
+def test_links_into_the_output_folder_are_never_planned(tmp_path: Path, make_deployment) -> None:
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    write(inputs / "a.csv", "x\n")
+    write(output / "old-run" / "predictions.csv", "x\n")
+    (inputs / "b.csv").symlink_to(output / "old-run" / "predictions.csv")  # a linked file
+    (inputs / "sub").symlink_to(output / "old-run")  # a linked folder, reached by **
+    write(tmp_path / "elsewhere.csv", "x\n")
+    (inputs / "c.csv").symlink_to(tmp_path / "elsewhere.csv")  # a link elsewhere is an input
+
+    assert [f.path for f in list_input_files(make_deployment(inputs, output=output))] == ["a.csv", "c.csv"]
+    assert [f.path for f in list_input_files(make_deployment(inputs, pattern="**/*.csv", output=output))] == [
+        "a.csv",
+        "c.csv",
+    ]
+
+
 def test_an_output_path_that_is_a_file_fails_the_plan_naming_output_path(tmp_path: Path, make_deployment) -> None:
     write(tmp_path / "in" / "f.csv", "x\n")
     not_a_folder = write(tmp_path / "taken", "a file\n")

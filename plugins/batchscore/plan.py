@@ -74,11 +74,13 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
     real_root = root.resolve()
     work_root = deployment.output.path.resolve()
     # Our own outputs are never scored: a file is checked against the output folder only where
-    # it can lie inside it (the output folder is inside the input folder, or the file is a link).
-    work_inside = work_root.is_relative_to(real_root)
+    # it can lie inside it: the output folder is inside the input folder, the file is a link, or
+    # the pattern reaches into subfolders (one of which may be a link).
+    pattern = deployment.input.pattern
+    check_all = work_root.is_relative_to(real_root) or "/" in pattern or "**" in pattern
     prefix = len(str(root)) + 1
     found: list[InputFile] = []
-    for text in _candidates(root, deployment.input.pattern):
+    for text in _candidates(root, pattern):
         rel = text[prefix:]
         if rel.startswith(".") or "/." in rel:  # hidden, or in a hidden folder
             continue
@@ -91,7 +93,7 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
             continue
         if not stat.S_ISREG(st.st_mode):
             continue
-        if (link or work_inside) and Path(text).resolve().is_relative_to(work_root):
+        if (link or check_all) and Path(text).resolve().is_relative_to(work_root):
             continue
         found.append(InputFile(path=rel, size=st.st_size, mtime_ns=st.st_mtime_ns))
     found.sort(key=lambda f: _natural_key(f.path))
