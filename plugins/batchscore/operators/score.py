@@ -19,7 +19,7 @@ from docker.types import DeviceRequest, Mount
 import batchscore_runtime.formats
 from batchscore import security
 from batchscore.errors import ScoringError, SecretUnavailableError
-from batchscore.gpus import lease_gpus
+from batchscore.gpus import GpuAssignment, lease_gpus
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import run_layout
 from batchscore.spec import DeploymentSpec, memory_bytes
@@ -221,19 +221,29 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         label = f"{self.endpoint_name}/{spec.name}/{run_id}/{mb_id}"
         # The GPUs are held from before the container starts until after it is gone.
         with lease_gpus(spec.resources.gpus, spec.resources.share_gpus, label=label, log=self.log) as gpus:
-            self.device_requests = gpus.device_requests
-            setup = container_setup(spec, run_id, index, attempt=attempt, gpu_count=gpus.count)
-            status = self._score(context, spec, setup, attempt)
+            status = self._score_leased(context, spec, index, attempt, gpus)
+        self._report(status)
+        return {"mini_batch": mb_id, "rows": status.rows, "failed_items": status.failed_items}
+
+    def _score_leased(
+        self, context: Any, spec: DeploymentSpec, index: int, attempt: int, gpus: GpuAssignment
+    ) -> MiniBatchStatus:
+        """Score mini-batch ``index`` on the leased GPUs; return its committed status or raise."""
+        self.device_requests = gpus.device_requests
+        setup = container_setup(spec, context["run_id"], index, attempt=attempt, gpu_count=gpus.count)
+        return self._score(context, spec, setup, attempt)
+
+    def _report(self, status: MiniBatchStatus) -> None:
+        """The task log's last word on a mini-batch that succeeded."""
         self.log.info(
             "%s: %d rows from %d files (init %.2f s, run %.2f s)%s",
-            mb_id,
+            status.id,
             status.rows,
             status.files,
             status.init_seconds,
             status.run_seconds,
             f"; {status.failed_items} failed item(s)" if status.failed_items else "",
         )
-        return {"mini_batch": mb_id, "rows": status.rows, "failed_items": status.failed_items}
 
     def _score(self, context: Any, spec: DeploymentSpec, setup: ContainerSetup, attempt: int) -> MiniBatchStatus:
         """Run the container on the mini-batch; return its committed status or raise ScoringError."""

@@ -32,12 +32,12 @@ from docker.types import Mount
 
 from batchscore import security
 from batchscore.errors import ScoringError
-from batchscore.gpus import lease_gpus
+from batchscore.gpus import GpuAssignment
 from batchscore.model_archive import serving_model_dir
 from batchscore.operators.score import ContainerSetup, ScoreMiniBatchOperator, runtime_mounts_and_environment
 from batchscore.plan import run_layout
 from batchscore.spec import DeploymentSpec, memory_bytes
-from batchscore_runtime.formats import ContainerPaths, TransformConfig, mini_batch_id
+from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, TransformConfig
 
 #: The image the client runs in: any image with Python 3.9+ will do (the runtime is mounted).
 CLIENT_IMAGE_ENV = "BATCHSCORE_CLIENT_IMAGE"
@@ -57,11 +57,10 @@ def transform_config(spec: DeploymentSpec) -> TransformConfig:
     """The client's settings from the deployment's ``transform`` block (SageMaker's names)."""
     t = spec.transform
     assert t is not None, "contract serve always has transform settings"
-    strategy = {"MultiRecord": "MULTI_RECORD", "SingleRecord": "SINGLE_RECORD"}.get(t.BatchStrategy or "")
     dp = t.data_processing
     return TransformConfig(
         split_type=t.SplitType,
-        batch_strategy=strategy,
+        batch_strategy=t.batch_strategy_value,
         max_payload_mb=t.MaxPayloadInMB,
         max_concurrent_transforms=t.MaxConcurrentTransforms,
         compression=t.CompressionType,
@@ -136,28 +135,26 @@ class ServeMiniBatchOperator(ScoreMiniBatchOperator):
         self.mem_limit = None
         self.shm_size = None
         self._served: _Served | None = None
+        self._serving_secrets: dict[str, str] = {}
 
-    def execute(self, context: Any) -> dict[str, Any]:
-        index = int(self.mini_batch["index"])
-        mb_id = mini_batch_id(index)
-        run_id = context["run_id"]
-        spec = self.run_spec(context)
-        ti = context.get("ti")
-        attempt = int(getattr(ti, "try_number", 1) or 1)
-        label = f"{self.endpoint_name}/{spec.name}/{run_id}/{mb_id}"
-        layout = run_layout(spec, run_id)
-        model_dir = serving_model_dir(spec, layout)  # unpacked by the plan; again only if it was removed
-        setup = client_setup(spec, run_id, index, attempt=attempt)
-        with lease_gpus(spec.resources.gpus, spec.resources.share_gpus, label=label, log=self.log) as gpus:
-            self._gpu_requests = gpus.device_requests
-            self._model_dir = model_dir
-            try:
-                status = self._score(context, spec, setup, attempt)
-            finally:
-                self._remove_serving_container()
+    # ------------------------------------------------------------------ hooks of ScoreMiniBatchOperator
+
+    def _score_leased(
+        self, context: Any, spec: DeploymentSpec, index: int, attempt: int, gpus: GpuAssignment
+    ) -> MiniBatchStatus:
+        # The GPUs go to the serving container (started in _run_image_with_mounts), not the client.
+        self._gpu_requests = gpus.device_requests
+        self._model_dir = serving_model_dir(spec, run_layout(spec, context["run_id"]))  # the plan unpacked it
+        setup = client_setup(spec, context["run_id"], index, attempt=attempt)
+        try:
+            return self._score(context, spec, setup, attempt)
+        finally:
+            self._remove_serving_container()
+
+    def _report(self, status: MiniBatchStatus) -> None:
         self.log.info(
             "%s: %d records from %d files, %d .out file(s) (healthy after %.2f s, scoring %.2f s)%s",
-            mb_id,
+            status.id,
             status.rows,
             status.files,
             status.custom_outputs,
@@ -166,10 +163,7 @@ class ServeMiniBatchOperator(ScoreMiniBatchOperator):
             f"; {status.failed_items} file(s) FAILED, see errors.csv after the merge" if status.failed_items else "",
         )
         for item in status.item_errors[:10]:
-            self.log.warning("%s: %s: %s: %s", mb_id, item.file, item.type, item.message)
-        return {"mini_batch": mb_id, "rows": status.rows, "failed_items": status.failed_items}
-
-    # ------------------------------------------------------------------ hooks of ScoreMiniBatchOperator
+            self.log.warning("%s: %s: %s: %s", status.id, item.file, item.type, item.message)
 
     def _backstop_seconds(self, spec: DeploymentSpec) -> float | None:
         # The client bounds everything itself: /ping by init_timeout, each request by
@@ -227,7 +221,7 @@ class ServeMiniBatchOperator(ScoreMiniBatchOperator):
             security_opt=[security.NO_NEW_PRIVILEGES],
             privileged=False,
         )
-        environment = {**serving_environment(spec), **getattr(self, "_serving_secrets", {})}
+        environment = {**serving_environment(spec), **self._serving_secrets}
         labels = {**(self.labels or {}), "batchscore.role": "serving"}
         self.log.info(
             "Starting the serving container: %s serve (model %s at %s; network %s)",
