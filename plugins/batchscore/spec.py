@@ -390,8 +390,12 @@ def _none_string(value: Any) -> Any:
     return "None" if value is None else value
 
 
+#: BatchStrategy as CreateTransformJob spells it, and as the container sees it (environment, /execution-parameters).
+BATCH_STRATEGY_VALUES = {"MultiRecord": "MULTI_RECORD", "SingleRecord": "SINGLE_RECORD"}
+
+
 def _batch_strategy(value: Any) -> Any:
-    spelled = {"MULTI_RECORD": "MultiRecord", "SINGLE_RECORD": "SingleRecord"}
+    spelled = {v: k for k, v in BATCH_STRATEGY_VALUES.items()}
     return spelled.get(value, value) if isinstance(value, str) else value
 
 
@@ -489,13 +493,18 @@ class TransformSettings(_Strict):
             raise ValueError(f"DataProcessing needs SplitType Line (one record per line), got {self.SplitType!r}")
         return self
 
+    @property
+    def batch_strategy_value(self) -> str | None:
+        """``MULTI_RECORD`` or ``SINGLE_RECORD``, as the container sees it; None when the job leaves it open."""
+        return BATCH_STRATEGY_VALUES.get(self.BatchStrategy or "")
+
     def environment(self) -> dict[str, str]:
         """The serving container's SageMaker variables: SAGEMAKER_BATCH always, the others only when set here."""
         env = {"SAGEMAKER_BATCH": "true"}
         if self.MaxPayloadInMB is not None:
             env["SAGEMAKER_MAX_PAYLOAD_IN_MB"] = str(self.MaxPayloadInMB)
-        if self.BatchStrategy is not None:
-            env["SAGEMAKER_BATCH_STRATEGY"] = "MULTI_RECORD" if self.BatchStrategy == "MultiRecord" else "SINGLE_RECORD"
+        if self.batch_strategy_value is not None:
+            env["SAGEMAKER_BATCH_STRATEGY"] = self.batch_strategy_value
         if self.MaxConcurrentTransforms is not None:
             env["SAGEMAKER_MAX_CONCURRENT_TRANSFORMS"] = str(self.MaxConcurrentTransforms)
         return env
