@@ -40,13 +40,18 @@ def airflow_db() -> Path:
     return _HOME
 
 
+def _built(image: str, make_target: str) -> str:
+    """``image``, which must exist; else the test fails naming the make target that builds it."""
+    found = subprocess.run(["docker", "image", "inspect", image], capture_output=True)
+    if found.returncode != 0:
+        pytest.fail(f"image {image} does not exist; build it with `make {make_target}`")
+    return image
+
+
 @pytest.fixture(scope="session")
 def scoring_image() -> str:
     """The scoring image, built by `make images` (docker/build-images.sh)."""
-    found = subprocess.run(["docker", "image", "inspect", SCORING_IMAGE], capture_output=True)
-    if found.returncode != 0:
-        pytest.fail(f"image {SCORING_IMAGE} does not exist; build it with `make images`")
-    return SCORING_IMAGE
+    return _built(SCORING_IMAGE, "images")
 
 
 @pytest.fixture(scope="session")
@@ -76,10 +81,7 @@ SERVING_TEST_IMAGE = "batchscore-serve-test:latest"
 @pytest.fixture(scope="session")
 def serving_image() -> str:
     """The example's SageMaker serving image, built by `make images-serve` (part of `make example`)."""
-    found = subprocess.run(["docker", "image", "inspect", SERVING_IMAGE], capture_output=True)
-    if found.returncode != 0:
-        pytest.fail(f"image {SERVING_IMAGE} does not exist; build it with `make images-serve`")
-    return SERVING_IMAGE
+    return _built(SERVING_IMAGE, "images-serve")
 
 
 @pytest.fixture(scope="session")
