@@ -86,8 +86,9 @@ def _text_parts(f: InputFile, path: Path, target: int, csv: bool) -> list[InputF
     if count < 2:
         return [f]
     wanted = [header_end + body * k // count for k in range(1, count)]
-    cuts = [c for c in record_boundaries(path, wanted, quoted=csv) if header_end < c < f.size]
-    bounds = [header_end, *sorted(set(cuts)), f.size]
+    # Ascending and distinct, all after header_end (the wanted offsets are); none at the end.
+    cuts = [c for c in record_boundaries(path, wanted, quoted=csv) if c < f.size]
+    bounds = [header_end, *cuts, f.size]
     if len(bounds) < 3:
         return [f]
     n = len(bounds) - 1
