@@ -174,13 +174,13 @@ def test_the_ledger_has_a_line_per_mini_batch(make_run) -> None:
     ledger = pd.read_csv(run_layout(d, RUN).root / "processed_mini-batches.csv", keep_default_na=False, dtype=str)
     assert ledger.columns.tolist() == [
         "mini_batch", "files", "bytes", "status", "attempts", "rows", "failed_items", "seconds",
-        "init_seconds", "run_seconds", "workers", "started_at", "finished_at", "error",
+        "init_seconds", "run_seconds", "workers", "worker", "started_at", "finished_at", "error",
     ]
     first, second = ledger.to_dict("records")
     assert first == {
         "mini_batch": "mb-00000", "files": "2", "bytes": "4", "status": "succeeded", "attempts": "3", "rows": "2",
         "failed_items": "0", "seconds": "2.0", "init_seconds": "0.25", "run_seconds": "0.5", "workers": "2",
-        "started_at": "2026-11-21T10:00:00+00:00", "finished_at": "2026-11-21T10:00:02+00:00", "error": "",
+        "worker": "", "started_at": "2026-11-21T10:00:00+00:00", "finished_at": "2026-11-21T10:00:02+00:00", "error": "",
     }
     assert (second["status"], second["attempts"], second["failed_items"], second["error"]) == (
         "failed", "2", "2", "ValueError: bad row 7"

@@ -30,7 +30,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 from batchscore_runtime.formats import (
     ErrorInfo,
@@ -226,6 +226,13 @@ class RunOptions:
     gpu_count: int | None = None
     attempt: int = 1
     log_level: str = "info"
+    worker: str | None = None  # warm workers: the worker container's name ("w1")
+    worker_init_seconds: float | None = None  # warm workers: its init(), paid once before any mini-batch
+
+
+#: Runs a mini-batch's worker tasks and returns their results: fresh processes by default
+#: (:func:`batchscore_runtime.workers.run_workers`), or a warm worker's pool.
+Runner = Callable[[list, float, float], list]
 
 
 def score_mini_batch(
@@ -234,17 +241,37 @@ def score_mini_batch(
     script_path: Path,
     out: MiniBatchDir,
     options: RunOptions = RunOptions(),
+    *,
+    runner: Runner | None = None,
+    on_outputs: Callable[[Path], None] | None = None,
 ) -> MiniBatchStatus:
-    """Score one mini-batch in worker processes and commit its result; raises on any failure."""
+    """Score one mini-batch in worker processes and commit its result; raises on any failure.
+
+    ``runner`` runs the worker tasks (default: fresh processes that call ``init()`` first);
+    ``on_outputs`` is told the attempt's custom-outputs folder before any ``run()``.
+    """
     started = now_iso()
     with sliced_inputs(mini_batch, resolve_inputs(mini_batch, input_root), out.path) as paths:
-        return _score_files(mini_batch, paths, script_path, out, options, started)
+        return _score_files(mini_batch, paths, script_path, out, options, started, runner, on_outputs)
+
+
+def _fresh_processes(tasks: list, timeout: float, init_timeout: float) -> list:
+    from batchscore_runtime.workers import run_workers
+
+    return run_workers(tasks, timeout=timeout, init_timeout=init_timeout)
 
 
 def _score_files(
-    mini_batch: MiniBatch, paths: list[str], script_path: Path, out: MiniBatchDir, options: RunOptions, started: str
+    mini_batch: MiniBatch,
+    paths: list[str],
+    script_path: Path,
+    out: MiniBatchDir,
+    options: RunOptions,
+    started: str,
+    runner: Runner | None = None,
+    on_outputs: Callable[[Path], None] | None = None,
 ) -> MiniBatchStatus:
-    from batchscore_runtime.workers import WorkerTask, run_workers, split_evenly, worker_gpus
+    from batchscore_runtime.workers import WorkerTask, split_evenly, worker_gpus
 
     t0 = time.monotonic()
     rel_paths = [f.label for f in mini_batch.files]
@@ -261,6 +288,8 @@ def _score_files(
         options.attempt,
     )
     outputs = out.new_outputs_dir()
+    if on_outputs is not None:
+        on_outputs(outputs)
     token = os.urandom(6).hex()
     tasks = [
         WorkerTask(
@@ -279,7 +308,7 @@ def _score_files(
         )
         for k, part in enumerate(parts)
     ]
-    results = run_workers(tasks, timeout=options.timeout, init_timeout=options.init_timeout)
+    results = (runner or _fresh_processes)(tasks, options.timeout, options.init_timeout)
 
     rows = sum(r.rows for r in results)
     result_file = None
@@ -294,7 +323,12 @@ def _score_files(
         files=len(paths),
         rows=rows,
         result_file=result_file,
-        init_seconds=round(max(r.init_seconds for r in results), 3),
+        init_seconds=round(
+            options.worker_init_seconds
+            if options.worker_init_seconds is not None
+            else max(r.init_seconds for r in results),
+            3,
+        ),
         run_seconds=round(max(r.run_seconds for r in results), 3),
         started_at=started,
         finished_at=now_iso(),
@@ -304,6 +338,7 @@ def _score_files(
         item_errors=[e for r in results for e in r.item_errors],
         outputs_dir=outputs.name if custom else None,
         custom_outputs=len(custom),
+        worker=options.worker,
     )
     out.commit(status)
     seconds = time.monotonic() - t0
@@ -374,9 +409,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     mini_batch = read_mini_batch_file(args.mini_batch)
     out = MiniBatchDir(args.output, mini_batch.index)
+    return score_and_commit(mini_batch, args.input_root, args.scoring_script, out, options)
+
+
+def score_and_commit(
+    mini_batch: MiniBatch,
+    input_root: Path,
+    script_path: Path,
+    out: MiniBatchDir,
+    options: RunOptions,
+    *,
+    runner: Runner | None = None,
+    on_outputs: Callable[[Path], None] | None = None,
+) -> int:
+    """Score the mini-batch and commit its status, succeeded or failed; returns the exit code."""
     started = now_iso()
     try:
-        status = score_mini_batch(mini_batch, args.input_root, args.scoring_script, out, options)
+        status = score_mini_batch(mini_batch, input_root, script_path, out, options, runner=runner, on_outputs=on_outputs)
     except Exception as exc:  # every failure is recorded, then reported through the exit code
         from batchscore_runtime.workers import MiniBatchFailed
 
@@ -402,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 error=error,
                 attempt=options.attempt,
                 workers=options.workers,
+                worker=options.worker,
             )
         )
         log.error("%s failed: %s", mini_batch.id, error.one_line())

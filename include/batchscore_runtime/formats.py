@@ -25,6 +25,8 @@ A run directory looks like this::
                                         folder of the attempt that counts, or says why it failed
             collected.json          which custom outputs the merge placed in the run folder
             model/                  serving contract: model.tar.gz unpacked (once per run)
+            workers/w1/state.json   warm workers: each worker container's state (starting,
+                                    ready, failed), its init() time and its mini-batches
 
 A mini-batch's result is committed by writing its parquet file under a fresh name and then
 atomically replacing ``status.json``; the merge reads only the file the status names. A rerun
@@ -49,6 +51,7 @@ WORK_DIR_NAME = "_batchscore"
 SUMMARY_FILE_NAME = "summary.json"
 LEDGER_FILE_NAME = "processed_mini-batches.csv"
 ERRORS_FILE_NAME = "errors.csv"
+WORKER_STATE_FILE = "state.json"  # in each warm worker's folder, _batchscore/workers/w1/
 #: Columns of the ledger and the errors file, in order.
 LEDGER_COLUMNS = (
     "mini_batch",
@@ -62,6 +65,7 @@ LEDGER_COLUMNS = (
     "init_seconds",
     "run_seconds",
     "workers",
+    "worker",
     "started_at",
     "finished_at",
     "error",
@@ -81,6 +85,13 @@ class ContainerPaths:
     # AZUREML_BI_OUTPUT_PATH is a fresh folder ``outputs-<token>`` inside OUTPUT, made per attempt.
     SERVING_MODEL = "/opt/ml/model"  # serving contract: the model archive's contents, in the serving container
     SERVING_URL = "http://127.0.0.1:8080"  # serving contract: seen from the client, which shares its network
+    # Warm workers (settings.worker_mode: warm) see the whole run, not one mini-batch:
+    MINI_BATCHES = "/mnt/batchscore/minibatches"  # the run's mini-batch files, read-only
+    RESULTS = "/mnt/batchscore/results"  # the run's result folders, writable
+    WORKER_STATE = "/mnt/batchscore/worker"  # the worker's own state folder, writable
+    WARM_SOCKET = "/tmp/batchscore-warm.sock"  # where the worker's daemon takes mini-batches
+    # AZUREML_BI_OUTPUT_PATH of a warm worker: a fixed path, re-pointed at each mini-batch's folder.
+    WARM_BI_OUTPUT = "/tmp/batchscore/azureml_bi_output"
 
 
 def mini_batch_id(index: int) -> str:
@@ -339,6 +350,7 @@ class MiniBatchStatus:
     item_errors: list[ItemError] = field(default_factory=list)
     outputs_dir: str | None = None  # custom outputs folder inside the result folder, if any
     custom_outputs: int = 0  # files in it
+    worker: str | None = None  # warm workers: the worker container that scored it (init_seconds is its init())
     version: int = FORMAT_VERSION
 
     SUCCEEDED = "succeeded"
@@ -375,6 +387,50 @@ def _check_version(data: dict[str, Any], what: str) -> None:
 
 
 # --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """A warm worker's state (``_batchscore/workers/w1/state.json``), written by its daemon.
+
+    ``starting`` until ``init()`` (or the serving container's ``/ping``) is done, then ``ready``
+    or ``failed``; ``stopped`` when the daemon ended on its own (idle, or its pool broke).
+    """
+
+    worker: str  # "w1": the worker's slot, also in its container's name
+    state: str
+    started_at: str = ""
+    init_seconds: float | None = None  # init() of its slowest process, or the wait for /ping
+    processes: int = 1
+    mini_batches: list[str] = field(default_factory=list)  # scored by it so far, in order
+    error: ErrorInfo | None = None
+    updated_at: str = ""
+    version: int = FORMAT_VERSION
+
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkerState:
+        _check_version(data, "worker state")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("error") is not None:
+            values["error"] = ErrorInfo(**values["error"])
+        return cls(**values)
+
+    @staticmethod
+    def read(path: Path) -> WorkerState | None:
+        """The state in ``path`` (a worker's ``state.json``); None when it is not there (yet)."""
+        try:
+            return WorkerState.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -471,11 +527,24 @@ class RunLayout:
         """The list of custom outputs the merge placed in the run folder (so a re-merge can redo it)."""
         return self.work / "collected.json"
 
+    @property
+    def mini_batches_dir(self) -> Path:
+        return self.work / "minibatches"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.work / "results"
+
+    @property
+    def workers_dir(self) -> Path:
+        """Warm workers: one state folder per worker container (``workers/w1/state.json``)."""
+        return self.work / "workers"
+
     def mini_batch_file(self, index: int) -> Path:
-        return self.work / "minibatches" / f"{mini_batch_id(index)}.json"
+        return self.mini_batches_dir / f"{mini_batch_id(index)}.json"
 
     def mini_batch_dir(self, index: int) -> MiniBatchDir:
-        return MiniBatchDir(self.work / "results" / mini_batch_id(index), index)
+        return MiniBatchDir(self.results_dir / mini_batch_id(index), index)
 
     def read_plan(self) -> Plan | None:
         try:
@@ -546,6 +615,8 @@ __all__ = [
     "Plan",
     "PlanEntry",
     "TransformConfig",
+    "WorkerState",
+    "WORKER_STATE_FILE",
     "RunLayout",
     "atomic_path",
     "mini_batch_id",

@@ -523,6 +523,8 @@ class Attempt:
     started: str = field(default_factory=now_iso)
     workers: int = DEFAULT_MAX_CONCURRENT_TRANSFORMS
     init_seconds: float = 0.0
+    worker: str | None = None  # warm workers: the worker that scores it ("w1")
+    worker_init_seconds: float | None = None  # warm workers: its wait for /ping, paid once before any mini-batch
 
 
 def score_mini_batch(run: Attempt, input_root: Path, config: TransformConfig, url: str) -> MiniBatchStatus:
@@ -537,7 +539,8 @@ def score_mini_batch(run: Attempt, input_root: Path, config: TransformConfig, ur
     client = ServingClient(url)
     log.info("%s: %d files, %d bytes, try %d; waiting for the serving container at %s",
              mini_batch.id, len(rel_paths), mini_batch.bytes, run.attempt, url)
-    run.init_seconds = round(wait_until_healthy(client, config.startup_timeout), 3)
+    ping_seconds = wait_until_healthy(client, config.startup_timeout)
+    run.init_seconds = round(ping_seconds if run.worker_init_seconds is None else run.worker_init_seconds, 3)
     params = resolve_parameters(config, container_parameters(client))
     run.workers = params.max_concurrent_transforms
     log.info("%s: %s", mini_batch.id, params.describe())
@@ -562,6 +565,7 @@ def score_mini_batch(run: Attempt, input_root: Path, config: TransformConfig, ur
         item_errors=errors,
         outputs_dir=outputs.name,
         custom_outputs=tally.written,
+        worker=run.worker,
     )
     out.commit(status)
     log.info(
@@ -596,10 +600,18 @@ def main(argv: list[str] | None = None) -> int:
     mini_batch = read_mini_batch_file(args.mini_batch)
     out = MiniBatchDir(args.output, mini_batch.index)
     out.retract()
-    run = Attempt(mini_batch, out, args.attempt)
+    return score_and_commit(Attempt(mini_batch, out, args.attempt), args.input_root, args.transform, args.url)
+
+
+def score_and_commit(run: Attempt, input_root: Path, transform: str | TransformConfig, url: str) -> int:
+    """Score the mini-batch and commit its status, succeeded or failed; returns the exit code.
+
+    ``transform`` is the :class:`TransformConfig`, or its JSON as the command line gives it.
+    """
+    mini_batch, out = run.mini_batch, run.out
     try:
-        config = TransformConfig.from_json(json.loads(args.transform))
-        status = score_mini_batch(run, args.input_root, config, args.url)
+        config = transform if isinstance(transform, TransformConfig) else TransformConfig.from_json(json.loads(transform))
+        status = score_mini_batch(run, input_root, config, url)
     except ContainerNotHealthy as exc:
         error = ErrorInfo(type="ContainerNotHealthy", message=str(exc))
     except Exception as exc:  # every failure is recorded, then reported through the exit code
@@ -626,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             error=error,
             attempt=run.attempt,
             workers=run.workers,
+            worker=run.worker,
         )
     )
     log.error("%s failed: %s", mini_batch.id, error.one_line())

@@ -159,91 +159,172 @@ class _Progress:
                 pass  # the supervisor is gone or killing us; progress does not matter then
 
 
-def _worker_main(conn: Connection, task: WorkerTask) -> None:
-    """Entry point of a worker process (spawned: a fresh interpreter, nothing inherited but env)."""
-    # Imported here: the module is also the supervisor's, and the supervisor never loads the script.
-    from batchscore_runtime import azure
-
+def _setup_process(name: str, log_level: str, outputs_dir: str | None, cuda_visible_devices: str | None) -> None:
+    """Logging and environment of a worker process, before the scoring script is imported."""
     logging.basicConfig(
         stream=sys.stdout,
-        level=task.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s [{task.name}]: %(message)s",
+        level=log_level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s [{name}]: %(message)s",
         force=True,
     )
-    if task.outputs_dir is not None:
-        os.environ["AZUREML_BI_OUTPUT_PATH"] = task.outputs_dir  # before the script is imported
-    if task.cuda_visible_devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = task.cuda_visible_devices
-        log.info("pinned to GPU %s (CUDA_VISIBLE_DEVICES)", task.cuda_visible_devices)
+    if outputs_dir is not None:
+        os.environ["AZUREML_BI_OUTPUT_PATH"] = outputs_dir  # before the script is imported
+    if cuda_visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+        log.info("pinned to GPU %s (CUDA_VISIBLE_DEVICES)", cuda_visible_devices)
+
+
+def _load_and_init(script_path: str, first: bool) -> tuple[Any, float]:
+    """Import the scoring script and call its ``init()``; returns the module and the seconds it took."""
+    from batchscore_runtime import azure
+
+    t0 = time.monotonic()
+    script = azure.load_scoring_script(Path(script_path))
+    init = getattr(script, "init", None)
+    if callable(init):
+        init()
+    elif first:
+        log.warning("scoring script %s defines no init(); continuing without it", Path(script_path).name)
+    init_seconds = time.monotonic() - t0
+    log.info("init() finished in %.2f s", init_seconds)
+    # What turns run()'s return into a result file, loaded now (within init_timeout): the time
+    # limit of run() is then run()'s and the result's alone, not a first import of pyarrow.
+    import pandas  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
+    return script, init_seconds
+
+
+def _score_task(script: Any, task: WorkerTask, conn: Connection, init_seconds: float, progress: _Progress) -> None:
+    """Call ``run()`` on the task's files, write what it returned and report it (raises what run() raises)."""
+    from batchscore_runtime import azure
+
+    t1 = time.monotonic()
+    result = script.run(list(task.paths))
+    if inspect.isgenerator(result):
+        result = list(progress.count(result))
+    table = azure.to_table(result)
+    run_seconds = time.monotonic() - t1
+    failed, item_errors = azure.count_failed_items(table, task.paths, task.rel_paths)
+    if task.result_file is not None:
+        azure.write_table(table, Path(task.result_file))
+    rate = table.num_rows / run_seconds if run_seconds > 0 else float("inf")
+    log.info(
+        "run() returned %d rows for %d files in %.2f s (%.1f rows/s)%s",
+        table.num_rows,
+        len(task.paths),
+        run_seconds,
+        rate,
+        f"; {failed} failed item(s)" if failed else "",
+    )
+    conn.send(
+        (
+            "done",
+            WorkerResult(
+                rows=table.num_rows,
+                files=len(task.paths),
+                failed_items=failed,
+                item_errors=item_errors,
+                init_seconds=init_seconds,
+                run_seconds=run_seconds,
+                result_file=task.result_file,
+            ),
+        )
+    )
+
+
+def _send_error(conn: Connection, exc: BaseException, task: WorkerTask | None, progress: _Progress | None) -> None:
+    """Report what the script raised (its traceback goes to the log first)."""
+    traceback.print_exc()
+    sys.stderr.flush()
+    conn.send(
+        (
+            "error",
+            ErrorInfo(
+                type=type(exc).__name__,
+                message=str(exc).strip(),
+                traceback=traceback.format_exc(),
+                file=getattr(exc, "file", None) or (_file_of(exc, task, progress) if task and progress else None),
+            ),
+        )
+    )
+
+
+def _worker_main(conn: Connection, task: WorkerTask) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter, nothing inherited but env)."""
+    _setup_process(task.name, task.log_level, task.outputs_dir, task.cuda_visible_devices)
     progress: _Progress | None = None
     try:
-        t0 = time.monotonic()
-        script = azure.load_scoring_script(Path(task.script))
-        init = getattr(script, "init", None)
-        if callable(init):
-            init()
-        elif task.worker == 0:
-            log.warning("scoring script %s defines no init(); continuing without it", Path(task.script).name)
-        init_seconds = time.monotonic() - t0
-        log.info("init() finished in %.2f s", init_seconds)
-        # What turns run()'s return into a result file, loaded now (within init_timeout): the time
-        # limit of run() is then run()'s and the result's alone, not a first import of pyarrow.
-        import pandas  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
-
+        script, init_seconds = _load_and_init(task.script, task.worker == 0)
         conn.send(("ready", init_seconds))
-
         progress = _Progress(conn, task.paths)
         sys.addaudithook(progress.audit)  # stays for the process's life: the process scores just this
-        t1 = time.monotonic()
-        result = script.run(list(task.paths))
-        if inspect.isgenerator(result):
-            result = list(progress.count(result))
-        table = azure.to_table(result)
-        run_seconds = time.monotonic() - t1
-        failed, item_errors = azure.count_failed_items(table, task.paths, task.rel_paths)
-        if task.result_file is not None:
-            azure.write_table(table, Path(task.result_file))
-        rate = table.num_rows / run_seconds if run_seconds > 0 else float("inf")
-        log.info(
-            "run() returned %d rows for %d files in %.2f s (%.1f rows/s)%s",
-            table.num_rows,
-            len(task.paths),
-            run_seconds,
-            rate,
-            f"; {failed} failed item(s)" if failed else "",
-        )
-        conn.send(
-            (
-                "done",
-                WorkerResult(
-                    rows=table.num_rows,
-                    files=len(task.paths),
-                    failed_items=failed,
-                    item_errors=item_errors,
-                    init_seconds=init_seconds,
-                    run_seconds=run_seconds,
-                    result_file=task.result_file,
-                ),
-            )
-        )
+        _score_task(script, task, conn, init_seconds, progress)
     except BaseException as exc:  # noqa: BLE001 - everything the script raises is reported
-        traceback.print_exc()
-        sys.stderr.flush()
-        conn.send(
-            (
-                "error",
-                ErrorInfo(
-                    type=type(exc).__name__,
-                    message=str(exc).strip(),
-                    traceback=traceback.format_exc(),
-                    file=getattr(exc, "file", None) or (_file_of(exc, task, progress) if progress else None),
-                ),
-            )
-        )
+        _send_error(conn, exc, task, progress)
     finally:
         sys.stdout.flush()
         conn.close()
+
+
+@dataclass(frozen=True)
+class WarmProcess:
+    """What a warm worker process is given: it imports the script and calls ``init()`` once, then scores tasks."""
+
+    worker: int  # 0-based, within its container
+    workers: int
+    label: str  # the worker container's name in logs: "w1"
+    script: str
+    log_level: str = "info"
+    outputs_dir: str | None = None  # a fixed path, re-pointed at each mini-batch's outputs folder
+    cuda_visible_devices: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} process {self.worker + 1}/{self.workers}"
+
+
+def _warm_worker_main(conn: Connection, output: Connection, spec: WarmProcess) -> None:
+    """Entry point of a warm worker process: ``init()`` once, then one :class:`WorkerTask` per message.
+
+    Its standard output and error go to ``output`` (the daemon copies them to the container's log
+    and to the log of the mini-batch being scored); ``None`` ends it.
+    """
+    os.dup2(output.fileno(), 1)
+    os.dup2(output.fileno(), 2)
+    output.close()
+    _setup_process(spec.name, spec.log_level, spec.outputs_dir, spec.cuda_visible_devices)
+    current: list[_Progress | None] = [None]
+
+    def audit(event: str, args: tuple) -> None:
+        progress = current[0]
+        if progress is not None:
+            progress.audit(event, args)
+
+    try:
+        script, init_seconds = _load_and_init(spec.script, spec.worker == 0)
+        conn.send(("ready", init_seconds))
+    except BaseException as exc:  # noqa: BLE001 - reported to the daemon, which stops
+        _send_error(conn, exc, None, None)
+        sys.stdout.flush()
+        return
+    sys.addaudithook(audit)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        progress = current[0] = _Progress(conn, task.paths)
+        try:
+            _score_task(script, task, conn, init_seconds, progress)
+        except BaseException as exc:  # noqa: BLE001 - everything the script raises is reported
+            _send_error(conn, exc, task, progress)
+        finally:
+            current[0] = None
+            sys.stdout.flush()
+            sys.stderr.flush()
 
 
 def _file_of(exc: BaseException, task: WorkerTask, progress: _Progress) -> str | None:
@@ -292,6 +373,8 @@ class _Worker:
     rows: int | None = None  # rows a generator run() has yielded so far
     result: WorkerResult | None = None
     index_of: dict[str, int] = field(default_factory=dict)
+    failure: MiniBatchFailed | None = None  # warm workers: what went wrong with its part
+    dead: bool = False  # warm workers: its process is gone (died, or killed past a time limit)
 
 
 def _files_opened(pid: int, index_of: dict[str, int]) -> int | None:
@@ -334,7 +417,6 @@ def run_workers(
     (start and ``init()``) or ``timeout`` (its ``run()``), or dies; every worker still alive
     is then killed, so nothing is left running.
     """
-    report = on_progress or log.info
     ctx = multiprocessing.get_context("spawn")  # no fork: CUDA and threads do not survive it
     workers: list[_Worker] = []
     oom_baseline = oom_kills()
@@ -344,54 +426,88 @@ def run_workers(
             process = ctx.Process(target=_worker_main, args=(send, task), name=task.name, daemon=True)
             process.start()
             send.close()
-            workers.append(
-                _Worker(
-                    task,
-                    process,
-                    recv,
-                    time.monotonic(),
-                    index_of={os.path.realpath(p): i for i, p in enumerate(task.paths)},
-                )
-            )
-        total_files = sum(len(t.paths) for t in tasks)
-        last_report, last_progress = time.monotonic(), None
-        while any(w.phase != "done" for w in workers):
-            pending = {w.conn: w for w in workers if w.phase != "done"}
-            for conn in wait(list(pending), timeout=POLL_SECONDS):
-                _receive(pending[conn], oom_baseline)
-            now = time.monotonic()
-            for w in workers:
-                _check_deadlines(w, now, timeout, init_timeout)
-            # Progress: files opened by run() so far, across workers.
-            for w in workers:
-                if w.phase == "run":
-                    opened = _files_opened(w.process.pid, w.index_of)
-                    if opened is not None:
-                        w.opened = max(w.opened, opened)
-            running = [w for w in workers if w.phase == "run"]
-            opened = sum(len(w.task.paths) if w.phase == "done" else w.opened for w in workers)
-            since = now - last_report
-            rows = [w.result.rows if w.result else w.rows for w in workers]
-            progress = (opened, tuple(rows))
-            if running and (
-                (progress != last_progress and since >= PROGRESS_EVERY_SECONDS) or since >= HEARTBEAT_EVERY_SECONDS
-            ):
-                elapsed = now - min(w.run_started for w in running)
-                counted = [r for r in rows if r is not None]
-                rows_text = (
-                    f", {sum(counted)} rows so far ({sum(counted) / elapsed:.1f} rows/s)" if counted and elapsed > 0 else ""
-                )
-                report(
-                    f"{tasks[0].mini_batch}: {opened} of {total_files} files opened by run() so far{rows_text}, "
-                    f"{sum(w.phase == 'done' for w in workers)} of {len(workers)} worker(s) done, "
-                    f"{elapsed:.0f} s into run()"
-                )
-                last_report, last_progress = now, progress
-        return [w.result for w in workers]  # type: ignore[misc]
+            workers.append(_Worker(task, process, recv, time.monotonic(), index_of=_index_of(task)))
+        return supervise(
+            workers, timeout=timeout, init_timeout=init_timeout, report=on_progress or log.info, oom_baseline=oom_baseline
+        )
     finally:
         for w in workers:
             _kill(w)
             w.conn.close()
+
+
+def _index_of(task: WorkerTask) -> dict[str, int]:
+    return {os.path.realpath(p): i for i, p in enumerate(task.paths)}
+
+
+def supervise(
+    workers: list[_Worker],
+    *,
+    timeout: float,
+    init_timeout: float,
+    report: Callable[[str], None],
+    oom_baseline: int | None,
+    persistent: bool = False,
+) -> list[WorkerResult]:
+    """Watch ``workers`` until each has its result; report progress; return the results in order.
+
+    A worker that fails, dies or runs past its time limit raises :class:`MiniBatchFailed` at
+    once, unless ``persistent`` (warm workers, which outlive the mini-batch): then the others
+    finish their parts first, so that no process is killed for another's failure, and the first
+    failure in worker order is raised; the failed workers are marked (``failure``, ``dead``).
+    """
+    tasks = [w.task for w in workers]
+    total_files = sum(len(t.paths) for t in tasks)
+    last_report, last_progress = time.monotonic(), None
+    while any(w.phase != "done" for w in workers):
+        pending = {w.conn: w for w in workers if w.phase != "done"}
+        for conn in wait(list(pending), timeout=POLL_SECONDS):
+            w = pending[conn]
+            try:
+                _receive(w, oom_baseline, persistent=persistent)
+            except MiniBatchFailed as exc:
+                if not persistent:
+                    raise
+                w.phase, w.failure = "done", exc
+        now = time.monotonic()
+        for w in workers:
+            if w.phase == "done":
+                continue
+            try:
+                _check_deadlines(w, now, timeout, init_timeout)
+            except MiniBatchFailed as exc:
+                if not persistent:
+                    raise
+                w.phase, w.failure, w.dead = "done", exc, True
+        # Progress: files opened by run() so far, across workers.
+        for w in workers:
+            if w.phase == "run":
+                opened = _files_opened(w.process.pid, w.index_of)
+                if opened is not None:
+                    w.opened = max(w.opened, opened)
+        running = [w for w in workers if w.phase == "run"]
+        opened = sum(len(w.task.paths) if w.phase == "done" else w.opened for w in workers)
+        since = now - last_report
+        rows = [w.result.rows if w.result else w.rows for w in workers]
+        progress = (opened, tuple(rows))
+        if running and (
+            (progress != last_progress and since >= PROGRESS_EVERY_SECONDS) or since >= HEARTBEAT_EVERY_SECONDS
+        ):
+            elapsed = now - min(w.run_started for w in running)
+            counted = [r for r in rows if r is not None]
+            rows_text = (
+                f", {sum(counted)} rows so far ({sum(counted) / elapsed:.1f} rows/s)" if counted and elapsed > 0 else ""
+            )
+            report(
+                f"{tasks[0].mini_batch}: {opened} of {total_files} files opened by run() so far{rows_text}, "
+                f"{sum(w.phase == 'done' for w in workers)} of {len(workers)} worker(s) done, "
+                f"{elapsed:.0f} s into run()"
+            )
+            last_report, last_progress = now, progress
+    failures = [w.failure for w in workers if w.failure is not None]
+    if failures:
+        raise failures[0]
+    return [w.result for w in workers]  # type: ignore[misc]
 
 
 def _cgroup_value(files: tuple[str, ...], key: str | None = None) -> int | None:
@@ -429,11 +545,12 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _receive(w: _Worker, oom_baseline: int | None = None) -> None:
+def _receive(w: _Worker, oom_baseline: int | None = None, *, persistent: bool = False) -> None:
     try:
         kind, payload = w.conn.recv()
     except (EOFError, OSError):
         # The pipe closed without a result: the process ended (or is ending) on its own.
+        w.dead = True
         w.process.join(timeout=5)
         code = w.process.exitcode
         if code == -signal.SIGKILL and oom_baseline is not None and (oom_kills() or 0) > oom_baseline:
@@ -463,7 +580,8 @@ def _receive(w: _Worker, oom_baseline: int | None = None) -> None:
         w.phase, w.run_started = "run", time.monotonic()
     elif kind == "done":
         w.phase, w.result = "done", payload
-        w.process.join(timeout=30)
+        if not persistent:
+            w.process.join(timeout=30)
     elif kind == "error":
         raise MiniBatchFailed(payload)
 

@@ -17,6 +17,7 @@ from airflow.sdk import DAG, TaskGroup
 from batchscore.errors import DeploymentSpecError, InvalidDeploymentFilesError, SpecIssue
 from batchscore.operators import MergeOperator, PlanOperator, ScoreMiniBatchOperator, ServeMiniBatchOperator
 from batchscore.operators.score import RETRY_DELAY
+from batchscore.operators.warm import StartWorkersOperator, StopWorkersOperator, WarmScoreMiniBatchOperator
 from batchscore.spec import AssetSchedule, EndpointSpec, key_line, load_endpoint
 from batchscore.triggers import RUN_PARAMS, airflow_schedule, dag_params, output_asset, upstream_asset
 
@@ -29,6 +30,10 @@ INVALID_DAG_ID = "batchscore_invalid_deployments"
 
 def build_dag(endpoint: EndpointSpec) -> DAG:
     """The DAG of one endpoint: per deployment, a task group ``plan → score[mapped] → merge``.
+
+With warm workers (``settings.worker_mode: warm``) the scoring tasks sit between a setup task
+that starts the run's worker containers and a teardown task that removes them:
+``plan → start_workers → score[mapped] → stop_workers``, and ``score → merge``.
 
     Runs start on the YAML's schedule (cron, preset or assets), or by hand with the DAG's params
     (the trigger form); each deployment's merge task updates its output asset (see
@@ -52,7 +57,13 @@ def build_dag(endpoint: EndpointSpec) -> DAG:
             }
             with TaskGroup(group_id=deployment.name, tooltip=deployment.description or deployment.name):
                 plan = PlanOperator(task_id="plan", **common)
-                operator = ServeMiniBatchOperator if deployment.contract == "serve" else ScoreMiniBatchOperator
+                warm = deployment.settings.worker_mode == "warm"
+                if warm:
+                    operator: type[ScoreMiniBatchOperator] = WarmScoreMiniBatchOperator
+                elif deployment.contract == "serve":
+                    operator = ServeMiniBatchOperator
+                else:
+                    operator = ScoreMiniBatchOperator
                 score = operator.partial(
                     task_id="score",
                     retries=deployment.settings.retry_settings.max_retries,
@@ -65,6 +76,12 @@ def build_dag(endpoint: EndpointSpec) -> DAG:
                     task_id="merge", outlets=[output_asset(endpoint.endpoint_name, deployment.name)], **common
                 )
                 score >> merge
+                if warm:
+                    # Setup and teardown: Airflow runs the teardown whatever happened to the
+                    # scoring tasks, and clearing one mini-batch clears both with it.
+                    start = StartWorkersOperator(task_id="start_workers", **common)
+                    stop = StopWorkersOperator(task_id="stop_workers", **common)
+                    plan >> start >> score >> stop.as_teardown(setups=start)
     return dag
 
 

@@ -42,10 +42,12 @@ from batchscore_runtime.formats import (
     ERRORS_COLUMNS,
     LEDGER_COLUMNS,
     WORK_DIR_NAME,
+    WORKER_STATE_FILE,
     MiniBatchStatus,
     Plan,
     PlanEntry,
     RunLayout,
+    WorkerState,
     atomic_path,
     now_iso,
     write_json_atomic,
@@ -359,6 +361,34 @@ def _seconds_between(start: str, end: str) -> float | None:
         return None
 
 
+def _init_seconds_total(statuses: list[MiniBatchStatus]) -> float:
+    """Time spent in init(): per mini-batch, or once per warm worker (whose mini-batches all name it)."""
+    per_worker = {s.worker: s.init_seconds for s in statuses if s.worker}
+    return round(sum(s.init_seconds for s in statuses if not s.worker) + sum(per_worker.values()), 3)
+
+
+def warm_workers(layout: RunLayout) -> list[dict[str, Any]]:
+    """Warm workers: each one's init() time, state and the mini-batches it scored (the last start of each slot)."""
+    folder = layout.workers_dir
+    if not folder.is_dir():
+        return []
+    out = []
+    for path in sorted(folder.glob(f"*/{WORKER_STATE_FILE}")):
+        state = WorkerState.read(path)
+        if state is not None:
+            out.append(
+                {
+                    "worker": state.worker,
+                    "state": state.state,
+                    "init_seconds": state.init_seconds,
+                    "processes": state.processes,
+                    "mini_batches": state.mini_batches,
+                    "error": state.error.one_line() if state.error else None,
+                }
+            )
+    return out
+
+
 def write_ledger(path: Path, outcomes: Iterable[Outcome]) -> None:
     """The per-mini-batch ledger (Azure's ``processed_mini-batches.csv``, with batchscore's columns)."""
 
@@ -377,6 +407,7 @@ def write_ledger(path: Path, outcomes: Iterable[Outcome]) -> None:
             s.init_seconds if s and o.state == SUCCEEDED else "",
             s.run_seconds if s and o.state == SUCCEEDED else "",
             s.workers if s else "",
+            (s.worker or "") if s else "",
             s.started_at if s else "",
             s.finished_at if s else "",
             "" if o.state == SUCCEEDED else o.reason,
@@ -500,6 +531,8 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
         "output": str(output) if output and not output_error else None,
         "error": str(output_error) if output_error else None,
         "contract": deployment.contract,
+        "worker_mode": settings.worker_mode,
+        "warm_workers": warm_workers(layout),
         "output_action": settings.output_action,
         "output_layout": settings.output_layout,
         "ledger": str(layout.ledger_file),
@@ -521,7 +554,7 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
             "first_mini_batch_started_at": started,
             "last_mini_batch_finished_at": finished,
             "scoring_wall_seconds": wall,
-            "init_seconds_total": round(sum(s.init_seconds for s in statuses), 3),
+            "init_seconds_total": _init_seconds_total(statuses),
             "run_seconds_total": run_seconds,
             "merge_seconds": round(time.monotonic() - t0, 3),
         },

@@ -269,6 +269,10 @@ def _mini_batch_size(value: Any) -> Any:
 MiniBatchSize = Annotated[Union[int, str], BeforeValidator(_mini_batch_size)]
 
 
+#: settings.worker_mode when the YAML does not say (see README, "Warm workers", for the measurements).
+DEFAULT_WORKER_MODE = "per_mini_batch"
+
+
 class Settings(_Strict):
     """Batch settings, with Azure's names and defaults."""
 
@@ -325,6 +329,17 @@ class Settings(_Strict):
     init_timeout: PositiveInt = Field(
         600,
         description="Seconds a scoring container may take to start and run init() before it is killed.",
+    )
+    worker_mode: Literal["warm", "per_mini_batch"] = Field(
+        DEFAULT_WORKER_MODE,
+        description="batchscore's own: warm starts the run's worker containers once (init() or the serving "
+        "container's /ping once per worker) and hands them one mini-batch after another; per_mini_batch "
+        "starts a fresh container for every mini-batch.",
+    )
+    worker_idle_timeout: PositiveInt = Field(
+        600,
+        description="batchscore's own, warm workers: seconds a worker waits without a mini-batch before it "
+        "stops on its own (a safety net: the run's teardown task removes the workers).",
     )
     logging_level: Literal["debug", "info", "warning"] = "info"
     environment_variables: dict[str, str] = Field(

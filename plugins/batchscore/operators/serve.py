@@ -109,6 +109,54 @@ def client_setup(spec: DeploymentSpec, run_id: str, index: int, *, attempt: int 
     return ContainerSetup(mounts, environment, command, layout.mini_batch_file(index), layout.mini_batch_dir(index))
 
 
+def create_serving_container(
+    cli: Any,
+    spec: DeploymentSpec,
+    model_dir: Any,
+    *,
+    gpu_requests: list[Any] | None,
+    secrets: dict[str, str],
+    labels: dict[str, str],
+    name: str | None = None,
+) -> str:
+    """Create (not start) the deployment's serving container, ``IMAGE serve``; returns its id.
+
+    The model folder at ``/opt/ml/model`` read-only, SageMaker's and the deployment's environment
+    with ``secrets``, the GPUs of ``gpu_requests``, ``resources.memory``, and no network unless
+    ``resources.network``. Raises :class:`ScoringError` when the image is not on the Docker host.
+    """
+    resources = spec.resources
+    mounts = [Mount(target=ContainerPaths.SERVING_MODEL, source=str(model_dir), type="bind", read_only=True)]
+    security.check_mounts(mounts)
+    memory = memory_bytes(resources.memory) if resources.memory else None
+    host_config = cli.create_host_config(
+        mounts=mounts,
+        network_mode=None if resources.network else "none",
+        device_requests=gpu_requests or None,
+        mem_limit=memory,
+        memswap_limit=memory,
+        shm_size=memory_bytes(resources.shm_size) if resources.shm_size else None,
+        pids_limit=resources.pids_limit,
+        security_opt=[security.NO_NEW_PRIVILEGES],
+        privileged=False,
+    )
+    try:
+        created = cli.create_container(
+            image=spec.environment.image,
+            command=["serve"],
+            environment={**serving_environment(spec), **secrets},
+            host_config=host_config,
+            labels=labels,
+            name=name,
+        )
+    except NotFound as exc:
+        raise ScoringError(
+            f"the serving image {spec.environment.image!r} (key environment.image) is not on this "
+            f"Docker host: {exc.explanation}; build or load it there (docker load), no registry is used"
+        ) from None
+    return created["Id"]
+
+
 @dataclass
 class _Served:
     """The serving container of the running mini-batch, and what the watcher saw of it."""
@@ -205,47 +253,25 @@ class ServeMiniBatchOperator(ScoreMiniBatchOperator):
 
     def _start_serving_container(self) -> _Served:
         spec = self.spec
-        resources = spec.resources
-        cli = self.cli
-        mounts = [Mount(target=ContainerPaths.SERVING_MODEL, source=str(self._model_dir), type="bind", read_only=True)]
-        security.check_mounts(mounts)
-        memory = memory_bytes(resources.memory) if resources.memory else None
-        host_config = cli.create_host_config(
-            mounts=mounts,
-            network_mode=None if resources.network else "none",
-            device_requests=self._gpu_requests or None,
-            mem_limit=memory,
-            memswap_limit=memory,
-            shm_size=memory_bytes(resources.shm_size) if resources.shm_size else None,
-            pids_limit=resources.pids_limit,
-            security_opt=[security.NO_NEW_PRIVILEGES],
-            privileged=False,
-        )
-        environment = {**serving_environment(spec), **self._serving_secrets}
-        labels = {**(self.labels or {}), "batchscore.role": "serving"}
         self.log.info(
             "Starting the serving container: %s serve (model %s at %s; network %s)",
             spec.environment.image,
             self._model_dir,
             ContainerPaths.SERVING_MODEL,
-            "bridge" if resources.network else "none",
+            "bridge" if spec.resources.network else "none",
         )
-        try:
-            created = cli.create_container(
-                image=spec.environment.image,
-                command=["serve"],
-                environment=environment,
-                host_config=host_config,
-                labels=labels,
+        served = _Served(
+            create_serving_container(
+                self.cli,
+                spec,
+                self._model_dir,
+                gpu_requests=self._gpu_requests,
+                secrets=self._serving_secrets,
+                labels={**(self.labels or {}), "batchscore.role": "serving"},
             )
-        except NotFound as exc:
-            raise ScoringError(
-                f"the serving image {spec.environment.image!r} (key environment.image) is not on this "
-                f"Docker host: {exc.explanation}; build or load it there (docker load), no registry is used"
-            ) from None
-        served = _Served(created["Id"])
+        )
         self._served = served
-        cli.start(served.id)
+        self.cli.start(served.id)
         threading.Thread(target=self._stream_serving_log, args=(served,), daemon=True).start()
         threading.Thread(target=self._watch_serving_container, args=(served,), daemon=True).start()
         return served
@@ -324,4 +350,4 @@ class ServeMiniBatchOperator(ScoreMiniBatchOperator):
             self.log.warning("Could not remove the serving container %s: %s", served.id[:12], exc)
 
 
-__all__ = ["ServeMiniBatchOperator", "client_image", "client_setup", "serving_environment", "transform_config"]
+__all__ = ["ServeMiniBatchOperator", "client_image", "create_serving_container", "client_setup", "serving_environment", "transform_config"]

@@ -1,0 +1,300 @@
+"""Warm workers (``settings.worker_mode: warm``): setup, scoring and teardown tasks.
+
+* :class:`StartWorkersOperator` (the task group's setup task) starts the run's worker
+  containers, one per ``resources.instance_count`` (fewer when fewer mini-batches are left),
+  and waits until each has called ``init()`` once (serving contract: passed ``/ping`` once).
+* :class:`WarmScoreMiniBatchOperator` stays one mapped task per mini-batch, so the UI, retries
+  and reruns work as in ``per_mini_batch`` mode; it hands its mini-batch to a free worker and
+  streams that worker's log lines into its own task log. A worker that died is replaced.
+* :class:`StopWorkersOperator` (the teardown task) stops and removes every worker container of
+  the run, also when scoring tasks failed; Airflow runs it whatever happened upstream.
+
+See :mod:`batchscore.warm` for the containers and how a mini-batch is handed over.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowTaskTimeout
+from airflow.sdk.execution_time.timeout import timeout
+
+from batchscore import security
+from batchscore.errors import PlanError, ScoringError, SecretUnavailableError
+from batchscore.model_archive import serving_model_dir
+from batchscore.operators._base import DeploymentMixin
+from batchscore.operators.score import CONTAINER_GRACE_SECONDS, ScoreMiniBatchOperator
+from batchscore.operators.serve import ServeMiniBatchOperator
+from batchscore.plan import run_layout
+from batchscore.spec import DeploymentSpec
+from batchscore.warm import CONTAINER_START_GRACE, Slot, WarmWorkerError, WarmWorkers, docker_client, slot_name
+from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, WorkerState, mini_batch_id, now_iso
+from batchscore_runtime.warm import EXIT_FAILED, EXIT_OK
+
+#: How often a mini-batch that waits for a free worker looks again, and says so in its log.
+POLL_SECONDS = 0.5
+WAIT_LOG_SECONDS = 30.0
+
+
+def _workers(cli: Any, spec: DeploymentSpec, endpoint_name: str, context: Any, log: Any, **kwargs: Any) -> WarmWorkers:
+    layout = run_layout(spec, context["run_id"])
+    model_dir = serving_model_dir(spec, layout) if spec.contract == "serve" else None
+    return WarmWorkers(cli, spec, endpoint_name, context["run_id"], layout, log=log, model_dir=model_dir, **kwargs)
+
+
+def _secrets(spec: DeploymentSpec) -> dict[str, str]:
+    return security.resolve_secrets(spec.settings.secret_environment)
+
+
+class StartWorkersOperator(DeploymentMixin, BaseOperator):
+    """Start the run's warm workers and wait until each is ready (``init()`` called once)."""
+
+    ui_color = "#fff8e1"
+
+    def __init__(self, *, endpoint_name: str, deployment: dict[str, Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.endpoint_name = endpoint_name
+        self.deployment = deployment
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        spec = self.run_spec(context)
+        layout = run_layout(spec, context["run_id"])
+        plan = layout.read_plan()
+        if plan is None:
+            raise PlanError(f"the plan of run {context['run_id']!r} is missing in {layout.work}; clear the plan task too")
+        pending = [
+            e
+            for e in plan.mini_batches
+            if not ((s := layout.mini_batch_dir(e.index).read_status()) is not None and s.succeeded)
+        ]
+        count = min(spec.resources.instance_count, len(pending))
+        if count == 0:
+            self.log.info("No mini-batch left to score: no worker started")
+            return {"workers": []}
+        pool = _workers(docker_client(), spec, self.endpoint_name, context, self.log, secrets=_secrets(spec))
+        self.log.info(
+            "Starting %d warm worker(s) for %d mini-batch(es) to score (resources.instance_count %d); each calls %s once",
+            count,
+            len(pending),
+            spec.resources.instance_count,
+            "init()" if spec.contract == "azure" else "the serving container's /ping",
+        )
+        for k in range(count):
+            s = pool.slot(k)
+            if s.running and s.state is not None and s.state.state in (WorkerState.READY, WorkerState.STARTING):
+                self.log.info("Warm worker %s is already running", s.name)
+                continue
+            pool.replace(s)
+        ready, failures = pool.wait_ready(list(range(count)), spec.settings.init_timeout + CONTAINER_START_GRACE)
+        for failure in failures:
+            self.log.error("%s", failure)
+        if not ready:
+            raise WarmWorkerError("no warm worker got ready, so no mini-batch can be scored:\n" + "\n".join(failures))
+        if failures:
+            self.log.warning("%d of %d worker(s) ready; the mini-batches go to those", len(ready), count)
+        return {"workers": [s.name for s in ready], "init_seconds": {s.name: s.state.init_seconds for s in ready}}
+
+
+class StopWorkersOperator(DeploymentMixin, BaseOperator):
+    """Stop and remove every warm worker container of the run (the task group's teardown)."""
+
+    ui_color = "#fff8e1"
+
+    def __init__(self, *, endpoint_name: str, deployment: dict[str, Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.endpoint_name = endpoint_name
+        self.deployment = deployment
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        spec = self.run_spec(context)
+        layout = run_layout(spec, context["run_id"])
+        pool = WarmWorkers(docker_client(), spec, self.endpoint_name, context["run_id"], layout, log=self.log)
+        for k in range(pool.slots):
+            s = pool.slot(k)
+            if s.state is not None:
+                self.log.info(
+                    "Worker %s: init() %s s, %d mini-batch(es) scored%s",
+                    s.name,
+                    s.state.init_seconds,
+                    len(s.state.mini_batches),
+                    f", {s.state.error.one_line()}" if s.state.error else "",
+                )
+        removed = pool.remove_all()
+        self.log.info("Removed %d worker container(s)%s", len(removed), f": {', '.join(removed)}" if removed else "")
+        return {"removed": removed}
+
+
+class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
+    """Score one mini-batch on a warm worker of the run (either contract).
+
+    Mapped over the plan's output like :class:`ScoreMiniBatchOperator`, with the same status
+    records: the mini-batch's previous status is withdrawn first, and an attempt whose worker
+    could not commit one (it died, or ran past its time) gets a failed status written for it.
+    """
+
+    ui_color = "#ffe0b2"
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._pool: WarmWorkers | None = None
+        self._slot: int | None = None
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        index = int(self.mini_batch["index"])
+        spec = self.run_spec(context)
+        ti = context.get("ti")
+        attempt = int(getattr(ti, "try_number", 1) or 1)
+        status = self._score_warm(context, spec, index, attempt)
+        if spec.contract == "serve":
+            ServeMiniBatchOperator._report(self, status)  # type: ignore[arg-type]
+        else:
+            self._report(status)
+        return {"mini_batch": status.id, "rows": status.rows, "failed_items": status.failed_items, "worker": status.worker}
+
+    def _score_warm(self, context: Any, spec: DeploymentSpec, index: int, attempt: int) -> MiniBatchStatus:
+        mb_id = mini_batch_id(index)
+        run_id = context["run_id"]
+        layout = run_layout(spec, run_id)
+        mini_batch_file, result_dir = layout.mini_batch_file(index), layout.mini_batch_dir(index)
+        if not mini_batch_file.is_file():
+            raise ScoringError(
+                f"{mb_id}: its file list {mini_batch_file} is missing; the plan of run {run_id!r} "
+                "was removed or never finished (clear the plan task of this run as well)"
+            )
+        user = security.container_user()
+        result_dir.path.mkdir(parents=True, exist_ok=True)
+        result_dir.retract()
+        security.make_writable_for(result_dir.path, user)
+        mini_batch_file.chmod(0o644)  # written 0600 by the plan; the container's user reads it
+        started = now_iso()
+        try:
+            secrets = _secrets(spec)
+        except SecretUnavailableError as exc:
+            raise self._failed(result_dir, spec, "SecretUnavailable", str(exc), attempt, started) from None
+        self._secret_values = tuple(secrets.values())  # the worker has them; its lines are redacted here
+        pool = self._pool = _workers(self.cli, spec, self.endpoint_name, context, self.log, secrets=secrets, user=user)
+        self.log.info(
+            "%s: scoring %s files (%s bytes) on a warm worker, try %s of %s",
+            mb_id,
+            self.mini_batch.get("files"),
+            self.mini_batch.get("bytes"),
+            attempt,
+            spec.settings.retry_settings.max_retries + 1,
+        )
+        container_file = f"{ContainerPaths.MINI_BATCHES}/{mini_batch_file.name}"
+        container_output = f"{ContainerPaths.RESULTS}/{result_dir.path.name}"
+        backstop = self._backstop_seconds(spec) if spec.contract == "azure" else None
+        replacements = 0
+        last_failure = ""
+        waiting_since = time.monotonic()
+        next_log = waiting_since + WAIT_LOG_SECONDS
+        order = [(index + k) % pool.slots for k in range(pool.slots)]
+        while True:
+            slots = [pool.slot(k) for k in order]
+            for s in slots:
+                if not s.ready:
+                    continue
+                self._slot = s.slot
+                try:
+                    outcome = self._submit(pool, s, container_file, container_output, attempt, backstop)
+                except AirflowTaskTimeout:
+                    pool.kill(s.slot)
+                    raise self._failed(
+                        result_dir,
+                        spec,
+                        "ContainerTimeout",
+                        f"worker {s.name} ran past {backstop:g} s (retry_settings.timeout "
+                        f"{spec.settings.retry_settings.timeout} + {CONTAINER_GRACE_SECONDS} s) on this mini-batch "
+                        "without ending and was stopped",
+                        attempt,
+                        started,
+                    ) from None
+                finally:
+                    self._slot = None
+                if outcome.accepted:
+                    return self._outcome(pool, s, outcome.exit_code, result_dir, spec, attempt, started)
+            dead = [s for s in slots if _died(s)]
+            alive = [s for s in slots if s.running]
+            if dead or not alive:
+                if replacements > pool.slots + 1:
+                    raise self._failed(
+                        result_dir, spec, "WarmWorkerFailed", f"no warm worker could be kept running; {last_failure}", attempt, started
+                    )
+                target = dead[0] if dead else slots[0]
+                if target.container is not None or target.state is not None:
+                    last_failure = pool.failure(target)
+                    if target.state is not None and target.state.state == WorkerState.FAILED and not alive and replacements:
+                        raise self._failed(result_dir, spec, "WarmWorkerFailed", last_failure, attempt, started)
+                    self.log.warning("%s; starting a replacement", last_failure)
+                pool.replace(target)
+                replacements += 1
+            now = time.monotonic()
+            if now >= next_log:
+                self.log.info(
+                    "%s: waiting %.0f s so far for a free warm worker (%s)",
+                    mb_id,
+                    now - waiting_since,
+                    ", ".join(f"{s.name} {_describe(s)}" for s in slots),
+                )
+                next_log = now + WAIT_LOG_SECONDS
+            time.sleep(POLL_SECONDS)
+
+    def _submit(self, pool: WarmWorkers, s: Slot, mini_batch_file: str, output: str, attempt: int, backstop: float | None) -> Any:
+        def accepted(message: dict[str, Any]) -> None:
+            self.log.info("%s took the mini-batch (its init() took %s s, once)", s.name, message.get("init_seconds"))
+
+        def line(text: str) -> None:
+            self.log.info("%s | %s", s.name, text)
+
+        if backstop is None:
+            return pool.submit(s.slot, mini_batch_file, output, attempt, line, accepted)
+        with timeout(backstop, error_message=f"worker {s.name} past {backstop:g} s"):
+            return pool.submit(s.slot, mini_batch_file, output, attempt, line, accepted)
+
+    def _outcome(
+        self, pool: WarmWorkers, s: Slot, code: int | None, result_dir: Any, spec: DeploymentSpec, attempt: int, started: str
+    ) -> MiniBatchStatus:
+        mb_id = mini_batch_id(result_dir.index)
+        status = result_dir.read_status()
+        death = pool.serving_death(s.slot) if spec.contract == "serve" and code != EXIT_OK else None
+        if death is not None:
+            result_dir.retract()  # the client's ContainerNotHealthy hides the cause; this says it
+            raise self._failed(result_dir, spec, "ServingContainerDied", death, attempt, started)
+        if code == EXIT_OK and status is not None and status.succeeded:
+            return status
+        if code == EXIT_FAILED and status is not None and status.error is not None:
+            raise ScoringError(f"{mb_id} failed: {self._redact(status.error.one_line())}")
+        now = pool.slot(s.slot)
+        why = pool.failure(now) if not now.running else f"its hand-over ended with exit code {code}"
+        raise self._failed(
+            result_dir,
+            spec,
+            "WarmWorkerDied",
+            f"worker {s.name} ended while scoring {mb_id}; {self._redact(why)}",
+            attempt,
+            started,
+        )
+
+    def on_kill(self) -> None:
+        # The worker is in the middle of this mini-batch: stop it (a later task starts a replacement).
+        if self._pool is not None and self._slot is not None:
+            self.log.warning("Task killed: stopping worker %s, which was scoring this mini-batch", slot_name(self._slot))
+            self._pool.kill(self._slot)
+
+
+def _died(s: Slot) -> bool:
+    """A worker that was started and is gone, but did not fail its init() (those are not restarted blindly)."""
+    return s.container is not None and not s.running and not (s.state is not None and s.state.state == WorkerState.FAILED)
+
+
+def _describe(s: Slot) -> str:
+    if s.ready:
+        return "busy"
+    if s.starting:
+        return "starting"
+    return "stopped" if s.container is not None else "not started"
+
+
+__all__ = ["StartWorkersOperator", "StopWorkersOperator", "WarmScoreMiniBatchOperator"]

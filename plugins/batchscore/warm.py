@@ -1,0 +1,505 @@
+"""Warm workers on the Docker host: start them, find a free one, hand it a mini-batch, remove them.
+
+``settings.worker_mode: warm`` gives each run of a deployment up to ``resources.instance_count``
+worker *slots*. Slot ``k`` is one container named ``batchscore-<run digest>-w<k>`` (for the
+serving contract, two: the serving container ``...-w<k>-serve`` and the client that shares its
+network), running :mod:`batchscore_runtime.warm`'s daemon. The name is the slot's lock: Docker
+refuses a second container of the same name, so two tasks that replace a dead worker at once
+start one. Workers are found by name and by their labels, on any Airflow worker that talks to
+the same Docker engine; no state is kept in Airflow.
+
+A mini-batch is handed over with ``docker exec`` (``warm submit``), which works wherever the
+Docker API reaches: the Airflow worker never opens a connection to a container. The worker's
+state (``starting``, ``ready``, ``failed``) is read from its state file in the run folder.
+
+The docker SDK only: no Airflow import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from docker.errors import APIError, NotFound
+from docker.types import Mount
+
+from batchscore import security
+from batchscore.errors import ScoringError
+from batchscore.spec import DeploymentSpec, memory_bytes
+from batchscore_runtime.formats import ContainerPaths, RunLayout, WorkerState
+from batchscore_runtime.warm import EXIT_LOST, EXIT_REFUSED, PREFIX, STATE_FILE
+
+log = logging.getLogger(__name__)
+
+ROLE_LABEL = "batchscore.role"
+WORKER_ROLE = "warm-worker"
+SERVING_ROLE = "warm-serving"
+RUN_LABEL = "batchscore.warm_run"
+LOG_TAIL_LINES = 15
+
+
+class WarmWorkerError(ScoringError):
+    """A warm worker could not be started or got lost; the message names it and says why."""
+
+
+def run_digest(endpoint_name: str, deployment: str, run_id: str) -> str:
+    """12 hex digits naming one run of one deployment (container names allow few characters)."""
+    return hashlib.sha256(f"{endpoint_name}\0{deployment}\0{run_id}".encode()).hexdigest()[:12]
+
+
+def slot_name(slot: int) -> str:
+    """The worker's name in logs and records: ``w1`` for slot 0."""
+    return f"w{slot + 1}"
+
+
+@dataclass
+class Slot:
+    """What the Docker host and the state file say of one worker slot now."""
+
+    slot: int
+    container: dict[str, Any] | None  # docker inspect of the worker container; None: there is none
+    state: WorkerState | None
+
+    @property
+    def name(self) -> str:
+        return slot_name(self.slot)
+
+    @property
+    def running(self) -> bool:
+        return bool(self.container and self.container["State"].get("Running"))
+
+    @property
+    def ready(self) -> bool:
+        return self.running and self.state is not None and self.state.state == WorkerState.READY
+
+    @property
+    def starting(self) -> bool:
+        return self.running and (self.state is None or self.state.state == WorkerState.STARTING)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ``submit`` said: taken or refused, and how the mini-batch ended."""
+
+    accepted: bool
+    exit_code: int | None = None
+    state: str = ""  # why it was refused: busy, starting, stopped
+
+
+class WarmWorkers:
+    """The warm workers of one run of one deployment on one Docker engine."""
+
+    def __init__(
+        self,
+        cli: Any,
+        spec: DeploymentSpec,
+        endpoint_name: str,
+        run_id: str,
+        layout: RunLayout,
+        *,
+        log: Any = log,
+        model_dir: Path | None = None,
+        secrets: dict[str, str] | None = None,
+        user: str | None = None,
+    ):
+        self.cli = cli
+        self.spec = spec
+        self.endpoint_name = endpoint_name
+        self.run_id = run_id
+        self.layout = layout
+        self.log = log
+        self.model_dir = model_dir  # serving contract: the folder mounted at /opt/ml/model
+        self.secrets = secrets or {}
+        self.user = user or security.container_user()
+        self.digest = run_digest(endpoint_name, spec.name, run_id)
+
+    # ------------------------------------------------------------------ names and state
+
+    @property
+    def slots(self) -> int:
+        return self.spec.resources.instance_count
+
+    def container_name(self, slot: int) -> str:
+        return f"batchscore-{self.digest}-{slot_name(slot)}"
+
+    def serving_name(self, slot: int) -> str:
+        return f"{self.container_name(slot)}-serve"
+
+    def state_dir(self, slot: int) -> Path:
+        return self.layout.workers_dir / slot_name(slot)
+
+    def labels(self, slot: int, role: str) -> dict[str, str]:
+        return {
+            "batchscore.endpoint": self.endpoint_name,
+            "batchscore.deployment": self.spec.name,
+            "batchscore.run_id": self.run_id,
+            "batchscore.worker": slot_name(slot),
+            RUN_LABEL: self.digest,
+            ROLE_LABEL: role,
+        }
+
+    def inspect(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.cli.inspect_container(name)
+        except NotFound:
+            return None
+
+    def slot(self, slot: int) -> Slot:
+        return Slot(slot, self.inspect(self.container_name(slot)), WorkerState.read(self.state_dir(slot) / STATE_FILE))
+
+    def all_slots(self) -> list[Slot]:
+        return [self.slot(k) for k in range(self.slots)]
+
+    def containers(self) -> list[dict[str, Any]]:
+        """Every container of this run's workers (also stopped ones), as ``docker ps -a`` lists them."""
+        return self.cli.containers(all=True, filters={"label": f"{RUN_LABEL}={self.digest}"})
+
+    # ------------------------------------------------------------------ start
+
+    def start(self, slot: int) -> bool:
+        """Start the worker of ``slot`` (and its serving container); False when another task already did."""
+        state_dir = self.state_dir(slot)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+        security.make_writable_for(state_dir, self.user)
+        self.layout.results_dir.mkdir(parents=True, exist_ok=True)
+        network_mode = None if self.spec.resources.network else "none"
+        serving_id = None
+        if self.spec.contract == "serve":
+            serving_id = self._create_serving(slot)
+            if serving_id is None:
+                return False
+            network_mode = f"container:{serving_id}"
+        try:
+            created = self.cli.create_container(**self._worker_config(slot, network_mode), name=self.container_name(slot))
+        except APIError as exc:
+            if exc.status_code == 409:  # the name is taken: another task started this slot a moment ago
+                if serving_id is not None:
+                    self._remove(serving_id)
+                return False
+            if exc.status_code == 404:
+                raise WarmWorkerError(
+                    f"worker {slot_name(slot)}: the image {self._worker_image()!r} is not on this Docker host: "
+                    f"{exc.explanation}; build or load it there (docker load), no registry is used"
+                ) from None
+            raise
+        self.cli.start(created["Id"])
+        self.log.info(
+            "Started warm worker %s (container %s, image %s)%s",
+            slot_name(slot),
+            self.container_name(slot),
+            self._worker_image(),
+            " with its serving container" if serving_id else "",
+        )
+        return True
+
+    def _worker_image(self) -> str:
+        from batchscore.operators.serve import client_image
+
+        return client_image() if self.spec.contract == "serve" else self.spec.environment.image
+
+    def _mounts(self, slot: int) -> list[Mount]:
+        spec, layout = self.spec, self.layout
+        mounts = [
+            Mount(target=f"{ContainerPaths.RUNTIME}/batchscore_runtime", source=str(_runtime_source()), type="bind", read_only=True),
+            Mount(target=ContainerPaths.INPUT, source=str(spec.input.path), type="bind", read_only=True),
+            Mount(target=ContainerPaths.MINI_BATCHES, source=str(layout.mini_batches_dir), type="bind", read_only=True),
+            Mount(target=ContainerPaths.RESULTS, source=str(layout.results_dir), type="bind", read_only=False),
+            Mount(target=ContainerPaths.WORKER_STATE, source=str(self.state_dir(slot)), type="bind", read_only=False),
+        ]
+        if spec.contract == "azure":
+            model = spec.model.path
+            target = ContainerPaths.MODEL if model.is_dir() else f"{ContainerPaths.MODEL}/{model.name}"
+            mounts += [
+                Mount(target=target, source=str(model), type="bind", read_only=True),
+                Mount(target=ContainerPaths.CODE, source=str(spec.code_configuration.code), type="bind", read_only=True),
+            ]
+        security.check_mounts(mounts)
+        return mounts
+
+    def _command(self, slot: int) -> list[str]:
+        settings = self.spec.settings
+        command = [
+            "python3",
+            "-m",
+            "batchscore_runtime.warm",
+            "daemon",
+            "--contract",
+            self.spec.contract,
+            "--worker",
+            slot_name(slot),
+            "--idle-timeout",
+            str(settings.worker_idle_timeout),
+            "--init-timeout",
+            str(settings.init_timeout),
+            "--log-level",
+            settings.logging_level,
+        ]
+        if self.spec.contract == "azure":
+            command += [
+                "--scoring-script",
+                f"{ContainerPaths.CODE}/{self.spec.code_configuration.scoring_script}",
+                "--workers",
+                str(settings.max_concurrency_per_instance),
+                "--timeout",
+                str(settings.retry_settings.timeout),
+                "--output-action",
+                settings.output_action,
+            ]
+            gpus = self.spec.resources.gpus
+            if gpus not in (0, "all"):
+                command += ["--gpus", str(gpus if isinstance(gpus, int) else len(gpus))]
+        else:
+            from batchscore.operators.serve import transform_config
+
+            command += ["--transform", json.dumps(transform_config(self.spec).to_json()), "--url", ContainerPaths.SERVING_URL]
+        return command
+
+    def _environment(self, slot: int) -> dict[str, str]:
+        env = {
+            "BATCHSCORE_WORKER": slot_name(slot),
+            "PYTHONPATH": ContainerPaths.RUNTIME,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "HOME": "/tmp",
+        }
+        if self.spec.contract == "azure":
+            return {**self.spec.settings.environment_variables, "AZUREML_MODEL_DIR": ContainerPaths.MODEL, **env, **self.secrets}
+        return env  # the client: the settings' environment and the secrets are the serving container's
+
+    def _worker_config(self, slot: int, network_mode: str | None) -> dict[str, Any]:
+        from batchscore.operators.score import device_requests
+
+        resources = self.spec.resources
+        azure = self.spec.contract == "azure"
+        memory = memory_bytes(resources.memory) if resources.memory and azure else None
+        options = security.host_config_options(resources if azure else resources.model_copy(update={"memory": None}))
+        host_config = self.cli.create_host_config(
+            mounts=self._mounts(slot),
+            network_mode=network_mode,
+            device_requests=(device_requests(resources.gpus) or None) if azure else None,
+            mem_limit=memory,
+            shm_size=memory_bytes(resources.shm_size) if resources.shm_size and azure else None,
+            **options,
+        )
+        return {
+            "image": self._worker_image(),
+            "command": self._command(slot),
+            "environment": self._environment(slot),
+            "host_config": host_config,
+            "labels": self.labels(slot, WORKER_ROLE),
+            "user": self.user,
+        }
+
+    def _create_serving(self, slot: int) -> str | None:
+        from batchscore.operators.score import device_requests
+        from batchscore.operators.serve import create_serving_container
+
+        try:
+            serving_id = create_serving_container(
+                self.cli,
+                self.spec,
+                self.model_dir,
+                gpu_requests=device_requests(self.spec.resources.gpus),
+                secrets=self.secrets,
+                labels=self.labels(slot, SERVING_ROLE),
+                name=self.serving_name(slot),
+            )
+        except APIError as exc:
+            if exc.status_code == 409:
+                return None
+            raise
+        self.cli.start(serving_id)
+        return serving_id
+
+    # ------------------------------------------------------------------ wait, replace
+
+    def wait_ready(self, slots: list[int], timeout: float, *, poll: float = 0.5) -> tuple[list[Slot], list[str]]:
+        """Wait until every slot's worker is ready or has failed; returns the ready ones and the failures' messages."""
+        deadline = time.monotonic() + timeout
+        pending = set(slots)
+        ready: list[Slot] = []
+        failures: list[str] = []
+        next_log = time.monotonic() + 30
+        while pending:
+            for k in sorted(pending):
+                s = self.slot(k)
+                if s.ready:
+                    ready.append(s)
+                    pending.discard(k)
+                    self.log.info("Warm worker %s is ready: init() took %.2f s", s.name, s.state.init_seconds or 0.0)
+                elif not s.running:
+                    failures.append(self.failure(s))
+                    pending.discard(k)
+            if not pending:
+                break
+            now = time.monotonic()
+            if now > deadline:
+                for k in sorted(pending):
+                    failures.append(
+                        f"worker {slot_name(k)} did not get ready within settings.init_timeout = "
+                        f"{self.spec.settings.init_timeout} s (and {CONTAINER_START_GRACE} s to start)"
+                    )
+                    self.kill(k)
+                break
+            if now > next_log:
+                self.log.info("Waiting for warm worker(s) %s to get ready", ", ".join(slot_name(k) for k in sorted(pending)))
+                next_log = now + 30
+            time.sleep(poll)
+        return sorted(ready, key=lambda s: s.slot), failures
+
+    def failure(self, s: Slot) -> str:
+        """Why the worker of slot ``s`` is not running: its state file's error, else its exit code and last log lines."""
+        if s.state is not None and s.state.error is not None:
+            return f"worker {s.name}: {s.state.error.one_line()}"
+        if s.container is None:
+            return f"worker {s.name}: its container {self.container_name(s.slot)} is gone"
+        code = s.container["State"].get("ExitCode")
+        return f"worker {s.name}: its container exited with code {code}{_exit_hint(code)}; {self.log_tail(s.container['Id'])}"
+
+    def log_tail(self, container: str) -> str:
+        try:
+            tail = self.cli.logs(container, tail=LOG_TAIL_LINES).decode("utf-8", "replace").strip()
+        except APIError:
+            tail = ""
+        return f"its last log lines:\n{tail}" if tail else "it wrote nothing"
+
+    def replace(self, s: Slot) -> bool:
+        """Remove a dead worker of slot ``s`` (by id, so never one another task just started) and start another."""
+        if s.container is not None:
+            self._remove(s.container["Id"])
+        if self.spec.contract == "serve":
+            serving = self.inspect(self.serving_name(s.slot))
+            if serving is not None:
+                self._remove(serving["Id"])
+        return self.start(s.slot)
+
+    def kill(self, slot: int) -> None:
+        """Stop the worker of ``slot`` at once (it is stuck, or its task was killed); a later task replaces it."""
+        for name in (self.container_name(slot), self.serving_name(slot)):
+            try:
+                self.cli.kill(name)
+            except APIError:
+                pass
+
+    def serving_death(self, slot: int) -> str | None:
+        """Serving contract: how the serving container of ``slot`` ended, when it did."""
+        serving = self.inspect(self.serving_name(slot))
+        if serving is None or serving["State"].get("Running"):
+            return None
+        code = serving["State"].get("ExitCode")
+        return (
+            f"the serving container ({self.spec.environment.image} serve) of worker {slot_name(slot)} exited with "
+            f"code {code}{_exit_hint(code)}; {self.log_tail(serving['Id'])}"
+        )
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(
+        self,
+        slot: int,
+        mini_batch_file: str,
+        output: str,
+        attempt: int,
+        on_line: Callable[[str], None],
+        on_accepted: Callable[[dict[str, Any]], None] = lambda message: None,
+    ) -> Outcome:
+        """Hand one mini-batch (container paths) to the worker of ``slot``; its log lines go to ``on_line``."""
+        command = [
+            "python3",
+            "-m",
+            "batchscore_runtime.warm",
+            "submit",
+            "--mini-batch",
+            mini_batch_file,
+            "--output",
+            output,
+            "--attempt",
+            str(attempt),
+        ]
+        try:
+            exec_id = self.cli.exec_create(self.container_name(slot), command, user=self.user)["Id"]
+        except APIError as exc:
+            if exc.status_code in (404, 409):  # gone, or not running any more
+                return Outcome(False, state="stopped")
+            raise
+        accepted: dict[str, Any] | None = None
+        ended: dict[str, Any] | None = None
+        buffer = b""
+        for chunk in self.cli.exec_start(exec_id, stream=True):
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace")
+                if line.startswith(PREFIX):
+                    message = json.loads(line[len(PREFIX) :])
+                    if accepted is None:
+                        accepted = message
+                        if message.get("accepted"):
+                            on_accepted(message)
+                    else:
+                        ended = message
+                else:
+                    on_line(line)
+        if buffer:
+            on_line(buffer.decode("utf-8", "replace"))
+        code = self.cli.exec_inspect(exec_id).get("ExitCode")
+        if accepted is None or not accepted.get("accepted"):
+            return Outcome(False, state=(accepted or {}).get("state", "stopped"))
+        if ended is None or "exit" not in ended:
+            return Outcome(True, exit_code=EXIT_LOST if code in (None, 0, EXIT_REFUSED) else code)
+        return Outcome(True, exit_code=int(ended["exit"]))
+
+    # ------------------------------------------------------------------ stop
+
+    def remove_all(self) -> list[str]:
+        """Stop and remove every container of this run's workers; returns their names."""
+        removed = []
+        containers = self.containers()
+        # Clients first: a serving container's network is still theirs until they are gone.
+        containers.sort(key=lambda c: c.get("Labels", {}).get(ROLE_LABEL) == SERVING_ROLE)
+        for c in containers:
+            self._remove(c["Id"])  # forced: a worker between mini-batches has nothing to save
+            removed.append((c.get("Names") or [c["Id"][:12]])[0].lstrip("/"))
+        return removed
+
+    def _remove(self, container_id: str) -> None:
+        try:
+            self.cli.remove_container(container_id, force=True)
+        except NotFound:
+            pass
+        except APIError as exc:
+            if exc.status_code != 409:  # 409: removal already in progress
+                raise
+
+
+#: Seconds a worker container gets to start before its init_timeout counts.
+CONTAINER_START_GRACE = 60
+
+
+def _exit_hint(code: Any) -> str:
+    if code == 137:
+        return " (SIGKILL: out of memory at resources.memory, or docker kill)"
+    return ""
+
+
+def _runtime_source() -> Path:
+    from batchscore.operators.score import RUNTIME_SOURCE
+
+    return RUNTIME_SOURCE
+
+
+def docker_client() -> Any:
+    """A low-level Docker API client, configured from the environment (``DOCKER_HOST``) as DockerOperator's default is."""
+    import docker
+
+    return docker.APIClient(**docker.utils.kwargs_from_env(), version="auto")
+
+
+__all__ = ["Outcome", "Slot", "WarmWorkerError", "WarmWorkers", "docker_client", "run_digest", "slot_name"]
