@@ -125,3 +125,164 @@ def test_the_serving_contract_in_warm_mode_pings_once_per_worker_and_gives_the_s
     workers = summary["warm_workers"]
     assert 1 <= len(workers) <= 2 and sum(len(w["mini_batches"]) for w in workers) == 8
     assert worker_containers("iris-warm", "warm", dag_run.run_id) == []
+
+
+# --------------------------------------------------------------------------- on a real scheduler
+
+# Sleeps on iris-007.csv (after saying so in its outputs folder) until the test has killed its
+# worker container and left a marker next to the model; the retry then scores it at once.
+KILLABLE_SCRIPT = """
+import os, socket, time
+import pandas as pd
+
+def init():
+    pass
+
+def run(mini_batch):
+    names = [os.path.basename(p) for p in mini_batch]
+    marker = os.path.join(os.environ["AZUREML_MODEL_DIR"], "killed")
+    if "iris-007.csv" in names and not os.path.exists(marker):
+        open(os.path.join(os.environ["AZUREML_BI_OUTPUT_PATH"], "slow-" + socket.gethostname()), "w").close()
+        time.sleep(300)
+    rows = [pd.read_csv(p).assign(file=os.path.basename(p)) for p in mini_batch]
+    return pd.concat(rows, ignore_index=True)[["file", "id"]].assign(host=socket.gethostname())
+"""
+
+# Fails on iris-005.csv until a marker appears next to the model (a transient fault).
+FLAKY_SCRIPT = """
+import os
+import pandas as pd
+
+def init():
+    pass
+
+def run(mini_batch):
+    names = [os.path.basename(p) for p in mini_batch]
+    if "iris-005.csv" in names and not os.path.exists(os.path.join(os.environ["AZUREML_MODEL_DIR"], "fixed")):
+        raise RuntimeError("upstream service unavailable")
+    rows = [pd.read_csv(p).assign(file=os.path.basename(p)) for p in mini_batch]
+    return pd.concat(rows, ignore_index=True)[["file", "id"]]
+"""
+
+
+def _stage(tmp_path: Path, script: str, settings: dict, endpoint: str, resources: dict | None = None):
+    from tests.test_rerun import REPO
+
+    model = tmp_path / "model"
+    model.mkdir()
+    write(tmp_path / "code" / "score.py", script)
+    deployments = tmp_path / "deployments"
+    yaml_path = deployment_file(
+        deployments, model=model, code=tmp_path / "code", inputs=REPO / "include" / "examples" / "iris" / "data",
+        endpoint=endpoint, settings={"worker_mode": "warm", **settings}, resources=resources,
+    )
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "batchscore_deployments.py").write_text((REPO / "dags" / "batchscore_deployments.py").read_text())
+    from tests.helpers import load
+
+    return model, load(yaml_path).deployments[0], dags, {"BATCHSCORE_DEPLOYMENTS_DIR": str(deployments)}
+
+
+def _expected(iris_example: Path) -> pd.DataFrame:
+    return pd.concat(
+        [pd.read_csv(f).assign(file=f.name) for f in sorted((iris_example / "data").glob("*.csv"))], ignore_index=True
+    )[["file", "id"]]
+
+
+@pytest.mark.scheduler
+def test_a_worker_killed_mid_mini_batch_fails_only_it_and_its_retry_gets_a_healthy_worker(
+    iris_example: Path, tmp_path: Path
+) -> None:
+    import threading
+    import time
+
+    from batchscore.localairflow import LocalAirflow
+
+    model, deployment, dags, env = _stage(
+        tmp_path, KILLABLE_SCRIPT, {"mini_batch_size": 3, "retry_settings": {"max_retries": 1}}, "killable",
+        resources={"instance_count": 2},
+    )
+    killed: list[str] = []
+
+    def kill_when_slow(run_dir: Path) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            for marker in run_dir.glob("_batchscore/results/*/outputs-*/slow-*"):
+                host = marker.name.removeprefix("slow-")
+                (model / "killed").touch()
+                subprocess.run(["docker", "kill", host], check=True, capture_output=True)
+                killed.append(host)
+                return
+            time.sleep(0.2)
+
+    with LocalAirflow(tmp_path / "airflow", dags, env=env) as airflow:
+        airflow.wait_for_dag("killable")
+        run_id = airflow.trigger("killable")
+        killer = threading.Thread(target=kill_when_slow, args=(deployment.output.path / run_key(run_id),), daemon=True)
+        killer.start()
+        assert airflow.wait_for_run("killable", run_id, timeout=420) == "success"
+        killer.join(timeout=5)
+        tis = {(t["task_id"], t["map_index"]): t for t in airflow.task_instances("killable", run_id)}
+        first_try = airflow.task_log("killable", run_id, "test-deployment.score", map_index=2, try_number=1)
+        second_try = airflow.task_log("killable", run_id, "test-deployment.score", map_index=2, try_number=2)
+
+    assert killed, "the slow mini-batch never started"
+    assert tis[("test-deployment.score", 2)]["try_number"] == 2  # iris-006..008: the only one retried
+    assert all(tis[("test-deployment.score", i)]["try_number"] == 1 for i in (0, 1, 3, 4))
+    assert "mb-00002 failed: WarmWorkerDied: worker w" in first_try
+    assert "exited with code 137" in first_try
+    assert "took the mini-batch" in second_try
+
+    run_dir = deployment.output.path / run_key(run_id)
+    merged = pd.read_csv(run_dir / "predictions.csv")
+    pd.testing.assert_frame_equal(merged[["file", "id"]], _expected(iris_example))  # every row once, in order
+    retried = merged[merged["file"].isin(["iris-006.csv", "iris-007.csv", "iris-008.csv"])]
+    assert killed[0] not in set(retried["host"])  # the retry ran on another (healthy) worker container
+    ledger = pd.read_csv(run_dir / "processed_mini-batches.csv", keep_default_na=False)
+    row = ledger[ledger["mini_batch"] == "mb-00002"].iloc[0]
+    assert (row["status"], row["attempts"]) == ("succeeded", 2)
+    assert worker_containers("killable", deployment.name, run_id) == []
+
+
+@pytest.mark.scheduler
+def test_teardown_after_failures_and_a_rerun_from_the_rest_api_after_the_run_ended(
+    iris_example: Path, tmp_path: Path
+) -> None:
+    from batchscore.localairflow import LocalAirflow
+
+    model, deployment, dags, env = _stage(
+        tmp_path, FLAKY_SCRIPT, {"mini_batch_size": 5, "mini_batch_error_threshold": 0}, "flaky-warm",
+        resources={"instance_count": 2},
+    )
+    with LocalAirflow(tmp_path / "airflow", dags, env=env) as airflow:
+        airflow.wait_for_dag("flaky-warm")
+        run_id = airflow.trigger("flaky-warm")
+        assert airflow.wait_for_run("flaky-warm", run_id, timeout=300) == "failed"
+        before = {(t["task_id"], t["map_index"]): t for t in airflow.task_instances("flaky-warm", run_id)}
+        assert [before[("test-deployment.score", i)]["state"] for i in range(3)] == ["success", "failed", "success"]
+        assert before[("test-deployment.stop_workers", -1)]["state"] == "success"
+        assert worker_containers("flaky-warm", deployment.name, run_id) == []  # torn down after the failure
+        log = airflow.task_log("flaky-warm", run_id, "test-deployment.score", map_index=1)
+        assert "mb-00001 failed: RuntimeError: upstream service unavailable" in log
+        assert "| Traceback" in log  # the worker's own lines, streamed into the task's log
+
+        (model / "fixed").touch()
+        cleared = airflow.clear("flaky-warm", run_id, [("test-deployment.score", 1)], include_downstream=True)
+        assert sorted((t["task_id"], t["map_index"]) for t in cleared) == [
+            ("test-deployment.merge", -1),
+            ("test-deployment.score", 1),
+            ("test-deployment.start_workers", -1),
+            ("test-deployment.stop_workers", -1),
+        ]
+        assert airflow.wait_for_run("flaky-warm", run_id, timeout=300) == "success"
+        after = {(t["task_id"], t["map_index"]): t for t in airflow.task_instances("flaky-warm", run_id)}
+        start_log = airflow.task_log("flaky-warm", run_id, "test-deployment.start_workers", try_number=2)
+
+    assert "Starting 1 warm worker(s) for 1 mini-batch(es) to score" in start_log  # only what is left
+    for i in (0, 2):
+        assert after[("test-deployment.score", i)]["try_number"] == 1
+    assert after[("test-deployment.score", 1)]["try_number"] == 2
+    run_dir = deployment.output.path / run_key(run_id)
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "predictions.csv"), _expected(iris_example))
+    assert worker_containers("flaky-warm", deployment.name, run_id) == []

@@ -153,6 +153,14 @@ class WarmWorkers:
     def slot(self, slot: int) -> Slot:
         return Slot(slot, self.inspect(self.container_name(slot)), WorkerState.read(self.state_dir(slot) / STATE_FILE))
 
+    def settled(self, slot: int, wait: float = 10.0) -> Slot:
+        """The slot once its container has finished dying (a hand-over that broke off means it is going)."""
+        try:
+            self.cli.wait(self.container_name(slot), timeout=wait)
+        except Exception:  # noqa: BLE001 - still running after `wait` s, or already removed
+            pass
+        return self.slot(slot)
+
     def all_slots(self) -> list[Slot]:
         return [self.slot(k) for k in range(self.slots)]
 

@@ -266,7 +266,7 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
             return status
         if code == EXIT_FAILED and status is not None and status.error is not None:
             raise ScoringError(f"{mb_id} failed: {self._redact(status.error.one_line())}")
-        now = pool.slot(s.slot)
+        now = pool.settled(s.slot)
         why = pool.failure(now) if not now.running else f"its hand-over ended with exit code {code}"
         raise self._failed(
             result_dir,
