@@ -155,13 +155,15 @@ class AzurePool:
         """Start every process and wait for its ``init()``; raises ``MiniBatchFailed`` (killing them all) if one fails."""
         self._start([k for k in range(self.size)])
 
-    def heal(self) -> bool:
-        """Replace processes that died; False when there were none to replace."""
+    def broken(self) -> bool:
+        """Whether a process ended (died, or was killed past its time limit) and must be replaced."""
+        return any(p is None or not p.is_alive() for p in self.processes)
+
+    def heal(self) -> None:
+        """Replace the processes that ended (each calls init() once)."""
         dead = [k for k, p in enumerate(self.processes) if p is None or not p.is_alive()]
-        if dead:
-            log.warning("%s: starting %d new worker process(es) in place of those that ended", self.args.worker, len(dead))
-            self._start(dead)
-        return bool(dead)
+        log.warning("%s: starting %d new worker process(es) in place of those that ended", self.args.worker, len(dead))
+        self._start(dead)
 
     def _start(self, slots: list[int]) -> None:
         from batchscore_runtime.workers import MiniBatchFailed, WarmProcess, _warm_worker_main
@@ -309,8 +311,11 @@ class ServeClient:
 
         self.ready_seconds = wait_until_healthy(ServingClient(self.args.url), self.config.startup_timeout)
 
-    def heal(self) -> bool:
+    def broken(self) -> bool:
         return False
+
+    def heal(self) -> None:
+        pass
 
     def stop(self) -> None:
         pass
@@ -366,11 +371,11 @@ class Daemon:
     def run(self) -> int:
         self._set()
         try:
-            os.unlink(ContainerPaths.WARM_SOCKET)
+            os.unlink(self.args.socket)
         except FileNotFoundError:
             pass
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(ContainerPaths.WARM_SOCKET)
+        server.bind(str(self.args.socket))
         server.listen(16)
         server.settimeout(1.0)
         threading.Thread(target=self._get_ready, daemon=True).start()
@@ -457,16 +462,17 @@ class Daemon:
                 self._set(state=WorkerState.STOPPED, error=ErrorInfo(type="ServingContainerGone", message="the serving container stopped answering /ping"))
                 self._stop(1)
             return
-        with self.lock:
-            self.state = replace(self.state, state=WorkerState.STARTING)
+        if not self.backend.broken():
+            return
+        self._set(state=WorkerState.STARTING)
         try:
-            replaced = self.backend.heal()
+            self.backend.heal()
         except Exception as exc:  # noqa: BLE001 - the new process's init() failed: this worker is done
             info = getattr(exc, "info", None) or ErrorInfo(type=type(exc).__name__, message=str(exc).strip())
             self._set(state=WorkerState.FAILED, error=info)
             self._stop(1)
             return
-        self._set(state=WorkerState.READY, init_seconds=round(self.backend.ready_seconds, 3) if replaced else self.state.init_seconds)
+        self._set(state=WorkerState.READY, init_seconds=round(self.backend.ready_seconds, 3))
 
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
@@ -523,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon.add_argument("--worker", required=True, help="this worker's name in logs and records (w1)")
     daemon.add_argument("--state-dir", default=ContainerPaths.WORKER_STATE, type=Path)
     daemon.add_argument("--input-root", default=ContainerPaths.INPUT, type=Path)
+    daemon.add_argument("--socket", default=ContainerPaths.WARM_SOCKET, help="where to take mini-batches")
     daemon.add_argument("--idle-timeout", type=float, default=600.0, help="stop after this many seconds without work")
     daemon.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     daemon.add_argument("--init-timeout", type=float, default=600.0)
@@ -539,10 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("--mini-batch", required=True)
     sub.add_argument("--output", required=True)
     sub.add_argument("--attempt", type=int, default=1)
+    sub.add_argument("--socket", default=ContainerPaths.WARM_SOCKET)
     args = parser.parse_args(argv)
 
     if args.command == "submit":
-        return submit(args.mini_batch, args.output, args.attempt)
+        return submit(args.mini_batch, args.output, args.attempt, args.socket)
     if args.contract == "azure" and args.scoring_script is None:
         parser.error("--scoring-script is required with --contract azure")
     if args.contract == "serve" and args.transform is None:
