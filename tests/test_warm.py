@@ -286,3 +286,88 @@ def test_teardown_after_failures_and_a_rerun_from_the_rest_api_after_the_run_end
     run_dir = deployment.output.path / run_key(run_id)
     pd.testing.assert_frame_equal(pd.read_csv(run_dir / "predictions.csv"), _expected(iris_example))
     assert worker_containers("flaky-warm", deployment.name, run_id) == []
+
+
+def test_a_warm_workers_gpu_lease_lives_exactly_as_long_as_its_container(
+    scoring_image: str, tmp_path: Path, monkeypatch
+) -> None:
+    """No GPU here: the host's GPUs are named by BATCHSCORE_GPUS and never reach Docker (mocked)."""
+    import time
+
+    from batchscore.warm import lease_for_worker
+    from tests.helpers import load
+
+    monkeypatch.setenv("BATCHSCORE_GPUS", "g0,g1")
+    monkeypatch.setenv("BATCHSCORE_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    write(tmp_path / "code" / "score.py", COUNTING_SCRIPT)
+    (tmp_path / "in").mkdir()
+    spec = load(
+        deployment_file(tmp_path / "yaml", model=tmp_path / "code", code=tmp_path / "code", inputs=tmp_path / "in",
+                        resources={"gpus": 1})
+    ).deployments[0]
+    names = [f"batchscore-test-gpu-holder-{k}-{tmp_path.name[-8:]}" for k in range(3)]
+    holders = []
+    try:
+        for name in names[:2]:
+            subprocess.run(["docker", "run", "-d", "--name", name, scoring_image, "sleep", "120"], check=True, capture_output=True)
+        leases = [lease_for_worker(spec, name, name) for name in names[:2]]
+        holders = [holder for _, _, holder in leases]
+        ids = [requests[0]["DeviceIDs"] for requests, _, _ in leases]
+        assert sorted(ids) == [["g0"], ["g1"]] and [count for _, count, _ in leases] == [1, 1]
+        time.sleep(3)
+        assert all(h.poll() is None for h in holders)  # held while the containers live
+
+        subprocess.run(["docker", "rm", "-f", names[0]], check=True, capture_output=True)
+        holders[0].wait(timeout=15)  # the holder notices and lets go
+        subprocess.run(["docker", "run", "-d", "--name", names[2], scoring_image, "sleep", "120"], check=True, capture_output=True)
+        requests, _, holder = lease_for_worker(spec, names[2], names[2])
+        holders.append(holder)
+        assert requests[0]["DeviceIDs"] == ids[0]  # the freed GPU, not the one still held
+    finally:
+        subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
+        for h in holders:
+            h.wait(timeout=15)
+
+
+def test_serving_containers_that_never_get_healthy_or_die_mid_job_fail_clearly_in_warm_mode(
+    airflow_db, serving_test_image: str, iris_example: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from tests.helpers import inputs
+    from tests.test_serving_contract import ECHO
+
+    def deployment(name: str, env: dict, settings: dict | None = None) -> dict:
+        return {
+            "name": name,
+            "model": iris_example / "model" / "iris-classifier",
+            "image": serving_test_image,
+            "inputs": inputs(tmp_path / "in" / name, {"a.txt": b"fine\n", "b.txt": b"boom\n"}),
+            "transform": {"SplitType": "Line", "ContentType": ECHO, "Environment": env},
+            "settings": {"worker_mode": "warm", "mini_batch_size": 1, **(settings or {})},
+        }
+
+    path = serve_endpoint(
+        tmp_path,
+        "serve-broken-warm",
+        [
+            deployment("never-healthy", {"FAULT_NEVER_HEALTHY": "1"}, {"init_timeout": 3}),
+            deployment("dies-mid-job", {"FAULT_EXIT_MATCH": "boom"}),
+        ],
+    )
+    dag_run, endpoint = run_dag(path, monkeypatch)
+
+    assert dag_run.state == "failed"
+    tis = {(ti.task_id, ti.map_index): ti for ti in dag_run.get_task_instances()}
+    assert tis[("never-healthy.start_workers", -1)].state == "failed"  # nothing could be scored
+    # Airflow runs no teardown after a failed setup: start_workers removed its workers itself (below).
+    assert tis[("never-healthy.stop_workers", -1)].state == "upstream_failed"
+    never = endpoint.deployments[0].output.path / run_key(dag_run.run_id) / "_batchscore" / "workers" / "w1" / "state.json"
+    assert json.loads(never.read_text())["error"]["message"].startswith(
+        "the serving container did not answer GET /ping with 200 within 3 s (settings.init_timeout)"
+    )
+    run_dir = endpoint.deployments[1].output.path / run_key(dag_run.run_id)
+    statuses = [json.loads((run_dir / "_batchscore" / "results" / f"mb-0000{i}" / "status.json").read_text()) for i in (0, 1)]
+    assert statuses[0]["state"] == "succeeded"
+    assert (statuses[1]["state"], statuses[1]["error"]["type"]) == ("failed", "ServingContainerDied")
+    assert "exited with code 3" in statuses[1]["error"]["message"]
+    for name in ("never-healthy", "dies-mid-job"):
+        assert worker_containers("serve-broken-warm", name, dag_run.run_id) == []

@@ -118,6 +118,7 @@ class WarmWorkers:
         self.secrets = secrets or {}
         self.user = user or security.container_user()
         self.digest = run_digest(endpoint_name, spec.name, run_id)
+        self._gpu_count: int | None = None
 
     # ------------------------------------------------------------------ names and state
 
@@ -179,14 +180,24 @@ class WarmWorkers:
         self.layout.results_dir.mkdir(parents=True, exist_ok=True)
         network_mode = None if self.spec.resources.network else "none"
         serving_id = None
-        if self.spec.contract == "serve":
-            serving_id = self._create_serving(slot)
-            if serving_id is None:
-                return False
-            network_mode = f"container:{serving_id}"
+        # The GPUs go to the container that loads the model: the worker, or the serving container.
+        holds = self.serving_name(slot) if self.spec.contract == "serve" else self.container_name(slot)
+        gpus, self._gpu_count, holder = lease_for_worker(
+            self.spec, holds, f"{self.endpoint_name}/{self.spec.name}/{self.run_id}/{slot_name(slot)}", self.log
+        )
         try:
-            created = self.cli.create_container(**self._worker_config(slot, network_mode), name=self.container_name(slot))
+            if self.spec.contract == "serve":
+                serving_id = self._create_serving(slot, gpus)
+                if serving_id is None:
+                    _release(holder)
+                    return False
+                network_mode = f"container:{serving_id}"
+            created = self.cli.create_container(
+                **self._worker_config(slot, network_mode, gpus), name=self.container_name(slot)
+            )
         except APIError as exc:
+            if serving_id is None or exc.status_code == 409:
+                _release(holder)  # never keep a lease for a container that is not ours
             if exc.status_code == 409:  # the name is taken: another task started this slot a moment ago
                 if serving_id is not None:
                     self._remove(serving_id)
@@ -260,9 +271,8 @@ class WarmWorkers:
                 "--output-action",
                 settings.output_action,
             ]
-            gpus = self.spec.resources.gpus
-            if gpus not in (0, "all"):
-                command += ["--gpus", str(gpus if isinstance(gpus, int) else len(gpus))]
+            if self._gpu_count:
+                command += ["--gpus", str(self._gpu_count)]
         else:
             from batchscore.operators.serve import transform_config
 
@@ -281,9 +291,7 @@ class WarmWorkers:
             return {**self.spec.settings.environment_variables, "AZUREML_MODEL_DIR": ContainerPaths.MODEL, **env, **self.secrets}
         return env  # the client: the settings' environment and the secrets are the serving container's
 
-    def _worker_config(self, slot: int, network_mode: str | None) -> dict[str, Any]:
-        from batchscore.operators.score import device_requests
-
+    def _worker_config(self, slot: int, network_mode: str | None, gpus: list[Any]) -> dict[str, Any]:
         resources = self.spec.resources
         azure = self.spec.contract == "azure"
         memory = memory_bytes(resources.memory) if resources.memory and azure else None
@@ -291,7 +299,7 @@ class WarmWorkers:
         host_config = self.cli.create_host_config(
             mounts=self._mounts(slot),
             network_mode=network_mode,
-            device_requests=(device_requests(resources.gpus) or None) if azure else None,
+            device_requests=(gpus or None) if azure else None,
             mem_limit=memory,
             shm_size=memory_bytes(resources.shm_size) if resources.shm_size and azure else None,
             **options,
@@ -305,8 +313,7 @@ class WarmWorkers:
             "user": self.user,
         }
 
-    def _create_serving(self, slot: int) -> str | None:
-        from batchscore.operators.score import device_requests
+    def _create_serving(self, slot: int, gpus: list[Any]) -> str | None:
         from batchscore.operators.serve import create_serving_container
 
         try:
@@ -314,7 +321,7 @@ class WarmWorkers:
                 self.cli,
                 self.spec,
                 self.model_dir,
-                gpu_requests=device_requests(self.spec.resources.gpus),
+                gpu_requests=gpus,
                 secrets=self.secrets,
                 labels=self.labels(slot, SERVING_ROLE),
                 name=self.serving_name(slot),
@@ -503,11 +510,122 @@ def _runtime_source() -> Path:
     return RUNTIME_SOURCE
 
 
+# --------------------------------------------------------------------------- GPUs of a worker
+
+
+#: Seconds a GPU holder waits for its worker container to appear before it lets the GPUs go.
+HOLDER_APPEAR_SECONDS = 120.0
+HOLDER_POLL_SECONDS = 2.0
+
+
+def lease_for_worker(spec: DeploymentSpec, container: str, label: str, log: Any = log) -> tuple[list[Any], int | None, Any]:
+    """GPUs for a warm worker container that outlives the task starting it: ``(device_requests, count, holder)``.
+
+    A per-mini-batch lease (:func:`batchscore.gpus.lease_gpus`) lives as long as its task. A warm
+    worker lives for the run, so its lease is taken by a small holder process
+    (``python -m batchscore.warm hold-gpus``) in a session of its own, which keeps the ``flock``
+    until the container is gone (removed or stopped) and then exits; the kernel drops the lease
+    with it, whatever happens. ``resources.share_gpus`` and ``gpus: 0`` take no lease.
+    """
+    import subprocess
+    import sys
+
+    from batchscore.errors import GpuUnavailableError
+    from batchscore.operators.score import device_requests
+
+    resources = spec.resources
+    if resources.gpus == 0:
+        return [], None, None
+    if resources.share_gpus:
+        gpus = resources.gpus
+        return device_requests(gpus), (gpus if isinstance(gpus, int) else None if gpus == "all" else len(gpus)), None
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "batchscore.warm", "hold-gpus", "--gpus", json.dumps(resources.gpus),
+         "--container", container, "--label", label],
+        stdout=subprocess.PIPE,
+        start_new_session=True,  # not killed with the task: it lives as long as the container
+        text=True,
+    )
+    line = holder.stdout.readline() if holder.stdout else ""
+    answer = json.loads(line) if line.strip() else {"error": f"the GPU holder exited with code {holder.wait()}"}
+    if "error" in answer:
+        raise GpuUnavailableError(f"worker container {container}: {answer['error']}")
+    ids = answer["ids"]
+    log.info("Worker container %s gets GPU(s) %s, held until it is gone (holder pid %d)", container, ",".join(ids), holder.pid)
+    from docker.types import DeviceRequest
+
+    return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])], len(ids), holder
+
+
+def _release(holder: Any) -> None:
+    if holder is not None:
+        holder.kill()
+        holder.wait(timeout=10)
+
+
+def hold_gpus(gpus: Any, container: str, label: str, appear_seconds: float = HOLDER_APPEAR_SECONDS) -> int:
+    """The holder process: lease, print the ids (one JSON line), keep them while ``container`` lives."""
+    from batchscore.errors import GpuUnavailableError
+    from batchscore.gpus import lease_gpus
+
+    try:
+        with lease_gpus(gpus, False, label=label) as assignment:
+            print(json.dumps({"ids": assignment.device_ids}), flush=True)
+            sys_stdout_close()
+            cli = docker_client()
+            appear_by = time.monotonic() + appear_seconds
+            seen = False
+            while True:
+                try:
+                    state = cli.inspect_container(container)["State"]
+                except NotFound:
+                    if seen or time.monotonic() > appear_by:
+                        return 0
+                else:
+                    seen = True
+                    if state.get("Status") not in ("created", "running", "restarting", "paused"):
+                        return 0
+                time.sleep(HOLDER_POLL_SECONDS)
+    except GpuUnavailableError as exc:
+        print(json.dumps({"error": str(exc)}), flush=True)
+        return 1
+
+
+def sys_stdout_close() -> None:
+    """Let the parent's readline end: nothing more is written to it."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
 def docker_client() -> Any:
     """A low-level Docker API client, configured from the environment (``DOCKER_HOST``) as DockerOperator's default is."""
     import docker
 
     return docker.APIClient(**docker.utils.kwargs_from_env(), version="auto")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m batchscore.warm hold-gpus``: see :func:`lease_for_worker`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m batchscore.warm")
+    commands = parser.add_subparsers(dest="command", required=True)
+    hold = commands.add_parser("hold-gpus", help="hold a GPU lease while a worker container lives")
+    hold.add_argument("--gpus", required=True, help="resources.gpus as JSON")
+    hold.add_argument("--container", required=True)
+    hold.add_argument("--label", required=True)
+    hold.add_argument("--appear-seconds", type=float, default=HOLDER_APPEAR_SECONDS)
+    args = parser.parse_args(argv)
+    return hold_gpus(json.loads(args.gpus), args.container, args.label, args.appear_seconds)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
 
 
 __all__ = ["Outcome", "Slot", "WarmWorkerError", "WarmWorkers", "docker_client", "run_digest", "slot_name"]

@@ -3,6 +3,7 @@
 * :class:`StartWorkersOperator` (the task group's setup task) starts the run's worker
   containers, one per ``resources.instance_count`` (fewer when fewer mini-batches are left),
   and waits until each has called ``init()`` once (serving contract: passed ``/ping`` once).
+  When none gets ready it removes them itself: Airflow runs no teardown after a failed setup.
 * :class:`WarmScoreMiniBatchOperator` stays one mapped task per mini-batch, so the UI, retries
   and reruns work as in ``per_mini_batch`` mode; it hands its mini-batch to a free worker and
   streams that worker's log lines into its own task log. A worker that died is replaced.
@@ -73,7 +74,7 @@ class StartWorkersOperator(DeploymentMixin, BaseOperator):
         if count == 0:
             self.log.info("No mini-batch left to score: no worker started")
             return {"workers": []}
-        pool = _workers(docker_client(), spec, self.endpoint_name, context, self.log, secrets=_secrets(spec))
+        pool = self._pool = _workers(docker_client(), spec, self.endpoint_name, context, self.log, secrets=_secrets(spec))
         self.log.info(
             "Starting %d warm worker(s) for %d mini-batch(es) to score (resources.instance_count %d); each calls %s once",
             count,
@@ -91,10 +92,19 @@ class StartWorkersOperator(DeploymentMixin, BaseOperator):
         for failure in failures:
             self.log.error("%s", failure)
         if not ready:
+            # Airflow runs no teardown after a setup that failed: remove the workers here.
+            pool.remove_all()
             raise WarmWorkerError("no warm worker got ready, so no mini-batch can be scored:\n" + "\n".join(failures))
         if failures:
             self.log.warning("%d of %d worker(s) ready; the mini-batches go to those", len(ready), count)
         return {"workers": [s.name for s in ready], "init_seconds": {s.name: s.state.init_seconds for s in ready}}
+
+    _pool: WarmWorkers | None = None
+
+    def on_kill(self) -> None:
+        # Killed while the workers start: no teardown follows a setup that did not succeed.
+        if self._pool is not None:
+            self._pool.remove_all()
 
 
 class StopWorkersOperator(DeploymentMixin, BaseOperator):
@@ -258,9 +268,12 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
     ) -> MiniBatchStatus:
         mb_id = mini_batch_id(result_dir.index)
         status = result_dir.read_status()
-        death = pool.serving_death(s.slot) if spec.contract == "serve" and code != EXIT_OK else None
+        # A serving container that died mid-mini-batch leaves the client with failed requests (or no
+        # /ping): say what happened, and stop the pair so that the retry gets a fresh one.
+        death = pool.serving_death(s.slot) if spec.contract == "serve" else None
         if death is not None:
-            result_dir.retract()  # the client's ContainerNotHealthy hides the cause; this says it
+            pool.kill(s.slot)
+            result_dir.retract()  # the client's records hide the cause; this says it
             raise self._failed(result_dir, spec, "ServingContainerDied", death, attempt, started)
         if code == EXIT_OK and status is not None and status.succeeded:
             return status
