@@ -18,11 +18,11 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import merge, orchestration, planning, runtime, skew
+from bench import merge, orchestration, planning, runtime, skew, warm
 from bench.common import CONTAINER_LABEL, Result, machine, remove_containers, report, table, write_json
 
 #: In the order they run: the quick ones first.
-BENCHMARKS = {m.NAME: m for m in (skew, planning, merge, runtime, orchestration)}
+BENCHMARKS = {m.NAME: m for m in (skew, planning, merge, runtime, orchestration, warm)}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 

@@ -82,7 +82,8 @@ def _stage(root: Path, mini_batches: int, instances: int) -> tuple[Path, Path]:
         deployments / f"{JOB_DAG}.yaml",
         deployment_doc(
             JOB_DAG, model=root / "model", code=root / "code", inputs=root / "inputs", output=root / "output",
-            pattern="*.txt", settings={"mini_batch_size": 1}, resources={"instance_count": instances},
+            pattern="*.txt", settings={"mini_batch_size": 1, "worker_mode": "per_mini_batch"},
+            resources={"instance_count": instances},
         ),
     )
     shutil.copy(REPO / "dags" / "batchscore_deployments.py", root / "dags")
