@@ -32,7 +32,11 @@ def deployment_file(
     resources: dict | None = None,
     pattern: str = "*.csv",
 ) -> Path:
-    """An Azure-layout deployment YAML with absolute paths; returns its path."""
+    """An Azure-layout deployment YAML with absolute paths; returns its path.
+
+    ``worker_mode`` is ``per_mini_batch`` unless ``settings`` say otherwise: most tests are of
+    one container per mini-batch; warm workers (the default of real YAMLs) have tests of their own.
+    """
     doc = {
         "name": name,
         "endpoint_name": endpoint,
@@ -41,7 +45,7 @@ def deployment_file(
         "environment": {"image": image},
         "input": {"path": str(inputs), "pattern": pattern},
         "output": {"path": str(output or folder / "output")},
-        "settings": {"retry_settings": {"max_retries": 0}, **(settings or {})},
+        "settings": {"retry_settings": {"max_retries": 0}, "worker_mode": "per_mini_batch", **(settings or {})},
     }
     if resources:
         doc["resources"] = resources
@@ -84,7 +88,7 @@ def planned_score_operator(endpoint: EndpointSpec, run_id: str):
 
 
 def serve_endpoint(folder: Path, endpoint: str, deployments: list[dict[str, Any]]) -> Path:
-    """An endpoint YAML whose deployments are serving containers (absolute paths)."""
+    """An endpoint YAML whose deployments are serving containers (absolute paths); ``per_mini_batch`` unless set."""
     docs = []
     for d in deployments:
         doc = {
@@ -95,7 +99,7 @@ def serve_endpoint(folder: Path, endpoint: str, deployments: list[dict[str, Any]
             "input": {"path": str(d["inputs"]), "pattern": d.get("pattern", "*")},
             "output": {"path": str(folder / "output" / d["name"])},
             "transform": d.get("transform", {}),
-            "settings": {"retry_settings": {"max_retries": 0}, **d.get("settings", {})},
+            "settings": {"retry_settings": {"max_retries": 0}, "worker_mode": "per_mini_batch", **d.get("settings", {})},
         }
         docs.append(doc)
     path = folder / f"{endpoint}.yaml"

@@ -509,7 +509,9 @@ def test_the_dag_file_loads_the_valid_yaml_and_lists_every_bad_file_in_one_impor
     bag = DagBag(dag_folder=str(LOADER), safe_mode=False)
 
     assert bag.dag_ids == ["good-endpoint"]
-    assert sorted(bag.dags["good-endpoint"].task_ids) == ["blue.merge", "blue.plan", "blue.score"]
+    assert sorted(bag.dags["good-endpoint"].task_ids) == [
+        "blue.merge", "blue.plan", "blue.score", "blue.start_workers", "blue.stop_workers",
+    ]
     assert list(bag.import_errors) == [str(LOADER)]
     cases = sorted(CASES, key=lambda c: corpus / f"{c.id}.yaml")
     assert bag.import_errors[str(LOADER)] == "InvalidDeploymentFilesError: " + "\n".join(

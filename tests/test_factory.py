@@ -34,9 +34,12 @@ def test_example_dags_load_with_plan_score_merge_per_deployment(iris_example: Pa
     assert bag.import_errors == {}
     assert sorted(bag.dag_ids) == ["iris-batch", "iris-custom-outputs", "iris-nightly", "iris-transform"]
     dag = bag.dags["iris-batch"]
-    assert sorted(dag.task_ids) == ["iris-sklearn.merge", "iris-sklearn.plan", "iris-sklearn.score"]
-    plan, score, merge = (dag.get_task(f"iris-sklearn.{t}") for t in ("plan", "score", "merge"))
-    assert score.upstream_task_ids == {plan.task_id} and merge.upstream_task_ids == {score.task_id}
+    assert sorted(dag.task_ids) == [  # warm workers, the default: a setup and a teardown task
+        "iris-sklearn.merge", "iris-sklearn.plan", "iris-sklearn.score",
+        "iris-sklearn.start_workers", "iris-sklearn.stop_workers",
+    ]
+    plan, start, score, merge = (dag.get_task(f"iris-sklearn.{t}") for t in ("plan", "start_workers", "score", "merge"))
+    assert score.upstream_task_ids == {plan.task_id, start.task_id} and merge.upstream_task_ids == {score.task_id}
     assert type(score).__name__ == "MappedOperator"
     assert score.partial_kwargs["retries"] == 1  # settings.retry_settings.max_retries
     assert score.partial_kwargs["max_active_tis_per_dagrun"] == 2  # resources.instance_count
@@ -136,3 +139,31 @@ def test_every_dag_has_the_trigger_forms_params_and_each_merge_updates_its_outpu
     assert bag.dags["iris-batch"].params.get_param("mini_batch_size").description == (
         "A whole number, 1 or more. Empty: the YAML's settings.mini_batch_size (4)."
     )
+
+
+def test_warm_workers_put_a_setup_and_a_teardown_task_around_the_scoring_tasks(
+    iris_example: Path, tmp_path: Path, monkeypatch
+) -> None:
+    folder = examples_copy(tmp_path / "deployments")
+    for name, mode in (("iris-batch.yaml", "warm"), ("iris-transform.yaml", "per_mini_batch")):
+        path = folder / name
+        path.write_text(path.read_text().replace("settings:\n", f"settings:\n  worker_mode: {mode}\n", 1))
+
+    bag = parse(monkeypatch, folder)
+
+    assert bag.import_errors == {}
+    dag = bag.dags["iris-batch"]
+    assert sorted(dag.task_ids) == [
+        "iris-sklearn.merge", "iris-sklearn.plan", "iris-sklearn.score",
+        "iris-sklearn.start_workers", "iris-sklearn.stop_workers",
+    ]
+    plan, start, score, stop, merge = (
+        dag.get_task(f"iris-sklearn.{t}") for t in ("plan", "start_workers", "score", "stop_workers", "merge")
+    )
+    assert start.is_setup and stop.is_teardown and not score.is_setup
+    assert start.upstream_task_ids == {plan.task_id}
+    assert score.upstream_task_ids == {start.task_id, plan.task_id}
+    assert stop.upstream_task_ids == {start.task_id, score.task_id}
+    assert merge.upstream_task_ids == {score.task_id}
+    assert score.partial_kwargs["max_active_tis_per_dagrun"] == 2  # as many at once as there are workers
+    assert sorted(bag.dags["iris-transform"].task_ids) == ["iris-serve.merge", "iris-serve.plan", "iris-serve.score"]

@@ -151,7 +151,9 @@ def test_faults_each_end_in_a_message_naming_the_mini_batch_file_or_setting(
             "environment": {"image": "batchscore-scoring:latest"},
             "input": {"path": str(inputs), "pattern": pattern},
             "output": {"path": str(output)},
-            "settings": {"mini_batch_size": mini_batch_size, "retry_settings": {"max_retries": 0}},
+            # One container per mini-batch: init() here fails per mini-batch (it reads BATCHSCORE_MINI_BATCH).
+            "settings": {"mini_batch_size": mini_batch_size, "retry_settings": {"max_retries": 0},
+                         "worker_mode": "per_mini_batch"},
         }
 
     out = tmp_path / "out"

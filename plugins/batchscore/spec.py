@@ -270,7 +270,7 @@ MiniBatchSize = Annotated[Union[int, str], BeforeValidator(_mini_batch_size)]
 
 
 #: settings.worker_mode when the YAML does not say (see README, "Warm workers", for the measurements).
-DEFAULT_WORKER_MODE = "per_mini_batch"
+DEFAULT_WORKER_MODE = "warm"
 
 
 class Settings(_Strict):
