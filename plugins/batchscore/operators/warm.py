@@ -195,7 +195,8 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
         )
         container_file = f"{ContainerPaths.MINI_BATCHES}/{mini_batch_file.name}"
         container_output = f"{ContainerPaths.RESULTS}/{result_dir.path.name}"
-        backstop = self._backstop_seconds(spec) if spec.contract == "azure" else None
+        # The worker's init() is done before it takes a mini-batch: only run() and the grace count.
+        backstop = spec.settings.retry_settings.timeout + CONTAINER_GRACE_SECONDS if spec.contract == "azure" else None
         replacements = 0
         last_failure = ""
         waiting_since = time.monotonic()
@@ -238,7 +239,10 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
                     if target.state is not None and target.state.state == WorkerState.FAILED and not alive and replacements:
                         raise self._failed(result_dir, spec, "WarmWorkerFailed", last_failure, attempt, started)
                     self.log.warning("%s; starting a replacement", last_failure)
-                pool.replace(target)
+                try:
+                    pool.replace(target)
+                except WarmWorkerError as exc:  # e.g. the image is not on this Docker host
+                    raise self._failed(result_dir, spec, "WarmWorkerFailed", str(exc), attempt, started) from None
                 replacements += 1
             now = time.monotonic()
             if now >= next_log:
