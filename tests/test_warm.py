@@ -17,6 +17,7 @@ import pytest
 from batchscore.warm import RUN_LABEL, run_digest
 from batchscore_runtime.formats import run_key
 from tests.helpers import deployment_file, run_dag, serve_endpoint, write
+from tests.test_rerun import FLAKY_SCRIPT, REPO  # fails on iris-005.csv until a marker appears next to the model
 
 pytestmark = pytest.mark.docker
 
@@ -68,10 +69,7 @@ def test_init_is_called_once_per_worker_across_many_mini_batches(
     assert dag_run.state == "success"
     run_dir = deployment.output.path / run_key(dag_run.run_id)
     predictions = pd.read_csv(run_dir / "predictions.csv")
-    files = sorted((iris_example / "data").glob("*.csv"))
-    inputs = pd.concat([pd.read_csv(f).assign(file=f.name) for f in files], ignore_index=True)
-    assert predictions["id"].tolist() == inputs["id"].tolist()
-    assert predictions["file"].tolist() == inputs["file"].tolist()
+    pd.testing.assert_frame_equal(predictions[["file", "id"]], _expected(iris_example))  # every row, in order
     # 15 mini-batches, at most 2 processes ever: each called init() once and scored several.
     processes = predictions.groupby(["host", "pid"])["file"].nunique()
     assert 1 <= len(processes) <= 2, processes
@@ -148,25 +146,7 @@ def run(mini_batch):
     return pd.concat(rows, ignore_index=True)[["file", "id"]].assign(host=socket.gethostname())
 """
 
-# Fails on iris-005.csv until a marker appears next to the model (a transient fault).
-FLAKY_SCRIPT = """
-import os
-import pandas as pd
-
-def init():
-    pass
-
-def run(mini_batch):
-    names = [os.path.basename(p) for p in mini_batch]
-    if "iris-005.csv" in names and not os.path.exists(os.path.join(os.environ["AZUREML_MODEL_DIR"], "fixed")):
-        raise RuntimeError("upstream service unavailable")
-    rows = [pd.read_csv(p).assign(file=os.path.basename(p)) for p in mini_batch]
-    return pd.concat(rows, ignore_index=True)[["file", "id"]]
-"""
-
-
 def _stage(tmp_path: Path, script: str, settings: dict, endpoint: str, resources: dict | None = None):
-    from tests.test_rerun import REPO
 
     model = tmp_path / "model"
     model.mkdir()

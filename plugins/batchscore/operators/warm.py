@@ -49,8 +49,8 @@ def _secrets(spec: DeploymentSpec) -> dict[str, str]:
     return security.resolve_secrets(spec.settings.secret_environment)
 
 
-class StartWorkersOperator(DeploymentMixin, BaseOperator):
-    """Start the run's warm workers and wait until each is ready (``init()`` called once)."""
+class _WorkersTask(DeploymentMixin, BaseOperator):
+    """A task of the deployment's task group that manages its warm workers."""
 
     ui_color = "#fff8e1"
 
@@ -58,6 +58,10 @@ class StartWorkersOperator(DeploymentMixin, BaseOperator):
         super().__init__(**kwargs)
         self.endpoint_name = endpoint_name
         self.deployment = deployment
+
+
+class StartWorkersOperator(_WorkersTask):
+    """Start the run's warm workers and wait until each is ready (``init()`` called once)."""
 
     def execute(self, context: Any) -> dict[str, Any]:
         spec = self.run_spec(context)
@@ -107,15 +111,8 @@ class StartWorkersOperator(DeploymentMixin, BaseOperator):
             self._pool.remove_all()
 
 
-class StopWorkersOperator(DeploymentMixin, BaseOperator):
+class StopWorkersOperator(_WorkersTask):
     """Stop and remove every warm worker container of the run (the task group's teardown)."""
-
-    ui_color = "#fff8e1"
-
-    def __init__(self, *, endpoint_name: str, deployment: dict[str, Any], **kwargs: Any):
-        super().__init__(**kwargs)
-        self.endpoint_name = endpoint_name
-        self.deployment = deployment
 
     def execute(self, context: Any) -> dict[str, Any]:
         spec = self.run_spec(context)
