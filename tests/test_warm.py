@@ -8,6 +8,7 @@ script's side, not from batchscore's records alone.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def test_init_is_called_once_per_worker_across_many_mini_batches(
 
 
 def test_the_serving_contract_in_warm_mode_pings_once_per_worker_and_gives_the_same_out_files(
-    airflow_db, iris_example: Path, serving_image: str, tmp_path: Path, monkeypatch
+    airflow_db, iris_example: Path, serving_image: str, tmp_path: Path, monkeypatch, capfd
 ) -> None:
     transform = {
         "SplitType": "Line", "ContentType": "text/csv", "Accept": "text/csv", "AssembleWith": "Line",
@@ -113,6 +114,9 @@ def test_the_serving_contract_in_warm_mode_pings_once_per_worker_and_gives_the_s
     dag_run, endpoint = run_dag(path, monkeypatch)
 
     assert dag_run.state == "success"
+    log = capfd.readouterr().out
+    assert "took the mini-batch" in log  # the client's lines, and the server's (not the cold deployment's "serve |"):
+    assert re.search(r"w\d serve \| ", log)
     warm, cold = (d.output.path / run_key(dag_run.run_id) for d in endpoint.deployments)
     outs = sorted(p.name for p in warm.glob("*.out"))
     assert len(outs) == 15

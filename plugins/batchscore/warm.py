@@ -414,6 +414,33 @@ class WarmWorkers:
             f"code {code}{_exit_hint(code)}; {self.log_tail(serving['Id'])}"
         )
 
+    def follow_serving_log(self, slot: int, on_line: Callable[[str], None]) -> Callable[[], None]:
+        """Copy the serving container's new log lines to ``on_line`` until the returned function is called."""
+        import threading
+
+        try:
+            stream = self.cli.logs(self.serving_name(slot), stream=True, follow=True, since=time.time())
+        except APIError:
+            return lambda: None
+
+        def pump() -> None:
+            try:
+                for raw in stream:
+                    for text in raw.decode("utf-8", "replace").splitlines():
+                        on_line(text)
+            except Exception:  # noqa: BLE001 - closed, or the container went away
+                return
+
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            time.sleep(0.2)  # the last lines of the mini-batch are on their way
+            stream.close()
+            thread.join(timeout=5)
+
+        return stop
+
     # ------------------------------------------------------------------ submit
 
     def submit(

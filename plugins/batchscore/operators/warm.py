@@ -253,16 +253,24 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
             time.sleep(POLL_SECONDS)
 
     def _submit(self, pool: WarmWorkers, s: Slot, mini_batch_file: str, output: str, attempt: int, backstop: float | None) -> Any:
+        streams: list[Any] = []
+
         def accepted(message: dict[str, Any]) -> None:
             self.log.info("%s took the mini-batch (its init() took %s s, once)", s.name, message.get("init_seconds"))
+            if pool.spec.contract == "serve":  # the server's own lines while it serves this mini-batch
+                streams.append(pool.follow_serving_log(s.slot, lambda text: self.log.info("%s serve | %s", s.name, text)))
 
         def line(text: str) -> None:
             self.log.info("%s | %s", s.name, text)
 
-        if backstop is None:
-            return pool.submit(s.slot, mini_batch_file, output, attempt, line, accepted)
-        with timeout(backstop, error_message=f"worker {s.name} past {backstop:g} s"):
-            return pool.submit(s.slot, mini_batch_file, output, attempt, line, accepted)
+        try:
+            if backstop is None:
+                return pool.submit(s.slot, mini_batch_file, output, attempt, line, accepted)
+            with timeout(backstop, error_message=f"worker {s.name} past {backstop:g} s"):
+                return pool.submit(s.slot, mini_batch_file, output, attempt, line, accepted)
+        finally:
+            for stop in streams:
+                stop()
 
     def _outcome(
         self, pool: WarmWorkers, s: Slot, code: int | None, result_dir: Any, spec: DeploymentSpec, attempt: int, started: str
