@@ -340,7 +340,8 @@ def test_retries_timeouts_and_execution_parameters(
 
     # A request past InvocationsTimeoutInSeconds is retried, then fails its file only.
     timeout_run = run_folder(endpoint, "timeout", dag_run)
-    assert (timeout_run / "fast.txt.out").read_text() == "bytes=6 lines=1 inflight=1 max_inflight=1\n"
+    # (Its two files go out concurrently: whether the fast one overlaps the slow one is timing.)
+    assert (timeout_run / "fast.txt.out").read_text().startswith("bytes=6 lines=1 inflight=")
     assert not (timeout_run / "slow.txt.out").exists()
     errors = pd.read_csv(timeout_run / "errors.csv", keep_default_na=False).values.tolist()
     assert errors == [
