@@ -224,9 +224,11 @@ class WarmWorkers:
         return client_image() if self.spec.contract == "serve" else self.spec.environment.image
 
     def _mounts(self, slot: int) -> list[Mount]:
+        from batchscore.operators.score import runtime_mount
+
         spec, layout = self.spec, self.layout
         mounts = [
-            Mount(target=f"{ContainerPaths.RUNTIME}/batchscore_runtime", source=str(_runtime_source()), type="bind", read_only=True),
+            runtime_mount(),
             Mount(target=ContainerPaths.INPUT, source=str(spec.input.path), type="bind", read_only=True),
             Mount(target=ContainerPaths.MINI_BATCHES, source=str(layout.mini_batches_dir), type="bind", read_only=True),
             Mount(target=ContainerPaths.RESULTS, source=str(layout.results_dir), type="bind", read_only=False),
@@ -280,13 +282,9 @@ class WarmWorkers:
         return command
 
     def _environment(self, slot: int) -> dict[str, str]:
-        env = {
-            "BATCHSCORE_WORKER": slot_name(slot),
-            "PYTHONPATH": ContainerPaths.RUNTIME,
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONUNBUFFERED": "1",
-            "HOME": "/tmp",
-        }
+        from batchscore.operators.score import RUNTIME_ENVIRONMENT
+
+        env = {"BATCHSCORE_WORKER": slot_name(slot), **RUNTIME_ENVIRONMENT}
         if self.spec.contract == "azure":
             return {**self.spec.settings.environment_variables, "AZUREML_MODEL_DIR": ContainerPaths.MODEL, **env, **self.secrets}
         return env  # the client: the settings' environment and the secrets are the serving container's
@@ -529,12 +527,6 @@ def _exit_hint(code: Any) -> str:
     if code == 137:
         return " (SIGKILL: out of memory at resources.memory, or docker kill)"
     return ""
-
-
-def _runtime_source() -> Path:
-    from batchscore.operators.score import RUNTIME_SOURCE
-
-    return RUNTIME_SOURCE
 
 
 # --------------------------------------------------------------------------- GPUs of a worker

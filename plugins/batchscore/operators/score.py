@@ -136,21 +136,28 @@ def runtime_mounts_and_environment(
     give the container the Docker socket.
     """
     mounts = [
-        Mount(target=f"{ContainerPaths.RUNTIME}/batchscore_runtime", source=str(RUNTIME_SOURCE), type="bind", read_only=True),
+        runtime_mount(),
         *extra_mounts,
         Mount(target=ContainerPaths.INPUT, source=str(spec.input.path), type="bind", read_only=True),
         Mount(target=ContainerPaths.MINI_BATCH, source=str(layout.mini_batch_file(index)), type="bind", read_only=True),
         Mount(target=ContainerPaths.OUTPUT, source=str(layout.mini_batch_dir(index).path), type="bind", read_only=False),
     ]
     security.check_mounts(mounts)
-    environment = {
-        "BATCHSCORE_MINI_BATCH": mini_batch_id(index),
-        "PYTHONPATH": ContainerPaths.RUNTIME,
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "HOME": "/tmp",
-    }
-    return mounts, environment
+    return mounts, {"BATCHSCORE_MINI_BATCH": mini_batch_id(index), **RUNTIME_ENVIRONMENT}
+
+
+#: The environment every container running batchscore's runtime gets (a read-only root, a tmpfs /tmp).
+RUNTIME_ENVIRONMENT = {
+    "PYTHONPATH": ContainerPaths.RUNTIME,
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "HOME": "/tmp",
+}
+
+
+def runtime_mount() -> Mount:
+    """batchscore's runtime package, mounted read-only where ``PYTHONPATH`` finds it."""
+    return Mount(target=f"{ContainerPaths.RUNTIME}/batchscore_runtime", source=str(RUNTIME_SOURCE), type="bind", read_only=True)
 
 
 def _exit_hint(failure: str, spec: DeploymentSpec) -> str:
@@ -250,16 +257,8 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         result_dir = setup.result_dir
         mb_id = mini_batch_id(result_dir.index)
         run_id = context["run_id"]
-        if not setup.mini_batch_file.is_file():
-            raise ScoringError(
-                f"{mb_id}: its file list {setup.mini_batch_file} is missing; the plan of run {run_id!r} "
-                "was removed or never finished (clear the plan task of this run as well)"
-            )
         self.user = self.user or security.container_user()
-        result_dir.path.mkdir(parents=True, exist_ok=True)
-        result_dir.retract()
-        security.make_writable_for(result_dir.path, self.user)
-        setup.mini_batch_file.chmod(0o644)  # written 0600 by the plan; the container's user reads it
+        self._prepare(setup.mini_batch_file, result_dir, run_id, self.user)
         self.mounts = setup.mounts
         self.environment = setup.environment
         self.command = setup.command
@@ -329,6 +328,19 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         return status
 
     _secret_values: tuple[str, ...] = ()
+
+    @staticmethod
+    def _prepare(mini_batch_file: Path, result_dir: MiniBatchDir, run_id: str, user: str) -> None:
+        """Before a container scores the mini-batch: its file list is there and readable, its old status withdrawn."""
+        if not mini_batch_file.is_file():
+            raise ScoringError(
+                f"{mini_batch_id(result_dir.index)}: its file list {mini_batch_file} is missing; the plan of run "
+                f"{run_id!r} was removed or never finished (clear the plan task of this run as well)"
+            )
+        result_dir.path.mkdir(parents=True, exist_ok=True)
+        result_dir.retract()
+        security.make_writable_for(result_dir.path, user)
+        mini_batch_file.chmod(0o644)  # written 0600 by the plan; the container's user reads it
 
     def _backstop_seconds(self, spec: DeploymentSpec) -> float | None:
         """How long the container may run before it is killed; None: no limit of the orchestrator's own."""

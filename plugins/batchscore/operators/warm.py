@@ -165,16 +165,8 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
         run_id = context["run_id"]
         layout = run_layout(spec, run_id)
         mini_batch_file, result_dir = layout.mini_batch_file(index), layout.mini_batch_dir(index)
-        if not mini_batch_file.is_file():
-            raise ScoringError(
-                f"{mb_id}: its file list {mini_batch_file} is missing; the plan of run {run_id!r} "
-                "was removed or never finished (clear the plan task of this run as well)"
-            )
         user = security.container_user()
-        result_dir.path.mkdir(parents=True, exist_ok=True)
-        result_dir.retract()
-        security.make_writable_for(result_dir.path, user)
-        mini_batch_file.chmod(0o644)  # written 0600 by the plan; the container's user reads it
+        self._prepare(mini_batch_file, result_dir, run_id, user)
         started = now_iso()
         try:
             secrets = _secrets(spec)
