@@ -233,6 +233,34 @@ def deployment_doc(
     return doc
 
 
+def stage_jobs(
+    root: Path, mini_batches: int, script: str, jobs: dict[str, dict[str, Any]], *, instances: int, width: int = 3
+) -> tuple[Path, Path]:
+    """A job of one-file mini-batches per entry of ``jobs`` (DAG id -> settings), on shared inputs and code.
+
+    Writes ``mini_batches`` files ``item-<i>.txt``, the scoring script, an empty model, one YAML
+    per job (``mini_batch_size: 1`` plus its settings, ``instance_count: instances``) and a DAG
+    folder with a copy of ``dags/batchscore_deployments.py``. Returns the DAG and deployments folders.
+    """
+    for name in ("inputs", "code", "model", "dags"):
+        (root / name).mkdir()
+    for i in range(mini_batches):
+        (root / "inputs" / f"item-{i:0{width}d}.txt").write_text(f"{i}\n")
+    (root / "code" / "score.py").write_text(script)
+    deployments = root / "deployments"
+    for dag_id, settings in jobs.items():
+        output = root / "output" / dag_id if len(jobs) > 1 else root / "output"
+        write_yaml(
+            deployments / f"{dag_id}.yaml",
+            deployment_doc(
+                dag_id, model=root / "model", code=root / "code", inputs=root / "inputs", output=output,
+                pattern="*.txt", settings={"mini_batch_size": 1, **settings}, resources={"instance_count": instances},
+            ),
+        )
+    shutil.copy(REPO / "dags" / "batchscore_deployments.py", root / "dags")
+    return root / "dags", deployments
+
+
 def hardened_run_args(resources: Resources, user: str) -> list[str]:
     """``docker run`` options giving a container what the score operator gives its own.
 

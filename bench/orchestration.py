@@ -17,7 +17,6 @@ runtime, as in :mod:`bench.runtime`).
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -28,17 +27,15 @@ from batchscore.localairflow import LocalAirflow
 from batchscore.spec import Resources, load_endpoint
 
 from bench.common import (
-    REPO,
     SCORING_IMAGE,
     Result,
-    deployment_doc,
     hardened_run_args,
     median,
     remove_containers,
     require_image,
+    stage_jobs,
     stopwatch,
     temp_folder,
-    write_yaml,
 )
 from bench.runtime import run_runtime
 
@@ -72,24 +69,12 @@ def _stage(root: Path, mini_batches: int, instances: int) -> tuple[Path, Path]:
 
     Returns the DAG folder and the deployments folder.
     """
-    for name in ("inputs", "code", "model", "dags"):
-        (root / name).mkdir()
-    for i in range(mini_batches):
-        (root / "inputs" / f"item-{i:03d}.txt").write_text(f"{i}\n")
-    (root / "code" / "score.py").write_text(INSTANT_SCRIPT)
-    deployments = root / "deployments"
-    write_yaml(
-        deployments / f"{JOB_DAG}.yaml",
-        deployment_doc(
-            JOB_DAG, model=root / "model", code=root / "code", inputs=root / "inputs", output=root / "output",
-            pattern="*.txt", settings={"mini_batch_size": 1, "worker_mode": "per_mini_batch"},
-            resources={"instance_count": instances},
-        ),
+    dags, deployments = stage_jobs(
+        root, mini_batches, INSTANT_SCRIPT, {JOB_DAG: {"worker_mode": "per_mini_batch"}}, instances=instances
     )
-    shutil.copy(REPO / "dags" / "batchscore_deployments.py", root / "dags")
     noop = NOOP_DAG_FILE.format(dag_id=NOOP_DAG, n=mini_batches, k=instances)
-    (root / "dags" / "bench_noop_mapped.py").write_text(noop)
-    return root / "dags", deployments
+    (dags / "bench_noop_mapped.py").write_text(noop)
+    return dags, deployments
 
 
 def docker_floor(runs: int, parallel: int) -> float:

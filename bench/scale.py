@@ -11,14 +11,13 @@ mini-batch was scored once and the output has every row in input order.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pandas as pd
 
 from batchscore.localairflow import LocalAirflow
 from batchscore_runtime.formats import run_key
 
-from bench.common import REPO, Result, deployment_doc, remove_containers, require_image, stopwatch, temp_folder, write_yaml
+from bench.common import Result, remove_containers, require_image, stage_jobs, stopwatch, temp_folder
 
 NAME = "scale"
 TITLE = "a job of 5,000 mini-batches on a real scheduler (warm workers), end to end"
@@ -37,23 +36,9 @@ def run(mini_batches: int = 5000, instances: int = 4) -> Result:
     require_image()
     result = Result(NAME, TITLE)
     with temp_folder(NAME) as root:
-        for name in ("inputs", "code", "model", "dags"):
-            (root / name).mkdir()
-        for i in range(mini_batches):
-            (root / "inputs" / f"item-{i:05d}.txt").write_text(f"{i}\n")
-        (root / "code" / "score.py").write_text(SCRIPT)
-        deployments = root / "deployments"
-        write_yaml(
-            deployments / f"{JOB_DAG}.yaml",
-            deployment_doc(
-                JOB_DAG, model=root / "model", code=root / "code", inputs=root / "inputs", output=root / "output",
-                pattern="*.txt", settings={"mini_batch_size": 1, "worker_mode": "warm"},
-                resources={"instance_count": instances},
-            ),
-        )
-        shutil.copy(REPO / "dags" / "batchscore_deployments.py", root / "dags")
+        dags, deployments = stage_jobs(root, mini_batches, SCRIPT, {JOB_DAG: {"worker_mode": "warm"}}, instances=instances, width=5)
         try:
-            with LocalAirflow(root / "airflow", root / "dags", env={"BATCHSCORE_DEPLOYMENTS_DIR": str(deployments)}) as af:
+            with LocalAirflow(root / "airflow", dags, env={"BATCHSCORE_DEPLOYMENTS_DIR": str(deployments)}) as af:
                 af.wait_for_dag(JOB_DAG)
                 with stopwatch() as wall:
                     run_id = af.trigger(JOB_DAG)

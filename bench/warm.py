@@ -15,12 +15,11 @@ rounds, every other round in reverse order.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from batchscore.localairflow import LocalAirflow
 
-from bench.common import REPO, Result, deployment_doc, median, remove_containers, require_image, temp_folder, write_yaml
+from bench.common import Result, median, remove_containers, require_image, stage_jobs, temp_folder
 from bench.orchestration import NOOP_DAG, NOOP_DAG_FILE, docker_floor, timed_run
 
 NAME = "warm"
@@ -35,24 +34,12 @@ SLOW_INIT_SCRIPT = "import time\n\n\ndef init():\n    time.sleep({init})\n\n\nde
 
 def _stage(root: Path, mini_batches: int, instances: int, init_seconds: float) -> tuple[Path, Path]:
     """Inputs, code, model, the two YAMLs and the DAG folder; returns the DAG and deployments folders."""
-    for name in ("inputs", "code", "model", "dags"):
-        (root / name).mkdir()
-    for i in range(mini_batches):
-        (root / "inputs" / f"item-{i:03d}.txt").write_text(f"{i}\n")
-    (root / "code" / "score.py").write_text(SLOW_INIT_SCRIPT.format(init=init_seconds))
-    deployments = root / "deployments"
-    for dag_id, mode in ((WARM_DAG, "warm"), (COLD_DAG, "per_mini_batch")):
-        write_yaml(
-            deployments / f"{dag_id}.yaml",
-            deployment_doc(
-                dag_id, model=root / "model", code=root / "code", inputs=root / "inputs", output=root / "output" / dag_id,
-                pattern="*.txt", settings={"mini_batch_size": 1, "worker_mode": mode},
-                resources={"instance_count": instances},
-            ),
-        )
-    shutil.copy(REPO / "dags" / "batchscore_deployments.py", root / "dags")
-    (root / "dags" / "bench_noop_mapped.py").write_text(NOOP_DAG_FILE.format(dag_id=NOOP_DAG, n=mini_batches, k=instances))
-    return root / "dags", deployments
+    dags, deployments = stage_jobs(
+        root, mini_batches, SLOW_INIT_SCRIPT.format(init=init_seconds),
+        {WARM_DAG: {"worker_mode": "warm"}, COLD_DAG: {"worker_mode": "per_mini_batch"}}, instances=instances,
+    )
+    (dags / "bench_noop_mapped.py").write_text(NOOP_DAG_FILE.format(dag_id=NOOP_DAG, n=mini_batches, k=instances))
+    return dags, deployments
 
 
 def run(mini_batches: int = 20, init_seconds: float = INIT_SECONDS, repeats: int = 2, instances: int = 2) -> Result:
