@@ -23,6 +23,8 @@ A run directory looks like this::
                                         the serving contract's <input file>.out files
                 status.json             commit record: points at the result file and outputs
                                         folder of the attempt that counts, or says why it failed
+                attempt.json            the try that may commit: written before each try, so a
+                                        try whose Airflow worker died cannot commit over a retry
             collected.json          which custom outputs the merge placed in the run folder
             model/                  serving contract: model.tar.gz unpacked (once per run)
             workers/w1/state.json   warm workers: each worker container's state (starting,
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -441,6 +444,7 @@ class MiniBatchDir:
     index: int
 
     STATUS = "status.json"
+    CLAIM = "attempt.json"
 
     @property
     def status_file(self) -> Path:
@@ -464,13 +468,34 @@ class MiniBatchDir:
             return None
         return MiniBatchStatus.from_json(data)
 
-    def commit(self, status: MiniBatchStatus) -> None:
-        """Make ``status`` the mini-batch's record.
+    def claim(self, attempt: int) -> None:
+        """Make try ``attempt`` the only one that may commit (the orchestrator, before each try)."""
+        write_json_atomic(self.path / self.CLAIM, {"attempt": attempt}, indent=None)
+        (self.path / self.CLAIM).chmod(0o644)  # written 0600; the scoring container's user reads it
 
-        After a success, result files and custom-output folders of earlier attempts are
-        removed; after a failure they stay on disk (nothing already produced is deleted), but
-        nothing reads them.
+    def claimed_by(self) -> int | None:
+        """The try that may commit now; None for a folder no orchestrator has claimed."""
+        try:
+            return int(json.loads((self.path / self.CLAIM).read_text(encoding="utf-8"))["attempt"])
+        except FileNotFoundError:
+            return None
+
+    def commit(self, status: MiniBatchStatus) -> bool:
+        """Make ``status`` the mini-batch's record; False (nothing changed) when a later try owns the folder.
+
+        A try whose Airflow worker died (a killed Celery worker) may leave its container
+        scoring while the retry runs elsewhere: only the try that claimed the folder last
+        commits, so a mini-batch is counted once. After a success, result files and
+        custom-output folders of earlier attempts are removed; after a failure they stay on
+        disk (nothing already produced is deleted), but nothing reads them.
         """
+        owner = self.claimed_by()
+        if owner is not None and owner != status.attempt:
+            logging.getLogger(__name__).warning(
+                "%s: try %d does not commit its %s result: try %d of this mini-batch has taken over",
+                mini_batch_id(self.index), status.attempt, status.state, owner,
+            )
+            return False
         write_json_atomic(self.status_file, status.to_json())
         if status.succeeded:
             for stale in self.path.glob("result-*.parquet"):
@@ -479,6 +504,7 @@ class MiniBatchDir:
             for stale in self.path.glob("outputs-*"):
                 if stale.name != status.outputs_dir and stale.is_dir():
                     shutil.rmtree(stale, ignore_errors=True)
+        return True
 
     def retract(self) -> None:
         """Withdraw the committed status before a new attempt, so a crash cannot leave an old one."""

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore_runtime.azure import main
-from batchscore_runtime.formats import InputFile, MiniBatch, MiniBatchDir, write_json_atomic
+from batchscore_runtime.formats import InputFile, MiniBatch, MiniBatchDir, MiniBatchStatus, write_json_atomic
 from tests.helpers import write
 
 
@@ -273,3 +273,30 @@ def test_an_exception_names_the_file_run_opened_last(job) -> None:
 def test_an_exception_before_any_file_names_none(job) -> None:
     code, out = job("def init():\n    raise RuntimeError('no model')\ndef run(mb):\n    return mb\n")
     assert code == 1 and failure(out) == "RuntimeError: no model"
+
+
+def test_a_try_that_lost_its_claim_to_a_retry_commits_nothing_and_keeps_the_retrys_record(job, caplog) -> None:
+    # Try 1's Celery worker died; the retry (try 2) claimed the folder and committed. Try 1's
+    # container, still running, ends later: its result must not replace the retry's.
+    script = "import os\ndef init(): pass\ndef run(mb):\n    return [os.environ.get('WHO', '?')] * len(mb)\n"
+    _, out = job(script)
+    out.path.mkdir(parents=True, exist_ok=True)
+    out.claim(2)
+    code, out = job(script, "--attempt", "2")
+    assert code == 0
+    retry = out.read_status()
+    assert retry.attempt == 2
+    code, out = job(script, "--attempt", "1")  # the late container of try 1
+    assert out.read_status() == retry
+    assert out.result_path(retry).is_file()  # its result file was not cleaned away either
+    assert "mb-00004: try 1 does not commit its succeeded result: try 2 of this mini-batch has taken over" in caplog.text
+
+
+def test_a_claim_is_readable_by_the_scoring_containers_user(tmp_path: Path) -> None:
+    out = MiniBatchDir(tmp_path / "mb", 0)
+    out.path.mkdir()
+    out.claim(3)
+    assert (out.claimed_by(), oct((out.path / MiniBatchDir.CLAIM).stat().st_mode & 0o777)) == (3, "0o644")
+    assert out.commit(MiniBatchStatus(index=0, state=MiniBatchStatus.FAILED, files=0, attempt=2)) is False
+    assert out.read_status() is None
+    assert out.commit(MiniBatchStatus(index=0, state=MiniBatchStatus.FAILED, files=0, attempt=3)) is True

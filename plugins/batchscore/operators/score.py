@@ -258,7 +258,7 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         mb_id = mini_batch_id(result_dir.index)
         run_id = context["run_id"]
         self.user = self.user or security.container_user()
-        self._prepare(setup.mini_batch_file, result_dir, run_id, self.user)
+        self._prepare(setup.mini_batch_file, result_dir, run_id, self.user, attempt)
         self.mounts = setup.mounts
         self.environment = setup.environment
         self.command = setup.command
@@ -330,14 +330,19 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
     _secret_values: tuple[str, ...] = ()
 
     @staticmethod
-    def _prepare(mini_batch_file: Path, result_dir: MiniBatchDir, run_id: str, user: str) -> None:
-        """Before a container scores the mini-batch: its file list is there and readable, its old status withdrawn."""
+    def _prepare(mini_batch_file: Path, result_dir: MiniBatchDir, run_id: str, user: str, attempt: int) -> None:
+        """Before a container scores the mini-batch: its file list is there and readable, its old status withdrawn.
+
+        The folder is claimed for try ``attempt`` first: a container of an earlier try that is
+        still running (its Airflow worker died) can then no longer commit over this one.
+        """
         if not mini_batch_file.is_file():
             raise ScoringError(
                 f"{mini_batch_id(result_dir.index)}: its file list {mini_batch_file} is missing; the plan of run "
                 f"{run_id!r} was removed or never finished (clear the plan task of this run as well)"
             )
         result_dir.path.mkdir(parents=True, exist_ok=True)
+        result_dir.claim(attempt)
         result_dir.retract()
         security.make_writable_for(result_dir.path, user)
         mini_batch_file.chmod(0o644)  # written 0600 by the plan; the container's user reads it

@@ -166,7 +166,7 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
         layout = run_layout(spec, run_id)
         mini_batch_file, result_dir = layout.mini_batch_file(index), layout.mini_batch_dir(index)
         user = security.container_user()
-        self._prepare(mini_batch_file, result_dir, run_id, user)
+        self._prepare(mini_batch_file, result_dir, run_id, user, attempt)
         started = now_iso()
         try:
             secrets = _secrets(spec)
