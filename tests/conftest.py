@@ -55,6 +55,12 @@ def scoring_image() -> str:
 
 
 @pytest.fixture(scope="session")
+def airflow_image() -> str:
+    """The docker-compose stack's Airflow image, built by `make images-airflow` (docker/build-images.sh --airflow)."""
+    return _built(os.environ.get("BATCHSCORE_AIRFLOW_IMAGE", "batchscore-airflow:latest"), "images-airflow")
+
+
+@pytest.fixture(scope="session")
 def iris_example(scoring_image: str) -> Path:
     """The iris example with its trained model and input files, made by `make example`."""
     model = EXAMPLE / "model" / "iris-classifier" / "model.joblib"

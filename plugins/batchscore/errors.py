@@ -71,3 +71,7 @@ class ContainerSecurityError(BatchScoreError):
 
 class SecretUnavailableError(BatchScoreError):
     """A ``settings.secret_environment`` entry cannot be read from Airflow; the message never holds a value."""
+
+
+class HostPathError(BatchScoreError):
+    """A bind-mount source cannot be given to the Docker host: ``BATCHSCORE_HOST_PATHS`` is missing, wrong or incomplete."""

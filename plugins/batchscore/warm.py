@@ -29,7 +29,7 @@ from typing import Any
 from docker.errors import APIError, NotFound
 from docker.types import Mount
 
-from batchscore import security
+from batchscore import hostpaths, security
 from batchscore.errors import ScoringError
 from batchscore.spec import DeploymentSpec, memory_bytes
 from batchscore_runtime.formats import ContainerPaths, RunLayout, WorkerState
@@ -241,8 +241,7 @@ class WarmWorkers:
                 Mount(target=target, source=str(model), type="bind", read_only=True),
                 Mount(target=ContainerPaths.CODE, source=str(spec.code_configuration.code), type="bind", read_only=True),
             ]
-        security.check_mounts(mounts)
-        return mounts
+        return hostpaths.for_docker(mounts)
 
     def _command(self, slot: int) -> list[str]:
         settings = self.spec.settings

@@ -17,7 +17,7 @@ from docker.errors import APIError
 from docker.types import DeviceRequest, Mount
 
 import batchscore_runtime.formats
-from batchscore import security
+from batchscore import hostpaths, security
 from batchscore.errors import ScoringError, SecretUnavailableError
 from batchscore.gpus import GpuAssignment, lease_gpus
 from batchscore.operators._base import DeploymentMixin
@@ -142,7 +142,7 @@ def runtime_mounts_and_environment(
         Mount(target=ContainerPaths.MINI_BATCH, source=str(layout.mini_batch_file(index)), type="bind", read_only=True),
         Mount(target=ContainerPaths.OUTPUT, source=str(layout.mini_batch_dir(index).path), type="bind", read_only=False),
     ]
-    security.check_mounts(mounts)
+    mounts = hostpaths.for_docker(mounts)
     return mounts, {"BATCHSCORE_MINI_BATCH": mini_batch_id(index), **RUNTIME_ENVIRONMENT}
 
 

@@ -30,7 +30,7 @@ from airflow.providers.docker.exceptions import DockerContainerFailedException
 from docker.errors import APIError, NotFound
 from docker.types import Mount
 
-from batchscore import security
+from batchscore import hostpaths, security
 from batchscore.errors import ScoringError
 from batchscore.gpus import GpuAssignment
 from batchscore.model_archive import serving_model_dir
@@ -127,7 +127,7 @@ def create_serving_container(
     """
     resources = spec.resources
     mounts = [Mount(target=ContainerPaths.SERVING_MODEL, source=str(model_dir), type="bind", read_only=True)]
-    security.check_mounts(mounts)
+    mounts = hostpaths.for_docker(mounts)
     memory = memory_bytes(resources.memory) if resources.memory else None
     host_config = cli.create_host_config(
         mounts=mounts,
