@@ -167,3 +167,33 @@ def test_warm_workers_put_a_setup_and_a_teardown_task_around_the_scoring_tasks(
     assert merge.upstream_task_ids == {score.task_id}
     assert score.partial_kwargs["max_active_tis_per_dagrun"] == 2  # as many at once as there are workers
     assert sorted(bag.dags["iris-transform"].task_ids) == ["iris-serve.merge", "iris-serve.plan", "iris-serve.score"]
+
+
+def test_a_deployments_queue_and_pool_go_to_the_tasks_that_use_its_scoring_hosts(
+    iris_example: Path, tmp_path: Path, monkeypatch
+) -> None:
+    folder = examples_copy(tmp_path / "deployments")
+    for name in ("iris-batch.yaml", "iris-transform.yaml"):  # warm workers, and a container per mini-batch
+        path = folder / name
+        text = path.read_text().replace("resources:\n", "resources:\n  queue: gpu\n  pool: gpus\n  pool_slots: 2\n", 1)
+        if "resources:" not in text:
+            text += "resources:\n  queue: gpu\n  pool: gpus\n  pool_slots: 2\n"
+        if name == "iris-transform.yaml":
+            text = text.replace("settings:\n", "settings:\n  worker_mode: per_mini_batch\n", 1)
+        path.write_text(text)
+
+    bag = parse(monkeypatch, folder)
+
+    assert bag.import_errors == {}
+    for dag_id, group in (("iris-batch", "iris-sklearn"), ("iris-transform", "iris-serve")):
+        dag = bag.dags[dag_id]
+        score = dag.get_task(f"{group}.score")
+        assert (score.partial_kwargs["queue"], score.partial_kwargs["pool"], score.partial_kwargs["pool_slots"]) == ("gpu", "gpus", 2)
+        for task_id in ("plan", "merge"):  # shared storage only: any worker of the default queue
+            task = dag.get_task(f"{group}.{task_id}")
+            assert (task.queue, task.pool) == ("default", "default_pool"), task.task_id
+    start, stop = (bag.dags["iris-batch"].get_task(f"iris-sklearn.{t}") for t in ("start_workers", "stop_workers"))
+    assert (start.queue, stop.queue) == ("gpu", "gpu")  # the workers' containers are on the scoring hosts' engine
+    assert (start.pool, stop.pool) == ("default_pool", "default_pool")  # never waiting behind the mini-batches
+    unrouted = parse(monkeypatch, examples_copy(tmp_path / "plain")).dags["iris-batch"].get_task("iris-sklearn.score")
+    assert (unrouted.partial_kwargs.get("queue"), unrouted.partial_kwargs.get("pool")) == ("default", None)  # Airflow's defaults

@@ -64,11 +64,17 @@ that starts the run's worker containers and a teardown task that removes them:
                     operator = ServeMiniBatchOperator
                 else:
                     operator = ScoreMiniBatchOperator
+                resources = deployment.resources
+                # Only the tasks that talk to the scoring hosts' Docker engine follow the deployment's queue.
+                queue = {"queue": resources.queue} if resources.queue else {}
+                pool = {"pool": resources.pool, "pool_slots": resources.pool_slots} if resources.pool else {}
                 score = operator.partial(
                     task_id="score",
+                    **queue,
+                    **pool,
                     retries=deployment.settings.retry_settings.max_retries,
                     retry_delay=RETRY_DELAY,
-                    max_active_tis_per_dagrun=deployment.resources.instance_count,
+                    max_active_tis_per_dagrun=resources.instance_count,
                     map_index_template="{{ task.mini_batch['label'] }}",
                     **common,
                 ).expand(mini_batch=plan.output)
@@ -79,8 +85,8 @@ that starts the run's worker containers and a teardown task that removes them:
                 if warm:
                     # Setup and teardown: Airflow runs the teardown whatever happened to the
                     # scoring tasks, and clearing one mini-batch clears both with it.
-                    start = StartWorkersOperator(task_id="start_workers", **common)
-                    stop = StopWorkersOperator(task_id="stop_workers", **common)
+                    start = StartWorkersOperator(task_id="start_workers", **queue, **common)
+                    stop = StopWorkersOperator(task_id="stop_workers", **queue, **common)
                     plan >> start >> score >> stop.as_teardown(setups=start)
     return dag
 

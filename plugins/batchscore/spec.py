@@ -612,8 +612,27 @@ class Resources(_Strict):
         "default Docker's 64m. Raise it for data loaders that share memory between processes.",
         json_schema_extra={"anyOf": SIZE_SCHEMA},
     )
+    queue: Name | None = Field(
+        None,
+        description="batchscore's own: the Airflow queue of the scoring tasks (and of the warm workers' "
+        "start and stop), so that with the CeleryExecutor only workers started with --queues <name> run "
+        "them, e.g. the GPU hosts' workers. Planning and merging stay on the default queue. Default: "
+        "Airflow's [operators] default_queue.",
+    )
+    pool: Name | None = Field(
+        None,
+        description="batchscore's own: the Airflow pool the scoring tasks take slots of, to cap mini-batches "
+        "running at once across deployments (e.g. one slot per GPU). The pool must exist (airflow pools "
+        "set); Airflow does not schedule tasks of a missing pool. Default: default_pool.",
+    )
+    pool_slots: PositiveInt = Field(1, description="batchscore's own: pool slots one scoring task takes.")
 
 
+#: Keys of Azure's deployment YAML that batchscore spells otherwise, and how (top level only).
+KEY_HINTS = {
+    "compute": "Azure's compute cluster is an Airflow queue here: set resources.queue to a queue that "
+    "the Celery workers of those machines serve (README: Running on several workers)",
+}
 #: Settings of the Azure contract that mean nothing to a serving container, and what to use instead.
 AZURE_ONLY_SETTINGS = {
     "max_concurrency_per_instance": "transform.MaxConcurrentTransforms",
@@ -1194,8 +1213,12 @@ def _issues(
         line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
         if err["type"] == "extra_forbidden":
             message = f"unknown key {path[-1]!r}"
+            top = len(path) == 1 or (len(path) == 3 and path[0] == "deployments")  # a deployment's own key
+            hint = KEY_HINTS.get(str(path[-1])) if top else None
             match = difflib.get_close_matches(str(path[-1]), _allowed_keys(model, path[:-1]), n=1, cutoff=0.8)
-            if match:
+            if hint:
+                message += f"; {hint}"
+            elif match:
                 message += f"; did you mean {match[0]!r}?"
             else:
                 allowed = _allowed_keys(model, path[:-1])
