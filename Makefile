@@ -6,14 +6,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 IMAGE  ?= batchscore-scoring:latest
 SERVE_IMAGE ?= batchscore-iris-serve:latest
+# The compose stack's image; docker-compose.yaml and the tests read the same variable.
+BATCHSCORE_AIRFLOW_IMAGE ?= batchscore-airflow:latest
 IRIS   := include/examples/iris
 MODEL  := $(IRIS)/model/iris-classifier/model.joblib
 
 .DEFAULT_GOAL := help
-.PHONY: help venv images images-gpu images-serve example demo test bench schema lock clean
+.PHONY: help venv images images-gpu images-airflow images-serve example demo test bench schema lock clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 venv: $(VENV)/.installed  ## the virtual environment with the pinned Airflow side
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -27,6 +29,9 @@ images:  ## the scoring image, built offline when no registry answers (docker/bu
 
 images-gpu:  ## the GPU variant of the scoring image (needs a CUDA runtime base: CUDA_BASE_IMAGE)
 	bash docker/build-images.sh --gpu
+
+images-airflow:  ## the Airflow image of the docker-compose stack (batchscore-airflow), built offline like the scoring image
+	IMAGE=$(BATCHSCORE_AIRFLOW_IMAGE) bash docker/build-images.sh --airflow
 
 images-serve: images  ## the example's SageMaker serving image (batchscore-iris-serve), FROM the scoring image
 	DOCKER_BUILDKIT=0 docker build --quiet --build-arg BASE_IMAGE=$(IMAGE) -t $(SERVE_IMAGE) $(IRIS)/serving

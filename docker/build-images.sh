@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build the scoring image (default tag batchscore-scoring:latest), or with
-# --gpu its GPU variant (batchscore-scoring:gpu) on an NVIDIA CUDA runtime base.
+# --gpu its GPU variant (batchscore-scoring:gpu) on an NVIDIA CUDA runtime base,
+# or with --airflow the Airflow image of the compose stack (batchscore-airflow:latest).
 #
 # Works both where a container registry can be reached and where none can:
 #   1. If the image already carries the label batchscore.build-hash=<hash of
-#      Dockerfile + requirements + base>, stop at once (cached run).
+#      Dockerfile + requirements + base (+ the project's code for --airflow)>,
+#      stop at once (cached run).
 #   2. Base: BASE_IMAGE (python:3.11-slim) if it is here or can be pulled,
 #      else batchscore-base:bookworm, a Debian bookworm root file system made
 #      with debootstrap and imported into Docker (made once, then reused).
@@ -17,12 +19,19 @@
 # once, naming CUDA_BASE_IMAGE, when it cannot be had); Python 3.11 is a
 # python-build-standalone archive, downloaded on the host (pinned, sha256
 # checked) into docker/.cache/python, or given in BATCHSCORE_PYTHON_TARBALL.
+# --airflow (docker/airflow/Dockerfile): Airflow 3.3.2 with every pin of
+# requirements.lock, on the same base as the CPU image; its wheels go to
+# docker/.cache/airflow-wheels (or BATCHSCORE_AIRFLOW_WHEELS_DIR). The image
+# holds a copy of dags/, plugins/ and include/ (not the example's generated
+# model/ and data*/), so a change of that code also makes it stale.
 #
-# Usage: docker/build-images.sh [--gpu] [--force] [--help]
+# Usage: docker/build-images.sh [--gpu | --airflow] [--force] [--help]
 #   --gpu     build the GPU variant instead of the CPU image
+#   --airflow build the Airflow image instead of the scoring image
 #   --force   rebuild even if the image is up to date (no Docker layer cache)
 # Environment:
-#   IMAGE                    tag to build (batchscore-scoring:latest; :gpu with --gpu)
+#   IMAGE                    tag to build (batchscore-scoring:latest; :gpu with
+#                            --gpu; batchscore-airflow:latest with --airflow)
 #   BASE_IMAGE               preferred base (python:3.11-slim)
 #   CUDA_BASE_IMAGE          base of the GPU variant, a CUDA runtime image
 #                            (nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04)
@@ -32,6 +41,9 @@
 #   BATCHSCORE_PYTHON_URL, BATCHSCORE_PYTHON_SHA256  where that archive is
 #                            downloaded from otherwise, and its checksum
 #   BATCHSCORE_WHEELS_DIR    folder of ready wheels; then nothing is downloaded
+#   BATCHSCORE_AIRFLOW_WHEELS_DIR  --airflow: folder of ready wheels for
+#                            requirements.lock and async-timeout (cp311,
+#                            manylinux x86_64); then nothing is downloaded
 #   BATCHSCORE_PULL_TIMEOUT  seconds allowed for pulling the base (60)
 #   DEBIAN_MIRROR            mirror for debootstrap (http://deb.debian.org/debian)
 set -euo pipefail
@@ -40,7 +52,19 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
 readonly CPU_CONTEXT="${SCRIPT_DIR}/scoring"
 readonly GPU_CONTEXT="${SCRIPT_DIR}/scoring-gpu"
-readonly REQUIREMENTS="${CPU_CONTEXT}/requirements.txt"   # both images
+readonly AIRFLOW_CONTEXT="${SCRIPT_DIR}/airflow"
+readonly SCORING_REQUIREMENTS="${CPU_CONTEXT}/requirements.txt"   # both scoring images
+readonly PROJECT_DIR="${SCRIPT_DIR%/*}"
+readonly AIRFLOW_REQUIREMENTS="${PROJECT_DIR}/requirements.lock"
+# The project's folders the Airflow image holds a copy of (in /opt/batchscore).
+readonly PROJECT_FOLDERS=(dags plugins include)
+# Wheels the Airflow image may need beyond requirements.lock. `make lock`
+# freezes the tree as resolved on the host's Python (3.11.7), whose markers
+# can differ from the base's: Debian bookworm's python3 is 3.11.2, on which
+# redis needs async-timeout (python_full_version < "3.11.3"). They are only
+# downloaded next to the lock's wheels; pip installs one only where a marker
+# asks for it (not on python:3.11-slim, a later 3.11).
+readonly AIRFLOW_EXTRA_WHEELS=("async-timeout==5.0.1")
 readonly CACHE_DIR="${SCRIPT_DIR}/.cache"
 
 IMAGE="${IMAGE:-}"   # default set by configure: :latest, or :gpu with --gpu
@@ -62,7 +86,14 @@ readonly BUILD_LOGIC_VERSION=1
 
 FORCE=0
 GPU=0
+AIRFLOW=0
+KIND=""             # set by configure: "scoring image" or "airflow image", in messages
 CONTEXT_SRC=""      # set by configure: the folder of the Dockerfile
+REQUIREMENTS=""     # set by configure: the pins the wheels are for
+EXTRA_WHEELS=()     # set by configure: requirements downloaded besides them
+WHEELS_CACHE=""     # set by configure: where prepare_wheels downloads them
+WHEELS_GIVEN=""     # set by configure: the folder of ready wheels, if any
+WHEELS_GIVEN_VAR="" # set by configure: the variable that names it
 REQUESTED_BASE=""   # set by configure: BASE_IMAGE, or CUDA_BASE_IMAGE with --gpu
 BASE_ARG=""         # set by configure: the Dockerfile's build argument for it
 WORK_DIR=""   # scratch folder of one build, made after the cache check
@@ -90,6 +121,7 @@ parse_args() {
         case "$1" in
             --force) FORCE=1 ;;
             --gpu) GPU=1 ;;
+            --airflow) AIRFLOW=1 ;;
             -h|--help) usage; exit 0 ;;
             *) die "unknown argument: $1 (see --help)" ;;
         esac
@@ -97,20 +129,38 @@ parse_args() {
     done
 }
 
-# Which image: the CPU one, or with --gpu its GPU variant.
+# Which image: the CPU one, with --gpu its GPU variant, with --airflow the
+# Airflow image (on the CPU image's base).
 configure() {
+    ((GPU && AIRFLOW)) && die "--gpu and --airflow exclude each other"
+    KIND="scoring image"
+    REQUIREMENTS="$SCORING_REQUIREMENTS"
+    WHEELS_CACHE="$CACHE_DIR/wheels"
+    WHEELS_GIVEN_VAR="BATCHSCORE_WHEELS_DIR"
     if ((GPU)); then
         CONTEXT_SRC="$GPU_CONTEXT"
         IMAGE="${IMAGE:-batchscore-scoring:gpu}"
         REQUESTED_BASE="$CUDA_BASE_IMAGE"
         BASE_ARG="CUDA_BASE_IMAGE"
+    elif ((AIRFLOW)); then
+        KIND="airflow image"
+        CONTEXT_SRC="$AIRFLOW_CONTEXT"
+        IMAGE="${IMAGE:-batchscore-airflow:latest}"
+        REQUESTED_BASE="$BASE_IMAGE"
+        BASE_ARG="BASE_IMAGE"
+        REQUIREMENTS="$AIRFLOW_REQUIREMENTS"
+        EXTRA_WHEELS=("${AIRFLOW_EXTRA_WHEELS[@]}")
+        WHEELS_CACHE="$CACHE_DIR/airflow-wheels"
+        WHEELS_GIVEN_VAR="BATCHSCORE_AIRFLOW_WHEELS_DIR"
     else
         CONTEXT_SRC="$CPU_CONTEXT"
         IMAGE="${IMAGE:-batchscore-scoring:latest}"
         REQUESTED_BASE="$BASE_IMAGE"
         BASE_ARG="BASE_IMAGE"
     fi
-    readonly CONTEXT_SRC IMAGE REQUESTED_BASE BASE_ARG GPU
+    WHEELS_GIVEN="${!WHEELS_GIVEN_VAR:-}"
+    readonly CONTEXT_SRC IMAGE REQUESTED_BASE BASE_ARG GPU AIRFLOW KIND REQUIREMENTS \
+        EXTRA_WHEELS WHEELS_CACHE WHEELS_GIVEN WHEELS_GIVEN_VAR
 }
 
 sha256_of_stdin() { sha256sum | cut -d' ' -f1; }
@@ -145,18 +195,41 @@ local_base() {
     fi
 }
 
+# The files of the project that go into the Airflow image, NUL-separated,
+# relative to PROJECT_DIR, sorted: PROJECT_FOLDERS without what is made
+# locally (the examples' model/ and data*/ folders, __pycache__, .pyc files).
+project_files() {
+    (cd "$PROJECT_DIR" && find "${PROJECT_FOLDERS[@]}" \
+        -type d \( -name __pycache__ -o -path 'include/examples/*/model' \
+                   -o -path 'include/examples/*/data*' \) -prune \
+        -o -name '*.pyc' -prune \
+        -o \( -type f -o -type l \) -print0 | LC_ALL=C sort -z)
+}
+
+# The content of those files as they are in the working tree (not git's
+# index: uncommitted edits go into the image, so they must change the hash
+# too), with their names and modes. A few dozen small files: milliseconds.
+project_hash() {
+    (cd "$PROJECT_DIR" && project_files | xargs -0 -r sha256sum -- \
+        && project_files | xargs -0 -r stat -c '%a %n' --) | sha256_of_stdin
+}
+
 # Hash of everything the image is made of: the Dockerfile, the pinned
 # requirements, the base asked for, and the base used, by name and by image
-# id (a re-made or re-pulled base means a new scoring image).
+# id (a re-made or re-pulled base means a new scoring image); for the Airflow
+# image also the project's code it holds.
 build_hash() {
     local base="$1"
     {
         echo "logic=$BUILD_LOGIC_VERSION"
+        if ((AIRFLOW)); then echo "image=airflow"; fi
         echo "requested=$REQUESTED_BASE"
         echo "base=$base $(image_id "$base")"
         echo "--- Dockerfile"; cat "$CONTEXT_SRC/Dockerfile"
-        echo "--- requirements.txt"; cat "$REQUIREMENTS"
+        echo "--- ${REQUIREMENTS##*/}"; cat "$REQUIREMENTS"
+        if ((${#EXTRA_WHEELS[@]})); then echo "--- extra wheels ${EXTRA_WHEELS[*]}"; fi
         if ((GPU)); then echo "--- python.tar.gz $(python_sha256)"; fi
+        if ((AIRFLOW)); then echo "--- project $(project_hash)"; fi
     } | sha256_of_stdin
 }
 
@@ -185,7 +258,7 @@ take_build_lock() {
 
 exit_if_up_to_date() {
     if ((!FORCE)) && is_up_to_date; then
-        echo "scoring image $IMAGE is up to date"
+        echo "$KIND $IMAGE is up to date"
         exit 0
     fi
 }
@@ -348,39 +421,79 @@ prepare_python() {
     echo "$file"
 }
 
-# Prints the folder holding the wheels for requirements.txt.
+# Wheels of the pins for CPython 3.11 on manylinux x86_64, downloaded on the
+# host whatever the host's own platform (portable: the same folder serves
+# any x86_64 host). Binary wheels only: every pin of
+# docker/scoring/requirements.txt has one, and so has every pin of
+# requirements.lock (checked for Airflow 3.3.2: 160 pins, 131 pure Python,
+# 29 cp311/abi3 manylinux, no sdist-only one), so pip wheel, which builds on
+# and for this host, is only the fallback below.
+download_wheels() {
+    local dir="$1"
+    python3 -m pip download --quiet --disable-pip-version-check \
+        --only-binary=:all: --python-version 3.11 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 \
+        -d "$dir" -r "$REQUIREMENTS" "${EXTRA_WHEELS[@]}" >&2
+}
+
+# True when wheels built on this host fit the base image: CPython 3.11 on
+# Linux x86_64 with a glibc no newer than bookworm's 2.36 (the fallback base).
+host_fits_base() {
+    python3 - <<'PY' 2>/dev/null
+import os, platform, sys
+glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+ok = (sys.version_info[:2] == (3, 11) and sys.platform == "linux"
+      and platform.machine() == "x86_64" and glibc.startswith("glibc ")
+      and tuple(map(int, glibc.split()[1].split(".")[:2])) <= (2, 36))
+sys.exit(0 if ok else 1)
+PY
+}
+
+# Prints the folder holding the wheels for REQUIREMENTS: the given one, the
+# cache (when made from the same pins), or the cache filled now.
 prepare_wheels() {
     local req="$REQUIREMENTS"
-    if [[ -n "${BATCHSCORE_WHEELS_DIR:-}" ]]; then
-        log "wheels: from $BATCHSCORE_WHEELS_DIR (no download)"
-        echo "$BATCHSCORE_WHEELS_DIR"; return
+    if [[ -n "$WHEELS_GIVEN" ]]; then
+        log "wheels: from $WHEELS_GIVEN (no download)"
+        echo "$WHEELS_GIVEN"; return
     fi
-    local dir="$CACHE_DIR/wheels" stamp want started=$SECONDS
+    local dir="$WHEELS_CACHE" stamp want started=$SECONDS
     stamp="$dir/.requirements.sha256"
-    want="$(sha256_of_stdin < "$req")"
+    want="$({ cat "$req"; if ((${#EXTRA_WHEELS[@]})); then echo "${EXTRA_WHEELS[*]}"; fi; } | sha256_of_stdin)"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
         log "wheels: $dir (already downloaded)"
         echo "$dir"; return
     fi
     if ! python3 -m pip --version >/dev/null 2>&1; then
-        die "python3 with pip is needed on the host to download wheels (or set BATCHSCORE_WHEELS_DIR)"
+        die "python3 with pip is needed on the host to download wheels (or set $WHEELS_GIVEN_VAR)"
     fi
     # A fresh folder: wheels of older pins must not linger and be picked up.
     rm -rf "$dir"; mkdir -p "$dir"
     log "wheels: downloading for cp311 manylinux x86_64 into $dir"
-    python3 -m pip download --quiet --disable-pip-version-check \
-        --only-binary=:all: --python-version 3.11 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 \
-        -d "$dir" -r "$req" >&2 \
-        || die "pip download failed; check access to the package index, or set BATCHSCORE_WHEELS_DIR"
+    local how="downloaded"
+    if ! download_wheels "$dir"; then
+        # Only the Airflow tree (a long one, re-pinned by `make lock`) may
+        # one day pin a package published as an sdist only. Then pip wheel
+        # builds that one here (and downloads the others' wheels for this
+        # host), which is right only where the host's Python and glibc fit
+        # the base image; elsewhere the wheels must be brought in.
+        ((AIRFLOW)) && host_fits_base \
+            || die "pip download failed; check access to the package index, or set $WHEELS_GIVEN_VAR"
+        log "wheels: no binary wheel for every pin (or no index); trying pip wheel for this host"
+        rm -rf "$dir"; mkdir -p "$dir"
+        python3 -m pip wheel --quiet --disable-pip-version-check \
+            --wheel-dir "$dir" -r "$req" "${EXTRA_WHEELS[@]}" >&2 \
+            || die "pip wheel failed too; check access to the package index, or set $WHEELS_GIVEN_VAR"
+        how="downloaded or built (pip wheel)"
+    fi
     echo "$want" > "$stamp"
-    log "wheels: $(find "$dir" -name '*.whl' | wc -l) downloaded in $((SECONDS - started))s"
+    log "wheels: $(find "$dir" -name '*.whl' | wc -l) $how in $((SECONDS - started))s"
     echo "$dir"
 }
 
-# Dockerfile + wheels/ (with requirements.txt) in the scratch folder, and for
-# the GPU image python.tar.gz.
+# Dockerfile + wheels/ (with requirements.txt) in the scratch folder, for
+# the GPU image python.tar.gz, for the Airflow image project/.
 make_context() {
     local wheels="$1" python="${2:-}" ctx="$WORK_DIR/context"
     mkdir -p "$ctx/wheels"
@@ -396,6 +509,15 @@ make_context() {
         cp -l "$python" "$ctx/python.tar.gz" 2>/dev/null || cp "$python" "$ctx/python.tar.gz" \
             || die "cannot copy $python into the build context"
     fi
+    if ((AIRFLOW)); then
+        # A copy, not hard links: the modes are normalised (readable by all,
+        # writable by none but root) without touching the working tree.
+        mkdir -p "$ctx/project"
+        (cd "$PROJECT_DIR" && project_files | tar --null --no-recursion -T - -cf -) \
+            | tar -C "$ctx/project" -xf - \
+            || die "cannot copy ${PROJECT_FOLDERS[*]} into the build context"
+        chmod -R u+rwX,go+rX,go-w "$ctx/project"
+    fi
     echo "$ctx"
 }
 
@@ -406,8 +528,8 @@ main() {
     docker info >/dev/null 2>&1 || die "cannot reach the Docker engine (is it running? are you allowed to use it?)"
     [[ -f "$CONTEXT_SRC/Dockerfile" && -f "$REQUIREMENTS" ]] \
         || die "missing $CONTEXT_SRC/Dockerfile or $REQUIREMENTS"
-    if [[ -n "${BATCHSCORE_WHEELS_DIR:-}" && ! -d "$BATCHSCORE_WHEELS_DIR" ]]; then
-        die "BATCHSCORE_WHEELS_DIR=$BATCHSCORE_WHEELS_DIR is not a folder"
+    if [[ -n "$WHEELS_GIVEN" && ! -d "$WHEELS_GIVEN" ]]; then
+        die "$WHEELS_GIVEN_VAR=$WHEELS_GIVEN is not a folder"
     fi
     if ((GPU)) && [[ -n "${BATCHSCORE_PYTHON_TARBALL:-}" && ! -f "$BATCHSCORE_PYTHON_TARBALL" ]]; then
         die "BATCHSCORE_PYTHON_TARBALL=$BATCHSCORE_PYTHON_TARBALL is not a file"
@@ -425,8 +547,10 @@ main() {
     base="$(resolve_base)"
     if ((GPU)); then python="$(prepare_python)"; fi
     wheels="$(prepare_wheels)"
-    ctx="$(make_context "$wheels" "$python")"
+    # The hash before the copy: a file edited in between then makes the image
+    # look stale next time (a rebuild), never up to date with old content.
     hash="$(build_hash "$base")"
+    ctx="$(make_context "$wheels" "$python")"
     log "build hash: $hash"
 
     local build_args=(--build-arg "$BASE_ARG=$base" --label "$HASH_LABEL=$hash" -t "$IMAGE")
@@ -438,7 +562,7 @@ main() {
         || die "docker build of $IMAGE failed (see the output above)"
     log "docker build done in $((SECONDS - started))s; all done in ${SECONDS}s"
 
-    echo "scoring image $IMAGE built ($(image_id "$IMAGE"))"
+    echo "$KIND $IMAGE built ($(image_id "$IMAGE"))"
 }
 
 main "$@"
