@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from docker.types import DeviceRequest
@@ -181,3 +183,34 @@ def test_a_mini_batch_over_its_memory_limit_fails_naming_the_setting(
     )
     status = run_layout(endpoint.deployments[0], "run-oom").mini_batch_dir(0).read_status()
     assert status.error.type == "OutOfMemory"  # the ledger and errors.csv say so too
+
+
+@pytest.mark.docker
+def test_a_container_left_running_by_an_earlier_try_is_removed_before_the_retry_scores(
+    deployment, scoring_image: str, airflow_db
+) -> None:
+    # Try 1's Airflow worker died (a killed Celery worker): its container, labelled with the run
+    # and the mini-batch, still runs on this engine. Try 2 removes it, then scores.
+    endpoint = deployment()
+    d = endpoint.deployments[0]
+    labels = {"batchscore.endpoint": endpoint.endpoint_name, "batchscore.deployment": d.name,
+              "batchscore.run_id": "run-orphan", "batchscore.mini_batch": "mb-00000"}  # fmt: skip
+    orphan = subprocess.run(
+        ["docker", "run", "-d", "--network", "none", *(f"--label={k}={v}" for k, v in labels.items()), scoring_image, "sleep", "300"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    other = subprocess.run(  # another mini-batch's container of the same run stays
+        ["docker", "run", "-d", "--network", "none", *(f"--label={k}={v}" for k, v in {**labels, "batchscore.mini_batch": "mb-00001"}.items()),
+         scoring_image, "sleep", "300"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    try:
+        op = planned_score_operator(endpoint, "run-orphan")
+        assert op.execute({"run_id": "run-orphan", "ti": SimpleNamespace(try_number=2)})["rows"] == 1
+        gone = subprocess.run(["docker", "inspect", orphan], capture_output=True)
+        kept = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", other], capture_output=True, text=True)
+        assert gone.returncode != 0
+        assert kept.stdout.strip() == "true"
+        assert run_layout(d, "run-orphan").mini_batch_dir(0).read_status().attempt == 2
+    finally:
+        subprocess.run(["docker", "rm", "-f", orphan, other], capture_output=True)

@@ -13,7 +13,7 @@ from airflow.providers.docker.exceptions import DockerContainerFailedException
 from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk.exceptions import AirflowTaskTimeout
 from airflow.sdk.execution_time.timeout import timeout
-from docker.errors import APIError
+from docker.errors import APIError, NotFound
 from docker.types import DeviceRequest, Mount
 
 import batchscore_runtime.formats
@@ -268,6 +268,7 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
             "batchscore.run_id": run_id,
             "batchscore.mini_batch": mb_id,
         }
+        self._remove_earlier_tries(mb_id)
         self.log.info(
             "%s: scoring %s files (%s bytes) in image %s, try %s of %s",
             mb_id,
@@ -328,6 +329,20 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         return status
 
     _secret_values: tuple[str, ...] = ()
+
+    def _remove_earlier_tries(self, mb_id: str) -> None:
+        """Remove this mini-batch's containers left on this engine by an earlier try whose Airflow worker died.
+
+        Such a container may still be scoring (and using a GPU no lease holds any more); the
+        claim of :meth:`_prepare` already keeps it from committing. Airflow runs one try of a
+        task at a time, so a container with this run's and mini-batch's labels is never current.
+        """
+        found = self.cli.containers(all=True, filters={"label": [f"{k}={v}" for k, v in self.labels.items()]})
+        for c in found:
+            name = (c.get("Names") or [c["Id"][:12]])[0].lstrip("/")
+            self.log.warning("%s: removing container %s of an earlier try (%s); its Airflow worker is gone", mb_id, name, c.get("Status"))
+            with contextlib.suppress(NotFound):
+                self.cli.remove_container(c["Id"], force=True)
 
     @staticmethod
     def _prepare(mini_batch_file: Path, result_dir: MiniBatchDir, run_id: str, user: str, attempt: int) -> None:
