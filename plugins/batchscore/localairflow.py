@@ -292,6 +292,34 @@ class LocalAirflow:
         fresh = () if component == "api-server" else (component.replace("-", "_"),)
         self._wait_healthy(fresh, since, time.monotonic() + timeout, (component,))
 
+    def start_celery_worker(self, name: str, *, queues: str = "default", concurrency: int = 2, timeout: float = 120) -> None:
+        """Start ``airflow celery worker`` as the component ``celery-<name>`` and wait until it is ready.
+
+        For a stack started with ``AIRFLOW__CORE__EXECUTOR=CeleryExecutor`` (and a broker and
+        database in ``env``). The worker's Celery name is ``<name>@<host>``; it serves only
+        ``queues`` (comma-separated) and no log server (the api-server reads ``logs/``).
+        """
+        component = f"celery-{name}"
+        if component in self.procs:
+            raise LocalAirflowError(f"{component} is already running")
+        args = ["celery", "worker", "--celery-hostname", f"{name}@%h", "--queues", queues,
+                "--concurrency", str(concurrency), "--skip-serve-logs"]
+        self.log_path(component).unlink(missing_ok=True)
+        self.procs[component] = self._spawn(component, args)
+        deadline = time.monotonic() + timeout
+        while " ready." not in log_tail(self.log_path(component), 400):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise LocalAirflowError(self._failure(f"{component} not ready after {timeout:.0f}s", component))
+            time.sleep(_POLL_S)
+
+    def kill_component(self, component: str) -> None:
+        """SIGKILL one component and all its descendants at once, as a crash would (no clean-up runs)."""
+        proc = self.procs.pop(component)
+        pids = _tree(proc.pid)
+        _signal(pids, signal.SIGKILL)
+        proc.wait(10)
+
     def _wait_healthy(self, fresh: tuple[str, ...], since: datetime, deadline: float, logs: tuple[str, ...]) -> None:
         """Wait until the API answers its health check with a heartbeat newer than ``since``
         from each of ``fresh``; on timeout, fail with the tails of the ``logs`` components' logs."""
