@@ -12,7 +12,7 @@ IRIS   := include/examples/iris
 MODEL  := $(IRIS)/model/iris-classifier/model.joblib
 
 .DEFAULT_GOAL := help
-.PHONY: help venv images images-gpu images-airflow images-serve example demo test bench schema lock clean
+.PHONY: help venv images images-gpu images-airflow images-serve example demo compose-env test bench schema lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -43,7 +43,20 @@ $(MODEL): $(IRIS)/train.py
 demo: venv example  ## run the example DAG on a real scheduler and print where its output is
 	$(BIN)/python -m batchscore run iris-batch --dags-folder dags --home .airflow
 
-test: venv example  ## the test suite (what CI runs)
+compose-env: .env  ## .env for docker-compose.yaml: your uid, the Docker socket's group, this folder, the data folder, secrets
+.env:
+	mkdir -p data var/airflow/logs
+	{ echo "# docker-compose settings (make compose-env; README: Running on several workers)"; \
+	  echo "AIRFLOW_UID=$$(id -u)"; \
+	  echo "DOCKER_GID=$$(stat -c %g /var/run/docker.sock)"; \
+	  echo "BATCHSCORE_HOST_DIR=$(CURDIR)"; \
+	  echo "BATCHSCORE_DATA_DIR=$(CURDIR)/data"; \
+	  echo "AIRFLOW_JWT_SECRET=$$(python3 -c 'import secrets; print(secrets.token_urlsafe(64))')"; \
+	  echo "AIRFLOW_API_SECRET_KEY=$$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"; \
+	} > $@
+	@echo "wrote $@; start the stack with: docker-compose up -d"
+
+test: venv example images-airflow  ## the test suite (what CI runs); the Celery tests need postgresql and redis-server (Debian packages)
 	$(BIN)/pytest
 
 bench: venv example  ## the benchmarks of issue 6 (bench/README.md), not part of test; some: make bench ONLY="merge skew"
