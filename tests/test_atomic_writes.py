@@ -95,3 +95,27 @@ def test_a_killed_merge_leaves_the_previous_output_whole_or_none_at_all(tmp_path
     assert not list(root.glob(".*.tmp"))  # ...is cleaned up by the next one
     assert (root / "predictions.csv").read_bytes() != complete
     assert json.loads((root / "summary.json").read_text())["rows"] == 400_000
+
+
+def test_atomically_written_files_follow_the_umask_not_mkstemps_0600(tmp_path: Path) -> None:
+    # Outputs on shared storage are read by the other hosts' workers (the merge) and by users.
+    script = (
+        "import os, sys\n"
+        "os.umask(int(sys.argv[2], 8))\n"
+        "from batchscore_runtime.formats import write_json_atomic\n"
+        "write_json_atomic(__import__('pathlib').Path(sys.argv[1]), {'a': 1})\n"
+    )
+    modes = {}
+    for umask in ("022", "077", "002"):
+        target = tmp_path / f"summary-{umask}.json"
+        subprocess.run([sys.executable, "-c", script, str(target), umask], check=True)
+        modes[umask] = oct(target.stat().st_mode & 0o777)
+    assert modes == {"022": "0o644", "077": "0o600", "002": "0o664"}
+    with atomic_path(tmp_path / "x.parquet") as tmp:  # this process: its umask too
+        assert tmp.stat().st_mode & 0o777 == 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

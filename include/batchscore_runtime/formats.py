@@ -590,6 +590,22 @@ def read_mini_batch_file(path: Path) -> MiniBatch:
 # --------------------------------------------------------------------------- atomic writes
 
 
+def _process_umask() -> int:
+    """This process's umask (read without changing it where Linux tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it over ``final`` if the block succeeds.
@@ -600,7 +616,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from the other hosts' workers and from users
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
