@@ -105,6 +105,9 @@ def test_only_the_celery_workers_get_the_docker_socket_with_its_group(settings) 
             assert service["group_add"] == ["998"], name
             assert service["user"] == "1234:0", name
             assert _binds(service)["/tmp/batchscore-gpu-locks"] == "/tmp/batchscore-gpu-locks", name
+    init = config["services"]["airflow-init"]  # makes the lease folder writable for every worker's uid
+    assert _binds(init)["/tmp/batchscore-gpu-locks"] == "/tmp/batchscore-gpu-locks"
+    assert "chmod 1777 /tmp/batchscore-gpu-locks" in " ".join(_command(init))
     gpu = config["services"]["airflow-worker-gpu"]
     assert _command(gpu) == ["celery", "worker", "--queues", "gpu"]
     assert gpu["environment"]["BATCHSCORE_GPUS"] == "0"

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.docker.test_build_images import docker, last_line, needs_docker
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "docker" / "build-images.sh"
 DOCKERFILE = REPO / "docker" / "airflow" / "Dockerfile"
@@ -35,32 +37,12 @@ BUILT_RE = re.compile(r"^airflow image (\S+) built \((sha256:[0-9a-f]{64})\)$")
 UP_TO_DATE = "airflow image {} is up to date"
 
 
-def _docker_usable() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
-
-
-needs_docker = pytest.mark.skipif(not _docker_usable(), reason="no usable Docker engine")
-
-
 def run_script(*args: str, image: str = IMAGE, script: Path = SCRIPT, timeout: float = 1500,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(script), *args], cwd=script.parents[1], capture_output=True, text=True,
         timeout=timeout, env=dict(os.environ, IMAGE=image, **(env or {})),
     )
-
-
-def last_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[-1] if lines else ""
-
-
-def docker(*args: str, timeout: float = 180) -> str:
-    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"docker {' '.join(args)} failed:\n{done.stdout}\n{done.stderr[-4000:]}"
-    return done.stdout
 
 
 def in_image(code: str, *docker_args: str, image: str = IMAGE) -> str:
