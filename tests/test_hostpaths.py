@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from docker.types import Mount
 
-from batchscore import hostpaths
 from batchscore.errors import ContainerSecurityError, HostPathError
 from batchscore.hostpaths import HOST_PATHS_ENV, PathMapping, check, container_mounts, for_docker, host_path, parse
 from batchscore.warm import docker_client
