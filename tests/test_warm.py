@@ -355,3 +355,42 @@ def test_serving_containers_that_never_get_healthy_or_die_mid_job_fail_clearly_i
     assert "exited with code 3" in statuses[1]["error"]["message"]
     for name in ("never-healthy", "dies-mid-job"):
         assert worker_containers("serve-broken-warm", name, dag_run.run_id) == []
+
+
+def test_a_mini_batch_on_a_host_that_cannot_reach_the_warm_workers_is_scored_in_a_container_of_its_own(
+    airflow_db, iris_example: Path, tmp_path: Path, capfd
+) -> None:
+    # A queue served by Celery workers on two Docker hosts: start_workers ran on the other host
+    # (its engine is recorded in the run folder), so this host's engine has none of the workers.
+    from batchscore.operators.warm import WarmScoreMiniBatchOperator
+    from batchscore.plan import mini_batch_refs, plan_run, run_layout
+    from batchscore_runtime.formats import write_json_atomic
+    from tests.helpers import load
+
+    write(tmp_path / "code" / "score.py", COUNTING_SCRIPT)
+    endpoint = load(deployment_file(
+        tmp_path / "deployments", model=iris_example / "model", code=tmp_path / "code", inputs=iris_example / "data",
+        settings={"mini_batch_size": 5, "worker_mode": "warm"}, resources={"instance_count": 2, "queue": "gpu"},
+    ))  # fmt: skip
+    d = endpoint.deployments[0]
+    plan = plan_run(endpoint.endpoint_name, d, "run-elsewhere")
+    layout = run_layout(d, "run-elsewhere")
+    write_json_atomic(layout.workers_engine_file, {"id": "ABCD:OTHER:ENGINE", "name": "gpu-host-2"})
+    op = WarmScoreMiniBatchOperator(
+        task_id="score", endpoint_name=endpoint.endpoint_name, deployment=d.model_dump(mode="json"),
+        mini_batch=mini_batch_refs(plan)[1],
+    )  # fmt: skip
+
+    assert op.execute({"run_id": "run-elsewhere"})["rows"] == 50
+    log = "".join(capfd.readouterr())
+    status = layout.mini_batch_dir(1).read_status()
+    assert status.succeeded and status.worker is None  # not a warm worker's
+    assert worker_containers(endpoint.endpoint_name, d.name, "run-elsewhere") == []  # none started here
+    assert (
+        "mb-00001: the run's warm workers run on the Docker engine of host gpu-host-2, which this Airflow worker "
+        "does not reach (it reaches host "
+    ) in log
+    assert (
+        "'s): resources.queue gpu is served on more than one Docker host; scoring it in a container of its own "
+        "(settings.worker_mode: per_mini_batch does so always)"
+    ) in log

@@ -29,6 +29,7 @@ A run directory looks like this::
             model/                  serving contract: model.tar.gz unpacked (once per run)
             workers/w1/state.json   warm workers: each worker container's state (starting,
                                     ready, failed), its init() time and its mini-batches
+            workers/engine.json     warm workers: the Docker engine they run on (id, host name)
 
 A mini-batch's result is committed by writing its parquet file under a fresh name and then
 atomically replacing ``status.json``; the merge reads only the file the status names. A rerun
@@ -565,6 +566,11 @@ class RunLayout:
     def workers_dir(self) -> Path:
         """Warm workers: one state folder per worker container (``workers/w1/state.json``)."""
         return self.work / "workers"
+
+    @property
+    def workers_engine_file(self) -> Path:
+        """Warm workers: the Docker engine they were started on (``{"id": ..., "name": ...}``)."""
+        return self.workers_dir / "engine.json"
 
     def mini_batch_file(self, index: int) -> Path:
         return self.mini_batches_dir / f"{mini_batch_id(index)}.json"

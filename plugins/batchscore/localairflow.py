@@ -31,6 +31,10 @@ request, so the REST API needs no login or token.  The task runners talk to
 the Execution API with JWTs minted by the scheduler, hence one
 ``[api_auth] jwt_secret`` shared by all components.
 
+With ``env`` naming ``AIRFLOW__CORE__EXECUTOR=CeleryExecutor``, a Postgres database and a
+Redis broker, the same stack schedules onto Celery workers: :meth:`start_celery_worker` starts
+one as a local process (``tests/test_celery.py`` adds another in a container).
+
 Example::
 
     with LocalAirflow(Path(".airflow"), Path("dags")) as af:

@@ -32,7 +32,7 @@ from docker.types import Mount
 from batchscore import hostpaths, security
 from batchscore.errors import ScoringError
 from batchscore.spec import DeploymentSpec, memory_bytes
-from batchscore_runtime.formats import ContainerPaths, RunLayout, WorkerState
+from batchscore_runtime.formats import ContainerPaths, RunLayout, WorkerState, write_json_atomic
 from batchscore_runtime.warm import EXIT_LOST, EXIT_REFUSED, PREFIX, STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,26 @@ class WarmWorkers:
     def containers(self) -> list[dict[str, Any]]:
         """Every container of this run's workers (also stopped ones), as ``docker ps -a`` lists them."""
         return self.cli.containers(all=True, filters={"label": f"{RUN_LABEL}={self.digest}"})
+
+    # ------------------------------------------------------------------ the engine
+
+    def engine(self) -> dict[str, str]:
+        """The Docker engine this process reaches: its id and its host's name."""
+        info = self.cli.info()
+        return {"id": str(info.get("ID", "")), "name": str(info.get("Name", ""))}
+
+    def record_engine(self) -> None:
+        """Say where the run's workers run (start_workers), for score tasks on other hosts."""
+        write_json_atomic(self.layout.workers_engine_file, self.engine())
+
+    def started_elsewhere(self) -> tuple[dict[str, str], dict[str, str]] | None:
+        """(the engine the run's workers were started on, this process's engine) when they differ."""
+        try:
+            recorded = json.loads(self.layout.workers_engine_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        here = self.engine()
+        return None if recorded.get("id") == here["id"] else (recorded, here)
 
     # ------------------------------------------------------------------ start
 

@@ -79,6 +79,7 @@ class StartWorkersOperator(_WorkersTask):
             self.log.info("No mini-batch left to score: no worker started")
             return {"workers": []}
         pool = self._pool = _workers(docker_client(), spec, self.endpoint_name, context, self.log, secrets=_secrets(spec))
+        pool.record_engine()
         self.log.info(
             "Starting %d warm worker(s) for %d mini-batch(es) to score (resources.instance_count %d); each calls %s once",
             count,
@@ -118,6 +119,14 @@ class StopWorkersOperator(_WorkersTask):
         spec = self.run_spec(context)
         layout = run_layout(spec, context["run_id"])
         pool = WarmWorkers(docker_client(), spec, self.endpoint_name, context["run_id"], layout, log=self.log)
+        if (elsewhere := pool.started_elsewhere()) is not None:
+            self.log.warning(
+                "The run's warm workers run on the Docker engine of host %s, which this Airflow worker does not "
+                "reach (it reaches host %s's): they stop on their own after settings.worker_idle_timeout (%s s)",
+                elsewhere[0].get("name") or "?",
+                elsewhere[1]["name"],
+                spec.settings.worker_idle_timeout,
+            )
         for k in range(pool.slots):
             s = pool.slot(k)
             if s.state is not None:
@@ -151,6 +160,9 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         index = int(self.mini_batch["index"])
         spec = self.run_spec(context)
+        elsewhere = _workers(self.cli, spec, self.endpoint_name, context, self.log).started_elsewhere()
+        if elsewhere is not None:
+            return self._score_without_workers(context, spec, index, *elsewhere)
         ti = context.get("ti")
         attempt = int(getattr(ti, "try_number", 1) or 1)
         status = self._score_warm(context, spec, index, attempt)
@@ -159,6 +171,26 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
         else:
             self._report(status)
         return {"mini_batch": status.id, "rows": status.rows, "failed_items": status.failed_items, "worker": status.worker}
+
+    def _score_without_workers(
+        self, context: Any, spec: DeploymentSpec, index: int, theirs: dict[str, str], ours: dict[str, str]
+    ) -> dict[str, Any]:
+        """This task's Airflow worker reaches another Docker engine than the run's warm workers run on.
+
+        A deployment's queue served by Celery workers on several Docker hosts: the workers'
+        containers are out of reach here. A scoring script's mini-batch is scored in a container
+        of its own instead (as in ``per_mini_batch`` mode); a serving container's cannot be.
+        """
+        mb_id = mini_batch_id(index)
+        where = (
+            f"the run's warm workers run on the Docker engine of host {theirs.get('name') or '?'}, which this "
+            f"Airflow worker does not reach (it reaches host {ours['name']}'s): resources.queue "
+            f"{spec.resources.queue or '(the default queue)'} is served on more than one Docker host"
+        )
+        if spec.contract == "serve":
+            raise ScoringError(f"{mb_id}: {where}; set settings.worker_mode: per_mini_batch for this deployment")
+        self.log.warning("%s: %s; scoring it in a container of its own (settings.worker_mode: per_mini_batch does so always)", mb_id, where)
+        return ScoreMiniBatchOperator.execute(self, context)
 
     def _score_warm(self, context: Any, spec: DeploymentSpec, index: int, attempt: int) -> MiniBatchStatus:
         mb_id = mini_batch_id(index)
