@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docker.test_build_images import docker, last_line, needs_docker
+from tests.docker.test_build_images import dockerfile_instructions, docker, last_line, needs_docker
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "docker" / "build-images.sh"
@@ -98,24 +98,8 @@ def built() -> subprocess.CompletedProcess:
 # --- static checks -----------------------------------------------------------------------------
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined, comments dropped."""
-    out, pending = [], ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line, pending = pending + line, ""
-        keyword, _, rest = line.partition(" ")
-        out.append((keyword.upper(), rest.strip()))
-    return out
-
-
 def test_dockerfile_installs_from_wheels_only_on_the_base_image_arg():
-    instructions = dockerfile_instructions()
+    instructions = dockerfile_instructions(DOCKERFILE)
     keywords = [k for k, _ in instructions]
     first_from = keywords.index("FROM")
     assert any(re.fullmatch(r"BASE_IMAGE(=\S+)?", a) for k, a in instructions[:first_from] if k == "ARG")
