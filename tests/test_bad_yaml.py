@@ -155,7 +155,11 @@ CASES = [
         ('2: deployments: must be a list, got {"name": "blue"}',),
     ),
     # ---------------------------------------------------------------- unknown and misspelt keys, every level
-    Case("az-unknown-top-key", AZURE + "compute: azureml:cpu-cluster\n", (f"23: compute: unknown key 'compute'; allowed keys here: {TOP_KEYS}",)),
+    Case("az-unknown-top-key", AZURE + "instance_type: Standard_DS3_v2\n", (f"23: instance_type: unknown key 'instance_type'; allowed keys here: {TOP_KEYS}",)),
+    Case("az-compute-key", AZURE + "compute: azureml:cpu-cluster\n", (
+        "23: compute: unknown key 'compute'; Azure's compute cluster is an Airflow queue here: set resources.queue to a "
+        "queue that the Celery workers of those machines serve (README: Running on several workers)",
+    )),
     Case("ep-misspelt-top-key", ep(("schedule:", "schedul:")), ("2: schedul: unknown key 'schedul'; did you mean 'schedule'?",)),
     Case(
         "az-unknown-model-key",
