@@ -1,7 +1,7 @@
 """The example job on the CeleryExecutor: Postgres, Redis, a real scheduler and two Celery workers.
 
 What runs where (no image can be pulled here):
-* PostgreSQL and Redis: Debian's packages, as processes of this session (tests/services.py);
+* PostgreSQL and Redis: Debian's packages, as processes of this session (batchscore.localservices);
 * api-server, scheduler and dag-processor: processes of this session (LocalAirflow);
 * Celery worker ``w1``: a process of this session, on the host, serving the queue ``default``;
 * Celery worker ``w2``: a container of the compose stack's Airflow image (``batchscore-airflow``,
@@ -30,16 +30,17 @@ import pytest
 import yaml
 
 from batchscore.localairflow import LocalAirflow, log_tail
+from batchscore.localservices import Postgres, Redis
 from batchscore_runtime.formats import run_key
 from tests.conftest import EXAMPLE, REPO
 from tests.helpers import write
-from tests.services import Postgres, Redis
 
 pytestmark = [pytest.mark.docker, pytest.mark.scheduler, pytest.mark.celery]
 
 CONTAINER_WORKER = "batchscore-test-celery-w2"
 CONTAINER_HOSTNAME = "celery-w2"
 HEARTBEAT_TIMEOUT = 20  # s without a heartbeat before the scheduler fails a task whose worker died
+QUEUED_TIMEOUT = 60  # s a task may stay queued (taken by a worker that died before starting it) before it is sent again
 
 # The example's scoring script, slowed down on iris-007.csv until the test has killed the Celery
 # worker of that mini-batch (the marker "killed" next to the model); says where it runs.
@@ -163,6 +164,9 @@ def celery_stack(scoring_image: str, airflow_image: str, iris_example: Path, tmp
         "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+        # A task the killed worker had taken but not yet started stays queued until this (600 s by default).
+        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(QUEUED_TIMEOUT),
+        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "10",
     }
     airflow = LocalAirflow(root / "airflow", job / "dags", env=env, parallelism=8)
     try:

@@ -1,9 +1,10 @@
-"""PostgreSQL and Redis for the CeleryExecutor tests, from Debian's packages on this machine.
+"""PostgreSQL and Redis as local processes, from the distribution's packages: the CeleryExecutor's
+metadata database and broker for :class:`~batchscore.localairflow.LocalAirflow` (tests, bench).
 
-No image can be pulled here, so the metadata database and the Celery broker run as plain
-processes of the test session (``apt-get install postgresql redis-server``; ``.ci/run`` does
-it), each on a free port of 127.0.0.1 with its data in a temporary folder. A missing package
-fails the test with the command to run: a test that skips itself on CI could never fail.
+No image can be pulled on this project's machines, so they run as plain processes of the
+caller (``apt-get install postgresql redis-server``; ``.ci/run`` does it), each on a free port
+of 127.0.0.1 with its data in a temporary folder. A missing package raises an error with the
+command to run: a test that skipped itself on CI could never fail.
 """
 
 from __future__ import annotations
@@ -80,6 +81,15 @@ class Postgres:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"PostgreSQL did not start: {done.stderr}\n{log_tail(self.root / 'postgres.log')}")
             time.sleep(0.5)
+
+    def create_database(self, name: str) -> str:
+        """Another database on this server (owned by ``airflow``); returns its SQLAlchemy URL."""
+        subprocess.run(
+            [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "airflow", "-d", "postgres",
+             "-c", f'CREATE DATABASE "{name}"'],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
