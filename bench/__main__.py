@@ -1,7 +1,7 @@
 """``python -m bench [NAME ...]``: run the benchmarks (all by default), print each one's figures
 and verdicts, a final table, and write every result as JSON (``bench/results/latest.json``).
 
-    python -m bench                  # all five, about 5 minutes on 2 cores
+    python -m bench                  # all but the opt-in scale, about 16 minutes on 2 cores
     python -m bench merge skew       # some of them
     python -m bench --small skew     # tiny sizes: checks the code path, not the targets
 
@@ -18,11 +18,11 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import merge, orchestration, planning, runtime, scale, skew, warm
+from bench import celery, merge, orchestration, planning, runtime, scale, skew, warm
 from bench.common import CONTAINER_LABEL, Result, machine, remove_containers, report, table, write_json
 
 #: In the order they run: the quick ones first.
-BENCHMARKS = {m.NAME: m for m in (skew, planning, merge, runtime, orchestration, warm, scale)}
+BENCHMARKS = {m.NAME: m for m in (skew, planning, merge, runtime, orchestration, warm, celery, scale)}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
