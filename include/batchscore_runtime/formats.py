@@ -472,7 +472,7 @@ class MiniBatchDir:
     def claim(self, attempt: int) -> None:
         """Make try ``attempt`` the only one that may commit (the orchestrator, before each try)."""
         write_json_atomic(self.path / self.CLAIM, {"attempt": attempt}, indent=None)
-        (self.path / self.CLAIM).chmod(0o644)  # written 0600; the scoring container's user reads it
+        (self.path / self.CLAIM).chmod(0o644)  # whatever the umask: the scoring container's user reads it
 
     def claimed_by(self) -> int | None:
         """The try that may commit now; None for a folder no orchestrator has claimed."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import docker.errors
 from docker.types import Mount
 
 from batchscore import security
@@ -108,6 +109,7 @@ def host_path(path: str | Path, mappings: Sequence[PathMapping]) -> str:
     return str(mapping.host / worker_path.relative_to(mapping.worker))
 
 
+@functools.cache  # a process does not move between containers
 def own_container_id() -> str | None:
     """The id (or, failing that, the host name) of the container this process runs in; None on a host."""
     if not any(marker.exists() for marker in CONTAINER_MARKERS):
@@ -124,8 +126,6 @@ def own_container_id() -> str | None:
 
 def container_mounts(client: Any, container: str) -> list[ContainerMount] | None:
     """The bind mounts of ``container`` on the engine ``client`` reaches; None when it is not there."""
-    import docker.errors
-
     try:
         info = client.inspect_container(container)
     except (docker.errors.NotFound, docker.errors.APIError):

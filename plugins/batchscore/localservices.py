@@ -70,25 +70,26 @@ class Postgres:
         )
         deadline = time.monotonic() + timeout
         while True:
-            done = subprocess.run(
-                [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "airflow", "-d", "postgres",
-                 "-c", "CREATE DATABASE airflow"],
-                capture_output=True,
-                text=True,
-            )
+            done = self._psql('CREATE DATABASE "airflow"')
             if done.returncode == 0:
                 return
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"PostgreSQL did not start: {done.stderr}\n{log_tail(self.root / 'postgres.log')}")
             time.sleep(0.5)
 
+    def _psql(self, sql: str) -> subprocess.CompletedProcess[str]:
+        """Run one SQL statement as ``airflow`` on the server's ``postgres`` database."""
+        return subprocess.run(
+            [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "airflow", "-d", "postgres", "-c", sql],
+            capture_output=True,
+            text=True,
+        )
+
     def create_database(self, name: str) -> str:
         """Another database on this server (owned by ``airflow``); returns its SQLAlchemy URL."""
-        subprocess.run(
-            [_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "airflow", "-d", "postgres",
-             "-c", f'CREATE DATABASE "{name}"'],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        done = self._psql(f'CREATE DATABASE "{name}"')
+        if done.returncode != 0:
+            raise RuntimeError(f"PostgreSQL: cannot create the database {name!r}: {done.stderr.strip()}")
         return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def stop(self) -> None:

@@ -360,7 +360,7 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         result_dir.claim(attempt)
         result_dir.retract()
         security.make_writable_for(result_dir.path, user)
-        mini_batch_file.chmod(0o644)  # written 0600 by the plan; the container's user reads it
+        mini_batch_file.chmod(0o644)  # whatever the plan's umask: the container's user reads it
 
     def _backstop_seconds(self, spec: DeploymentSpec) -> float | None:
         """How long the container may run before it is killed; None: no limit of the orchestrator's own."""
