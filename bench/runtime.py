@@ -24,7 +24,7 @@ from batchscore import security
 from batchscore.operators.score import container_setup
 from batchscore.plan import plan_run
 from batchscore.spec import DeploymentSpec, load_endpoint
-from batchscore_runtime.formats import ContainerPaths
+from batchscore_runtime.formats import ContainerPaths, MiniBatchDir
 
 from bench.common import (
     REPO,
@@ -108,13 +108,13 @@ def run_runtime(spec: DeploymentSpec, run_id: str, user: str) -> tuple[float, di
     """The runtime on the whole input as one mini-batch, set up as the score operator does."""
     plan_run("bench-runtime", spec, run_id)
     setup = container_setup(spec, run_id, 0)
-    setup.result_dir.path.mkdir(parents=True, exist_ok=True)
-    security.make_writable_for(setup.result_dir.path, user)
+    setup.scratch.mkdir(parents=True, exist_ok=True)  # the container's only writable mount, as the operator makes it
+    security.make_writable_for(setup.scratch, user)
     setup.mini_batch_file.chmod(0o644)
     env = [f"--env={k}={v}" for k, v in setup.environment.items()]
     hardening = hardened_run_args(spec.resources, user)
     wall = _docker_run([*hardening, *mount_args(setup.mounts), *env, spec.environment.image, *setup.command])
-    status = setup.result_dir.read_status()
+    status = MiniBatchDir(setup.scratch, 0).read_status()  # the container's report (the runtime's cost, not the intake's)
     if status is None or not status.succeeded:
         raise RuntimeError(f"the runtime committed no success: {status}")
     return wall, {"rows": status.rows, "init_seconds": status.init_seconds, "run_seconds": status.run_seconds}

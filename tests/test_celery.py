@@ -255,7 +255,7 @@ def test_a_celery_worker_killed_mid_mini_batch_its_mini_batch_is_retried_elsewhe
     def kill_the_slow_mini_batchs_worker() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if any(run_dir.glob("_batchscore/results/mb-00002/outputs-*/slow")):
+            if any(run_dir.glob("_batchscore/scratch/**/mb-00002.try-*/outputs-*/slow")):  # the container writes there while it scores
                 host = _score_hosts(airflow, "killable", run_id)[2]["hostname"]
                 if host == CONTAINER_HOSTNAME:
                     subprocess.run(["docker", "kill", CONTAINER_WORKER], check=True, capture_output=True)

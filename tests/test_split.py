@@ -188,4 +188,4 @@ def test_a_large_csv_is_scored_in_parts_and_comes_back_whole_and_in_order(
     assert sources[-1] == "b-small.csv"
     summary = json.loads((root / "summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["mini_batches"]["total"] >= 4
-    assert not list((root / "_batchscore" / "results").rglob("parts-*"))  # part files are removed
+    assert not list((root / "_batchscore").rglob("parts-*"))  # part files are removed (with the scratch folders)

@@ -192,7 +192,7 @@ def test_a_worker_killed_mid_mini_batch_fails_only_it_and_its_retry_gets_a_healt
     def kill_when_slow(run_dir: Path) -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            for marker in run_dir.glob("_batchscore/results/*/outputs-*/slow-*"):
+            for marker in run_dir.glob("_batchscore/scratch/*/mb-*/outputs-*/slow-*"):  # the worker writes there while it scores
                 host = marker.name.removeprefix("slow-")
                 (model / "killed").touch()
                 subprocess.run(["docker", "kill", host], check=True, capture_output=True)

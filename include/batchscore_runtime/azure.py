@@ -11,9 +11,11 @@ With ``--workers N`` the mini-batch's files are shared out among N worker proces
 (:mod:`batchscore_runtime.workers`), each with its own ``init()``; ``--timeout`` bounds each
 ``run()`` call, and a worker past it is killed.
 
-The result is committed in the formats of :mod:`batchscore_runtime.formats`; any failure
-is written to the mini-batch's status and ends the process with exit code 1, with the
-script's traceback on stderr (which the Airflow task log shows).
+The result and a report of how the attempt went (a status in the formats of
+:mod:`batchscore_runtime.formats`) are written to the attempt's scratch folder, the only
+writable mount; the orchestrator checks them and commits (``batchscore.intake``). Any failure
+is reported so and ends the process with exit code 1, with the script's traceback on stderr
+(which the Airflow task log shows).
 """
 
 from __future__ import annotations
@@ -256,9 +258,26 @@ def score_mini_batch(
 
 
 def _fresh_processes(tasks: list, timeout: float, init_timeout: float) -> list:
+    """The default runner: fresh worker processes, and in a container nothing of them left once they end."""
+    from batchscore_runtime.processes import Sweeper
     from batchscore_runtime.workers import run_workers
 
-    return run_workers(tasks, timeout=timeout, init_timeout=init_timeout)
+    # As the container's PID 1, every process the script left (orphans come to PID 1) is ended
+    # before the report is written; elsewhere (tests, benchmarks) this process's other children are not ours.
+    sweeper = Sweeper(tasks[0].mini_batch) if os.getpid() == 1 else None
+    try:
+        return run_workers(tasks, timeout=timeout, init_timeout=init_timeout)
+    finally:
+        if sweeper is not None:
+            sweeper.sweep(tasks[0].mini_batch, keep=_resource_tracker())
+
+
+def _resource_tracker() -> set[int]:
+    """multiprocessing's resource tracker, which the spawned workers started and which is not the script's."""
+    from multiprocessing import resource_tracker
+
+    pid = getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None)
+    return {pid} if pid else set()
 
 
 def _score_files(
@@ -456,7 +475,7 @@ def score_and_commit(
         )
         log.error("%s failed: %s", mini_batch.id, error.one_line())
         return EXIT_FAILED
-    log.info("%s succeeded: %d rows committed to %s", mini_batch.id, status.rows, status.result_file)
+    log.info("%s succeeded: %d rows in %s, reported for the orchestrator to take in", mini_batch.id, status.rows, status.result_file)
     return 0
 
 

@@ -17,7 +17,7 @@ A run directory looks like this::
             plan.json               the plan: which mini-batches exist (written last, so
                                     its presence means the plan is complete)
             minibatches/mb-00007.json   the files of one mini-batch
-            results/mb-00007/
+            results/mb-00007/       written by the orchestrator only; no container mounts it
                 result-<token>.parquet  what run() returned, one file per attempt that succeeded
                 outputs-<token>/        the attempt's AZUREML_BI_OUTPUT_PATH (custom outputs), or
                                         the serving contract's <input file>.out files
@@ -25,15 +25,25 @@ A run directory looks like this::
                                         folder of the attempt that counts, or says why it failed
                 attempt.json            the try that may commit: written before each try, so a
                                         try whose Airflow worker died cannot commit over a retry
+                output-try-2.log        everything the attempt's containers printed (the task
+                                        log shows a rate-limited part of it)
+            scratch/                where containers write; nothing here is trusted
+                mb-00007.try-2/         one container per mini-batch: its only writable mount
+                w1/mb-00007.try-2/      warm worker w1: its scratch folder is its only writable
+                                        mount for results; one sub-folder per mini-batch
             collected.json          which custom outputs the merge placed in the run folder
             model/                  serving contract: model.tar.gz unpacked (once per run)
             workers/w1/state.json   warm workers: each worker container's state (starting,
                                     ready, failed), its init() time and its mini-batches
             workers/engine.json     warm workers: the Docker engine they run on (id, host name)
 
-A mini-batch's result is committed by writing its parquet file under a fresh name and then
-atomically replacing ``status.json``; the merge reads only the file the status names. A rerun
-therefore replaces a result instead of adding to it, and a half-written file is never read.
+A container writes its attempt's result, custom outputs and report (a ``status.json`` of its
+own) into its scratch folder; the orchestrator checks the report against the plan, copies the
+regular files it names into the mini-batch's result folder and commits there (see
+``batchscore.intake``). A mini-batch's result is committed by writing its parquet file under a
+fresh name and then atomically replacing ``status.json``; the merge reads only the file the
+status names. A rerun therefore replaces a result instead of adding to it, and a half-written
+file is never read.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -85,13 +96,13 @@ class ContainerPaths:
     CODE = "/mnt/batchscore/code"
     INPUT = "/mnt/batchscore/input"
     MINI_BATCH = "/mnt/batchscore/minibatch.json"
-    OUTPUT = "/mnt/batchscore/output"  # the mini-batch's result folder, the only writable mount
+    OUTPUT = "/mnt/batchscore/output"  # the attempt's scratch folder, the only writable mount
     # AZUREML_BI_OUTPUT_PATH is a fresh folder ``outputs-<token>`` inside OUTPUT, made per attempt.
     SERVING_MODEL = "/opt/ml/model"  # serving contract: the model archive's contents, in the serving container
     SERVING_URL = "http://127.0.0.1:8080"  # serving contract: seen from the client, which shares its network
     # Warm workers (settings.worker_mode: warm) see the whole run, not one mini-batch:
     MINI_BATCHES = "/mnt/batchscore/minibatches"  # the run's mini-batch files, read-only
-    RESULTS = "/mnt/batchscore/results"  # the run's result folders, writable
+    SCRATCH = "/mnt/batchscore/scratch"  # the worker's scratch folder: one sub-folder per mini-batch, writable
     WORKER_STATE = "/mnt/batchscore/worker"  # the worker's own state folder, writable
     WARM_SOCKET = "/tmp/batchscore-warm.sock"  # where the worker's daemon takes mini-batches
     # AZUREML_BI_OUTPUT_PATH of a warm worker: a fixed path, re-pointed at each mini-batch's folder.
@@ -430,11 +441,26 @@ class WorkerState:
 
     @staticmethod
     def read(path: Path) -> WorkerState | None:
-        """The state in ``path`` (a worker's ``state.json``); None when it is not there (yet)."""
+        """The state in ``path`` (a worker's ``state.json``); None when it is not there (yet).
+
+        The worker container writes this file, so it is read as untrusted: never through a
+        link, at most :data:`MAX_STATE_BYTES`, and a file that is not a valid state reads as a
+        failed one (with what was wrong) rather than raising in the orchestrator.
+        """
         try:
-            return WorkerState.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+            data = json.loads(read_regular_file(Path(path), MAX_STATE_BYTES))
         except FileNotFoundError:
             return None
+        except (OSError, ValueError) as exc:
+            return WorkerState(worker=Path(path).parent.name, state=WorkerState.FAILED, error=ErrorInfo("InvalidState", f"{path}: {exc}"))
+        try:
+            state = WorkerState.from_json(data)
+            if not isinstance(state.state, str) or not isinstance(state.mini_batches, list):
+                raise TypeError("state and mini_batches have the wrong types")
+            float(state.init_seconds or 0.0)
+            return state
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            return WorkerState(worker=Path(path).parent.name, state=WorkerState.FAILED, error=ErrorInfo("InvalidState", f"{path}: {exc}"))
 
 
 @dataclass(frozen=True)
@@ -483,6 +509,10 @@ class MiniBatchDir:
 
     def commit(self, status: MiniBatchStatus) -> bool:
         """Make ``status`` the mini-batch's record; False (nothing changed) when a later try owns the folder.
+
+        In the run folder only the orchestrator commits (:mod:`batchscore.intake`). A scoring
+        container calls this on its own scratch folder, where the status it writes is only its
+        report, which the orchestrator checks before it commits anything.
 
         A try whose Airflow worker died (a killed Celery worker) may leave its container
         scoring while the retry runs elsewhere: only the try that claimed the folder last
@@ -559,6 +589,19 @@ class RunLayout:
         return self.work / "minibatches"
 
     @property
+    def scratch_dir(self) -> Path:
+        """Where containers write (see the module docstring); nothing in it is trusted."""
+        return self.work / "scratch"
+
+    def attempt_scratch(self, index: int, attempt: int) -> Path:
+        """The scratch folder of one container per mini-batch: its only writable mount."""
+        return self.scratch_dir / attempt_folder_name(index, attempt)
+
+    def worker_scratch(self, worker: str) -> Path:
+        """A warm worker's scratch folder (``w1``), mounted at :attr:`ContainerPaths.SCRATCH`."""
+        return self.scratch_dir / worker
+
+    @property
     def results_dir(self) -> Path:
         return self.work / "results"
 
@@ -587,6 +630,40 @@ class RunLayout:
 
     def read_mini_batch(self, index: int) -> MiniBatch:
         return read_mini_batch_file(self.mini_batch_file(index))
+
+
+def attempt_folder_name(index: int, attempt: int) -> str:
+    """The scratch sub-folder of one attempt at one mini-batch: ``mb-00007.try-2``."""
+    return f"{mini_batch_id(index)}.try-{attempt}"
+
+
+#: A warm worker's state file is small; a larger one is not read.
+MAX_STATE_BYTES = 1 << 20
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, which must be a regular file (not a link) of at most ``limit`` bytes.
+
+    For files a container may have written: a symbolic link in the last component is refused
+    (``O_NOFOLLOW``), as are FIFOs and devices (opened without blocking, then checked).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{st.st_size} bytes, more than the {limit} allowed")
+        chunks, left = [], st.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def read_mini_batch_file(path: Path) -> MiniBatch:
@@ -670,9 +747,11 @@ __all__ = [
     "WORKER_STATE_FILE",
     "RunLayout",
     "atomic_path",
+    "attempt_folder_name",
     "mini_batch_id",
     "now_iso",
     "read_mini_batch_file",
+    "read_regular_file",
     "run_key",
     "write_json_atomic",
 ]

@@ -12,9 +12,11 @@ It then takes one mini-batch at a time on a Unix socket (:data:`ContainerPaths.W
 ``python3 -m batchscore_runtime.warm submit`` (run by the orchestrator with ``docker exec``) hands
 it one: the daemon answers whether it takes it (a busy or starting worker refuses, and the
 orchestrator tries another), copies every line the mini-batch logs to the submitter (the
-orchestrator's task log) as well as to the container's log, commits the mini-batch's status
-in the formats of :mod:`batchscore_runtime.formats`, exactly as the one-shot runtimes do, and
-ends with the exit code. Its state (``starting``, ``ready``, ``failed``, ``stopped``, the
+orchestrator's task log) as well as to the container's log, writes the mini-batch's result
+and report into the sub-folder of its scratch folder that the orchestrator named, exactly as
+the one-shot runtimes do, ends every process the mini-batch left running
+(:mod:`batchscore_runtime.processes`), and ends with the exit code. The orchestrator then
+checks and commits the result; the worker never sees a result folder. Its state (``starting``, ``ready``, ``failed``, ``stopped``, the
 ``init()`` time, the mini-batches scored) is in ``state.json`` of its folder, for the
 orchestrator to read.
 
@@ -53,6 +55,8 @@ from batchscore_runtime.formats import (
     read_mini_batch_file,
     write_json_atomic,
 )
+
+from batchscore_runtime.processes import Sweeper
 
 log = logging.getLogger("batchscore")
 
@@ -252,6 +256,10 @@ class AzurePool:
             conn.close()
         self.processes[k], self.conns[k] = None, None
 
+    def pids(self) -> set[int]:
+        """The worker processes (they outlive mini-batches: each called init() once)."""
+        return {p.pid for p in self.processes if p is not None and p.pid is not None}
+
     def stop(self) -> None:
         for k in range(self.size):
             if self.conns[k] is not None:
@@ -317,6 +325,9 @@ class ServeClient:
     def heal(self) -> None:
         pass
 
+    def pids(self) -> set[int]:
+        return set()
+
     def stop(self) -> None:
         pass
 
@@ -362,6 +373,7 @@ class Daemon:
         self.last_work = time.monotonic()
         self.stopping = threading.Event()
         self.exit_code = 0
+        self.sweeper = Sweeper(args.worker)
 
     def _set(self, **changes: Any) -> None:
         with self.lock:
@@ -404,6 +416,7 @@ class Daemon:
             self._stop(1)
             return
         log.info("%s: ready after %.2f s; waiting for mini-batches", self.args.worker, self.backend.ready_seconds)
+        self.sweeper.settle()
         self.last_work = time.monotonic()
         self._set(state=WorkerState.READY, init_seconds=round(self.backend.ready_seconds, 3))
 
@@ -444,10 +457,14 @@ class Daemon:
         self.tee.attach(conn)
         log.info("%s: scoring %s (try %s)", self.args.worker, name, request.get("attempt"))
         try:
-            code = self.backend.score(Path(request["mini_batch"]), Path(request["output"]), int(request.get("attempt", 1)))
+            output = Path(request["output"])  # a fresh sub-folder of this worker's scratch folder
+            output.mkdir(parents=True, exist_ok=True)
+            code = self.backend.score(Path(request["mini_batch"]), output, int(request.get("attempt", 1)))
         except Exception:  # noqa: BLE001 - the contract's runtime commits every failure it can; this is a bug
             traceback.print_exc()
             code = EXIT_FAILED
+        try:
+            self.sweeper.sweep(name, keep=self.backend.pids())
         finally:
             self.tee.attach(None)
         self._set(mini_batches=[*self.state.mini_batches, name])
@@ -472,6 +489,7 @@ class Daemon:
             self._set(state=WorkerState.FAILED, error=info)
             self._stop(1)
             return
+        self.sweeper.settle()
         self._set(state=WorkerState.READY, init_seconds=round(self.backend.ready_seconds, 3))
 
 

@@ -31,6 +31,7 @@ from docker.types import Mount
 
 from batchscore import hostpaths, security
 from batchscore.errors import ScoringError
+from batchscore.intake import remove_scratch
 from batchscore.spec import DeploymentSpec, memory_bytes
 from batchscore_runtime.formats import ContainerPaths, RunLayout, WorkerState, write_json_atomic
 from batchscore_runtime.warm import EXIT_LOST, EXIT_REFUSED, PREFIX, STATE_FILE
@@ -135,6 +136,10 @@ class WarmWorkers:
     def state_dir(self, slot: int) -> Path:
         return self.layout.workers_dir / slot_name(slot)
 
+    def scratch_dir(self, slot: int) -> Path:
+        """Where the worker of ``slot`` writes its mini-batches' results, one sub-folder each (untrusted)."""
+        return self.layout.worker_scratch(slot_name(slot))
+
     def labels(self, slot: int, role: str) -> dict[str, str]:
         return {
             "batchscore.endpoint": self.endpoint_name,
@@ -197,7 +202,11 @@ class WarmWorkers:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / STATE_FILE).unlink(missing_ok=True)
         security.make_writable_for(state_dir, self.user)
-        self.layout.results_dir.mkdir(parents=True, exist_ok=True)
+        # A fresh scratch folder: nothing a worker of this slot left there before is read.
+        scratch = self.scratch_dir(slot)
+        remove_scratch(scratch.parent, scratch.name)
+        scratch.mkdir(parents=True)
+        security.make_writable_for(scratch, self.user)
         network_mode = None if self.spec.resources.network else "none"
         serving_id = None
         # The GPUs go to the container that loads the model: the worker, or the serving container.
@@ -251,7 +260,7 @@ class WarmWorkers:
             runtime_mount(),
             Mount(target=ContainerPaths.INPUT, source=str(spec.input.path), type="bind", read_only=True),
             Mount(target=ContainerPaths.MINI_BATCHES, source=str(layout.mini_batches_dir), type="bind", read_only=True),
-            Mount(target=ContainerPaths.RESULTS, source=str(layout.results_dir), type="bind", read_only=False),
+            Mount(target=ContainerPaths.SCRATCH, source=str(self.scratch_dir(slot)), type="bind", read_only=False),
             Mount(target=ContainerPaths.WORKER_STATE, source=str(self.state_dir(slot)), type="bind", read_only=False),
         ]
         if spec.contract == "azure":

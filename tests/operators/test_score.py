@@ -43,9 +43,10 @@ def test_gpus_become_docker_device_requests(gpus, expected) -> None:
     assert device_requests(gpus) == expected
 
 
-def test_only_the_mini_batch_result_folder_is_writable(deployment, tmp_path: Path) -> None:
+def test_only_the_attempts_scratch_folder_is_writable(deployment, tmp_path: Path) -> None:
+    """The container never mounts the mini-batch's result folder: the orchestrator alone commits there."""
     d = deployment().deployments[0]
-    setup = container_setup(d, "run-1", 7)
+    setup = container_setup(d, "run-1", 7, attempt=2)
 
     mounts = {m["Target"]: (m["Source"], m["ReadOnly"]) for m in setup.mounts}
     layout = run_layout(d, "run-1")
@@ -55,13 +56,15 @@ def test_only_the_mini_batch_result_folder_is_writable(deployment, tmp_path: Pat
         ContainerPaths.CODE: (str(tmp_path / "code"), True),
         ContainerPaths.INPUT: (str(tmp_path / "in"), True),
         ContainerPaths.MINI_BATCH: (str(layout.mini_batch_file(7)), True),
-        ContainerPaths.OUTPUT: (str(layout.mini_batch_dir(7).path), False),
+        ContainerPaths.OUTPUT: (str(layout.work / "scratch" / "mb-00007.try-2"), False),
     }
     assert setup.environment["AZUREML_MODEL_DIR"] == ContainerPaths.MODEL
     assert setup.environment["BATCHSCORE_MINI_BATCH"] == "mb-00007"
     assert setup.command[:3] == ["python3", "-m", "batchscore_runtime"]
     assert f"{ContainerPaths.CODE}/score.py" in setup.command
-    assert (setup.mini_batch_file, setup.result_dir) == (layout.mini_batch_file(7), layout.mini_batch_dir(7))
+    assert (setup.mini_batch_file, setup.result_dir, setup.scratch) == (
+        layout.mini_batch_file(7), layout.mini_batch_dir(7), layout.work / "scratch" / "mb-00007.try-2"
+    )
 
 
 def test_a_model_file_is_mounted_inside_the_model_folder(deployment, tmp_path: Path) -> None:

@@ -33,7 +33,6 @@ from batchscore.operators.score import ScoreMiniBatchOperator, container_setup
 from batchscore.plan import run_layout
 from batchscore.spec import SecretRef
 from batchscore.triggers import apply_run_params
-from batchscore_runtime.formats import MiniBatchDir
 from tests.helpers import deployment_file, load, planned_score_operator, write
 
 SECRET = "tok-9f3c1d7e-not-for-logs"
@@ -173,7 +172,8 @@ def test_a_scoring_container_is_locked_down_by_default(
     assert (host["Memory"], host["MemorySwap"]) == (0, 0)  # no memory limit unless resources.memory
     mounts = {m["Destination"]: (m["Source"], m["RW"]) for m in attrs["Mounts"]}
     assert [target for target, (_, rw) in mounts.items() if rw] == ["/mnt/batchscore/output"]
-    assert str(run_layout(op.spec, "run-sec").mini_batch_dir(0).path) == mounts["/mnt/batchscore/output"][0]
+    # ... and that is the attempt's scratch folder, never the mini-batch's result folder.
+    assert str(run_layout(op.spec, "run-sec").attempt_scratch(0, 1)) == mounts["/mnt/batchscore/output"][0]
     assert not any("docker.sock" in source for source, _ in mounts.values())
 
     # ... and from inside, the container can do only what it should.
@@ -182,7 +182,7 @@ def test_a_scoring_container_is_locked_down_by_default(
     assert seen["no_new_privs"] == "1"
     assert not seen["root_fs_writable"] and seen["tmp_writable"]
     assert not (seen["input_writable"] or seen["model_writable"] or seen["code_writable"])
-    assert seen["output_writable"]  # the result folder is writable for the unprivileged user
+    assert seen["output_writable"]  # its scratch folder is writable for the unprivileged user
     assert not seen["docker_socket"]
     assert seen["interfaces"] == "lo" and seen["network"] != "connected"
     assert seen["secret_sha"] == SECRET_SHA  # the Airflow variable reached the container
@@ -204,16 +204,13 @@ def test_a_scoring_container_is_locked_down_by_default(
     assert op._private_environment == {}  # dropped once the container is gone
     assert "TOKEN" not in op.environment
 
-    # The worker (the merge) can read and remove what the container wrote.
-    result_dir = run_layout(op.spec, "run-sec").mini_batch_dir(0).path
-    for path in result_dir.rglob("*"):
-        path.read_bytes() if path.is_file() else None
-    if os.getuid() == 0:
-        assert result_dir.stat().st_uid == 65534
-        # Everything but the orchestrator's claim (attempt.json), which the container only reads.
-        written = {p.name: p.stat().st_uid for p in result_dir.iterdir()}
-        assert written.pop(MiniBatchDir.CLAIM) == 0
-        assert set(written.values()) == {65534}
+    # The result folder is the orchestrator's alone: everything in it was written by this process
+    # (the container's result was copied in), and the scratch folder is gone after a success.
+    layout = run_layout(op.spec, "run-sec")
+    result_dir = layout.mini_batch_dir(0).path
+    assert sorted(p.name.split("-")[0] for p in result_dir.iterdir()) == ["attempt.json", "output", "result", "status.json"]
+    assert {p.stat().st_uid for p in result_dir.rglob("*")} | {result_dir.stat().st_uid} == {os.getuid()}
+    assert not layout.attempt_scratch(0, 1).exists()
 
 
 @pytest.mark.docker

@@ -20,6 +20,8 @@ import batchscore_runtime.formats
 from batchscore import hostpaths, security
 from batchscore.errors import ScoringError, SecretUnavailableError
 from batchscore.gpus import GpuAssignment, lease_gpus
+from batchscore.intake import Expected, Intake, ResultRejected, remove_scratch, take_in
+from batchscore.output_log import LineLogger, OutputLog, log_file_name
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import run_layout
 from batchscore.spec import DeploymentSpec, memory_bytes
@@ -69,7 +71,8 @@ class ContainerSetup:
     environment: dict[str, str]
     command: list[str]
     mini_batch_file: Path  # the plan's file list of the mini-batch (host side)
-    result_dir: MiniBatchDir  # its result folder (host side), the only writable mount
+    result_dir: MiniBatchDir  # its result folder (host side), which only the orchestrator writes
+    scratch: Path  # the attempt's scratch folder (host side), the container's only writable mount
 
 
 def container_setup(
@@ -77,8 +80,8 @@ def container_setup(
 ) -> ContainerSetup:
     """Mounts, environment and command of the container that scores mini-batch ``index``.
 
-    Everything is mounted read-only except the mini-batch's own result folder, and no mount
-    can give the container the Docker socket. ``gpu_count`` is how many GPUs the container
+    Everything is mounted read-only except the attempt's own scratch folder, and no mount can
+    give the container the Docker socket. ``gpu_count`` is how many GPUs the container
     sees, for pinning worker processes. Secrets (``settings.secret_environment``) are not here:
     they are read from Airflow in ``execute`` and never leave the operator's private environment.
     """
@@ -90,6 +93,7 @@ def container_setup(
         spec,
         layout,
         index,
+        attempt,
         [
             Mount(target=model_target, source=str(model), type="bind", read_only=True),
             Mount(target=ContainerPaths.CODE, source=str(spec.code_configuration.code), type="bind", read_only=True),
@@ -123,24 +127,27 @@ def container_setup(
     ]
     if gpu_count is not None:
         command += ["--gpus", str(gpu_count)]
-    return ContainerSetup(mounts, environment, command, layout.mini_batch_file(index), layout.mini_batch_dir(index))
+    return ContainerSetup(
+        mounts, environment, command, layout.mini_batch_file(index), layout.mini_batch_dir(index), layout.attempt_scratch(index, attempt)
+    )
 
 
 def runtime_mounts_and_environment(
-    spec: DeploymentSpec, layout: RunLayout, index: int, extra_mounts: list[Mount]
+    spec: DeploymentSpec, layout: RunLayout, index: int, attempt: int, extra_mounts: list[Mount]
 ) -> tuple[list[Mount], dict[str, str]]:
     """What every container running batchscore's runtime on mini-batch ``index`` gets.
 
     The runtime, the input folder and the mini-batch's file list, read-only; ``extra_mounts``
-    (read-only too); and the mini-batch's result folder, the only writable mount. No mount can
-    give the container the Docker socket.
+    (read-only too); and the attempt's scratch folder, the only writable mount: the container
+    never sees the mini-batch's result folder, which the orchestrator alone writes
+    (:mod:`batchscore.intake`). No mount can give the container the Docker socket.
     """
     mounts = [
         runtime_mount(),
         *extra_mounts,
         Mount(target=ContainerPaths.INPUT, source=str(spec.input.path), type="bind", read_only=True),
         Mount(target=ContainerPaths.MINI_BATCH, source=str(layout.mini_batch_file(index)), type="bind", read_only=True),
-        Mount(target=ContainerPaths.OUTPUT, source=str(layout.mini_batch_dir(index).path), type="bind", read_only=False),
+        Mount(target=ContainerPaths.OUTPUT, source=str(layout.attempt_scratch(index, attempt)), type="bind", read_only=False),
     ]
     mounts = hostpaths.for_docker(mounts)
     return mounts, {"BATCHSCORE_MINI_BATCH": mini_batch_id(index), **RUNTIME_ENVIRONMENT}
@@ -253,12 +260,13 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         )
 
     def _score(self, context: Any, spec: DeploymentSpec, setup: ContainerSetup, attempt: int) -> MiniBatchStatus:
-        """Run the container on the mini-batch; return its committed status or raise ScoringError."""
+        """Run the container on the mini-batch, take its result in; return the committed status or raise ScoringError."""
         result_dir = setup.result_dir
         mb_id = mini_batch_id(result_dir.index)
         run_id = context["run_id"]
         self.user = self.user or security.container_user()
-        self._prepare(setup.mini_batch_file, result_dir, run_id, self.user, attempt)
+        self._prepare(setup.mini_batch_file, result_dir, run_id, attempt)
+        self._make_scratch(setup.scratch, self.user)
         self.mounts = setup.mounts
         self.environment = setup.environment
         self.command = setup.command
@@ -288,6 +296,8 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
             raise self._failed(result_dir, spec, "SecretUnavailable", str(exc), attempt, started) from None
         self._secret_values = tuple(secrets.values())
         self._private_environment = self._container_secrets(secrets)
+        expected = self._expected(spec, setup.mini_batch_file, result_dir.index, attempt, None)
+        output = self._open_output(result_dir, attempt)
         try:
             with (
                 timeout(backstop, error_message=f"{mb_id}: scoring container past {backstop:g} s")
@@ -303,7 +313,7 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
                 "ContainerTimeout",
                 f"the scoring container ran past {backstop:g} s (settings.init_timeout "
                 f"{spec.settings.init_timeout} + retry_settings.timeout {spec.settings.retry_settings.timeout} "
-                f"+ {CONTAINER_GRACE_SECONDS} s) without ending and was killed",
+                f"+ {CONTAINER_GRACE_SECONDS} s) without ending and was killed{_dropped(output)}",
                 attempt,
                 started,
             ) from None
@@ -316,17 +326,69 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
                 ) from None
             raise
         except DockerContainerFailedException as exc:
-            status = result_dir.read_status()
-            if status is not None and status.error is not None:
-                raise ScoringError(f"{mb_id} failed: {self._redact(status.error.one_line())}") from None
+            intake = self._take_in(setup.scratch, result_dir, expected, spec, attempt, started)
+            if intake is not None and intake.status.succeeded:  # a container that failed cannot have succeeded
+                result_dir.retract()
+            elif intake is not None and intake.status.error is not None:
+                raise ScoringError(f"{mb_id} failed: {self._redact(intake.status.error.one_line())}{_dropped(output)}") from None
             kind, message = self._died(exc, spec)
-            raise self._failed(result_dir, spec, kind, message, attempt, started) from None
+            raise self._failed(result_dir, spec, kind, message + _dropped(output), attempt, started) from None
         finally:
             self._private_environment, self._secret_values = {}, ()
-        status = result_dir.read_status()
-        if status is None or not status.succeeded:
-            raise ScoringError(f"{mb_id}: the container exited 0 but committed no result in {result_dir.path}")
-        return status
+            self._close_output()
+        intake = self._take_in(setup.scratch, result_dir, expected, spec, attempt, started)
+        if intake is not None and intake.status.error is not None:
+            raise ScoringError(f"{mb_id} failed: {self._redact(intake.status.error.one_line())}{_dropped(output)}")
+        if intake is None or not intake.status.succeeded:
+            raise self._failed(
+                result_dir, spec, "NoResult", "the container exited 0 but reported no result in its scratch folder", attempt, started
+            )
+        remove_scratch(setup.scratch.parent, setup.scratch.name)
+        return intake.status
+
+    def _expected(self, spec: DeploymentSpec, mini_batch_file: Path, index: int, attempt: int, worker: str | None) -> Expected:
+        """What the container's report is checked against: the plan's files, this try, the deployment's result kind."""
+        from batchscore_runtime.formats import read_mini_batch_file
+
+        files = read_mini_batch_file(mini_batch_file).files
+        result_file = spec.contract == "azure" and spec.settings.output_action == "append_row"
+        return Expected(
+            index=index,
+            files=tuple(f.label for f in files),
+            aliases=frozenset(f.path for f in files),
+            attempt=attempt,
+            worker=worker,
+            result_file=result_file,
+        )
+
+    def _take_in(
+        self, scratch: Path, result_dir: MiniBatchDir, expected: Expected, spec: DeploymentSpec, attempt: int, started: str
+    ) -> Intake | None:
+        """Check, copy and commit what the container reported (:mod:`batchscore.intake`); a rejected report fails the try."""
+        try:
+            intake = take_in(scratch.parent, scratch.name, result_dir, expected, log=self.log)
+        except ResultRejected as exc:
+            raise self._failed(result_dir, spec, "ResultRejected", str(exc).split(": ", 1)[1], attempt, started) from None
+        if intake is not None and not intake.committed:
+            raise ScoringError(
+                f"{expected.id}: try {attempt} does not commit its result: try {result_dir.claimed_by()} of this mini-batch has taken over"
+            )
+        return intake
+
+    def _open_output(self, result_dir: MiniBatchDir, attempt: int) -> OutputLog:
+        """The attempt's output file, and the task log's budget for the container's lines (:mod:`batchscore.output_log`)."""
+        base = self.log
+        self._output = OutputLog(
+            result_dir.path / log_file_name(attempt), lambda line: base.info("%s", line), redact=self._redact
+        )
+        return self._output
+
+    def _close_output(self) -> None:
+        output, self._output = self._output, None
+        if output is not None:
+            output.close()
+
+    _output: OutputLog | None = None
 
     _secret_values: tuple[str, ...] = ()
 
@@ -345,11 +407,11 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
                 self.cli.remove_container(c["Id"], force=True)
 
     @staticmethod
-    def _prepare(mini_batch_file: Path, result_dir: MiniBatchDir, run_id: str, user: str, attempt: int) -> None:
+    def _prepare(mini_batch_file: Path, result_dir: MiniBatchDir, run_id: str, attempt: int) -> None:
         """Before a container scores the mini-batch: its file list is there and readable, its old status withdrawn.
 
-        The folder is claimed for try ``attempt`` first: a container of an earlier try that is
-        still running (its Airflow worker died) can then no longer commit over this one.
+        The folder is claimed for try ``attempt`` first: an earlier try whose Airflow worker died
+        but whose task process lives on can then no longer commit over this one.
         """
         if not mini_batch_file.is_file():
             raise ScoringError(
@@ -359,8 +421,14 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         result_dir.path.mkdir(parents=True, exist_ok=True)
         result_dir.claim(attempt)
         result_dir.retract()
-        security.make_writable_for(result_dir.path, user)
         mini_batch_file.chmod(0o644)  # whatever the plan's umask: the container's user reads it
+
+    @staticmethod
+    def _make_scratch(scratch: Path, user: str) -> None:
+        """A fresh, empty scratch folder for the attempt's container, writable by its user and nothing else of the run."""
+        remove_scratch(scratch.parent, scratch.name)
+        scratch.mkdir(parents=True)
+        security.make_writable_for(scratch, user)
 
     def _backstop_seconds(self, spec: DeploymentSpec) -> float | None:
         """How long the container may run before it is killed; None: no limit of the orchestrator's own."""
@@ -383,9 +451,14 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
 
     @property
     def log(self) -> Any:
-        """The task's logger; while a container with secrets runs, one that redacts them (its output streams here)."""
+        """The task's logger; while a container with secrets runs, one that redacts them (its output streams here).
+
+        While a container runs, its lines (DockerOperator logs each as ``info("%s", line)``) go
+        through the attempt's :class:`OutputLog`: all to its file, a rate-limited part here.
+        """
         log = super().log
-        return security.RedactingLogger(log, self._secret_values) if self._secret_values else log
+        log = security.RedactingLogger(log, self._secret_values) if self._secret_values else log
+        return LineLogger(log, self._output) if self._output is not None else log
 
     def _redact(self, text: str) -> str:
         return security.redact(text, self._secret_values)
@@ -432,3 +505,9 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
                 )
             )
         return ScoringError(f"{mb_id} failed: {kind}: {message}")
+
+
+def _dropped(output: OutputLog | None) -> str:
+    """For an error message: how much of the container's output the task log left out, if any."""
+    summary = output.summary() if output is not None else ""
+    return f" ({summary})" if summary else ""

@@ -10,7 +10,8 @@ For ``contract: serve`` each mapped instance runs two containers:
   at ``127.0.0.1:8080`` wherever the Docker host is: the Airflow worker never connects to the
   container itself (it may run in a container of its own, or talk to a remote Docker engine).
   The client waits for ``/ping``, asks ``/execution-parameters``, sends the records and writes
-  the ``.out`` files and the mini-batch's status, as the Azure contract's runtime does.
+  the ``.out`` files and its report into the attempt's scratch folder, as the Azure contract's
+  runtime does; the orchestrator checks and commits them (:mod:`batchscore.intake`).
 
 The serving container's output streams into the task log (``serve |``). A watcher stops the
 client as soon as the serving container exits, so a server that dies is reported at once,
@@ -86,7 +87,7 @@ def serving_environment(spec: DeploymentSpec) -> dict[str, str]:
 def client_setup(spec: DeploymentSpec, run_id: str, index: int, *, attempt: int = 1) -> ContainerSetup:
     """Mounts, environment and command of the client container of mini-batch ``index``."""
     layout = run_layout(spec, run_id)
-    mounts, environment = runtime_mounts_and_environment(spec, layout, index, [])
+    mounts, environment = runtime_mounts_and_environment(spec, layout, index, attempt, [])
     command = [
         "python3",
         "-m",
@@ -106,7 +107,9 @@ def client_setup(spec: DeploymentSpec, run_id: str, index: int, *, attempt: int 
         "--log-level",
         spec.settings.logging_level,
     ]
-    return ContainerSetup(mounts, environment, command, layout.mini_batch_file(index), layout.mini_batch_dir(index))
+    return ContainerSetup(
+        mounts, environment, command, layout.mini_batch_file(index), layout.mini_batch_dir(index), layout.attempt_scratch(index, attempt)
+    )
 
 
 def create_serving_container(
@@ -281,7 +284,7 @@ class ServeMiniBatchOperator(ScoreMiniBatchOperator):
         try:
             for raw in self.cli.logs(served.id, stream=True, follow=True):
                 for line in raw.decode("utf-8", "replace").splitlines():
-                    self.log.info("serve | %s", line)
+                    self.log.info("%s", f"serve | {line}")  # through the attempt's OutputLog, as the client's lines
         except Exception:  # noqa: BLE001 - the container was removed; its log ends here
             return
 

@@ -26,12 +26,13 @@ from batchscore import security
 from batchscore.errors import PlanError, ScoringError, SecretUnavailableError
 from batchscore.model_archive import serving_model_dir
 from batchscore.operators._base import DeploymentMixin
-from batchscore.operators.score import CONTAINER_GRACE_SECONDS, ScoreMiniBatchOperator
+from batchscore.operators.score import CONTAINER_GRACE_SECONDS, ScoreMiniBatchOperator, _dropped
 from batchscore.operators.serve import ServeMiniBatchOperator
 from batchscore.plan import run_layout
 from batchscore.spec import DeploymentSpec
 from batchscore.warm import CONTAINER_START_GRACE, Slot, WarmWorkerError, WarmWorkers, docker_client, slot_name
-from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, WorkerState, mini_batch_id, now_iso
+from batchscore.intake import remove_scratch
+from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, WorkerState, attempt_folder_name, mini_batch_id, now_iso
 from batchscore_runtime.warm import EXIT_FAILED, EXIT_OK
 
 #: How often a mini-batch that waits for a free worker looks again, and says so in its log.
@@ -198,7 +199,7 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
         layout = run_layout(spec, run_id)
         mini_batch_file, result_dir = layout.mini_batch_file(index), layout.mini_batch_dir(index)
         user = security.container_user()
-        self._prepare(mini_batch_file, result_dir, run_id, user, attempt)
+        self._prepare(mini_batch_file, result_dir, run_id, attempt)
         started = now_iso()
         try:
             secrets = _secrets(spec)
@@ -215,7 +216,9 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
             spec.settings.retry_settings.max_retries + 1,
         )
         container_file = f"{ContainerPaths.MINI_BATCHES}/{mini_batch_file.name}"
-        container_output = f"{ContainerPaths.RESULTS}/{result_dir.path.name}"
+        # The worker writes into a sub-folder of its scratch folder; the orchestrator takes it in.
+        scratch_name = attempt_folder_name(index, attempt)
+        container_output = f"{ContainerPaths.SCRATCH}/{scratch_name}"
         # The worker's init() is done before it takes a mini-batch: only run() and the grace count.
         backstop = spec.settings.retry_settings.timeout + CONTAINER_GRACE_SECONDS if spec.contract == "azure" else None
         replacements = 0
@@ -229,6 +232,8 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
                 if not s.ready:
                     continue
                 self._slot = s.slot
+                remove_scratch(pool.scratch_dir(s.slot), scratch_name)
+                output = self._open_output(result_dir, attempt)
                 try:
                     outcome = self._submit(pool, s, container_file, container_output, attempt, backstop)
                 except AirflowTaskTimeout:
@@ -239,14 +244,16 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
                         "ContainerTimeout",
                         f"worker {s.name} ran past {backstop:g} s (retry_settings.timeout "
                         f"{spec.settings.retry_settings.timeout} + {CONTAINER_GRACE_SECONDS} s) on this mini-batch "
-                        "without ending and was stopped",
+                        f"without ending and was stopped{_dropped(output)}",
                         attempt,
                         started,
                     ) from None
                 finally:
                     self._slot = None
+                    self._close_output()
                 if outcome.accepted:
-                    return self._outcome(pool, s, outcome.exit_code, result_dir, spec, attempt, started)
+                    expected = self._expected(spec, mini_batch_file, index, attempt, s.name)
+                    return self._outcome(pool, s, outcome.exit_code, result_dir, spec, attempt, started, expected, output)
             dead = [s for s in slots if _died(s)]
             alive = [s for s in slots if s.running]
             if dead or not alive:
@@ -282,10 +289,10 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
         def accepted(message: dict[str, Any]) -> None:
             self.log.info("%s took the mini-batch (its init() took %s s, once)", s.name, message.get("init_seconds"))
             if pool.spec.contract == "serve":  # the server's own lines while it serves this mini-batch
-                streams.append(pool.follow_serving_log(s.slot, lambda text: self.log.info("%s serve | %s", s.name, text)))
+                streams.append(pool.follow_serving_log(s.slot, lambda text: self.log.info("%s", f"{s.name} serve | {text}")))
 
         def line(text: str) -> None:
-            self.log.info("%s | %s", s.name, text)
+            self.log.info("%s", f"{s.name} | {text}")  # through the attempt's OutputLog: rate-limited here, all in its file
 
         try:
             if backstop is None:
@@ -297,21 +304,39 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
                 stop()
 
     def _outcome(
-        self, pool: WarmWorkers, s: Slot, code: int | None, result_dir: Any, spec: DeploymentSpec, attempt: int, started: str
+        self,
+        pool: WarmWorkers,
+        s: Slot,
+        code: int | None,
+        result_dir: Any,
+        spec: DeploymentSpec,
+        attempt: int,
+        started: str,
+        expected: Any,
+        output: Any,
     ) -> MiniBatchStatus:
         mb_id = mini_batch_id(result_dir.index)
-        status = result_dir.read_status()
         # A serving container that died mid-mini-batch leaves the client with failed requests (or no
         # /ping): say what happened, and stop the pair so that the retry gets a fresh one.
         death = pool.serving_death(s.slot) if spec.contract == "serve" else None
         if death is not None:
-            pool.kill(s.slot)
-            result_dir.retract()  # the client's records hide the cause; this says it
+            pool.kill(s.slot)  # the client's report hides the cause; this says it, and nothing of it is taken in
             raise self._failed(result_dir, spec, "ServingContainerDied", death, attempt, started)
+        scratch = pool.scratch_dir(s.slot) / expected_name(expected)
+        # Only a hand-over that ended as the protocol says has a report worth reading.
+        intake = self._take_in(scratch, result_dir, expected, spec, attempt, started) if code in (EXIT_OK, EXIT_FAILED) else None
+        status = intake.status if intake is not None else None
+        if status is not None and status.succeeded != (code == EXIT_OK):
+            result_dir.retract()
+            raise self._failed(
+                result_dir, spec, "ResultRejected",
+                f"worker {s.name}'s hand-over ended with exit code {code} but its report says {status.state}", attempt, started,
+            )
         if code == EXIT_OK and status is not None and status.succeeded:
+            remove_scratch(scratch.parent, scratch.name)
             return status
         if code == EXIT_FAILED and status is not None and status.error is not None:
-            raise ScoringError(f"{mb_id} failed: {self._redact(status.error.one_line())}")
+            raise ScoringError(f"{mb_id} failed: {self._redact(status.error.one_line())}{_dropped(output)}")
         now = pool.settled(s.slot)
         why = pool.failure(now) if not now.running else f"its hand-over ended with exit code {code}"
         raise self._failed(
@@ -328,6 +353,11 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
         if self._pool is not None and self._slot is not None:
             self.log.warning("Task killed: stopping worker %s, which was scoring this mini-batch", slot_name(self._slot))
             self._pool.kill(self._slot)
+
+
+def expected_name(expected: Any) -> str:
+    """The scratch sub-folder the worker wrote the attempt into."""
+    return attempt_folder_name(expected.index, expected.attempt)
 
 
 def _died(s: Slot) -> bool:
