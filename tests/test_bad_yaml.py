@@ -668,3 +668,12 @@ def test_check_and_the_dag_load_refuse_the_same_files_with_the_same_messages(
     assert len(failed) == len(CASES + LOADS_ALONE)
     assert passed == dag_load.dag_ids
     assert "InvalidDeploymentFilesError: " + "\n".join(failed) == dag_load.import_errors[str(LOADER)]
+
+
+def test_check_of_a_missing_folder_fails_as_the_dag_load_does(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "batchscore", "check", str(tmp_path / "nope")],
+        capture_output=True, text=True, cwd=REPO, env=os.environ.copy(), timeout=300,
+    )
+
+    assert (result.returncode, result.stdout) == (1, f"FAIL {tmp_path / 'nope'}: the deployments folder does not exist\n")
