@@ -180,9 +180,9 @@ def apply_run_params(
         data["settings"]["mini_batch_size"], changed = value, True
     if not changed:
         return spec
-    clash = output_overlap(Path(data["input"]["path"]), Path(data["output"]["path"]))
+    given = " and ".join(k for k in (INPUT_PATH, OUTPUT_PATH) if params.get(k) is not None)
+    clash = output_overlap(Path(data["input"]["path"]), Path(data["output"]["path"])) if given else None
     if clash:
-        given = " and ".join(k for k in (INPUT_PATH, OUTPUT_PATH) if params.get(k) is not None)
         raise RunParamError(
             f"run parameter{'s' if ' and ' in given else ''} {given}: the output folder {clash} "
             f"(deployment {spec.name!r}); {OUTPUT_OVERLAP_ADVICE}"
