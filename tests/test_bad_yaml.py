@@ -2,9 +2,10 @@
 
 Every case is a small change to one of two valid bases (Azure's deployment file and an
 endpoint file with ``deployments:``), and is checked against the loader's exact message
-(``file:line: key: message``). Then the whole corpus, with one valid file, goes through the
+(``file:line: key: message``). Then the whole corpus, with one valid file and files that only
+the folder's load refuses (an endpoint name taken by an earlier file), goes through the
 repository's DAG file in a real DagBag (the valid DAG loads; one import error lists every bad
-file) and through ``python -m batchscore check``.
+file) and through ``python -m batchscore check``, and the two agree message for message.
 """
 
 from __future__ import annotations
@@ -420,6 +421,83 @@ CASES = [
         ep(("path: out-green", "path: out-blue")),
         ("21: deployments[1].output.path: deployments 'blue' and 'green' have the same output.path: {dir}/out-blue",),
     ),
+    # ---------------------------------------------------------------- what Docker or the plan would refuse at run time
+    Case(
+        "az-image-uppercase",
+        az(("image: scorer:1", "image: MyImage:latest")),
+        (
+            "10: environment.image: 'MyImage:latest' is not a valid image reference: repository names must be "
+            "lowercase, and 'MyImage' is not (did you mean 'myimage:latest'?)",
+        ),
+    ),
+    Case(
+        "ep-image-uppercase-after-registry",
+        ep(('image: "scorer:1"', 'image: "registry.example.com:5000/Team/scorer:1"')),
+        (
+            "7: deployments[0].environment.image: 'registry.example.com:5000/Team/scorer:1' is not a valid image "
+            "reference: repository names must be lowercase, and 'Team/scorer' is not "
+            "(did you mean 'registry.example.com:5000/team/scorer:1'?)",
+        ),
+    ),
+    Case(
+        "az-image-bad-tag",
+        az(("image: scorer:1", "image: scorer:-1")),
+        (
+            "10: environment.image: 'scorer:-1' is not a valid image reference: the tag '-1' must be 1 to 128 "
+            "letters, digits, '_', '.' and '-', and not start with '.' or '-'",
+        ),
+    ),
+    Case(
+        "az-image-short-digest",
+        az(("image: scorer:1", "image: scorer@sha256:abc123")),
+        (
+            "10: environment.image: 'scorer@sha256:abc123' is not a valid image reference: the digest "
+            "'sha256:abc123' must be sha256: and 64 lowercase hex digits (or sha384:, sha512:)",
+        ),
+    ),
+    Case(
+        "az-image-space",
+        az(("image: scorer:1", "image: my scorer")),
+        (
+            "10: environment.image: 'my scorer' is not a valid image reference: the repository name 'my scorer' "
+            "must be lowercase letters and digits, in components joined by '/' and separated inside by "
+            "'.', '_', '__' or '-'",
+        ),
+    ),
+    Case(
+        "az-pattern-leaves-input",
+        az(('pattern: "*.csv"', 'pattern: "../*"')),
+        (
+            "13: input.pattern: pattern '../*' leaves input.path ('..'); a pattern is matched inside input.path: "
+            "point input.path at the folder instead",
+        ),
+    ),
+    Case(
+        "az-pattern-absolute",
+        az(('pattern: "*.csv"', 'pattern: "/srv/data/*.csv"')),
+        (
+            "13: input.pattern: pattern '/srv/data/*.csv' is absolute, but it is matched inside input.path; "
+            "put the folder in input.path and keep only the file pattern here ('*.csv')",
+        ),
+    ),
+    Case(
+        "az-output-is-input",
+        az(("  path: out", "  path: ./data/")),
+        (
+            "15: output.path: output.path {dir}/data is the input folder; the plan never reads files inside the "
+            "output folder, so no input file would be left; write the output to another folder (a subfolder of "
+            "the input folder is fine)",
+        ),
+    ),
+    Case(
+        "ep-output-holds-input",
+        ep(("path: out-green", "path: .")),
+        (
+            "21: deployments[1].output.path: output.path {dir} holds the input folder {dir}/data; the plan never "
+            "reads files inside the output folder, so no input file would be left; write the output to another "
+            "folder (a subfolder of the input folder is fine)",
+        ),
+    ),
     # ---------------------------------------------------------------- settings that do not fit together
     Case(
         "az-output-file-name-bad-suffix",
@@ -464,6 +542,25 @@ CASES = [
 ]
 
 
+#: Files that load alone (:func:`load_endpoint`) but that the DAG load and ``check`` refuse: a
+#: clash with a file before them in the folder (name order), or a DAG id batchscore keeps.
+LOADS_ALONE = [
+    Case(
+        "zz-endpoint-name-taken",
+        VALID.replace("path: out-good", "path: out-twin"),
+        ("2: endpoint_name: endpoint 'good-endpoint' is already defined in {dir}/valid.yaml:2",),
+    ),
+    Case(
+        "zz-reserved-dag-id",
+        edit(VALID, ("good-endpoint", "batchscore_invalid_deployments"), ("out-good", "out-x")),
+        (
+            "2: endpoint_name: 'batchscore_invalid_deployments' is the DAG id batchscore reports invalid files "
+            "under; choose another name",
+        ),
+    ),
+]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every case as ``<id>.yaml``, plus ``valid.yaml``, beside a model folder and a code folder."""
@@ -471,7 +568,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "model").mkdir()
     (folder / "code").mkdir()
     (folder / "code" / "score.py").write_text("def init():\n    pass\n\n\ndef run(mini_batch):\n    return mini_batch\n")
-    for case in CASES:
+    for case in CASES + LOADS_ALONE:
         target = folder / f"{case.id}.yaml"
         if isinstance(case.content, bytes):
             target.write_bytes(case.content)
@@ -505,26 +602,23 @@ def test_each_malformed_file_names_its_file_line_and_key(corpus: Path, case: Cas
     assert all(issue.line for issue in info.value.issues), "every issue has a line"
 
 
-def test_the_dag_file_loads_the_valid_yaml_and_lists_every_bad_file_in_one_import_error(
-    corpus: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("BATCHSCORE_DEPLOYMENTS_DIR", str(corpus))
-
-    bag = DagBag(dag_folder=str(LOADER), safe_mode=False)
-
-    assert bag.dag_ids == ["good-endpoint"]
-    assert sorted(bag.dags["good-endpoint"].task_ids) == [
-        "blue.merge", "blue.plan", "blue.score", "blue.start_workers", "blue.stop_workers",
-    ]
-    assert list(bag.import_errors) == [str(LOADER)]
-    cases = sorted(CASES, key=lambda c: corpus / f"{c.id}.yaml")
-    assert bag.import_errors[str(LOADER)] == "InvalidDeploymentFilesError: " + "\n".join(
-        expected_error(corpus, c) for c in cases
-    )
+def test_the_folder_level_cases_load_alone(corpus: Path) -> None:
+    for case in LOADS_ALONE:  # so only the DAG load and `check` can refuse them
+        assert load_endpoint(corpus / f"{case.id}.yaml").deployments
 
 
-def test_check_lists_every_file_and_fails(corpus: Path) -> None:
-    result = subprocess.run(
+@pytest.fixture(scope="module")
+def dag_load(corpus: Path) -> DagBag:
+    """The corpus through the repository's DAG file, in a real DagBag (as Airflow's dag-processor)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("BATCHSCORE_DEPLOYMENTS_DIR", str(corpus))
+        return DagBag(dag_folder=str(LOADER), safe_mode=False)
+
+
+@pytest.fixture(scope="module")
+def check_run(corpus: Path) -> subprocess.CompletedProcess:
+    """``python -m batchscore check`` on the corpus, as a user runs it."""
+    return subprocess.run(
         [sys.executable, "-m", "batchscore", "check", str(corpus)],
         capture_output=True,
         text=True,
@@ -533,7 +627,53 @@ def test_check_lists_every_file_and_fails(corpus: Path) -> None:
         timeout=300,
     )
 
+
+def test_the_dag_file_loads_the_valid_yaml_and_lists_every_bad_file_in_one_import_error(
+    corpus: Path, dag_load: DagBag
+) -> None:
+    bag = dag_load
+
+    assert bag.dag_ids == ["good-endpoint"]
+    assert sorted(bag.dags["good-endpoint"].task_ids) == [
+        "blue.merge", "blue.plan", "blue.score", "blue.start_workers", "blue.stop_workers",
+    ]
+    assert list(bag.import_errors) == [str(LOADER)]
+    cases = sorted(CASES + LOADS_ALONE, key=lambda c: corpus / f"{c.id}.yaml")
+    assert bag.import_errors[str(LOADER)] == "InvalidDeploymentFilesError: " + "\n".join(
+        expected_error(corpus, c) for c in cases
+    )
+
+
+def test_check_lists_every_file_and_fails(corpus: Path, check_run: subprocess.CompletedProcess) -> None:
+    result = check_run
+
     assert result.returncode == 1, result.stderr
-    expected = {corpus / f"{c.id}.yaml": f"FAIL {expected_error(corpus, c)}" for c in CASES}
+    expected = {corpus / f"{c.id}.yaml": f"FAIL {expected_error(corpus, c)}" for c in CASES + LOADS_ALONE}
     expected[corpus / "valid.yaml"] = f"ok   {corpus / 'valid.yaml'}: endpoint good-endpoint, 1 deployment(s)"
     assert result.stdout.splitlines() == "\n".join(expected[p] for p in sorted(expected)).splitlines()
+
+
+def test_check_and_the_dag_load_refuse_the_same_files_with_the_same_messages(
+    check_run: subprocess.CompletedProcess, dag_load: DagBag
+) -> None:
+    entries: list[str] = []  # one per file: "ok   ..." or "FAIL ..." and the lines of its error
+    for line in check_run.stdout.splitlines():
+        if line.startswith(("ok   ", "FAIL ")):
+            entries.append(line)
+        else:
+            entries[-1] += "\n" + line
+    passed = [e.split(": endpoint ")[1].split(",")[0] for e in entries if e.startswith("ok   ")]
+    failed = [e.removeprefix("FAIL ") for e in entries if e.startswith("FAIL ")]
+
+    assert len(failed) == len(CASES + LOADS_ALONE)
+    assert passed == dag_load.dag_ids
+    assert "InvalidDeploymentFilesError: " + "\n".join(failed) == dag_load.import_errors[str(LOADER)]
+
+
+def test_check_of_a_missing_folder_fails_as_the_dag_load_does(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "batchscore", "check", str(tmp_path / "nope")],
+        capture_output=True, text=True, cwd=REPO, env=os.environ.copy(), timeout=300,
+    )
+
+    assert (result.returncode, result.stdout) == (1, f"FAIL {tmp_path / 'nope'}: the deployments folder does not exist\n")

@@ -85,7 +85,7 @@ def test_every_broken_file_is_listed_and_duplicates_across_files_are_refused(iri
     assert str(info.value).splitlines() == [
         f"{folder / 'a-syntax.yaml'}:2: YAML syntax error: mapping values are not allowed here",
         f"{folder / 'z-copy.yaml'}:5: endpoint_name: endpoint 'iris-batch' is already defined in "
-        f"{folder / 'iris-batch.yaml'}",
+        f"{folder / 'iris-batch.yaml'}:5",
     ]
 
 
@@ -114,6 +114,7 @@ def test_an_output_folder_shared_across_files_names_the_clashing_deployments_lin
         f"  - name: late\n{common}    output:\n      path: {taken}\n"
     )
     line = clash.read_text().splitlines().index(f"      path: {taken}") + 1
+    taken_line = (folder / "iris-batch.yaml").read_text().splitlines().index(f"  path: {taken}") + 1
 
     dags = build_dags(folder)
 
@@ -121,7 +122,7 @@ def test_an_output_folder_shared_across_files_names_the_clashing_deployments_lin
         dags[INVALID_DAG_ID].validate()
     assert str(info.value) == (
         f"{clash}:{line}: output.path: deployment 'late' writes to {taken}, as 'iris-sklearn' in "
-        f"{folder / 'iris-batch.yaml'} does"
+        f"{folder / 'iris-batch.yaml'}:{taken_line} does"
     )
 
 

@@ -329,3 +329,60 @@ def test_a_queue_and_a_pool_route_the_scoring_tasks_and_are_checked_like_names(f
         f"{path}:16: resources.queue: must start with a letter or digit and hold only letters, digits, '_' and '-' "
         "(at most 63 characters), got 'gpu a100'"
     )
+
+
+def test_the_output_folder_may_lie_inside_the_input_folder_but_not_be_it_or_hold_it(folder: Path) -> None:
+    (folder / "data").mkdir()
+    (folder / "link-to-data").symlink_to(folder / "data")
+    inside = load_endpoint(write(folder / "inside.yaml", AZURE.replace("path: out", "path: data/scored")))
+    assert inside.deployments[0].output.path == folder / "data" / "scored"  # the plan skips it (test_plan)
+
+    advice = (
+        "the plan never reads files inside the output folder, so no input file would be left; "
+        "write the output to another folder (a subfolder of the input folder is fine)"
+    )
+    same = write(folder / "same.yaml", AZURE.replace("path: out", "path: link-to-data"))  # a link to it is it
+    assert error_of(same) == f"{same}:14: output.path: output.path {folder / 'data'} is the input folder; {advice}"
+    holds = write(folder / "holds.yaml", AZURE.replace("path: out", "path: ."))
+    assert error_of(holds) == (
+        f"{holds}:14: output.path: output.path {folder} holds the input folder "
+        f"{folder / 'data'}; {advice}"
+    )
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "batchscore-scoring:latest",
+        "scorer",
+        "my_team__scorer.v2--rc",
+        "localhost:5000/team/scorer:1.0",
+        "Registry.Example.com/team/scorer:V1_x",  # a host and a tag may hold capitals; a repository may not
+        "[::1]:5000/scorer",
+        "ghcr.io/org/scorer@sha256:" + "0123456789abcdef" * 4,
+        "scorer:1@sha256:" + "a" * 64,
+    ],
+)
+def test_image_references_docker_takes_are_accepted(folder: Path, image: str) -> None:
+    endpoint = load_endpoint(write(folder / "i.yaml", AZURE.replace("image: scorer:1", f'image: "{image}"')))
+    assert endpoint.deployments[0].environment.image == image
+
+
+@pytest.mark.parametrize(
+    ("image", "problem"),
+    [
+        ("Scorer", "repository names must be lowercase, and 'Scorer' is not (did you mean 'scorer'?)"),
+        ("localhost/Scorer@sha256:" + "a" * 64, "repository names must be lowercase, and 'Scorer' is not "
+         f"(did you mean 'localhost/scorer@sha256:{'a' * 64}'?)"),
+        ("bad_host.com/scorer", "the registry 'bad_host.com' must be a host name or an IP address, with an optional :port"),
+        (":1", "the repository name is missing"),
+        ("team//scorer", "the repository name 'team//scorer' must be lowercase letters and digits, in components "
+         "joined by '/' and separated inside by '.', '_', '__' or '-'"),
+        ("scorer@md5:" + "a" * 32, f"the digest 'md5:{'a' * 32}' must be sha256: and 64 lowercase hex digits "
+         "(or sha384:, sha512:)"),
+        ("s" * 256, "the name is 256 characters long, more than Docker's 255"),
+    ],
+)
+def test_a_bad_image_reference_says_what_docker_would_refuse(folder: Path, image: str, problem: str) -> None:
+    path = write(folder / "i.yaml", AZURE.replace("image: scorer:1", f'image: "{image}"'))
+    assert error_of(path) == f"{path}:10: environment.image: {image!r} is not a valid image reference: {problem}"

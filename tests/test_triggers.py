@@ -365,6 +365,42 @@ def test_a_bad_param_is_refused_naming_it_and_its_value(
     assert str(info.value) == message.format(tmp=tmp_path)
 
 
+def test_an_output_folder_that_is_or_holds_the_input_folder_is_refused_when_the_run_starts(
+    iris_example: Path, tmp_path: Path
+) -> None:
+    spec = spec_of(tmp_path, iris_example)  # input: the example's data; output: <tmp>/yaml/output
+    (tmp_path / "yaml" / "output" / "incoming").mkdir(parents=True)
+    (tmp_path / "in").mkdir()
+    advice = (
+        "the plan never reads files inside the output folder, so no input file would be left; "
+        "write the output to another folder (a subfolder of the input folder is fine)"
+    )
+    data = iris_example / "data"
+    refused = [
+        (
+            {"output_path": f"{data}/"},
+            f"run parameter output_path: the output folder {data} is the input folder (deployment 'test-deployment')",
+        ),
+        (
+            {"input_path": str(tmp_path / "yaml" / "output" / "incoming")},
+            f"run parameter input_path: the output folder {tmp_path / 'yaml' / 'output'} holds the input folder "
+            f"{tmp_path / 'yaml' / 'output' / 'incoming'} (deployment 'test-deployment')",
+        ),
+        (
+            {"input_path": str(tmp_path / "in"), "output_path": str(tmp_path)},
+            f"run parameters input_path and output_path: the output folder {tmp_path} holds the input folder "
+            f"{tmp_path / 'in'} (deployment 'test-deployment')",
+        ),
+    ]
+    for params, message in refused:
+        with pytest.raises(RunParamError) as info:
+            apply_run_params(spec, params, several_deployments=False)
+        assert str(info.value) == f"{message}; {advice}"
+
+    inside = {"input_path": str(tmp_path / "in"), "output_path": str(tmp_path / "in" / "scored")}
+    assert apply_run_params(spec, inside, several_deployments=False).output.path == tmp_path / "in" / "scored"
+
+
 # --------------------------------------------------------------------------- real runs: dag.test()
 
 

@@ -1,7 +1,7 @@
 """``python -m batchscore``: run a deployment's DAG on a local Airflow, or check YAML files.
 
     python -m batchscore run iris-batch          # api-server + scheduler + dag-processor, one run
-    python -m batchscore check dags/deployments  # validate YAML files, as the DAG file would
+    python -m batchscore check dags/deployments  # load YAML files exactly as the DAG file does
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from batchscore.errors import BatchScoreError, DeploymentSpecError
-from batchscore.factory import find_yaml_files
+from batchscore.factory import find_yaml_files, load_folder
 from batchscore.plan import run_layout
 from batchscore.spec import EndpointSpec, load_endpoint
 from batchscore.triggers import apply_run_params
@@ -108,14 +108,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
+    """Load the folder exactly as the DAG file does (:func:`batchscore.factory.load_folder`); print each file."""
     failed = 0
-    for path in find_yaml_files(Path(args.folder)):
-        try:
-            endpoint = load_endpoint(path)
-            print(f"ok   {path}: endpoint {endpoint.dag_id}, {len(endpoint.deployments)} deployment(s)")
-        except DeploymentSpecError as exc:
+    for loaded in load_folder(Path(args.folder)):
+        if loaded.error is not None:
             failed += 1
-            print(f"FAIL {exc}")
+            print(f"FAIL {loaded.error}")
+        else:
+            endpoint = loaded.endpoint
+            print(f"ok   {loaded.path}: endpoint {endpoint.dag_id}, {len(endpoint.deployments)} deployment(s)")
     return 1 if failed else 0
 
 

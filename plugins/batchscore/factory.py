@@ -3,11 +3,16 @@
 ``build_dags(folder, globals())`` is the one call a DAG file makes. A YAML file that fails to
 load never hides the others: the valid ones become DAGs, and the invalid ones are reported
 together as an import error of the calling DAG file, each naming its file, line and key.
+
+:func:`load_folder` is what both the DAG file and ``python -m batchscore check`` run: each
+file loaded, checked against the files before it (one endpoint name, one output folder each),
+its DAG built and validated as Airflow's DagBag validates it. What one refuses, the other does.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -155,31 +160,73 @@ def find_yaml_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in YAML_SUFFIXES and p.is_file())
 
 
+@dataclass(frozen=True)
+class LoadedFile:
+    """One YAML file of the deployments folder as the DAG load sees it: its endpoint and DAG, or its error."""
+
+    path: Path
+    endpoint: EndpointSpec | None = None
+    dag: DAG | None = None
+    error: DeploymentSpecError | None = None
+
+
+def load_folder(folder: Path | str) -> list[LoadedFile]:
+    """Load every YAML file of ``folder`` in name order, as the DAG file does; never raises for a bad file.
+
+    A file fails when it does not load (:func:`batchscore.spec.load_endpoint`), when it repeats
+    an earlier file's endpoint name or output folder, or when Airflow refuses its DAG
+    (``dag.validate()``, which the DagBag calls before adding a DAG). A missing folder is one
+    failed entry for the folder itself.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        missing = SpecIssue(None, None, "the deployments folder does not exist")
+        return [LoadedFile(folder, error=DeploymentSpecError(folder, [missing]))]
+    results: list[LoadedFile] = []
+    owners: dict[str, Path] = {}
+    outputs: dict[Path, tuple[Path, int, str]] = {}
+    for path in find_yaml_files(folder):
+        try:
+            endpoint = load_endpoint(path)
+            _check_unique(endpoint, path, owners, outputs)
+            dag = _built(endpoint, path)
+        except DeploymentSpecError as exc:
+            results.append(LoadedFile(path, error=exc))
+            continue
+        owners[endpoint.dag_id] = path
+        for i, d in enumerate(endpoint.deployments):
+            outputs[d.output.path] = (path, i, d.name)
+        results.append(LoadedFile(path, endpoint=endpoint, dag=dag))
+    return results
+
+
+def _built(endpoint: EndpointSpec, path: Path) -> DAG:
+    """The endpoint's DAG, validated as the DagBag will; Airflow's refusal is the file's error."""
+    line = key_line(path, ("endpoint_name",))
+    if endpoint.dag_id == INVALID_DAG_ID:
+        message = f"{INVALID_DAG_ID!r} is the DAG id batchscore reports invalid files under; choose another name"
+        raise DeploymentSpecError(path, [SpecIssue(line, "endpoint_name", message)])
+    try:
+        dag = build_dag(endpoint)
+        dag.validate()
+    except Exception as exc:  # noqa: BLE001 - whatever Airflow refuses, reported for this file only
+        message = f"Airflow refuses the DAG: {type(exc).__name__}: {exc}"
+        raise DeploymentSpecError(path, [SpecIssue(line, None, message)]) from exc
+    return dag
+
+
 def build_dags(folder: Path | str, target_globals: dict[str, Any] | None = None) -> dict[str, DAG]:
-    """Build the DAG of every YAML file in ``folder``; register them in ``target_globals``.
+    """Build the DAG of every YAML file in ``folder`` (:func:`load_folder`); register them in ``target_globals``.
 
     Invalid files are logged and reported through one extra DAG that Airflow turns into an
     import error of the calling file (see :class:`_InvalidDeployments`); they never stop the
     valid files from loading.
     """
-    folder = Path(folder)
-    dags: dict[str, DAG] = {}
-    errors: list[DeploymentSpecError] = []
-    owners: dict[str, Path] = {}
-    outputs: dict[Path, tuple[Path, str]] = {}
-    if not folder.is_dir():
-        errors.append(DeploymentSpecError(folder, [SpecIssue(None, None, "the deployments folder does not exist")]))
-        files: list[Path] = []
-    else:
-        files = find_yaml_files(folder)
-    for path in files:
-        try:
-            endpoint = load_endpoint(path)
-            _check_unique(endpoint, path, owners, outputs)
-            dags[endpoint.dag_id] = build_dag(endpoint)
-        except DeploymentSpecError as exc:
-            log.error("Skipping invalid deployment file:\n%s", exc)
-            errors.append(exc)
+    results = load_folder(folder)
+    dags: dict[str, DAG] = {r.dag.dag_id: r.dag for r in results if r.dag is not None}
+    errors = [r.error for r in results if r.error is not None]
+    for error in errors:
+        log.error("Skipping invalid deployment file:\n%s", error)
     if errors:
         dags[INVALID_DAG_ID] = _invalid_dag(errors)
     if target_globals is not None:
@@ -187,34 +234,42 @@ def build_dags(folder: Path | str, target_globals: dict[str, Any] | None = None)
     return dags
 
 
+def _output_line(path: Path, index: int) -> int | None:
+    return key_line(path, ("deployments", index, "output", "path"), ("output", "path"))
+
+
 def _check_unique(
-    endpoint: EndpointSpec, path: Path, owners: dict[str, Path], outputs: dict[Path, tuple[Path, str]]
+    endpoint: EndpointSpec, path: Path, owners: dict[str, Path], outputs: dict[Path, tuple[Path, int, str]]
 ) -> None:
-    """Two files must not define the same DAG id or write to the same output folder."""
+    """Two files must not define the same DAG id or write to the same output folder; both files are named."""
     if endpoint.dag_id in owners:
+        other = owners[endpoint.dag_id]
         raise DeploymentSpecError(
             path,
             [
                 SpecIssue(
                     key_line(path, ("endpoint_name",)),
                     "endpoint_name",
-                    f"endpoint {endpoint.dag_id!r} is already defined in {owners[endpoint.dag_id]}",
+                    f"endpoint {endpoint.dag_id!r} is already defined in "
+                    f"{_at(other, key_line(other, ('endpoint_name',)))}",
                 )
             ],
         )
     for i, d in enumerate(endpoint.deployments):
         if d.output.path in outputs:
-            other, name = outputs[d.output.path]
+            other, j, name = outputs[d.output.path]
             raise DeploymentSpecError(
                 path,
                 [
                     SpecIssue(
-                        key_line(path, ("deployments", i, "output", "path"), ("output", "path")),
+                        _output_line(path, i),
                         "output.path",
-                        f"deployment {d.name!r} writes to {d.output.path}, as {name!r} in {other} does",
+                        f"deployment {d.name!r} writes to {d.output.path}, as {name!r} in "
+                        f"{_at(other, _output_line(other, j))} does",
                     )
                 ],
             )
-    owners[endpoint.dag_id] = path
-    for d in endpoint.deployments:
-        outputs[d.output.path] = (path, d.name)
+
+
+def _at(path: Path, line: int | None) -> str:
+    return f"{path}:{line}" if line else str(path)

@@ -165,24 +165,134 @@ class CodeConfiguration(_Strict):
         return value
 
 
+# Docker's image reference grammar (github.com/distribution/reference): what the engine accepts,
+# so that a bad name is told when the YAML is loaded, not as Docker's raw APIError at run time.
+_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?")
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
+#: The digests Docker knows, and their lengths in hex digits.
+_DIGESTS = {"sha256": 64, "sha384": 96, "sha512": 128}
+MAX_IMAGE_NAME = 255
+
+
+def image_reference_problem(ref: str) -> str | None:
+    """What is wrong with an image reference, in words; ``None`` when Docker would take it.
+
+    ``[registry[:port]/]path[:tag][@digest]``: the path's components in lowercase letters and
+    digits (separated by ``.``, ``_``, ``__`` or dashes); the first component is a registry when
+    it holds ``.`` or ``:``, is ``localhost``, or has capitals (Docker's own rule).
+    """
+    rest, _, digest = ref.partition("@")
+    if "@" in ref:
+        algorithm, _, hex_digits = digest.partition(":")
+        size = _DIGESTS.get(algorithm)
+        if size is None or not re.fullmatch(f"[a-f0-9]{{{size}}}", hex_digits):
+            return f"the digest {digest!r} must be sha256: and 64 lowercase hex digits (or sha384:, sha512:)"
+    name, tag = rest, None
+    if ":" in rest.rpartition("/")[2]:
+        name, _, tag = rest.rpartition(":")
+        if not _TAG.fullmatch(tag):
+            return (
+                f"the tag {tag!r} must be 1 to 128 letters, digits, '_', '.' and '-', "
+                "and not start with '.' or '-'"
+            )
+    if not name:
+        return "the repository name is missing"
+    if len(name) > MAX_IMAGE_NAME:
+        return f"the name is {len(name)} characters long, more than Docker's {MAX_IMAGE_NAME}"
+    first, slash, remainder = name.partition("/")
+    domain = None
+    if slash and (any(c in first for c in ".:") or first == "localhost" or first != first.lower()):
+        domain, name = first, remainder
+        if not _DOMAIN.fullmatch(domain):
+            return f"the registry {domain!r} must be a host name or an IP address, with an optional :port"
+    components = name.split("/")
+    if all(_PATH_COMPONENT.fullmatch(c) for c in components):
+        return None
+    if all(_PATH_COMPONENT.fullmatch(c.lower()) for c in components):
+        fixed = (
+            (f"{domain}/" if domain else "") + name.lower() + (f":{tag}" if tag is not None else "")
+            + (f"@{digest}" if "@" in ref else "")
+        )
+        return f"repository names must be lowercase, and {name!r} is not (did you mean {fixed!r}?)"
+    return (
+        f"the repository name {name!r} must be lowercase letters and digits, in components joined by '/' "
+        "and separated inside by '.', '_', '__' or '-'"
+    )
+
+
+def _image(value: str) -> str:
+    problem = image_reference_problem(value)
+    if problem:
+        raise ValueError(f"{value!r} is not a valid image reference: {problem}")
+    return value
+
+
 class EnvironmentSpec(_Strict):
     """The container image: for ``contract: azure`` the scoring image (Python 3.9+, pandas and
     pyarrow); for ``contract: serve`` the serving image, started as ``IMAGE serve``."""
 
-    image: str = Field(min_length=1)
+    image: Annotated[str, AfterValidator(_image)] = Field(
+        min_length=1,
+        description="A Docker image reference, [registry[:port]/]name[:tag][@sha256:digest]; "
+        "the name in lowercase.",
+    )
 
 
 class InputSpec(_Strict):
     """Where the input files are: a folder and a glob pattern (``**/`` to include subfolders)."""
 
     path: ResolvedPath
-    pattern: str = Field("*", min_length=1)
+    pattern: str = Field(
+        "*",
+        min_length=1,
+        description="A glob matched inside `path` ('*.csv', '**/*.csv'); no '..' and not absolute.",
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _inside_path(cls, value: str) -> str:
+        if value.startswith("/"):
+            raise ValueError(
+                f"pattern {value!r} is absolute, but it is matched inside input.path; "
+                "put the folder in input.path and keep only the file pattern here ('*.csv')"
+            )
+        if ".." in PurePosixPath(value).parts:
+            raise ValueError(
+                f"pattern {value!r} leaves input.path ('..'); "
+                "a pattern is matched inside input.path: point input.path at the folder instead"
+            )
+        return value
 
 
 class OutputSpec(_Strict):
     """Where each run writes its output, summary and work files: ``<path>/<run id>/``."""
 
     path: ResolvedPath
+
+
+#: What to do about an output folder that is, or holds, the input folder (see :func:`output_overlap`).
+OUTPUT_OVERLAP_ADVICE = (
+    "the plan never reads files inside the output folder, so no input file would be left; "
+    "write the output to another folder (a subfolder of the input folder is fine)"
+)
+
+
+def output_overlap(input_path: Path, output_path: Path) -> str | None:
+    """Why ``output_path`` cannot be the output folder of ``input_path``, or ``None`` when it can.
+
+    The plan never reads a file inside the output folder (the run folders of this and earlier
+    runs), so an output folder that is the input folder, or holds it, leaves no input at all.
+    An output folder strictly inside the input folder is fine: only its files are skipped.
+    Both paths are compared resolved (symbolic links followed), as the plan compares them.
+    """
+    real_input, real_output = Path(input_path).resolve(), Path(output_path).resolve()
+    if real_output == real_input:
+        return f"{output_path} is the input folder"
+    if real_input.is_relative_to(real_output):
+        return f"{output_path} holds the input folder {input_path}"
+    return None
 
 
 class RetrySettings(_Strict):
@@ -729,6 +839,13 @@ class DeploymentSpec(_Strict):
             raise ValueError(
                 f"transform.Environment and settings.environment_variables both set {', '.join(sorted(overlap))}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _output_apart_from_input(self) -> DeploymentSpec:
+        clash = output_overlap(self.input.path, self.output.path)
+        if clash:
+            raise ValueError(f"output.path {clash}; {OUTPUT_OVERLAP_ADVICE}")
         return self
 
     @model_validator(mode="after")

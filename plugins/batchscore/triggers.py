@@ -7,7 +7,8 @@
   ``input_path``, ``output_path`` and ``mini_batch_size``. Each defaults to null, meaning "as the
   YAML says", so scheduled and asset-triggered runs behave exactly as the YAML says.
 * :func:`apply_run_params` gives the deployment a run works on: the YAML's, with the run's params
-  applied. Plan, score and merge of one run all call it (``DeploymentMixin.run_spec``), so they
+  applied, checked as the YAML is (e.g. an output folder that is or holds the input folder is
+  refused). Plan, score and merge of one run all call it (``DeploymentMixin.run_spec``), so they
   agree; Airflow keeps a run's conf, so a cleared and rerun task sees the same params.
 * :func:`output_asset` is the asset a deployment's merge task updates when it succeeds, for
   downstream DAGs to be scheduled on: ``batchscore/<endpoint>/<deployment>``.
@@ -24,7 +25,14 @@ from airflow.sdk import Asset, AssetAny, Param, TaskGroup
 from pydantic import ValidationError
 
 from batchscore.errors import RunParamError
-from batchscore.spec import AssetSchedule, AssetSpec, DeploymentSpec, EndpointSpec
+from batchscore.spec import (
+    OUTPUT_OVERLAP_ADVICE,
+    AssetSchedule,
+    AssetSpec,
+    DeploymentSpec,
+    EndpointSpec,
+    output_overlap,
+)
 
 INPUT_PATH = "input_path"
 OUTPUT_PATH = "output_path"
@@ -172,6 +180,13 @@ def apply_run_params(
         data["settings"]["mini_batch_size"], changed = value, True
     if not changed:
         return spec
+    given = " and ".join(k for k in (INPUT_PATH, OUTPUT_PATH) if params.get(k) is not None)
+    clash = output_overlap(Path(data["input"]["path"]), Path(data["output"]["path"])) if given else None
+    if clash:
+        raise RunParamError(
+            f"run parameter{'s' if ' and ' in given else ''} {given}: the output folder {clash} "
+            f"(deployment {spec.name!r}); {OUTPUT_OVERLAP_ADVICE}"
+        )
     try:
         return DeploymentSpec.model_validate(data)
     except ValidationError as exc:  # an invariant of the YAML's schema that the params break
