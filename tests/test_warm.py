@@ -486,3 +486,46 @@ def test_a_serving_container_gone_before_its_client_starts_leaves_a_clear_error_
         assert worker_containers("serve-gone-first", "gone", "run-gone") == []  # neither the client nor the server
     finally:
         pool.remove_all()
+
+
+@pytest.mark.timeout(300)
+def test_a_ready_worker_whose_serving_container_died_is_replaced_before_it_gets_a_mini_batch(
+    airflow_db, serving_test_image: str, iris_example: Path, tmp_path: Path, capfd
+) -> None:
+    from batchscore.operators.warm import WarmScoreMiniBatchOperator
+    from batchscore.plan import mini_batch_refs, plan_run, run_layout
+    from batchscore.warm import WarmWorkers, docker_client
+    from tests.helpers import inputs, load
+    from tests.test_serving_contract import ECHO
+
+    path = serve_endpoint(tmp_path, "serve-died-ready", [{
+        "name": "ready", "model": iris_example / "model" / "iris-classifier", "image": serving_test_image,
+        "inputs": inputs(tmp_path / "in", {"a.txt": b"fine\n"}),
+        "transform": {"SplitType": "Line", "ContentType": ECHO}, "settings": {"worker_mode": "warm", "init_timeout": 600},
+    }])  # fmt: skip
+    d = load(path).deployments[0]
+    plan = plan_run("serve-died-ready", d, "run-died")
+    pool = WarmWorkers(docker_client(), d, "serve-died-ready", "run-died", run_layout(d, "run-died"), model_dir=d.model.path)
+    try:
+        assert pool.start(0)
+        ready, failures = pool.wait_ready([0], 600)
+        assert [s.name for s in ready] == ["w1"] and failures == []
+        subprocess.run(["docker", "kill", pool.serving_name(0)], check=True, capture_output=True)
+        subprocess.run(["docker", "wait", pool.serving_name(0)], check=True, capture_output=True)
+        op = WarmScoreMiniBatchOperator(
+            task_id="score", endpoint_name="serve-died-ready", deployment=d.model_dump(mode="json"),
+            mini_batch=mini_batch_refs(plan)[0],
+        )  # fmt: skip
+
+        result = op.execute({"run_id": "run-died"})
+
+        assert result["rows"] == 1 and result["worker"] == "w1"  # the replacement scored it
+        log = capfd.readouterr().out
+        assert (
+            f"worker w1: the serving container ({serving_test_image} serve) exited with code 137 (SIGKILL: out of "
+            "memory at resources.memory, or docker kill); its last log lines:\n"
+        ) in log
+        assert "; stopping its client" in log and "; starting a replacement" in log
+    finally:
+        pool.remove_all()
+    assert worker_containers("serve-died-ready", "ready", "run-died") == []
