@@ -11,6 +11,9 @@ the same Docker engine; no state is kept in Airflow.
 A mini-batch is handed over with ``docker exec`` (``warm submit``), which works wherever the
 Docker API reaches: the Airflow worker never opens a connection to a container. The worker's
 state (``starting``, ``ready``, ``failed``) is read from its state file in the run folder.
+A serving container that exits is seen at the next look at its slot (the client cannot see it,
+and would wait for ``/ping`` until ``init_timeout``): its client is stopped, and the failure
+names the exit code and the last log lines. A worker that cannot start leaves no container.
 
 The docker SDK only: no Airflow import.
 """
