@@ -81,7 +81,8 @@ def iris_inputs(iris_example: Path, tmp_path: Path) -> Path:
 
 
 SERVING_IMAGE = "batchscore-iris-serve:latest"
-SERVING_TEST_IMAGE = "batchscore-serve-test:latest"
+# BATCHSCORE_SERVE_TEST_IMAGE: another tag, for checkouts whose tests run side by side on one engine.
+SERVING_TEST_IMAGE = os.environ.get("BATCHSCORE_SERVE_TEST_IMAGE", "batchscore-serve-test:latest")
 
 
 @pytest.fixture(scope="session")

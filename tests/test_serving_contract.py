@@ -376,6 +376,8 @@ def test_unhealthy_and_dying_serving_containers_fail_their_mini_batch_clearly(
         tmp_path,
         "serve-broken",
         [
+            # FAULT_NEVER_HEALTHY listens from the server's first moment (answering 503), before it
+            # loads the model: the client's first ping finds it, however slow the machine is.
             deployment("never-healthy", {"FAULT_NEVER_HEALTHY": "1"}, {"init_timeout": 3}),
             deployment("dies-at-start", {"FAULT_EXIT_AT_START": "1"}),
             deployment("dies-mid-job", {"FAULT_EXIT_MATCH": "boom"}),
@@ -401,3 +403,46 @@ def test_unhealthy_and_dying_serving_containers_fail_their_mini_batch_clearly(
     for name in ("never-healthy", "dies-at-start", "dies-mid-job"):
         assert not list(run_folder(endpoint, name, dag_run).glob("*.out"))
     assert containers_left("serve-broken") == []
+
+
+@pytest.mark.timeout(300)
+def test_a_serving_container_gone_before_its_client_starts_fails_the_mini_batch_and_leaves_no_container(
+    serving_test_image: str, iris_example: Path, tmp_path: Path
+) -> None:
+    # per_mini_batch; made certain, not left to timing: the serving container has exited before
+    # DockerOperator creates the client, so Docker refuses to start it in its network namespace.
+    from batchscore.errors import ScoringError
+    from batchscore.operators.serve import ServeMiniBatchOperator
+    from batchscore.plan import mini_batch_refs, plan_run
+    from tests.helpers import load
+
+    class ServingGoneFirst(ServeMiniBatchOperator):
+        def _start_serving_container(self) -> Any:
+            served = super()._start_serving_container()
+            assert self.cli.wait(served.id)["StatusCode"] == 3
+            return served
+
+    env = {"FAULT_EXIT_AT_START": "1", "FAULT_EXIT_CODE": "3"}
+    path = serve_endpoint(tmp_path, "serve-gone-first", [{
+        "name": "gone", "model": iris_example / "model" / "iris-classifier", "image": serving_test_image,
+        "inputs": inputs(tmp_path / "in", {"a.txt": b"fine\n"}),
+        "transform": {"SplitType": "Line", "ContentType": ECHO, "Environment": env},
+        "settings": {"init_timeout": 600},
+    }])  # fmt: skip
+    d = load(path).deployments[0]
+    op = ServingGoneFirst(
+        task_id="score", endpoint_name="serve-gone-first", deployment=d.model_dump(mode="json"),
+        mini_batch=mini_batch_refs(plan_run("serve-gone-first", d, "run-gone"))[0],
+    )  # fmt: skip
+
+    with pytest.raises(ScoringError) as raised:
+        op.execute({"run_id": "run-gone"})
+
+    message = (
+        f"the serving container ({serving_test_image} serve) exited with code 3 before the mini-batch was done; "
+        "its last log lines:\nFAULT_EXIT_AT_START: exiting with code 3 before serving"
+    )
+    assert str(raised.value) == f"mb-00000 failed: ServingContainerDied: {message}"
+    status = run_layout(d, "run-gone").mini_batch_dir(0).read_status()
+    assert (status.state, status.error.type, status.error.message) == ("failed", "ServingContainerDied", message)
+    assert containers_left("serve-gone-first") == []  # neither the client nor the server

@@ -333,6 +333,8 @@ def test_serving_containers_that_never_get_healthy_or_die_mid_job_fail_clearly_i
         tmp_path,
         "serve-broken-warm",
         [
+            # FAULT_NEVER_HEALTHY listens from the server's first moment (answering 503), before it
+            # loads the model: the client's first ping finds it, however slow the machine is.
             deployment("never-healthy", {"FAULT_NEVER_HEALTHY": "1"}, {"init_timeout": 3}),
             deployment("dies-mid-job", {"FAULT_EXIT_MATCH": "boom"}),
         ],
@@ -394,3 +396,136 @@ def test_a_mini_batch_on_a_host_that_cannot_reach_the_warm_workers_is_scored_in_
         "'s): resources.queue gpu is served on more than one Docker host; scoring it in a container of its own "
         "(settings.worker_mode: per_mini_batch does so always)"
     ) in log
+
+
+def _dies_at_start(tmp_path: Path, iris_example: Path, image: str, name: str, code: int, after: float, mode: str) -> dict:
+    """A serving deployment whose ``serve`` prints a line and exits with ``code``, ``after`` seconds in."""
+    from tests.helpers import inputs
+    from tests.test_serving_contract import ECHO
+
+    env = {"FAULT_EXIT_AT_START": "1", "FAULT_EXIT_CODE": str(code), "FAULT_EXIT_AFTER_SECONDS": str(after)}
+    return {
+        "name": name,
+        "model": iris_example / "model" / "iris-classifier",
+        "image": image,
+        "inputs": inputs(tmp_path / "in" / name, {"a.txt": b"fine\n"}),
+        "transform": {"SplitType": "Line", "ContentType": ECHO, "Environment": env},
+        # A long init_timeout: a death must be noticed when it happens, not when the wait for /ping gives up.
+        "settings": {"worker_mode": mode, "init_timeout": 600},
+    }
+
+
+@pytest.mark.timeout(300)
+def test_a_serving_container_that_exits_at_start_fails_start_workers_at_once_and_leaves_no_container(
+    airflow_db, serving_test_image: str, iris_example: Path, tmp_path: Path, monkeypatch, capfd
+) -> None:
+    # At once: the client usually cannot even join the serving container's network; after 2 s it
+    # is waiting for /ping. Either way the same failure, long before settings.init_timeout (600 s).
+    cases = {"exit0-at-once": (0, 0), "exit3-at-once": (3, 0), "exit0-later": (0, 2), "exit3-later": (3, 2)}
+    path = serve_endpoint(
+        tmp_path,
+        "serve-dies-warm",
+        [_dies_at_start(tmp_path, iris_example, serving_test_image, name, code, after, "warm") for name, (code, after) in cases.items()]
+        + [_dies_at_start(tmp_path, iris_example, serving_test_image, "cold-exit3", 3, 0, "per_mini_batch")],
+    )
+    from tests.test_serving_contract import status_of
+
+    dag_run, endpoint = run_dag(path, monkeypatch)
+
+    assert dag_run.state == "failed"
+    log = capfd.readouterr().out
+    tis = {(ti.task_id, ti.map_index): ti.state for ti in dag_run.get_task_instances()}
+    for name, (code, _) in cases.items():
+        assert tis[(f"{name}.start_workers", -1)] == "failed", name
+        assert tis[(f"{name}.stop_workers", -1)] == "upstream_failed", name
+        assert (
+            "no warm worker got ready, so no mini-batch can be scored:\n"
+            f"worker w1: the serving container ({serving_test_image} serve) exited with code {code} before it "
+            f"answered /ping; its last log lines:\nFAULT_EXIT_AT_START: exiting with code {code} before serving\n"
+        ) in log, name
+        assert worker_containers("serve-dies-warm", name, dag_run.run_id) == [], name
+    status = status_of(endpoint, "cold-exit3", dag_run)
+    assert (status.state, status.error.type) == ("failed", "ServingContainerDied")
+    assert status.error.message == (
+        f"the serving container ({serving_test_image} serve) exited with code 3 before the mini-batch was done; "
+        "its last log lines:\nFAULT_EXIT_AT_START: exiting with code 3 before serving"
+    )
+    left = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", "label=batchscore.endpoint=serve-dies-warm"], capture_output=True, text=True, check=True
+    )
+    assert left.stdout.split() == []
+
+
+@pytest.mark.timeout(300)
+def test_a_serving_container_gone_before_its_client_starts_leaves_a_clear_error_and_no_container(
+    serving_test_image: str, iris_example: Path, tmp_path: Path
+) -> None:
+    # Made certain, not left to timing: the serving container has exited before the client is
+    # created, so Docker refuses to start a client in its network namespace.
+    from batchscore.plan import plan_run, run_layout
+    from batchscore.warm import WarmWorkerError, WarmWorkers, docker_client
+    from tests.helpers import load
+
+    class ServingGoneFirst(WarmWorkers):
+        def _create_serving(self, slot: int, gpus: list) -> str | None:
+            serving_id = super()._create_serving(slot, gpus)
+            assert serving_id is not None and self.cli.wait(serving_id)["StatusCode"] == 3
+            return serving_id
+
+    path = serve_endpoint(tmp_path, "serve-gone-first", [_dies_at_start(tmp_path, iris_example, serving_test_image, "gone", 3, 0, "warm")])
+    d = load(path).deployments[0]
+    plan_run("serve-gone-first", d, "run-gone")
+    pool = ServingGoneFirst(docker_client(), d, "serve-gone-first", "run-gone", run_layout(d, "run-gone"), model_dir=d.model.path)
+    try:
+        with pytest.raises(WarmWorkerError) as raised:
+            pool.start(0)
+        assert str(raised.value) == (
+            f"worker w1: the serving container ({serving_test_image} serve) exited with code 3 before it answered "
+            "/ping; its last log lines:\nFAULT_EXIT_AT_START: exiting with code 3 before serving"
+        )
+        assert worker_containers("serve-gone-first", "gone", "run-gone") == []  # neither the client nor the server
+    finally:
+        pool.remove_all()
+
+
+@pytest.mark.timeout(300)
+def test_a_ready_worker_whose_serving_container_died_is_replaced_before_it_gets_a_mini_batch(
+    airflow_db, serving_test_image: str, iris_example: Path, tmp_path: Path, capfd
+) -> None:
+    from batchscore.operators.warm import WarmScoreMiniBatchOperator
+    from batchscore.plan import mini_batch_refs, plan_run, run_layout
+    from batchscore.warm import WarmWorkers, docker_client
+    from tests.helpers import inputs, load
+    from tests.test_serving_contract import ECHO
+
+    path = serve_endpoint(tmp_path, "serve-died-ready", [{
+        "name": "ready", "model": iris_example / "model" / "iris-classifier", "image": serving_test_image,
+        "inputs": inputs(tmp_path / "in", {"a.txt": b"fine\n"}),
+        "transform": {"SplitType": "Line", "ContentType": ECHO}, "settings": {"worker_mode": "warm", "init_timeout": 600},
+    }])  # fmt: skip
+    d = load(path).deployments[0]
+    plan = plan_run("serve-died-ready", d, "run-died")
+    pool = WarmWorkers(docker_client(), d, "serve-died-ready", "run-died", run_layout(d, "run-died"), model_dir=d.model.path)
+    try:
+        assert pool.start(0)
+        ready, failures = pool.wait_ready([0], 600)
+        assert [s.name for s in ready] == ["w1"] and failures == []
+        subprocess.run(["docker", "kill", pool.serving_name(0)], check=True, capture_output=True)
+        subprocess.run(["docker", "wait", pool.serving_name(0)], check=True, capture_output=True)
+        op = WarmScoreMiniBatchOperator(
+            task_id="score", endpoint_name="serve-died-ready", deployment=d.model_dump(mode="json"),
+            mini_batch=mini_batch_refs(plan)[0],
+        )  # fmt: skip
+
+        result = op.execute({"run_id": "run-died"})
+
+        assert result["rows"] == 1 and result["worker"] == "w1"  # the replacement scored it
+        log = capfd.readouterr().out
+        assert (
+            f"worker w1: the serving container ({serving_test_image} serve) exited with code 137 (SIGKILL: out of "
+            "memory at resources.memory, or docker kill); its last log lines:\n"
+        ) in log
+        assert "; stopping its client" in log and "; starting a replacement" in log
+    finally:
+        pool.remove_all()
+    assert worker_containers("serve-died-ready", "ready", "run-died") == []

@@ -11,6 +11,9 @@ the same Docker engine; no state is kept in Airflow.
 A mini-batch is handed over with ``docker exec`` (``warm submit``), which works wherever the
 Docker API reaches: the Airflow worker never opens a connection to a container. The worker's
 state (``starting``, ``ready``, ``failed``) is read from its state file in the run folder.
+A serving container that exits is seen at the next look at its slot (the client cannot see it,
+and would wait for ``/ping`` until ``init_timeout``): its client is stopped, and the failure
+names the exit code and the last log lines. A worker that cannot start leaves no container.
 
 The docker SDK only: no Airflow import.
 """
@@ -225,11 +228,10 @@ class WarmWorkers:
                 **self._worker_config(slot, network_mode, gpus), name=self.container_name(slot)
             )
         except APIError as exc:
-            if serving_id is None or exc.status_code == 409:
-                _release(holder)  # never keep a lease for a container that is not ours
+            _release(holder)  # never keep a lease for a container that is not ours, or not started
+            if serving_id is not None:
+                self._remove(serving_id)  # no client: its serving container must not stay behind either
             if exc.status_code == 409:  # the name is taken: another task started this slot a moment ago
-                if serving_id is not None:
-                    self._remove(serving_id)
                 return False
             if exc.status_code == 404:
                 raise WarmWorkerError(
@@ -237,7 +239,21 @@ class WarmWorkers:
                     f"{exc.explanation}; build or load it there (docker load), no registry is used"
                 ) from None
             raise
-        self.cli.start(created["Id"])
+        try:
+            self.cli.start(created["Id"])
+        except APIError as exc:
+            # Typically the serving container died at once, and the client cannot join its network.
+            # Leave nothing behind: neither the client (created) nor the serving container (exited).
+            death = self._serving_failure_settled(slot, serving_id) if serving_id is not None else None
+            for container_id in (created["Id"], serving_id):
+                if container_id is not None:
+                    self._remove(container_id)
+            _release(holder)
+            if death is not None:
+                raise WarmWorkerError(death) from None
+            raise WarmWorkerError(
+                f"worker {slot_name(slot)}: its container ({self._worker_image()}) could not start: {exc.explanation or exc}"
+            ) from None
         self.log.info(
             "Started warm worker %s (container %s, image %s)%s",
             slot_name(slot),
@@ -378,6 +394,11 @@ class WarmWorkers:
                 elif not s.running:
                     failures.append(self.failure(s))
                     pending.discard(k)
+                elif self.spec.contract == "serve" and (death := self.serving_failure(k)) is not None:
+                    # Its client waits for a /ping that cannot come: stop it now, not after init_timeout.
+                    self.kill(k)
+                    failures.append(death)
+                    pending.discard(k)
             if not pending:
                 break
             now = time.monotonic()
@@ -396,7 +417,11 @@ class WarmWorkers:
         return sorted(ready, key=lambda s: s.slot), failures
 
     def failure(self, s: Slot) -> str:
-        """Why the worker of slot ``s`` is not running: its state file's error, else its exit code and last log lines."""
+        """Why the worker of slot ``s`` is not running: its serving container's end, its state file's error, else its exit code and last log lines."""
+        if self.spec.contract == "serve":
+            death = self.serving_failure(s.slot, answered=s.state is not None and s.state.init_seconds is not None)
+            if death is not None:
+                return death
         if s.state is not None and s.state.error is not None:
             return f"worker {s.name}: {s.state.error.one_line()}"
         if s.container is None:
@@ -439,6 +464,32 @@ class WarmWorkers:
             f"the serving container ({self.spec.environment.image} serve) of worker {slot_name(slot)} exited with "
             f"code {code}{_exit_hint(code)}; {self.log_tail(serving['Id'])}"
         )
+
+    def serving_failure(self, slot: int, *, answered: bool = False) -> str | None:
+        """Serving contract: the failure of worker ``slot`` when its serving container has exited, else None.
+
+        Names the worker, the image, the exit code and the container's last log lines;
+        ``answered``: the worker got ready (its serving container had answered ``/ping``).
+        """
+        serving = self.inspect(self.serving_name(slot))
+        if serving is None or serving["State"].get("Status") not in ("exited", "dead"):
+            return None  # not there (yet), created, or running
+        code = serving["State"].get("ExitCode")
+        when = "" if answered else " before it answered /ping"
+        return (
+            f"worker {slot_name(slot)}: the serving container ({self.spec.environment.image} serve) exited with code "
+            f"{code}{_exit_hint(code)}{when}; {self.log_tail(serving['Id'])}"
+        )
+
+    def _serving_failure_settled(self, slot: int, serving_id: str, wait: float = 30.0) -> str | None:
+        """``serving_failure`` once a serving container that is going has gone (Docker tears it down in steps)."""
+        deadline = time.monotonic() + wait
+        while (death := self.serving_failure(slot)) is None and time.monotonic() < deadline:
+            serving = self.inspect(serving_id)
+            if serving is None or serving["State"].get("Status") not in ("running", "removing", "restarting"):
+                break
+            time.sleep(0.2)
+        return death
 
     def follow_serving_log(self, slot: int, on_line: Callable[[str], None]) -> Callable[[], None]:
         """Copy the serving container's new log lines to ``on_line`` until the returned function is called."""

@@ -363,4 +363,8 @@ def test_fault_image_exit_match_kills_the_container(serving_test_image, scoring_
 def test_fault_image_exit_at_start(serving_test_image):
     done = run_foreground(serving_test_image, "serve", env={"FAULT_EXIT_AT_START": "1"})
     assert done.returncode == 1
-    assert "FAULT_EXIT_AT_START" in done.stdout
+    assert done.stdout == "FAULT_EXIT_AT_START: exiting with code 1 before serving\n"
+    for code, after in (("0", "0"), ("3", "0.5")):
+        env = {"FAULT_EXIT_AT_START": "1", "FAULT_EXIT_CODE": code, "FAULT_EXIT_AFTER_SECONDS": after}
+        done = run_foreground(serving_test_image, "serve", env=env)
+        assert (done.returncode, done.stdout) == (int(code), f"FAULT_EXIT_AT_START: exiting with code {code} before serving\n")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,8 @@ DEFAULT_CLIENT_IMAGE = "batchscore-scoring:latest"
 LOG_TAIL_LINES = 15
 #: Seconds the serving container gets to stop on SIGTERM before it is killed.
 STOP_TIMEOUT = 10
+#: Seconds a serving container that is going gets to say it exited, when the client could not start.
+SETTLE_SECONDS = 30.0
 
 
 def client_image() -> str:
@@ -243,7 +246,8 @@ class ServeMiniBatchOperator(ScoreMiniBatchOperator):
         try:
             return super()._run_image_with_mounts(target_mounts, add_tmp_variable)
         except APIError:
-            if self._exited(served):
+            # DockerOperator removed the client it created (auto_remove); the serving container goes in _score_leased.
+            if self._exited(served, settle=SETTLE_SECONDS):
                 # The server died before the client could join its network: say so, not Docker's words.
                 raise DockerContainerFailedException("the serving container exited before the client started") from None
             raise
@@ -312,15 +316,24 @@ class ServeMiniBatchOperator(ScoreMiniBatchOperator):
             served.log_tail = ""
         served.exit_code = code  # last: _died() reads the tail once the code is set
 
-    def _exited(self, served: _Served) -> bool:
-        """Whether the serving container has exited (asked now, not left to the watcher's timing)."""
-        if served.exit_code is None:
+    def _exited(self, served: _Served, settle: float = 0.0) -> bool:
+        """Whether the serving container has exited (asked now, not left to the watcher's timing).
+
+        ``settle``: seconds to give a container that is going (Docker releases its network before
+        it reports it exited) to say so.
+        """
+        deadline = time.monotonic() + settle
+        while served.exit_code is None:
             try:
                 state = self.cli.inspect_container(served.id)["State"]
             except APIError:
                 return False
             if not state.get("Running"):
                 self._record_exit(served, int(state.get("ExitCode", -1)))
+            elif time.monotonic() < deadline:
+                time.sleep(0.2)
+            else:
+                break
         return served.exit_code is not None
 
     def _death_message(self, served: _Served, spec: DeploymentSpec) -> str:

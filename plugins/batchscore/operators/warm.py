@@ -88,13 +88,25 @@ class StartWorkersOperator(_WorkersTask):
             spec.resources.instance_count,
             "init()" if spec.contract == "azure" else "the serving container's /ping",
         )
-        for k in range(count):
-            s = pool.slot(k)
-            if s.running and s.state is not None and s.state.state in (WorkerState.READY, WorkerState.STARTING):
-                self.log.info("Warm worker %s is already running", s.name)
-                continue
-            pool.replace(s)
-        ready, failures = pool.wait_ready(list(range(count)), spec.settings.init_timeout + CONTAINER_START_GRACE)
+        started: list[int] = []
+        failures: list[str] = []
+        try:
+            for k in range(count):
+                s = pool.slot(k)
+                if s.running and s.state is not None and s.state.state in (WorkerState.READY, WorkerState.STARTING):
+                    self.log.info("Warm worker %s is already running", s.name)
+                else:
+                    try:
+                        pool.replace(s)
+                    except WarmWorkerError as exc:  # e.g. its serving container died before the client could start
+                        failures.append(str(exc))
+                        continue
+                started.append(k)
+            ready, not_ready = pool.wait_ready(started, spec.settings.init_timeout + CONTAINER_START_GRACE)
+        except BaseException:
+            pool.remove_all()  # no teardown follows a setup that failed: leave no container behind
+            raise
+        failures += not_ready
         for failure in failures:
             self.log.error("%s", failure)
         if not ready:
@@ -228,6 +240,8 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
         order = [(index + k) % pool.slots for k in range(pool.slots)]
         while True:
             slots = [pool.slot(k) for k in order]
+            if spec.contract == "serve":
+                slots = [_stop_if_serving_died(pool, s, self.log) for s in slots]
             for s in slots:
                 if not s.ready:
                     continue
@@ -358,6 +372,18 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
 def expected_name(expected: Any) -> str:
     """The scratch sub-folder the worker wrote the attempt into."""
     return attempt_folder_name(expected.index, expected.attempt)
+
+
+def _stop_if_serving_died(pool: WarmWorkers, s: Slot, log: Any) -> Slot:
+    """A worker whose serving container exited can serve nothing: stop its client now, so it is replaced."""
+    if not s.running:
+        return s
+    death = pool.serving_failure(s.slot, answered=s.state is not None and s.state.init_seconds is not None)
+    if death is None:
+        return s
+    log.warning("%s; stopping its client", death)
+    pool.kill(s.slot)
+    return pool.settled(s.slot)
 
 
 def _died(s: Slot) -> bool:

@@ -10,7 +10,11 @@ Start-up and health:
 
 * ``FAULT_EXIT_AT_START=1``: print ``FAULT_EXIT_AT_START: exiting with code 1 before serving``
   and exit 1 (a container that dies at start-up; checked before the model is loaded).
-* ``FAULT_NEVER_HEALTHY=1``: ``GET /ping`` always answers 503 (``FAULT_NEVER_HEALTHY``).
+  ``FAULT_EXIT_CODE=N`` makes it exit with code N instead (0 too; the line says N), and
+  ``FAULT_EXIT_AFTER_SECONDS=S`` makes it sleep S seconds (float) first, then print and exit.
+* ``FAULT_NEVER_HEALTHY=1``: ``GET /ping`` always answers 503 (``FAULT_NEVER_HEALTHY``). The
+  server listens from its first moment, before the model is loaded (which then loads while it
+  serves), so a client never finds the port closed, however slow the model's import is.
 * ``FAULT_NO_EXECUTION_PARAMETERS=1``: ``GET /execution-parameters`` answers 404.
 * ``FAULT_EXECUTION_PARAMETERS='{"MaxConcurrentTransforms": 4, ...}'``: ``GET
   /execution-parameters`` answers this text as-is (``application/json``; not validated, so a
@@ -49,6 +53,7 @@ The port is always 8080.
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import sys
 import threading
@@ -198,13 +203,35 @@ class FaultHandler(serve.Handler):
         return super().invocations(payload, content_type)
 
 
+def serve_before_loading(argv: list[str]) -> int:
+    """FAULT_NEVER_HEALTHY: listen at once, then load the model while /ping answers 503."""
+    if len(argv) < 2 or argv[1] != "serve":
+        return serve.main(argv, FaultHandler)  # its usage message
+    server = serve.ThreadingHTTPServer((serve.HOST, serve.PORT), FaultHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    log(f"listening on {serve.HOST}:{serve.PORT} before loading the model (FAULT_NEVER_HEALTHY)")
+    try:
+        FaultHandler.model = serve.Model(serve.MODEL_PATH)
+        log(f"loaded {serve.MODEL_PATH}")
+    except Exception as exc:  # noqa: BLE001 - /ping is never healthy anyway; the echo types need no model
+        log(f"cannot load the model {serve.MODEL_PATH}: {type(exc).__name__}: {exc}")
+    threading.Event().wait()
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if _flag("FAULT_EXIT_AT_START"):
-        print("FAULT_EXIT_AT_START: exiting with code 1 before serving", flush=True)
-        return 1
+        code = int(os.environ.get("FAULT_EXIT_CODE", "1") or 1)
+        time.sleep(_seconds("FAULT_EXIT_AFTER_SECONDS"))
+        print(f"FAULT_EXIT_AT_START: exiting with code {code} before serving", flush=True)
+        return code
     active = sorted(name for name in os.environ if name.startswith("FAULT_"))
     if len(argv) >= 2 and argv[1] == "serve":
         log("test server; faults: " + (", ".join(f"{n}={os.environ[n]}" for n in active) or "none"))
+    if _flag("FAULT_NEVER_HEALTHY"):
+        return serve_before_loading(argv)
     return serve.main(argv, FaultHandler)
 
 
