@@ -149,11 +149,11 @@ def test_symbolic_links_are_scored_inside_the_input_folder_only_and_refused_alon
         ["mb-00001", "b-2.csv", "", "LinkRefused",
          f"input file b-2.csv is a symbolic link to {outside / 'secret.csv'}, outside input.path ({inputs}); {advice}"],
         ["mb-00001", "b-3.csv", "", "LinkRefused",
-         f"input file b-3.csv is a symbolic link to {inputs / 'gone.csv'}, which does not exist (a dangling link); "
-         "fix or remove the link"],
+         (f"input file b-3.csv is a symbolic link to {inputs / 'gone.csv'}, which does not exist (a dangling link); "
+          "fix or remove the link")],
         ["mb-00002", "d-archive", "", "LinkRefused",
-         f"input folder d-archive is a symbolic link to {outside}, outside input.path ({inputs}); batchscore scores "
-         "only files inside input.path: copy the files in or point input.path at their folder"],
+         (f"input folder d-archive is a symbolic link to {outside}, outside input.path ({inputs}); batchscore scores "
+          "only files inside input.path: copy the files in or point input.path at their folder")],
     ]  # fmt: skip
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "succeeded_with_failures"
