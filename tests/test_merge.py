@@ -302,3 +302,20 @@ def test_errors_file_says_which_file_a_failed_mini_batch_raised_on(make_run) -> 
         ["mb-00001", "f3.csv", "", "ParserError", "Expected 2 fields"],
     ]
     assert summary["failures"][0]["error"] == "ParserError: Expected 2 fields (file f3.csv)"
+
+
+def test_a_refused_link_in_a_failed_mini_batch_keeps_its_own_reason(make_run, tmp_path: Path) -> None:
+    (tmp_path / "in" / "f3.csv").unlink()
+    (tmp_path / "in" / "f3.csv").symlink_to(write(tmp_path / "host.csv", "x\n"))  # outside: refused by the plan
+    d = make_run()
+    commit(d, 0, pa.table({"file": ["f0.csv", "f1.csv"]}))
+    commit(d, 1, None, "run() raised")
+    merge_run("ep", d, RUN)
+    errors = pd.read_csv(run_layout(d, RUN).root / "errors.csv", keep_default_na=False)
+    assert errors.values.tolist() == [
+        ["mb-00001", "f2.csv", "", "ValueError", "run() raised"],
+        ["mb-00001", "f3.csv", "", "LinkRefused", (
+            f"input file f3.csv is a symbolic link to {tmp_path / 'host.csv'}, outside input.path ({tmp_path / 'in'}); "
+            "batchscore scores only files inside input.path: copy the file in or point input.path at its folder"
+        )],
+    ]

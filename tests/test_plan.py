@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,126 @@ def test_links_into_the_output_folder_are_never_planned(tmp_path: Path, make_dep
     assert [f.path for f in list_input_files(make_deployment(inputs, pattern="**/*.csv", output=output))] == [
         "a.csv",
         "c.csv",
+    ]
+    # ... planned, and refused: it leads outside the input folder (see the tests of links below).
+    assert list_input_files(make_deployment(inputs, output=output))[1].refused is not None
+
+
+# --------------------------------------------------------------------------- symbolic links
+
+
+def link_refusal(rel: str, real: Path, root: Path) -> str:
+    return (
+        f"input file {rel} is a symbolic link to {real}, outside input.path ({root}); batchscore scores only "
+        "files inside input.path: copy the file in or point input.path at its folder"
+    )
+
+
+def test_links_to_files_inside_are_planned_as_their_target_and_others_are_refused(tmp_path: Path, make_deployment) -> None:
+    inputs = tmp_path / "in"
+    write(inputs / "a.csv", "id\n1\n")
+    write(inputs / "b.csv", "id\n2\n3\n")
+    write(inputs / "sub" / "c.csv", "id\n4\n5\n6\n")
+    secret = write(tmp_path / "secret.csv", "host secret\n")
+    (inputs / "abs.csv").symlink_to(secret)  # absolute, outside
+    (inputs / "up.csv").symlink_to("../secret.csv")  # relative, outside through ..
+    (inputs / "gone.csv").symlink_to("missing.csv")  # dangling
+    (inputs / "latest.csv").symlink_to("b.csv")  # inside: scored as b.csv
+    (inputs / "chain.csv").symlink_to(inputs / "latest.csv")  # a link to a link inside: resolved to b.csv
+    (inputs / "deep.csv").symlink_to("sub/c.csv")
+    (inputs / "loop.csv").symlink_to("loop.csv")
+    (inputs / "folder.csv").symlink_to("sub")  # a folder, passed over as folders are
+    os.mkfifo(inputs / "fifo")
+    (inputs / "pipe.csv").symlink_to("fifo")  # a pipe would block a reader
+    d = make_deployment(inputs)
+
+    files = {f.path: f for f in list_input_files(d)}
+
+    b, c = (inputs / "b.csv").stat(), (inputs / "sub" / "c.csv").stat()
+    assert files == {
+        "a.csv": InputFile("a.csv", 5, (inputs / "a.csv").stat().st_mtime_ns),
+        "abs.csv": InputFile("abs.csv", 0, os.lstat(inputs / "abs.csv").st_mtime_ns, refused=link_refusal("abs.csv", secret, inputs)),
+        "b.csv": InputFile("b.csv", 7, b.st_mtime_ns),
+        "chain.csv": InputFile("chain.csv", 7, b.st_mtime_ns, target="b.csv"),
+        "deep.csv": InputFile("deep.csv", 9, c.st_mtime_ns, target="sub/c.csv"),
+        "gone.csv": InputFile("gone.csv", 0, os.lstat(inputs / "gone.csv").st_mtime_ns, refused=(
+            f"input file gone.csv is a symbolic link to {inputs / 'missing.csv'}, which does not exist (a dangling "
+            "link); fix or remove the link"
+        )),
+        "latest.csv": InputFile("latest.csv", 7, b.st_mtime_ns, target="b.csv"),
+        "loop.csv": InputFile("loop.csv", 0, os.lstat(inputs / "loop.csv").st_mtime_ns, refused=(
+            "input file loop.csv is a symbolic link that leads back to itself (a loop of links); fix or remove the link"
+        )),
+        "pipe.csv": InputFile("pipe.csv", 0, os.lstat(inputs / "pipe.csv").st_mtime_ns, refused=(
+            f"input file pipe.csv is a symbolic link to {inputs / 'fifo'}, which is not a regular file (a pipe, "
+            "socket or device); batchscore scores only regular files"
+        )),
+        "up.csv": InputFile("up.csv", 0, os.lstat(inputs / "up.csv").st_mtime_ns, refused=link_refusal("up.csv", secret, inputs)),
+    }
+    # The plan keeps the link's name and says where it is read; plans without links are as they were.
+    assert files["latest.csv"].to_json() == {"path": "latest.csv", "size": 7, "mtime_ns": b.st_mtime_ns, "target": "b.csv"}
+    assert InputFile.from_json(files["up.csv"].to_json()) == files["up.csv"]
+    assert files["a.csv"].to_json() == {"path": "a.csv", "size": 5, "mtime_ns": files["a.csv"].mtime_ns}
+
+
+def test_an_input_path_that_is_itself_a_link_is_the_folder_it_leads_to(tmp_path: Path, make_deployment) -> None:
+    write(tmp_path / "real" / "a.csv", "x\n")
+    (tmp_path / "real" / "b.csv").symlink_to(tmp_path / "real" / "a.csv")  # absolute, through the real path
+    (tmp_path / "in").symlink_to(tmp_path / "real")
+    files = list_input_files(make_deployment(tmp_path / "in"))
+    assert [(f.path, f.target, f.refused) for f in files] == [("a.csv", None, None), ("b.csv", "a.csv", None)]
+
+
+def test_linked_folders_are_entered_only_inside_the_input_folder_and_never_in_a_loop(tmp_path: Path, make_deployment) -> None:
+    inputs = tmp_path / "in"
+    write(inputs / "a.csv", "x\n")
+    write(inputs / "sub" / "x.csv", "id\n1\n")
+    write(tmp_path / "outside" / "y.csv", "host\n")
+    (inputs / "alias").symlink_to("sub")  # relative, inside: entered
+    (inputs / "deep").mkdir()
+    (inputs / "deep" / "abs").symlink_to(inputs / "sub")  # absolute, inside: entered
+    (inputs / "sub" / "loop").symlink_to("..")  # back to the input folder: a loop, never entered
+    (inputs / "sub" / "self").symlink_to(".")
+    (inputs / "ext").symlink_to(tmp_path / "outside")  # outside: refused, never listed
+    (inputs / "up").symlink_to("../outside")
+    x = (inputs / "sub" / "x.csv").stat()
+
+    files = list_input_files(make_deployment(inputs, pattern="**/*.csv"))
+
+    folder_refusal = (
+        "input folder {} is a symbolic link to {}, outside input.path ({}); batchscore scores only files inside "
+        "input.path: copy the files in or point input.path at their folder"
+    )
+    assert files == [
+        InputFile("a.csv", 2, (inputs / "a.csv").stat().st_mtime_ns),
+        InputFile("alias/x.csv", 5, x.st_mtime_ns, target="sub/x.csv"),
+        InputFile("deep/abs/x.csv", 5, x.st_mtime_ns, target="sub/x.csv"),
+        InputFile("ext", 0, 0, refused=folder_refusal.format("ext", tmp_path / "outside", inputs)),
+        InputFile("sub/x.csv", 5, x.st_mtime_ns),
+        InputFile("up", 0, 0, refused=folder_refusal.format("up", tmp_path / "outside", inputs)),
+    ]
+    # A pattern with a folder in it follows the same rule.
+    assert [(f.path, f.target, bool(f.refused)) for f in list_input_files(make_deployment(inputs, pattern="*/x.csv"))] == [
+        ("alias/x.csv", "sub/x.csv", False),
+        ("ext", None, True),
+        ("sub/x.csv", None, False),
+        ("up", None, True),
+    ]
+    # Without folders in the pattern, linked folders are passed over as folders are.
+    assert [f.path for f in list_input_files(make_deployment(inputs, pattern="*"))] == ["a.csv"]
+
+
+def test_refused_links_are_failed_items_of_mini_batches_with_good_files(tmp_path: Path, make_deployment) -> None:
+    inputs = tmp_path / "in"
+    for name in ("a.csv", "b.csv", "c.csv"):
+        write(inputs / name, "x\n")
+    (inputs / "bb.csv").symlink_to(write(tmp_path / "secret.csv", "host\n"))  # outside: planned between b.csv and c.csv
+    d = make_deployment(inputs, settings={"mini_batch_size": 2})
+    plan = plan_run("ep", d, "r")
+    assert [(e.files, e.bytes) for e in plan.mini_batches] == [(2, 4), (2, 2)]
+    assert [(f.path, f.refused is not None) for f in run_layout(d, "r").read_mini_batch(1).files] == [
+        ("bb.csv", True),
+        ("c.csv", False),
     ]
 
 

@@ -446,3 +446,54 @@ def test_a_serving_container_gone_before_its_client_starts_fails_the_mini_batch_
     status = run_layout(d, "run-gone").mini_batch_dir(0).read_status()
     assert (status.state, status.error.type, status.error.message) == ("failed", "ServingContainerDied", message)
     assert containers_left("serve-gone-first") == []  # neither the client nor the server
+
+
+# --------------------------------------------------------------------------- symbolic links
+
+
+def test_a_link_inside_is_sent_from_its_target_and_links_outside_are_failed_items(
+    serving_test_image: str, iris_example: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = inputs(tmp_path / "in", {"a.csv": b"5.1,3.5,1.4,0.2\n", "store/b.csv": b"6.7,3.0,5.2,2.3\n"})
+    (tmp_path / "secret.csv").write_bytes(b"5.9,3.0,5.1,1.8\n")
+    (folder / "etc.csv").symlink_to("/etc/passwd")  # the serving client would read its own image's
+    (folder / "latest.csv").symlink_to(folder / "store" / "b.csv")  # absolute, inside: sent from b.csv
+    (folder / "up.csv").symlink_to("../secret.csv")  # relative, out through ..
+    path = serve_endpoint(
+        tmp_path,
+        "serve-links",
+        [
+            {
+                "name": "links",
+                "model": iris_example / "model" / "iris-classifier",
+                "image": serving_test_image,
+                "inputs": folder,
+                "pattern": "*.csv",
+                "transform": {"SplitType": "Line", "ContentType": "text/csv", "AssembleWith": "Line"},
+                "settings": {"worker_mode": "warm", "mini_batch_size": 2},  # a.csv etc.csv | latest.csv up.csv
+            }
+        ],
+    )
+    dag_run, endpoint = run_dag(path, monkeypatch)
+
+    # Both mini-batches succeed; their refused links count against error_threshold (SageMaker's 0 here).
+    tis = {(ti.task_id, ti.map_index): ti.state for ti in dag_run.get_task_instances()}
+    assert [tis[("links.score", i)] for i in (0, 1)] == ["success", "success"]
+    assert (tis[("links.merge", -1)], dag_run.state) == ("failed", "failed")
+    run = run_folder(endpoint, "links", dag_run)
+    assert json.loads((run / "summary.json").read_text())["items"] == {"total": 4, "succeeded": 2, "failed": 2}
+    assert sorted(p.name for p in run.glob("*.out")) == ["a.csv.out", "latest.csv.out"]
+    assert (run / "a.csv.out").read_text() == "setosa\n"
+    assert (run / "latest.csv.out").read_text() == "virginica\n"  # b.csv's record, under the link's name
+    advice = "batchscore scores only files inside input.path: copy the file in or point input.path at its folder"
+    assert pd.read_csv(run / "errors.csv", keep_default_na=False).values.tolist() == [
+        ["mb-00000", "etc.csv", "", "LinkRefused",
+         f"input file etc.csv is a symbolic link to /etc/passwd, outside input.path ({folder}); {advice}"],
+        ["mb-00001", "up.csv", "", "LinkRefused",
+         f"input file up.csv is a symbolic link to {tmp_path / 'secret.csv'}, outside input.path ({folder}); {advice}"],
+    ]  # fmt: skip
+    assert [(s.files, s.rows, s.failed_items) for s in (status_of(endpoint, "links", dag_run, i) for i in (0, 1))] == [
+        (2, 1, 1),
+        (2, 1, 1),
+    ]
+    assert containers_left("serve-links") == []

@@ -127,6 +127,42 @@ def test_small_files_and_other_formats_are_never_cut(tmp_path: Path) -> None:
     assert split_large_files(files, tmp_path, size=100) == files
 
 
+def test_a_linked_large_csv_is_cut_from_its_target_and_its_parts_keep_the_links_name(tmp_path: Path) -> None:
+    from batchscore.plan import list_input_files
+    from batchscore_runtime.azure import resolve_inputs
+
+    from tests.helpers import load
+
+    inputs = tmp_path / "in"
+    data = tricky_csv(300)
+    (inputs / "store").mkdir(parents=True)
+    (inputs / "store" / "big-v3.csv").write_bytes(data)
+    (inputs / "big.csv").symlink_to(inputs / "store" / "big-v3.csv")  # absolute, inside
+    (inputs / "host.csv").symlink_to(write(tmp_path / "host.csv", "id\n" + "1\n" * 5000))  # outside: never read
+    (tmp_path / "model").mkdir()
+    write(tmp_path / "code" / "score.py", "def run(mb):\n    return mb\n")
+    d = load(deployment_file(tmp_path / "yaml", model=tmp_path / "model", code=tmp_path / "code", inputs=inputs)).deployments[0]
+    listed = list_input_files(d)
+    assert [(f.path, f.target, f.size, bool(f.refused)) for f in listed] == [
+        ("big.csv", "store/big-v3.csv", len(data), False),
+        ("host.csv", None, 0, True),
+    ]
+
+    parts = split_large_files(listed, inputs, size=len(data) // 3)
+
+    big = parts[:-1]
+    assert len(big) >= 3 and parts[-1] == listed[1]
+    assert {(p.path, p.target) for p in big} == {("big.csv", "store/big-v3.csv")}
+    mb = MiniBatch(0, big)
+    located = resolve_inputs(mb, inputs)
+    assert located == [str(inputs / "store" / "big-v3.csv")] * len(big)
+    with sliced_inputs(mb, located, tmp_path / "work") as paths:
+        assert [Path(p).name for p in paths] == [f"big.part-{k:04d}-of-{len(big):04d}.csv" for k in range(1, len(big) + 1)]
+        rejoined = [Path(p).read_bytes() for p in paths]
+    header = data[: data.index(b"\n") + 1]
+    assert rejoined[0].startswith(header) and b"".join([rejoined[0]] + [r[len(header):] for r in rejoined[1:]]) == data
+
+
 def test_parts_balance_size_mode_mini_batches() -> None:
     # One file of 10 units among small ones: uncut, it is a mini-batch of its own and 10x the others.
     small = [InputFile(f"s{i}.csv", 1, 0) for i in range(20)]

@@ -7,6 +7,11 @@ either. Every returned element (list item or DataFrame row) is one successful it
 files it falls short of are failed items. Scripts that write their own files find a fresh
 folder in ``AZUREML_BI_OUTPUT_PATH``.
 
+Where the mini-batch's files are read is decided here (:func:`resolve_inputs`): a symbolic
+link is read at the target the plan found inside the input folder, checked again in the
+container, and a link the plan refused is never opened: it is a failed item, and run() is
+given the other files.
+
 With ``--workers N`` the mini-batch's files are shared out among N worker processes
 (:mod:`batchscore_runtime.workers`), each with its own ``init()``; ``--timeout`` bounds each
 ``run()`` call, and a worker past it is killed.
@@ -26,16 +31,18 @@ import inspect
 import logging
 import os
 import shutil
+import stat
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
 from batchscore_runtime.formats import (
     ErrorInfo,
+    InputFile,
     ItemError,
     MiniBatch,
     MiniBatchDir,
@@ -56,7 +63,7 @@ class ScoringScriptError(Exception):
 
 
 class InputFileMissingError(FileNotFoundError):
-    """An input file of the plan no longer exists."""
+    """An input file of the plan no longer exists, or a symbolic link's target changed since the plan."""
 
     def __init__(self, message: str, file: str):
         super().__init__(message)
@@ -89,10 +96,63 @@ def load_scoring_script(path: Path) -> ModuleType:
     return module
 
 
-def resolve_inputs(mini_batch: MiniBatch, input_root: Path) -> list[str]:
-    """Absolute paths of the mini-batch's files; fails naming the first file that is gone."""
-    paths = []
+def refused_item(f: InputFile) -> ItemError:
+    """The failed item of a file the plan refused to score (a symbolic link it will not follow)."""
+    assert f.refused is not None
+    return ItemError(f.label, InputFile.REFUSED, f.refused)
+
+
+def _check_target(f: InputFile, mini_batch: MiniBatch, input_root: Path) -> str:
+    """The path of a link's planned target inside ``input_root``, checked here to be the file the plan saw.
+
+    It must be a regular file (not a link), reached through no link, with the planned size;
+    otherwise the mini-batch fails naming the link, and nothing is read.
+    """
+    assert f.target is not None
+    path = input_root / f.target
+    expected = os.path.join(os.path.realpath(input_root), f.target)
+    planned = f"a regular file of {f.file_size} bytes"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        now = "gone"
+    except OSError as exc:
+        now = f"unreadable ({exc.strerror})"
+    else:
+        if stat.S_ISLNK(st.st_mode):
+            now = "a symbolic link"
+        elif not stat.S_ISREG(st.st_mode):
+            now = "not a regular file"
+        elif os.path.realpath(path) != expected:
+            now = "reached through a symbolic link"
+        elif st.st_size != f.file_size:
+            now = f"{st.st_size} bytes"
+        else:
+            if st.st_mtime_ns != f.mtime_ns:
+                log.warning("input file %s (a link to %s) was modified since the plan was made", f.path, f.target)
+            return str(path)
+    raise InputFileMissingError(
+        f"input file {f.path} of {mini_batch.id} is a symbolic link to {f.target}, which changed since the plan "
+        f"(planned: {planned}; now: {now}); batchscore scores only the file the plan checked: "
+        "restore it or start a new run",
+        file=f.path,
+    )
+
+
+def resolve_inputs(mini_batch: MiniBatch, input_root: Path) -> list[str | None]:
+    """Where each of the mini-batch's files is read, in plan order; fails naming the first file that is gone.
+
+    A symbolic link is read at its planned target, after checking here that it is still the
+    file the plan saw (:func:`_check_target`); a refused link is never opened: None.
+    """
+    paths: list[str | None] = []
     for f in mini_batch.files:
+        if f.refused is not None:
+            paths.append(None)
+            continue
+        if f.target is not None:
+            paths.append(_check_target(f, mini_batch, input_root))
+            continue
         p = input_root / f.path
         try:
             st = p.stat()
@@ -253,8 +313,12 @@ def score_mini_batch(
     ``on_outputs`` is told the attempt's custom-outputs folder before any ``run()``.
     """
     started = now_iso()
-    with sliced_inputs(mini_batch, resolve_inputs(mini_batch, input_root), out.path) as paths:
-        return _score_files(mini_batch, paths, script_path, out, options, started, runner, on_outputs)
+    located = resolve_inputs(mini_batch, input_root)
+    refused = [refused_item(f) for f, p in zip(mini_batch.files, located) if p is None]
+    if refused:  # run() is given the other files only; the refused ones are failed items
+        mini_batch = replace(mini_batch, files=[f for f, p in zip(mini_batch.files, located) if p is not None])
+    with sliced_inputs(mini_batch, [p for p in located if p is not None], out.path) as paths:
+        return _score_files(mini_batch, paths, script_path, out, options, started, runner, on_outputs, refused)
 
 
 def _fresh_processes(tasks: list, timeout: float, init_timeout: float) -> list:
@@ -289,8 +353,11 @@ def _score_files(
     started: str,
     runner: Runner | None = None,
     on_outputs: Callable[[Path], None] | None = None,
+    refused: list[ItemError] | None = None,
 ) -> MiniBatchStatus:
     from batchscore_runtime.workers import WorkerTask, split_evenly, worker_gpus
+
+    refused = refused or []  # files of the mini-batch not in ``paths``: failed items, never opened
 
     t0 = time.monotonic()
     rel_paths = [f.label for f in mini_batch.files]
@@ -326,12 +393,13 @@ def _score_files(
             cuda_visible_devices=worker_gpus(k, len(parts), options.gpu_count),
         )
         for k, part in enumerate(parts)
+        if part
     ]
-    results = (runner or _fresh_processes)(tasks, options.timeout, options.init_timeout)
+    results = (runner or _fresh_processes)(tasks, options.timeout, options.init_timeout) if tasks else []
 
     rows = sum(r.rows for r in results)
     result_file = None
-    if options.output_action == "append_row":
+    if options.output_action == "append_row" and results:
         result_file = _join_parts(out, [Path(r.result_file) for r in results if r.result_file])
     custom = [p for p in outputs.rglob("*") if p.is_file()]
     if not custom:
@@ -339,22 +407,22 @@ def _score_files(
     status = MiniBatchStatus(
         index=mini_batch.index,
         state=MiniBatchStatus.SUCCEEDED,
-        files=len(paths),
+        files=len(paths) + len(refused),
         rows=rows,
         result_file=result_file,
         init_seconds=round(
             options.worker_init_seconds
             if options.worker_init_seconds is not None
-            else max(r.init_seconds for r in results),
+            else max((r.init_seconds for r in results), default=0.0),
             3,
         ),
-        run_seconds=round(max(r.run_seconds for r in results), 3),
+        run_seconds=round(max((r.run_seconds for r in results), default=0.0), 3),
         started_at=started,
         finished_at=now_iso(),
         attempt=options.attempt,
         workers=len(parts),
-        failed_items=sum(r.failed_items for r in results),
-        item_errors=[e for r in results for e in r.item_errors],
+        failed_items=len(refused) + sum(r.failed_items for r in results),
+        item_errors=[*refused, *(e for r in results for e in r.item_errors)],
         outputs_dir=outputs.name if custom else None,
         custom_outputs=len(custom),
         worker=options.worker,

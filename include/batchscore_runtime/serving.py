@@ -14,6 +14,9 @@ this client in a second container that shares its network, so the server is at
 4. A file whose every payload succeeded gets ``<file>.out`` in the attempt's outputs folder
    (responses in record order, ``AssembleWith``, ``DataProcessing``); a file with a failed
    record gets none, and an item error naming the record, the HTTP status and the answer.
+   A symbolic link is read at the target the plan found inside the input folder (checked
+   again here) and its ``.out`` keeps the link's name; a link the plan refused is never
+   opened: it is a failed item.
 
 The mini-batch's status is committed in the formats of :mod:`batchscore_runtime.formats`;
 a container that never becomes healthy, or any unexpected failure, is written to the
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from batchscore_runtime.azure import resolve_inputs
+from batchscore_runtime.azure import refused_item, resolve_inputs
 from batchscore_runtime.formats import (
     DEFAULT_BATCH_STRATEGY,
     DEFAULT_MAX_CONCURRENT_TRANSFORMS,
@@ -45,6 +48,7 @@ from batchscore_runtime.formats import (
     MAX_PAYLOAD_LIMIT_MB,
     ContainerPaths,
     ErrorInfo,
+    InputFile,
     ItemError,
     MiniBatch,
     MiniBatchDir,
@@ -379,8 +383,12 @@ class MiniBatchScorer:
             self.headers["Accept"] = config.accept
         self.tally = Tally()
 
-    def score(self, input_root: Path, rel_paths: list[str]) -> Tally:
-        """Send every file's payloads through one pool of ``MaxConcurrentTransforms`` threads; returns the tally."""
+    def score(self, files: list[InputFile], paths: list[str | None]) -> Tally:
+        """Send every file's payloads through one pool of ``MaxConcurrentTransforms`` threads; returns the tally.
+
+        ``paths`` says where each of ``files`` is read (:func:`resolve_inputs`); a file with
+        none (a refused symbolic link) is a failed item, never opened.
+        """
         workers = self.params.max_concurrent_transforms
         # Payloads waiting for a thread are bounded, so files are read only a little ahead of the requests.
         slots = threading.BoundedSemaphore(workers * 2)
@@ -393,8 +401,13 @@ class MiniBatchScorer:
 
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="invocations")
         try:
-            for order, rel in enumerate(rel_paths):
-                job = self._prepare(order, input_root, rel)
+            for order, (f, path) in enumerate(zip(files, paths)):
+                if path is None:
+                    with self.tally.lock:
+                        self.tally.errors[order] = refused_item(f)
+                    log.error("%s: NOT SCORED: %s", f.path, f.refused)
+                    continue
+                job = self._prepare(order, path, f.path)
                 if job.error is not None or not job.payloads:
                     self._finish(job)
                     continue
@@ -414,14 +427,14 @@ class MiniBatchScorer:
             raise crashed[0]
         return self.tally
 
-    def _prepare(self, order: int, input_root: Path, rel: str) -> FileJob:
-        """Read, decompress, split, filter and pack one file; a file error is kept in the job."""
+    def _prepare(self, order: int, path: str, rel: str) -> FileJob:
+        """Read (from ``path``), decompress, split, filter and pack the file ``rel``; a file error is kept in the job."""
         started = time.monotonic()
         records: list[bytes] = []
         payloads: list[Payload] = []
         error = None
         try:
-            data = decompress((input_root / rel).read_bytes(), self.config.compression)
+            data = decompress(Path(path).read_bytes(), self.config.compression)
             records = split_records(data, self.config.split_type)
             del data
             sent = records
@@ -534,7 +547,7 @@ def score_mini_batch(run: Attempt, input_root: Path, config: TransformConfig, ur
     if config.max_concurrent_transforms is not None:
         run.workers = config.max_concurrent_transforms
     rel_paths = [f.path for f in mini_batch.files]
-    resolve_inputs(mini_batch, input_root)
+    located = resolve_inputs(mini_batch, input_root)  # a symbolic link: its checked target; refused: None
     outputs = out.new_outputs_dir()
     client = ServingClient(url)
     log.info("%s: %d files, %d bytes, try %d; waiting for the serving container at %s",
@@ -546,7 +559,7 @@ def score_mini_batch(run: Attempt, input_root: Path, config: TransformConfig, ur
     log.info("%s: %s", mini_batch.id, params.describe())
 
     t0 = time.monotonic()
-    tally = MiniBatchScorer(client, config, processing, params, outputs).score(input_root, rel_paths)
+    tally = MiniBatchScorer(client, config, processing, params, outputs).score(mini_batch.files, located)
     seconds = time.monotonic() - t0
     errors = [tally.errors[k] for k in sorted(tally.errors)]
     status = MiniBatchStatus(

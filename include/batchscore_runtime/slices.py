@@ -4,8 +4,9 @@ The plan may cut a large CSV, JSON Lines or Parquet file into parts (see
 :class:`batchscore_runtime.formats.FilePart`). A scoring script still receives file paths, so
 the runtime writes each part of its mini-batch as a file named like the original
 (``big.part-0002-of-0005.csv``): a CSV part starts with the file's header, a Parquet part holds
-its row groups. The files live in the mini-batch's result folder for the attempt and are
-removed when it ends.
+its row groups. A symbolic link of the input folder is likewise handed over under its own
+name, as a link to the target the runtime checked. The files live in the mini-batch's result
+folder for the attempt and are removed when it ends.
 """
 
 from __future__ import annotations
@@ -57,11 +58,15 @@ def write_part(f: InputFile, source: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def sliced_inputs(mini_batch: MiniBatch, paths: list[str], work: Path) -> Iterator[list[str]]:
-    """The paths to hand the scoring script: ``paths``, with each part written out as a file.
+    """The paths to hand the scoring script: ``paths``, with each part written out as a file,
+    and each symbolic link (read at its checked target, ``paths``) under the link's own name.
 
-    Part files go into a fresh folder under ``work``, removed when the block ends.
+    A link is given to the script as a link of the same relative path and name in a fresh
+    folder under ``work``, leading to the target that :func:`batchscore_runtime.azure.resolve_inputs`
+    checked, so results that name their file name the link as the user sees it. Part files
+    go into the same folder; it is removed when the block ends.
     """
-    if not any(f.part for f in mini_batch.files):
+    if not any(f.part or f.target for f in mini_batch.files):
         yield paths
         return
     folder = work / f"parts-{os.urandom(6).hex()}"
@@ -69,19 +74,26 @@ def sliced_inputs(mini_batch: MiniBatch, paths: list[str], work: Path) -> Iterat
     out: list[str] = []
     try:
         for f, path in zip(mini_batch.files, paths):
-            if f.part is None:
+            if f.part is None and f.target is None:
                 out.append(path)
+                continue
+            if f.part is None:
+                named = folder / f.path
+                named.parent.mkdir(parents=True, exist_ok=True)
+                named.symlink_to(path)
+                out.append(str(named))
                 continue
             target = folder / PurePosixPath(f.path).parent / part_name(f)
             target.parent.mkdir(parents=True, exist_ok=True)
             write_part(f, Path(path), target)
             out.append(str(target))
-        log.info(
-            "%s: wrote %d part(s) of large files in %.2f s",
-            mini_batch.id,
-            sum(1 for f in mini_batch.files if f.part),
-            time.monotonic() - t0,
-        )
+        if any(f.part for f in mini_batch.files):
+            log.info(
+                "%s: wrote %d part(s) of large files in %.2f s",
+                mini_batch.id,
+                sum(1 for f in mini_batch.files if f.part),
+                time.monotonic() - t0,
+            )
         yield out
     finally:
         shutil.rmtree(folder, ignore_errors=True)

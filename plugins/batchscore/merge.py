@@ -43,6 +43,7 @@ from batchscore_runtime.formats import (
     LEDGER_COLUMNS,
     WORK_DIR_NAME,
     WORKER_STATE_FILE,
+    InputFile,
     MiniBatchStatus,
     Plan,
     PlanEntry,
@@ -134,19 +135,22 @@ def failed_items(layout: RunLayout, outcomes: Iterable[Outcome]) -> list[FailedI
             error_type, message, culprit = o.status.error.type, o.status.error.message, o.status.error.file
         else:
             error_type, message = "NoResult", o.reason
+        refused: dict[str, str] = {}  # symbolic links the plan refused fail for that reason, whatever the mini-batch did
         try:
-            files = [f.label for f in layout.read_mini_batch(o.entry.index).files]
+            planned = layout.read_mini_batch(o.entry.index).files
+            files = [f.label for f in planned]
+            refused = {f.label: f.refused for f in planned if f.refused is not None}
         except (OSError, ValueError):
             files = [""] * o.entry.files
-        if culprit and culprit in files:  # say which file it was raised on, on the other files' lines
-            items += [
-                FailedItem(
+        for f in files:
+            if f in refused:
+                items.append(FailedItem(o.id, f, InputFile.REFUSED, refused[f]))
+            elif culprit and culprit in files:  # say which file it was raised on, on the other files' lines
+                items.append(FailedItem(
                     o.id, f, error_type, message if f == culprit else f"{message} (raised on {culprit}; failed with its mini-batch)"
-                )
-                for f in files
-            ]
-        else:
-            items += [FailedItem(o.id, f, error_type, message) for f in files]
+                ))
+            else:
+                items.append(FailedItem(o.id, f, error_type, message))
     return items
 
 

@@ -47,14 +47,11 @@ def _natural_key(rel: str) -> list:
 
 
 def _candidates(root: Path, pattern: str) -> Iterator[str]:
-    """Paths (as text) under ``root`` that match the glob ``pattern``.
+    """Paths (as text) of the entries of the folder ``root`` whose names match the glob ``pattern``.
 
-    A pattern within one folder (``*.csv``, the usual case) is matched over one ``os.scandir``,
-    several times faster than ``Path.glob`` on 100,000 files; others go through ``Path.glob``.
+    For a pattern within one folder (``*.csv``, the usual case): one ``os.scandir``, several
+    times faster than ``Path.glob`` on 100,000 files. Patterns with folders go through :func:`_walk`.
     """
-    if "/" in pattern or "**" in pattern:
-        yield from (str(p) for p in root.glob(pattern))
-        return
     match = re.compile(fnmatch.translate(pattern)).match  # case-sensitive, as Path.glob on Linux
     base = str(root)
     with os.scandir(base) as entries:
@@ -63,40 +60,188 @@ def _candidates(root: Path, pattern: str) -> Iterator[str]:
                 yield f"{base}/{entry.name}"
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+ADVICE_FILE = "batchscore scores only files inside input.path: copy the file in or point input.path at its folder"
+ADVICE_FOLDER = "batchscore scores only files inside input.path: copy the files in or point input.path at their folder"
+
+
+def _is_folder(real: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(real).st_mode)
+    except OSError:
+        return False
+
+
+def _walk(root: str, real_root: str, work_root: str, pattern: str) -> Iterator[tuple[str, str | None]]:
+    """``(relative path, refusal)`` of every entry that matches a pattern with folders (``**/*.csv``).
+
+    Hidden entries are passed over. Folders are entered through symbolic links too, but only
+    where the link leads to a folder inside ``real_root`` that is not one the walk is already
+    in (no loops) nor the output folder; a link that leads to a folder outside the input folder
+    is never entered: it comes back with a refusal (the message saying why) instead.
+    ``**`` matches any number of folders, itself included, as in ``Path.glob``.
+    """
+    segments = [s for s in pattern.split("/") if s not in ("", ".")]
+    matchers = [None if s == "**" else re.compile(fnmatch.translate(s)).match for s in segments]
+
+    def folders(folder: str, real: str, rel: str, chain: frozenset[str]) -> Iterator[tuple[str, str, str, str | None]]:
+        """``(folder to list, its real path, relative path, refusal)`` of each subfolder to enter."""
+        with os.scandir(folder) as entries:
+            listed = sorted((e.name, e.is_symlink(), e.is_dir(follow_symlinks=False)) for e in entries)
+        for name, link, is_dir in listed:
+            if name.startswith("."):
+                continue
+            sub_rel = f"{rel}{name}"
+            if not link:
+                if is_dir:
+                    yield f"{folder}/{name}", f"{real}/{name}", sub_rel, None
+                continue
+            target = os.path.realpath(f"{folder}/{name}")
+            if _inside(target, work_root) or target in chain:  # our outputs, or a loop
+                if target in chain:
+                    log.info("Not entering %s: a symbolic link to %s, a folder it is already in", sub_rel, target)
+                continue
+            if not _inside(target, real_root):
+                if _is_folder(target):  # its type only (lstat of the resolved path); it is never listed
+                    yield "", target, sub_rel, (
+                        f"input folder {sub_rel} is a symbolic link to {target}, outside input.path "
+                        f"({root}); {ADVICE_FOLDER}"
+                    )
+                continue
+            if _is_folder(target):
+                yield target, target, sub_rel, None
+
+    def walk(folder: str, real: str, rel: str, i: int, chain: frozenset[str]) -> Iterator[tuple[str, str | None]]:
+        last = i == len(segments) - 1
+        match = matchers[i]
+        if match is None:  # **
+            if last:
+                return  # ``**`` at the end matches folders, never files
+            yield from walk(folder, real, rel, i + 1, chain)
+            for sub, sub_real, sub_rel, refusal in folders(folder, real, rel, chain):
+                if refusal is not None:
+                    yield sub_rel, refusal
+                else:
+                    yield from walk(sub, sub_real, f"{sub_rel}/", i, chain | {sub_real})
+            return
+        if last:
+            with os.scandir(folder) as entries:
+                names = [e.name for e in entries]
+            for name in names:
+                if match(name) and not name.startswith("."):
+                    yield f"{rel}{name}", None
+            return
+        for sub, sub_real, sub_rel, refusal in folders(folder, real, rel, chain):
+            if match(sub_rel.rsplit("/", 1)[-1]):
+                if refusal is not None:
+                    yield sub_rel, refusal
+                else:
+                    yield from walk(sub, sub_real, f"{sub_rel}/", i + 1, chain | {sub_real})
+
+    if segments:
+        yield from walk(root, real_root, "", 0, frozenset({real_root}))
+
+
+def _planned(text: str, rel: str, real_root: str, work_root: str, root: Path, check_all: bool) -> InputFile | None:
+    """The plan's entry for the matched entry ``text`` (``rel`` inside the input folder); None to pass it over.
+
+    A regular file is planned as it is. Anything reached through a symbolic link (the file, or a
+    folder above it) is judged by where the links lead, resolved with ``realpath`` and never
+    opened first: a regular file inside the input folder is planned with that file as its
+    ``target``; a folder is passed over, as folders are (:func:`_walk` decides which linked
+    folders to enter); anything else (dangling, outside the input folder, a loop, a pipe or
+    device) is planned ``refused``, with the reason. Our own outputs are never planned.
+    """
+    try:
+        st = os.lstat(text)
+    except OSError:  # vanished since it was listed
+        return None
+    link = stat.S_ISLNK(st.st_mode)
+    if not link and not stat.S_ISREG(st.st_mode):
+        return None
+    real = os.path.realpath(text) if link or check_all else None
+    if real is not None and _inside(real, work_root):
+        return None
+    if real is None or real == f"{real_root}/{rel}":
+        if link:  # a link to itself resolves to its own path
+            return InputFile(rel, 0, st.st_mtime_ns, refused=(
+                f"input file {rel} is a symbolic link that leads back to itself (a loop of links); "
+                "fix or remove the link"
+            ))
+        return InputFile(path=rel, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    if _is_folder(real):  # a folder is never a file to score; the walk enters linked folders it may
+        return None
+    if not _inside(real, real_root):
+        return InputFile(rel, 0, st.st_mtime_ns, refused=(
+            f"input file {rel} is a symbolic link to {real}, outside input.path ({root}); {ADVICE_FILE}"
+        ))
+    try:
+        target = os.stat(real)  # inside the input folder: safe to look at
+    except FileNotFoundError:
+        return InputFile(rel, 0, st.st_mtime_ns, refused=(
+            f"input file {rel} is a symbolic link to {real}, which does not exist (a dangling link); "
+            "fix or remove the link"
+        ))
+    except OSError as exc:  # a loop of links (ELOOP), or no permission
+        return InputFile(rel, 0, st.st_mtime_ns, refused=(
+            f"input file {rel} is a symbolic link to {real}, which cannot be read ({exc.strerror}); "
+            "fix or remove the link"
+        ))
+    if not stat.S_ISREG(target.st_mode):  # a pipe, socket or device: reading it could block or never end
+        return InputFile(rel, 0, st.st_mtime_ns, refused=(
+            f"input file {rel} is a symbolic link to {real}, which is not a regular file (a pipe, socket or "
+            "device); batchscore scores only regular files"
+        ))
+    return InputFile(rel, target.st_size, target.st_mtime_ns, target=real[len(real_root) + 1 :])
+
+
 def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
-    """The deployment's input files in a deterministic (natural) order; hidden files are skipped."""
+    """The deployment's input files in a deterministic (natural) order; hidden files are skipped.
+
+    Symbolic links follow one rule (see :func:`_planned`): one that leads to a regular file
+    inside the input folder is scored as that file, under the link's own name; any other is
+    planned refused, a failed item of its mini-batch that nothing ever opens.
+    """
     root = deployment.input.path
     if not root.is_dir():
         raise PlanError(
             f"input folder {root} of deployment {deployment.name!r} does not exist or is not a folder "
             "(key input.path)"
         )
-    real_root = root.resolve()
-    work_root = deployment.output.path.resolve()
+    real_root = os.path.realpath(root)
+    work_root = os.path.realpath(deployment.output.path)
     # Our own outputs are never scored: a file is checked against the output folder only where
     # it can lie inside it: the output folder is inside the input folder, the file is a link, or
     # the pattern reaches into subfolders (one of which may be a link).
     pattern = deployment.input.pattern
-    check_all = work_root.is_relative_to(real_root) or "/" in pattern or "**" in pattern
-    prefix = len(str(root)) + 1
+    nested = "/" in pattern or "**" in pattern
+    check_all = _inside(work_root, real_root) or nested
+    base = str(root)
+    if nested:
+        matched: Iterator[tuple[str, str | None]] = _walk(base, real_root, work_root, pattern)
+    else:
+        matched = ((text[len(base) + 1 :], None) for text in _candidates(root, pattern))
     found: list[InputFile] = []
-    for text in _candidates(root, pattern):
-        rel = text[prefix:]
-        if rel.startswith(".") or "/." in rel:  # hidden, or in a hidden folder
+    seen: set[str] = set()
+    for rel, refusal in matched:
+        if rel in seen or rel.startswith(".") or "/." in rel:  # twice (**/**), hidden, or in a hidden folder
             continue
-        try:
-            st = os.lstat(text)
-            link = stat.S_ISLNK(st.st_mode)
-            if link:
-                st = os.stat(text)
-        except OSError:  # vanished, or a dangling link
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        if (link or check_all) and Path(text).resolve().is_relative_to(work_root):
-            continue
-        found.append(InputFile(path=rel, size=st.st_size, mtime_ns=st.st_mtime_ns))
+        seen.add(rel)
+        entry = InputFile(rel, 0, 0, refused=refusal) if refusal else _planned(
+            f"{base}/{rel}", rel, real_root, work_root, root, check_all
+        )
+        if entry is not None:
+            found.append(entry)
     found.sort(key=lambda f: _natural_key(f.path))
+    refused = [f for f in found if f.refused]
+    if refused:
+        log.warning(
+            "%d symbolic link(s) in %s will not be scored (each a failed item): %s",
+            len(refused), root, "; ".join(f.refused for f in refused[:5]) + (" ..." if len(refused) > 5 else ""),
+        )
     return found
 
 

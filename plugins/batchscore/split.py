@@ -13,11 +13,13 @@ into about equal parts of at most half the size (:func:`part_size`), each scored
 
 The parts of a file are consecutive in the plan, so results come back in input order. Other
 formats are never cut. Finding CSV boundaries reads the file once (quotes are counted, at C
-speed, with ``bytes.count``); nothing else is read.
+speed, with ``bytes.count``); nothing else is read. A symbolic link is read at the target the
+plan checked (inside the input folder), never through the link; a refused link is not read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -93,11 +95,8 @@ def _text_parts(f: InputFile, path: Path, target: int, csv: bool) -> list[InputF
         return [f]
     n = len(bounds) - 1
     return [
-        InputFile(
-            f.path,
-            size=header_end + end - start,
-            mtime_ns=f.mtime_ns,
-            part=FilePart(k, n, FilePart.BYTES, start, end, header_end, f.size),
+        dataclasses.replace(
+            f, size=header_end + end - start, part=FilePart(k, n, FilePart.BYTES, start, end, header_end, f.size)
         )
         for k, (start, end) in enumerate(zip(bounds, bounds[1:]))
     ]
@@ -127,12 +126,7 @@ def _parquet_parts(f: InputFile, path: Path, target: int) -> list[InputFile]:
         last = first + len(group.files)
         size = sum(sizes[first:last])
         out.append(
-            InputFile(
-                f.path,
-                size=size,
-                mtime_ns=f.mtime_ns,
-                part=FilePart(k, len(groups), FilePart.ROW_GROUPS, first, last, 0, f.size),
-            )
+            dataclasses.replace(f, size=size, part=FilePart(k, len(groups), FilePart.ROW_GROUPS, first, last, 0, f.size))
         )
         first = last
     return out
@@ -150,15 +144,19 @@ def part_size(target: int) -> int:
 
 def split_large_files(files: list[InputFile], root: Path, size: int) -> list[InputFile]:
     """``files`` with each CSV, JSON Lines or Parquet file bigger than ``size`` bytes cut into
-    about equal parts of at most ``size`` bytes (as far as records and row groups allow)."""
+    about equal parts of at most ``size`` bytes (as far as records and row groups allow).
+
+    A symbolic link is read at its planned ``target`` (a regular file inside ``root``, found by
+    the plan) and its parts keep the link's name; a refused link is never read nor cut.
+    """
     out: list[InputFile] = []
     for f in files:
         kind = SPLITTABLE.get(Path(f.path).suffix.lower())
-        if kind is None or f.size <= size:
+        if kind is None or f.size <= size or f.refused is not None:
             out.append(f)
             continue
         t0 = time.monotonic()
-        path = root / f.path
+        path = root / (f.target or f.path)
         if kind == "parquet":
             parts = _parquet_parts(f, path, size)
         else:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore_runtime.azure import main
-from batchscore_runtime.formats import InputFile, MiniBatch, MiniBatchDir, MiniBatchStatus, write_json_atomic
+from batchscore_runtime.formats import InputFile, ItemError, MiniBatch, MiniBatchDir, MiniBatchStatus, write_json_atomic
 from tests.helpers import write
 
 
@@ -300,3 +300,100 @@ def test_a_claim_is_readable_by_the_scoring_containers_user(tmp_path: Path) -> N
     assert out.commit(MiniBatchStatus(index=0, state=MiniBatchStatus.FAILED, files=0, attempt=2)) is False
     assert out.read_status() is None
     assert out.commit(MiniBatchStatus(index=0, state=MiniBatchStatus.FAILED, files=0, attempt=3)) is True
+
+
+# --------------------------------------------------------------------------- symbolic links
+
+
+REFUSED = (
+    "input file up.csv is a symbolic link to /host/secret.csv, outside input.path (/data/in); batchscore scores "
+    "only files inside input.path: copy the file in or point input.path at its folder"
+)
+
+
+@pytest.fixture()
+def linked(tmp_path: Path):
+    """Input files with a link the plan followed (latest.csv -> store/b.csv) and one it refused
+    (up.csv), which leads to a secret file that must never be read; runs a script on them."""
+    inputs = tmp_path / "in"
+    a = write(inputs / "a.csv", "id\n1\n")
+    b = write(inputs / "store" / "b.csv", "id\n2\n3\n")
+    c = write(inputs / "c.csv", "id\n4\n")
+    (inputs / "latest.csv").symlink_to(b)
+    (inputs / "up.csv").symlink_to(write(tmp_path / "secret.csv", "id\n666\n"))
+
+    def entry(p: Path, rel: str, **kw) -> InputFile:
+        return InputFile(rel, p.stat().st_size, p.stat().st_mtime_ns, **kw)
+
+    files = [
+        entry(a, "a.csv"),
+        entry(c, "c.csv"),
+        entry(b, "latest.csv", target="store/b.csv"),
+        InputFile("up.csv", 0, 0, refused=REFUSED),
+    ]
+
+    def run(script: str, planned: list[InputFile] = files) -> tuple[int, MiniBatchDir]:
+        mb_file = tmp_path / "mb.json"
+        write_json_atomic(mb_file, MiniBatch(index=2, files=planned).to_json())
+        out = MiniBatchDir(tmp_path / "out", 2)
+        path = write(tmp_path / "code" / "score.py", script)
+        return main(["--mini-batch", str(mb_file), "--input-root", str(inputs), "--scoring-script", str(path), "--output", str(out.path)]), out
+
+    run.inputs, run.files = inputs, files  # type: ignore[attr-defined]
+    return run
+
+
+READ_EACH = """
+import os, pandas as pd
+def run(mini_batch):
+    return pd.DataFrame([
+        {"file": os.path.basename(p), "ids": " ".join(map(str, pd.read_csv(p)["id"])), "real": os.path.realpath(p)}
+        for p in mini_batch
+    ])
+"""
+
+
+def test_a_link_is_read_at_its_target_under_its_own_name_and_a_refused_link_is_a_failed_item(linked) -> None:
+    code, out = linked(READ_EACH)
+
+    assert code == 0
+    assert result_rows(out) == [
+        {"file": "a.csv", "ids": "1", "real": str(linked.inputs / "a.csv")},
+        {"file": "c.csv", "ids": "4", "real": str(linked.inputs / "c.csv")},
+        {"file": "latest.csv", "ids": "2 3", "real": str(linked.inputs / "store" / "b.csv")},  # once, as its target
+    ]  # up.csv was never given to run(): its secret (666) is nowhere
+    status = out.read_status()
+    assert (status.files, status.rows, status.failed_items) == (4, 3, 1)
+    assert status.item_errors == [ItemError("up.csv", "LinkRefused", REFUSED)]
+    assert not list(out.path.glob("parts-*"))  # the links named for run() are gone
+
+
+def test_a_mini_batch_of_refused_links_only_never_calls_run(linked) -> None:
+    code, out = linked("def run(mb):\n    raise RuntimeError('run() must not be called')\n", [linked.files[3]])
+    status = out.read_status()
+    assert code == 0 and status.succeeded
+    assert (status.files, status.rows, status.failed_items, status.result_file) == (1, 0, 1, None)
+    assert status.item_errors == [ItemError("up.csv", "LinkRefused", REFUSED)]
+
+
+@pytest.mark.parametrize(
+    "change, now",
+    [
+        (lambda b: b.write_text("id\n2\n3\n4\n"), "9 bytes"),
+        (lambda b: b.unlink(), "gone"),
+        (lambda b: (b.unlink(), b.symlink_to(b.parent.parent / "c.csv")), "a symbolic link"),
+        (lambda b: (b.rename(b.parent.parent / "moved.csv"), b.parent.rename(b.parent.parent / "real"),
+                    b.parent.symlink_to(b.parent.parent / "real"), (b.parent.parent / "moved.csv").rename(b)),
+         "reached through a symbolic link"),
+    ],
+    ids=["size", "gone", "now-a-link", "through-a-link"],
+)
+def test_a_links_target_that_changed_since_the_plan_is_never_scored(linked, change, now: str) -> None:
+    change(linked.inputs / "store" / "b.csv")
+    code, out = linked(READ_EACH)
+    assert code == 1
+    assert failure(out) == (
+        "InputFileMissingError: input file latest.csv of mb-00002 is a symbolic link to store/b.csv, which changed "
+        f"since the plan (planned: a regular file of 7 bytes; now: {now}); batchscore scores only the file the plan "
+        "checked: restore it or start a new run (file latest.csv)"
+    )

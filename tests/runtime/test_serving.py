@@ -661,3 +661,41 @@ def test_runs_as_a_module(server: App, tmp_path: Path) -> None:
     assert outputs(out) == {"a.csv.out": b"1,2\n"}
     assert succeeded(out).attempt == 3
     assert "INFO batchscore: a.csv: 1 record in 1 payload -> a.csv.out (" in done.stdout
+
+
+# --------------------------------------------------------------------------- symbolic links
+
+
+def test_a_link_is_sent_from_its_target_under_its_own_name_and_a_refused_link_is_never_read(
+    server: App, tmp_path: Path
+) -> None:
+    score(tmp_path, server.url, {"a.csv": b"1,2\n", "store/b.csv": b"3,4\n5,6\n", "c.csv": b"7,8\n"})  # the files
+    inputs = tmp_path / "in"
+    (inputs / "latest.csv").symlink_to(inputs / "store" / "b.csv")
+    (tmp_path / "secret.csv").write_bytes(b"666,666\n")
+    (inputs / "up.csv").symlink_to("../secret.csv")
+    refused = (
+        "input file up.csv is a symbolic link to /host/secret.csv, outside input.path (/data/in); batchscore "
+        "scores only files inside input.path: copy the file in or point input.path at its folder"
+    )
+    b = (inputs / "store" / "b.csv").stat()
+    files = [
+        InputFile("a.csv", 4, (inputs / "a.csv").stat().st_mtime_ns),
+        InputFile("latest.csv", b.st_size, b.st_mtime_ns, target="store/b.csv"),
+        InputFile("up.csv", 0, 0, refused=refused),
+        InputFile("c.csv", 4, (inputs / "c.csv").stat().st_mtime_ns),
+    ]
+    write_json_atomic(tmp_path / "mb.json", MiniBatch(index=3, files=files).to_json())
+    server.requests.clear()
+    out = MiniBatchDir(tmp_path / "out", 3)
+    code = main(
+        ["--mini-batch", str(tmp_path / "mb.json"), "--input-root", str(inputs), "--output", str(out.path),
+         "--transform", json.dumps(TransformConfig(split_type="Line").to_json()), "--url", server.url]
+    )  # fmt: skip
+
+    assert code == 0
+    assert outputs(out) == {"a.csv.out": b"1,2\n", "c.csv.out": b"7,8\n", "latest.csv.out": b"3,4\n5,6\n"}
+    status = succeeded(out)
+    assert (status.files, status.rows, status.failed_items, status.custom_outputs) == (4, 4, 1, 3)  # rows: records
+    assert status.item_errors == [ItemError("up.csv", "LinkRefused", refused)]
+    assert not any(b"666" in body for body in server.posts())
