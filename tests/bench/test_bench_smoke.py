@@ -21,14 +21,15 @@ PLANNING_FIGURES = {"plan_run_s", "raw_listing_s", "dagbag_0_s", "dagbag_s", "bu
 def test_the_quick_benchmarks_report_figures_checks_and_a_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "latest.json"
 
-    assert main(["skew", "planning", "--small", "--output", str(out)]) == 0
+    assert main(["skew", "planning", "intake", "--small", "--output", str(out)]) == 0
 
     doc = json.loads(out.read_text())
     assert {"started_at", "finished_at", "machine", "benchmarks"} <= doc.keys()
     benchmarks = doc["benchmarks"]
-    assert list(benchmarks) == ["skew", "planning"]
+    assert list(benchmarks) == ["skew", "planning", "intake"]
     assert SKEW_FIGURES <= benchmarks["skew"]["figures"].keys()
     assert PLANNING_FIGURES <= benchmarks["planning"]["figures"].keys()
+    assert {"intake_s", "copy_s", "sweep_ms"} <= benchmarks["intake"]["figures"].keys()
     for bench in benchmarks.values():
         assert bench["checks"] and bench["notes"] == []
         for figure in bench["figures"].values():  # differences of two timings may be negative
