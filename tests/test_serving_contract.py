@@ -377,8 +377,9 @@ def test_unhealthy_and_dying_serving_containers_fail_their_mini_batch_clearly(
         "serve-broken",
         [
             # FAULT_NEVER_HEALTHY listens from the server's first moment (answering 503), before it
-            # loads the model: the client's first ping finds it, however slow the machine is.
-            deployment("never-healthy", {"FAULT_NEVER_HEALTHY": "1"}, {"init_timeout": 3}),
+            # loads the model; 20 s leave the server's Python start-up no race to lose on a loaded
+            # machine (3 s once did: "connection refused" instead of 503).
+            deployment("never-healthy", {"FAULT_NEVER_HEALTHY": "1"}, {"init_timeout": 20}),
             deployment("dies-at-start", {"FAULT_EXIT_AT_START": "1"}),
             deployment("dies-mid-job", {"FAULT_EXIT_MATCH": "boom"}),
         ],
@@ -389,7 +390,7 @@ def test_unhealthy_and_dying_serving_containers_fail_their_mini_batch_clearly(
     never = status_of(endpoint, "never-healthy", dag_run)
     assert (never.state, never.error.type) == ("failed", "ContainerNotHealthy")
     assert never.error.message.startswith(
-        "the serving container did not answer GET /ping with 200 within 3 s (settings.init_timeout); last answer: HTTP 503"
+        "the serving container did not answer GET /ping with 200 within 20 s (settings.init_timeout); last answer: HTTP 503"
     )
     at_start = status_of(endpoint, "dies-at-start", dag_run)
     assert (at_start.state, at_start.error.type) == ("failed", "ServingContainerDied")
