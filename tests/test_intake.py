@@ -185,3 +185,14 @@ def test_a_later_try_keeps_the_mini_batch(tmp_path: Path) -> None:
     assert intake is not None and not intake.committed
     assert result_dir(tmp_path).read_status() is None
     assert not list(result_dir(tmp_path).path.glob("result-*"))
+
+
+def test_a_warm_workers_protocol_lines_are_data() -> None:
+    """The hand-over's protocol lines come from the user's image: a malformed one is a log line, never a crash."""
+    from batchscore.warm import _protocol_line
+    from batchscore_runtime.warm import PREFIX
+
+    assert _protocol_line(PREFIX + '{"exit": 0}') == {"exit": 0}
+    assert _protocol_line(PREFIX + "{not json") is None
+    assert _protocol_line(PREFIX + "[1, 2]") is None
+    assert _protocol_line("an ordinary log line") is None

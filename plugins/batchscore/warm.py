@@ -556,8 +556,8 @@ class WarmWorkers:
             *lines, buffer = buffer.split(b"\n")
             for raw in lines:
                 line = raw.decode("utf-8", "replace")
-                if line.startswith(PREFIX):
-                    message = json.loads(line[len(PREFIX) :])
+                message = _protocol_line(line)
+                if message is not None:
                     if accepted is None:
                         accepted = message
                         if message.get("accepted"):
@@ -571,9 +571,9 @@ class WarmWorkers:
         code = self.cli.exec_inspect(exec_id).get("ExitCode")
         if accepted is None or not accepted.get("accepted"):
             return Outcome(False, state=(accepted or {}).get("state", "stopped"))
-        if ended is None or "exit" not in ended:
+        if ended is None or not isinstance(ended.get("exit"), int) or isinstance(ended.get("exit"), bool):
             return Outcome(True, exit_code=EXIT_LOST if code in (None, 0, EXIT_REFUSED) else code)
-        return Outcome(True, exit_code=int(ended["exit"]))
+        return Outcome(True, exit_code=ended["exit"])
 
     # ------------------------------------------------------------------ stop
 
@@ -596,6 +596,20 @@ class WarmWorkers:
         except APIError as exc:
             if exc.status_code != 409:  # 409: removal already in progress
                 raise
+
+
+def _protocol_line(line: str) -> dict[str, Any] | None:
+    """A line of ``submit``'s protocol as a JSON object; None for a log line (or one that only looks like the protocol).
+
+    The worker runs in the user's image, so its lines are data: a malformed one is logged, never raised on.
+    """
+    if not line.startswith(PREFIX):
+        return None
+    try:
+        message = json.loads(line[len(PREFIX) :])
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
 
 
 #: Seconds a worker container gets to start before its init_timeout counts.
