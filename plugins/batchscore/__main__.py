@@ -2,17 +2,25 @@
 
     python -m batchscore run iris-batch          # api-server + scheduler + dag-processor, one run
     python -m batchscore check dags/deployments  # validate YAML files, as the DAG file would
+
+SIGINT (Ctrl-C), SIGTERM and SIGHUP stop ``run`` cleanly (:mod:`batchscore.shutdown`): the Airflow
+components and every process they started, then every container of the run (warm workers,
+serving and scoring containers); one line says what was stopped, and the exit status is 128 + the
+signal's number (130 for Ctrl-C). A second signal during that shutdown kills what is left at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from batchscore import shutdown
 from batchscore.errors import BatchScoreError, DeploymentSpecError
 from batchscore.factory import find_yaml_files
 from batchscore.plan import run_layout
@@ -40,14 +48,40 @@ def _progress(tis: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchscore.localairflow import LocalAirflow, LocalAirflowError
+    from batchscore.localairflow import LocalAirflow
 
     dags_folder = Path(args.dags_folder).resolve()
     deployments = Path(os.environ.get("BATCHSCORE_DEPLOYMENTS_DIR", dags_folder / "deployments"))
     endpoint = _endpoint(deployments, args.dag_id)
-    home = Path(args.home).resolve()
-    print(f"Starting Airflow (api-server, scheduler, dag-processor) in {home} ...", flush=True)
-    with LocalAirflow(home, dags_folder) as airflow:  # starts the components, stops them on exit
+    airflow = LocalAirflow(Path(args.home).resolve(), dags_folder)
+    run_ids: list[str] = []  # the runs this command triggered, as soon as it knows them
+    try:
+        return _run(args, airflow, endpoint, run_ids)
+    except shutdown.Interrupted:
+        _stop_all(airflow, endpoint, args.dag_id, run_ids, args.stop_grace)
+        raise
+
+
+def _stop_all(airflow: Any, endpoint: EndpointSpec, dag_id: str, run_ids: list[str], grace: float) -> None:
+    """After a signal: stop Airflow and every process it started, then remove the runs' containers.
+
+    Airflow goes first, so that no task starts a container after the sweep; a run whose id the
+    trigger did not hand back before the signal is found through the API while it still answers.
+    """
+    shutdown.say(f"{shutdown.signal_name()}: stopping Airflow and the run's containers (a second signal kills them at once) ...")
+    if airflow.procs and not shutdown.forced():
+        with contextlib.suppress(Exception):
+            run_ids += [r["dag_run_id"] for r in airflow.runs_since_start(dag_id)]
+    airflow.stop(grace)
+    shutdown.remove_run_containers(endpoint.endpoint_name, run_ids)
+    shutdown.end_gpu_holders(airflow.gpu_holders())  # each one ends when its container is gone
+
+
+def _run(args: argparse.Namespace, airflow: Any, endpoint: EndpointSpec, run_ids: list[str]) -> int:
+    from batchscore.localairflow import LocalAirflowError
+
+    print(f"Starting Airflow (api-server, scheduler, dag-processor) in {airflow.home} ...", flush=True)
+    with airflow:  # starts the components, stops them on exit
         print(f"Airflow is up at {airflow.base_url}; waiting for DAG {args.dag_id} to be parsed ...", flush=True)
         try:
             airflow.wait_for_dag(args.dag_id)
@@ -57,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             print(exc, file=sys.stderr)
             return 1
         run_id = airflow.trigger(args.dag_id, conf=json.loads(args.conf) if args.conf else None)
+        run_ids.append(run_id)
         print(f"Triggered run {run_id}", flush=True)
         deadline = time.monotonic() + args.timeout
         last = ""
@@ -120,6 +155,7 @@ def check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    shutdown.install()  # first thing: a signal from now on stops what was started, and says so
     parser = argparse.ArgumentParser(prog="python -m batchscore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run one DAG on a local Airflow (SQLite, LocalExecutor) and wait")
@@ -128,12 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--home", default=".airflow", help="AIRFLOW_HOME of the local Airflow")
     p_run.add_argument("--conf", help="the run's conf, as JSON")
     p_run.add_argument("--timeout", type=float, default=1800)
+    p_run.add_argument(
+        "--stop-grace", type=float, default=20, metavar="SECONDS",
+        help="after a signal, how long Airflow's processes get to end before they are killed (default 20)",
+    )  # fmt: skip
     p_run.set_defaults(func=run)
     p_check = sub.add_parser("check", help="validate the deployment YAML files of a folder")
     p_check.add_argument("folder", nargs="?", default="dags/deployments")
     p_check.set_defaults(func=check)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except shutdown.Interrupted as stopped:
+        shutdown.say(shutdown.report())
+        return stopped.exit_status
 
 
 if __name__ == "__main__":

@@ -17,6 +17,14 @@ Layout under ``home`` (``AIRFLOW_HOME``)::
     scheduler.log
     dag-processor.log
 
+Stopping: :meth:`LocalAirflow.stop` (also on leaving the ``with`` block, on any exception,
+``KeyboardInterrupt`` and :class:`batchscore.shutdown.Interrupted` included) ends every process the
+stack started, at any depth: each component runs in a session of its own, and every descendant
+inherits the stack's environment marker (``BATCHSCORE_LOCAL_AIRFLOW``), so that a LocalExecutor
+worker, a task process or a subprocess of a task is found even after its parent died or it left
+the component's process group. The warm workers' GPU holders are left alone: each ends when its
+container is gone (:func:`batchscore.shutdown.end_gpu_holders`).
+
 Configuration is passed only through environment variables of the child
 processes (see :meth:`LocalAirflow.child_env`); the caller's Airflow settings
 (``AIRFLOW__*``, ``AIRFLOW_HOME``, ``AIRFLOW_CONFIG``) are *not* inherited, so
@@ -58,13 +66,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import psutil  # a dependency of apache-airflow itself
+
+from batchscore import shutdown
 
 __all__ = ["LocalAirflow", "LocalAirflowError"]
 
@@ -78,6 +88,8 @@ _COMMANDS = {
 #: Dag run states after which the scheduler does nothing more with a run.
 TERMINAL_RUN_STATES = ("success", "failed")
 _POLL_S = 1.0
+#: Environment variable naming the stack in all its processes (see :meth:`LocalAirflow.processes`).
+MARK_ENV = "BATCHSCORE_LOCAL_AIRFLOW"
 _LOG_TAIL_LINES = 40
 
 
@@ -166,6 +178,7 @@ class LocalAirflow:
         self.started_at: datetime | None = None  # UTC, set by start()
         self._jwt_secret = secrets.token_urlsafe(64)  # HS512 wants >= 64 bytes
         self._api_secret = secrets.token_urlsafe(32)
+        self.mark = secrets.token_hex(8)  # MARK_ENV's value in this stack's processes
 
     # ------------------------------------------------------------------ setup
 
@@ -204,6 +217,7 @@ class LocalAirflow:
             }
         )
         env.update(self.extra_env)
+        env[MARK_ENV] = self.mark
         return env
 
     def log_path(self, component: str) -> Path:
@@ -233,6 +247,9 @@ class LocalAirflow:
             _terminate(_tree(proc.pid), 5, [proc])
             proc.wait()
             raise LocalAirflowError(self._failure("`airflow db migrate` timed out", "db-migrate")) from None
+        except BaseException:  # a signal: it is in a session of its own, so nobody else stops it
+            _terminate(_tree(proc.pid), 5, [proc])
+            raise
         if rc != 0:
             raise LocalAirflowError(self._failure(f"`airflow db migrate` exited {rc}", "db-migrate"))
 
@@ -342,21 +359,54 @@ class LocalAirflow:
                 )
             time.sleep(_POLL_S)
 
-    def stop(self, grace: float = 20) -> None:
-        """Stop all components and their children: SIGTERM, SIGKILL after ``grace`` s.
+    def processes(self) -> tuple[set[int], list[psutil.Process]]:
+        """Every live process of the stack: ``(pids, gpu_holders)``.
 
-        Idempotent.  Descendants that moved to their own process group (the
-        task supervisor puts each task in one) are signalled too.
+        The components' trees, and whatever carries the stack's marker (:data:`MARK_ENV`): a
+        task whose LocalExecutor worker died, or a subprocess of a task in a session of its own.
+        The warm workers' GPU holders come apart: they must live as long as their containers.
         """
-        procs, self.procs = self.procs, {}
         pids: set[int] = set()
-        for proc in procs.values():
+        for proc in self.procs.values():
             if proc.poll() is None:
                 pids |= _tree(proc.pid)
-        _terminate(pids, grace, procs.values())
+        found = {p.pid: p for p in shutdown.marked_processes(MARK_ENV, self.mark)}
+        for pid in pids - found.keys():
+            with contextlib.suppress(psutil.Error):
+                found[pid] = psutil.Process(pid)
+        holders = [p for p in found.values() if shutdown.is_gpu_holder(p)]
+        return {pid for pid in found if pid not in {h.pid for h in holders}}, holders
+
+    def gpu_holders(self) -> list[psutil.Process]:
+        """The GPU holders of warm workers that tasks of this stack started, still running."""
+        return self.processes()[1]
+
+    def stop(self, grace: float = 20) -> None:
+        """Stop all components and every process they started: SIGTERM, SIGKILL after ``grace`` s.
+
+        Idempotent.  Descendants that moved to their own process group (the task supervisor
+        puts each task in one) or whose parent died are found by the stack's marker (see
+        :meth:`processes`) and signalled too; GPU holders are not.  A second signal during a
+        :mod:`batchscore.shutdown` cuts the grace short; a signal that arrives during the stop
+        does not cut it short: the stop ends, then the signal's exception goes on.
+        """
+        try:
+            self._stop(grace)
+        except KeyboardInterrupt:  # shutdown.Interrupted too: finish the stop, then go on unwinding
+            self._stop(grace)
+            raise
+
+    def _stop(self, grace: float) -> None:
+        procs = dict(self.procs)
+        pids, _ = self.processes()
+        if pids:
+            _terminate(pids, grace, procs.values(), rescan=lambda: self.processes()[0])
         for proc in procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):  # only if unkillable (D state)
                 proc.wait(5)
+        self.procs = {}
+        if procs:
+            shutdown.note(f"stopped Airflow ({', '.join(procs)}: {len(pids)} processes)")
 
     def __enter__(self) -> LocalAirflow:
         self.start()
@@ -471,6 +521,13 @@ class LocalAirflow:
                 )
             time.sleep(_POLL_S)
         return state
+
+    def runs_since_start(self, dag_id: str) -> list[dict]:
+        """The runs of ``dag_id`` queued since :meth:`start` (not those of earlier sessions in the same home)."""
+        return [
+            run for run in self._paged(f"/api/v2/dags/{_q(dag_id)}/dagRuns", "dag_runs")
+            if self.started_at is None or _utc(run.get("queued_at") or run["run_after"]) >= self.started_at
+        ]  # fmt: skip
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         """Return all task instances of a run, mapped ones included (one per ``map_index``)."""
@@ -630,10 +687,17 @@ def _signal(pids: Iterable[int], sig: signal.Signals) -> None:
             os.killpg(pgid, sig)
 
 
-def _terminate(pids: set[int], grace: float, reap: Iterable[subprocess.Popen[bytes]] = ()) -> None:
-    """SIGTERM ``pids`` and their process groups; SIGKILL whatever runs after ``grace`` s.
+def _terminate(
+    pids: set[int],
+    grace: float,
+    reap: Iterable[subprocess.Popen[bytes]] = (),
+    rescan: Callable[[], set[int]] | None = None,
+) -> None:
+    """SIGTERM ``pids`` and their process groups; SIGKILL whatever runs after ``grace`` s, or
+    at once when a second signal forces the shutdown (:func:`batchscore.shutdown.forced`).
 
-    ``reap`` are our own children among them, polled so they do not stay zombies.
+    ``reap`` are our own children among them, polled so they do not stay zombies. ``rescan``
+    finds processes started meanwhile (a task forked as the scheduler stopped): killed too.
     """
     reap = list(reap)
 
@@ -643,10 +707,11 @@ def _terminate(pids: set[int], grace: float, reap: Iterable[subprocess.Popen[byt
         return {p for p in pids if _running(p)}
 
     _signal(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if left := alive():
+    shutdown.wait_unless_forced(grace, lambda: not alive())
+    for _ in range(3):
+        left = alive() | (rescan() if rescan else set())
+        if not left:
+            return
         # Something still runs: take its newest children along, and kill.
         for pid in list(left):
             left |= _tree(pid)
