@@ -13,6 +13,7 @@ stop grace longer than the test may last: only a forced shutdown ends it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -79,6 +80,7 @@ class Command:
         self.root = root
         self.endpoint = f"signals-{uuid.uuid4().hex[:8]}"
         self.mark = uuid.uuid4().hex
+        self.seen: set[tuple[int, float]] = set()  # every process of the command the test saw
         (root / "model").mkdir()
         write(root / "code" / "score.py", BLOCKING_SCRIPT)
         self.output = root / "output"
@@ -132,19 +134,19 @@ class Command:
         self.wait_for("mini-batch scoring", lambda: any(self.output.rglob("scoring-*")))
 
     def processes(self) -> set[tuple[int, float]]:
-        """The command and every process that carries its marker, as (pid, start time): a pid may be reused."""
-        found = {(p.pid, p.create_time()) for p in shutdown.marked_processes(MARK, self.mark)}
-        with_tree = [self.proc.pid]
-        try:
-            parent = psutil.Process(self.proc.pid)
-            with_tree += [c.pid for c in parent.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-        for pid in with_tree:
-            try:
+        """The command's processes now, as (pid, start time) (a pid may be reused): its tree, what carries
+        its marker (if its title did not overwrite it) and the members of their sessions."""
+        pids = {self.proc.pid}
+        with contextlib.suppress(psutil.NoSuchProcess):
+            pids |= {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
+        pids |= {p.pid for p in shutdown.marked_processes(MARK, self.mark)}
+        sessions = {sid for pid in pids if (sid := _session(pid)) is not None} - {os.getsid(0)}
+        pids |= {pid for pid in psutil.pids() if _session(pid) in sessions}
+        found = set()
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 found.add((pid, psutil.Process(pid).create_time()))
-            except psutil.NoSuchProcess:
-                pass
+        self.seen |= found
         return found
 
     def containers(self) -> list[str]:
@@ -159,22 +161,33 @@ class Command:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        for line in still_running(self.seen, time.time()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
         for p in shutdown.marked_processes(MARK, self.mark):
             p.kill()
         if names := self.containers():
             subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
 
 
-def still_running(processes: set[tuple[int, float]]) -> list[str]:
-    """Those of ``processes`` that still run (the same process: same pid, same start time)."""
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def still_running(processes: set[tuple[int, float]], ended_at: float) -> list[str]:
+    """Those of ``processes`` that still run, and any process started before ``ended_at`` (a time.time())
+    in one of their sessions: a descendant that moved out of the tree after ``processes`` was taken."""
+    sessions = {sid for pid, _ in processes if (sid := _session(pid)) is not None} - {os.getsid(0)}
     left = []
-    for pid, started in processes:
-        try:
-            p = psutil.Process(pid)
-            if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
-                left.append(f"{pid} {' '.join(p.cmdline())[:120]}")
-        except psutil.NoSuchProcess:
-            pass
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if (p.pid, p.create_time()) in processes or (_session(p.pid) in sessions and p.create_time() <= ended_at):
+                left.append(f"{p.pid} {' '.join(p.cmdline())[:160]}")
     return left
 
 
@@ -213,14 +226,14 @@ def test_a_signal_mid_run_stops_airflow_and_the_runs_containers(command, sig: si
 
     cmd.proc.send_signal(sig)
     assert cmd.proc.wait(timeout=WAIT_S) == 128 + sig
+    ended_at = time.time()
     out = cmd.out
-    print(out)
 
     assert "Traceback" not in out
     lines = out.rstrip("\n").splitlines()
     assert lines[-2] == f"{sig.name}: stopping Airflow and the run's containers (a second signal kills them at once) ..."
     assert re.fullmatch(_stopped_line(sig.name, run_id, cmd.endpoint), lines[-1]), lines[-1]
-    assert still_running(processes | cmd.processes()) == []
+    assert still_running(processes, ended_at) == []
     assert cmd.containers() == []
 
 
@@ -239,11 +252,11 @@ def test_a_second_signal_kills_what_the_first_is_still_stopping(command, tmp_pat
     cmd.wait_for("SIGTERM reaching the stubborn subprocess", lambda: (tmp_path / "got-term").exists())
     cmd.proc.send_signal(signal.SIGINT)
     assert cmd.proc.wait(timeout=WAIT_S) == 128 + signal.SIGTERM
+    ended_at = time.time()
     out = cmd.out
-    print(out)
 
     assert "Traceback" not in out
     last = out.rstrip("\n").splitlines()[-1]
     assert re.fullmatch(_stopped_line("SIGTERM", run_id, cmd.endpoint, forced_by="SIGINT"), last), last
-    assert still_running(processes | cmd.processes()) == []
+    assert still_running(processes, ended_at) == []
     assert cmd.containers() == []

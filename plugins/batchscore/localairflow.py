@@ -359,23 +359,31 @@ class LocalAirflow:
                 )
             time.sleep(_POLL_S)
 
-    def processes(self) -> tuple[set[int], list[psutil.Process]]:
-        """Every live process of the stack: ``(pids, gpu_holders)``.
+    def processes(self, components: Iterable[str] | None = None) -> tuple[set[int], list[psutil.Process]]:
+        """Every live process of the stack (or of some of its ``components``): ``(pids, gpu_holders)``.
 
-        The components' trees, and whatever carries the stack's marker (:data:`MARK_ENV`): a
-        task whose LocalExecutor worker died, or a subprocess of a task in a session of its own.
-        The warm workers' GPU holders come apart: they must live as long as their containers.
+        Each component leads a session of its own, which its descendants keep wherever they
+        move (the task supervisor puts each task in a process group of its own, in the same
+        session) and after their parent died: a task whose LocalExecutor worker was killed is
+        found by its session. A descendant that starts a session of its own is found by the
+        stack's marker (:data:`MARK_ENV`, in its environment; Airflow's processes overwrite
+        theirs with their titles) or, while its parent lives, as a child. The warm workers'
+        GPU holders come apart: they must live as long as their containers.
         """
+        procs = [p for name, p in self.procs.items() if components is None or name in components]
         pids: set[int] = set()
-        for proc in self.procs.values():
+        for proc in procs:
             if proc.poll() is None:
                 pids |= _tree(proc.pid)
-        found = {p.pid: p for p in shutdown.marked_processes(MARK_ENV, self.mark)}
-        for pid in pids - found.keys():
+        pids |= _session_members(procs)
+        if components is None:
+            pids |= {p.pid for p in shutdown.marked_processes(MARK_ENV, self.mark)}
+        found = {}
+        for pid in pids:
             with contextlib.suppress(psutil.Error):
                 found[pid] = psutil.Process(pid)
         holders = [p for p in found.values() if shutdown.is_gpu_holder(p)]
-        return {pid for pid in found if pid not in {h.pid for h in holders}}, holders
+        return set(found) - {h.pid for h in holders}, holders
 
     def gpu_holders(self) -> list[psutil.Process]:
         """The GPU holders of warm workers that tasks of this stack started, still running."""
@@ -384,11 +392,11 @@ class LocalAirflow:
     def stop(self, grace: float = 20) -> None:
         """Stop all components and every process they started: SIGTERM, SIGKILL after ``grace`` s.
 
-        Idempotent.  Descendants that moved to their own process group (the task supervisor
-        puts each task in one) or whose parent died are found by the stack's marker (see
-        :meth:`processes`) and signalled too; GPU holders are not.  A second signal during a
-        :mod:`batchscore.shutdown` cuts the grace short; a signal that arrives during the stop
-        does not cut it short: the stop ends, then the signal's exception goes on.
+        The api-server goes last: a task stopped by SIGTERM still reports its end through it
+        (else its supervisor retries for many seconds before it gives up).  Idempotent.  Every
+        process that :meth:`processes` finds is stopped, GPU holders aside.  A second signal
+        during a :mod:`batchscore.shutdown` cuts the grace short; a signal that arrives during
+        the stop does not: the stop ends, then the signal's exception goes on.
         """
         try:
             self._stop(grace)
@@ -398,15 +406,23 @@ class LocalAirflow:
 
     def _stop(self, grace: float) -> None:
         procs = dict(self.procs)
-        pids, _ = self.processes()
-        if pids:
-            _terminate(pids, grace, procs.values(), rescan=lambda: self.processes()[0])
+        api_side = ["api-server"]
+
+        def first() -> set[int]:
+            return self.processes()[0] - self.processes(api_side)[0]
+
+        stopped = first()
+        if stopped:
+            _terminate(stopped, grace, [p for name, p in procs.items() if name not in api_side], rescan=first)
+        last = self.processes()[0]
+        if last:
+            _terminate(last, grace, procs.values(), rescan=lambda: self.processes()[0])
         for proc in procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):  # only if unkillable (D state)
                 proc.wait(5)
         self.procs = {}
         if procs:
-            shutdown.note(f"stopped Airflow ({', '.join(procs)}: {len(pids)} processes)")
+            shutdown.note(f"stopped Airflow ({', '.join(procs)}: {len(stopped | last)} processes)")
 
     def __enter__(self) -> LocalAirflow:
         self.start()
@@ -662,6 +678,26 @@ def _tree(pid: int) -> set[int]:
         return {pid, *(c.pid for c in parent.children(recursive=True))}
     except psutil.NoSuchProcess:
         return set()
+
+
+def _session_members(leaders: Iterable[subprocess.Popen[bytes]]) -> set[int]:
+    """The live processes of the sessions that these children of ours started (``start_new_session``).
+
+    A session keeps its leader's pid as its id while it has members, even after the leader
+    died, and the kernel hands that pid to no new process meanwhile: once the leader is reaped,
+    a live process with its pid means the session ended and the pid was reused.
+    """
+    ours = {proc.pid for proc in leaders if proc.poll() is None or not _running(proc.pid)}
+    if not ours:
+        return set()
+    return {pid for pid in psutil.pids() if _session_of(pid) in ours and _running(pid)}
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
 
 
 def _running(pid: int) -> bool:
