@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
 from batchscore import shutdown
 from batchscore.errors import BatchScoreError, DeploymentSpecError
@@ -48,40 +48,15 @@ def _progress(tis: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchscore.localairflow import LocalAirflow
+    from batchscore.localairflow import LocalAirflow, LocalAirflowError
 
     dags_folder = Path(args.dags_folder).resolve()
     deployments = Path(os.environ.get("BATCHSCORE_DEPLOYMENTS_DIR", dags_folder / "deployments"))
     endpoint = _endpoint(deployments, args.dag_id)
-    airflow = LocalAirflow(Path(args.home).resolve(), dags_folder)
-    run_ids: list[str] = []  # the runs this command triggered, as soon as it knows them
-    try:
-        return _run(args, airflow, endpoint, run_ids)
-    except shutdown.Interrupted:
-        _stop_all(airflow, endpoint, args.dag_id, run_ids, args.stop_grace)
-        raise
-
-
-def _stop_all(airflow: Any, endpoint: EndpointSpec, dag_id: str, run_ids: list[str], grace: float) -> None:
-    """After a signal: stop Airflow and every process it started, then remove the runs' containers.
-
-    Airflow goes first, so that no task starts a container after the sweep; a run whose id the
-    trigger did not hand back before the signal is found through the API while it still answers.
-    """
-    shutdown.say(f"{shutdown.signal_name()}: stopping Airflow and the run's containers (a second signal kills them at once) ...")
-    if airflow.procs and not shutdown.forced():
-        with contextlib.suppress(Exception):
-            run_ids += [r["dag_run_id"] for r in airflow.runs_since_start(dag_id)]
-    airflow.stop(grace)
-    shutdown.remove_run_containers(endpoint.endpoint_name, run_ids)
-    shutdown.end_gpu_holders(airflow.gpu_holders())  # each one ends when its container is gone
-
-
-def _run(args: argparse.Namespace, airflow: Any, endpoint: EndpointSpec, run_ids: list[str]) -> int:
-    from batchscore.localairflow import LocalAirflowError
-
+    airflow = LocalAirflow(Path(args.home).resolve(), dags_folder, stop_grace=args.stop_grace)
     print(f"Starting Airflow (api-server, scheduler, dag-processor) in {airflow.home} ...", flush=True)
-    with airflow:  # starts the components, stops them on exit
+    # Leaving the block stops the components, every process they started and the run's containers.
+    with airflow, _saying_what_stops():
         print(f"Airflow is up at {airflow.base_url}; waiting for DAG {args.dag_id} to be parsed ...", flush=True)
         try:
             airflow.wait_for_dag(args.dag_id)
@@ -91,7 +66,6 @@ def _run(args: argparse.Namespace, airflow: Any, endpoint: EndpointSpec, run_ids
             print(exc, file=sys.stderr)
             return 1
         run_id = airflow.trigger(args.dag_id, conf=json.loads(args.conf) if args.conf else None)
-        run_ids.append(run_id)
         print(f"Triggered run {run_id}", flush=True)
         deadline = time.monotonic() + args.timeout
         last = ""
@@ -140,6 +114,16 @@ def _run(args: argparse.Namespace, airflow: Any, endpoint: EndpointSpec, run_ids
         else:
             print(f"  {deployment.name}: no summary in {layout.root}")
     return 0 if state == "success" else 1
+
+
+@contextlib.contextmanager
+def _saying_what_stops() -> Iterator[None]:
+    """After a signal, say what is about to stop: it may take the stop grace."""
+    try:
+        yield
+    except shutdown.Interrupted:
+        shutdown.say(f"{shutdown.signal_name()}: stopping Airflow and the run's containers (a second signal kills them at once) ...")
+        raise
 
 
 def check(args: argparse.Namespace) -> int:

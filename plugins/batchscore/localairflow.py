@@ -157,6 +157,7 @@ class LocalAirflow:
     :param env: extra environment for the components; overrides the defaults.
     :param parallelism: ``[core] parallelism``, the most task instances
         running at once.
+    :param stop_grace: seconds :meth:`stop` gives the processes to end before it kills them.
     """
 
     def __init__(
@@ -167,6 +168,7 @@ class LocalAirflow:
         port: int | None = None,
         env: dict[str, str] | None = None,
         parallelism: int = 4,
+        stop_grace: float = 20,
     ) -> None:
         self.home = Path(home).resolve()
         self.dags_folder = Path(dags_folder).resolve()
@@ -179,6 +181,9 @@ class LocalAirflow:
         self._jwt_secret = secrets.token_urlsafe(64)  # HS512 wants >= 64 bytes
         self._api_secret = secrets.token_urlsafe(32)
         self.mark = secrets.token_hex(8)  # MARK_ENV's value in this stack's processes
+        self.stop_grace = stop_grace
+        self.runs: set[tuple[str, str]] = set()  # (dag_id, run_id) triggered or cleared through this object
+        self._triggering: set[str] = set()  # dags whose trigger has not answered (yet)
 
     # ------------------------------------------------------------------ setup
 
@@ -389,15 +394,18 @@ class LocalAirflow:
         """The GPU holders of warm workers that tasks of this stack started, still running."""
         return self.processes()[1]
 
-    def stop(self, grace: float = 20) -> None:
-        """Stop all components and every process they started: SIGTERM, SIGKILL after ``grace`` s.
+    def stop(self, grace: float | None = None) -> None:
+        """Stop all components, every process they started and the containers of the runs triggered
+        (or cleared) through this object: SIGTERM, SIGKILL after ``grace`` s (:attr:`stop_grace`).
 
         The api-server goes last: a task stopped by SIGTERM still reports its end through it
-        (else its supervisor retries for many seconds before it gives up).  Idempotent.  Every
-        process that :meth:`processes` finds is stopped, GPU holders aside.  A second signal
-        during a :mod:`batchscore.shutdown` cuts the grace short; a signal that arrives during
-        the stop does not: the stop ends, then the signal's exception goes on.
+        (else its supervisor retries for many seconds before it gives up).  Every process that
+        :meth:`processes` finds is stopped, GPU holders aside: each ends once its container is
+        removed (checked: one still running 30 s later is killed).  Idempotent.  A second
+        signal during a :mod:`batchscore.shutdown` cuts the grace short; a signal that arrives
+        during the stop does not: the stop ends, then the signal's exception goes on.
         """
+        grace = self.stop_grace if grace is None else grace
         try:
             self._stop(grace)
         except KeyboardInterrupt:  # shutdown.Interrupted too: finish the stop, then go on unwinding
@@ -406,6 +414,10 @@ class LocalAirflow:
 
     def _stop(self, grace: float) -> None:
         procs = dict(self.procs)
+        if self._triggering and procs and not shutdown.forced():
+            with contextlib.suppress(LocalAirflowError):  # the run a trigger made before a signal cut it short
+                self.runs |= {(d, r["dag_run_id"]) for d in list(self._triggering) for r in self._runs_since_start(d)}
+            self._triggering.clear()
         api_side = ["api-server"]
 
         def first() -> set[int]:
@@ -423,6 +435,24 @@ class LocalAirflow:
         self.procs = {}
         if procs:
             shutdown.note(f"stopped Airflow ({', '.join(procs)}: {len(stopped | last)} processes)")
+        self._remove_run_containers()
+
+    def _remove_run_containers(self) -> None:
+        """Remove the containers of :attr:`runs` (none are left after a run that ended), then check
+        that the GPU holders of their warm workers end on their own."""
+        if not self.runs:
+            return
+        holders = self.gpu_holders()
+        by_dag: dict[str, list[str]] = {}
+        for dag_id, run_id in sorted(self.runs):
+            by_dag.setdefault(dag_id, []).append(run_id)
+        for dag_id, run_ids in by_dag.items():  # a batchscore DAG's id is its endpoint's name
+            try:
+                shutdown.remove_run_containers(dag_id, run_ids)
+            except Exception as exc:  # noqa: BLE001 - no Docker engine here: no container either
+                if not _no_docker(exc):
+                    raise
+        shutdown.end_gpu_holders(holders)
 
     def __enter__(self) -> LocalAirflow:
         self.start()
@@ -513,11 +543,14 @@ class LocalAirflow:
 
     def trigger(self, dag_id: str, conf: dict | None = None) -> str:
         """Trigger a manual run (no logical date) and return its ``dag_run_id``."""
+        self._triggering.add(dag_id)  # a signal before the answer: stop() asks the API for the run
         run = self.api(
             "POST",
             f"/api/v2/dags/{_q(dag_id)}/dagRuns",
             {"logical_date": None, "conf": conf or {}},
         )
+        self.runs.add((dag_id, run["dag_run_id"]))
+        self._triggering.discard(dag_id)
         return run["dag_run_id"]
 
     def dag_run(self, dag_id: str, run_id: str) -> dict:
@@ -538,7 +571,7 @@ class LocalAirflow:
             time.sleep(_POLL_S)
         return state
 
-    def runs_since_start(self, dag_id: str) -> list[dict]:
+    def _runs_since_start(self, dag_id: str) -> list[dict]:
         """The runs of ``dag_id`` queued since :meth:`start` (not those of earlier sessions in the same home)."""
         return [
             run for run in self._paged(f"/api/v2/dags/{_q(dag_id)}/dagRuns", "dag_runs")
@@ -572,6 +605,7 @@ class LocalAirflow:
             "only_failed": only_failed,  # the API default is True
             "reset_dag_runs": True,
         }
+        self.runs.add((dag_id, run_id))
         resp = self.api("POST", f"/api/v2/dags/{_q(dag_id)}/clearTaskInstances", body)
         return resp["task_instances"]
 
@@ -691,6 +725,14 @@ def _session_members(leaders: Iterable[subprocess.Popen[bytes]]) -> set[int]:
     if not ours:
         return set()
     return {pid for pid in psutil.pids() if _session_of(pid) in ours and _running(pid)}
+
+
+def _no_docker(exc: Exception) -> bool:
+    """Whether ``exc`` says that no Docker engine answers (the docker SDK's or its transport's error)."""
+    from docker.errors import DockerException
+    from requests.exceptions import ConnectionError as Unreachable
+
+    return isinstance(exc, Unreachable) or (isinstance(exc, DockerException) and not hasattr(exc, "status_code"))
 
 
 def _session_of(pid: int) -> int | None:
