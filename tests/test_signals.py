@@ -260,3 +260,40 @@ def test_a_second_signal_kills_what_the_first_is_still_stopping(command, tmp_pat
     assert re.fullmatch(_stopped_line("SIGTERM", run_id, cmd.endpoint, forced_by="SIGINT"), last), last
     assert still_running(processes, ended_at) == []
     assert cmd.containers() == []
+
+
+@pytest.mark.docker
+def test_a_warm_workers_gpu_holder_ends_by_itself_once_the_sweep_removed_its_container(
+    scoring_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: the host's GPUs are named by BATCHSCORE_GPUS and never reach Docker."""
+    from batchscore.warm import lease_for_worker
+    from tests.helpers import load
+
+    monkeypatch.setenv("BATCHSCORE_GPUS", "g0")
+    monkeypatch.setenv("BATCHSCORE_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    write(tmp_path / "in" / "score.py", BLOCKING_SCRIPT)
+    endpoint = f"signals-{uuid.uuid4().hex[:8]}"
+    spec = load(
+        deployment_file(tmp_path / "yaml", model=tmp_path / "in", code=tmp_path / "in", inputs=tmp_path / "in",
+                        endpoint=endpoint, resources={"gpus": 1})
+    ).deployments[0]  # fmt: skip
+    name = f"batchscore-test-{endpoint}-w1"
+    labels = [f"batchscore.endpoint={endpoint}", "batchscore.run_id=run-1", "batchscore.role=warm-worker"]
+    holder = None
+    try:
+        subprocess.run(
+            ["docker", "run", "-d", "--name", name, *(a for label in labels for a in ("--label", label)), scoring_image, "sleep", "300"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        _, _, holder = lease_for_worker(spec, name, name)
+        assert holder.poll() is None  # holds the GPU while the container lives
+
+        assert shutdown.remove_run_containers(endpoint, ["run-1", "run-2"]) == {"run-1": [name]}
+        assert shutdown.end_gpu_holders([psutil.Process(holder.pid)]) == []  # none had to be killed
+        assert holder.wait(timeout=10) == 0  # it ended by itself, not by a signal
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait()

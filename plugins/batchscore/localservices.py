@@ -93,7 +93,11 @@ class _Service:
             shutdown.note(f"stopped {self.name}")
 
     def __enter__(self) -> Any:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

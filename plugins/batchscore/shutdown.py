@@ -5,7 +5,8 @@
   in the main thread, so that the ``with`` and ``finally`` blocks that started something stop it. A
   second signal during that shutdown raises nothing: it sets :func:`forced`, and the stop loops
   (:meth:`batchscore.localairflow.LocalAirflow.stop`, the local services' ``stop``) kill what is left
-  at once instead of giving it time to end.
+  at once instead of giving it time to end. A third one ends the process at once, as if it were
+  not handled (only the components' parent-death signal then stops them).
 * :func:`note` collects what the shutdown stopped; :func:`report` is the one line said at the end.
   The exit status is ``128 + the first signal's number`` (130 for Ctrl-C).
 * :func:`marked_processes` finds processes by an environment variable every descendant inherits,
@@ -69,6 +70,10 @@ def _handler(signum: int, frame: Any) -> None:
         raise Interrupted(signum)
     if _state.second is None:
         _state.second = signum  # read by the stop loops; raising again would cut the shutdown short
+        return
+    # A third: something other than the stop loops hangs. End now, as the signal would have.
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def install() -> None:
