@@ -15,6 +15,7 @@ temporary directory, and processes that carry the session's marker in their envi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -68,10 +69,10 @@ def _nothing_left_behind(tmp_path_factory: pytest.TempPathFactory, request: pyte
         p.kill()
     if rest:
         left.append(f"process(es) {', '.join(str(p.pid) for p in rest)}")
-    if left:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        line = f"tests left running, now removed: {'; '.join(left)}"
-        reporter.write_line(line) if reporter else print(line)
+    if left:  # on the terminal, not in the last test's captured output
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(f"\ntests left running, now removed: {'; '.join(left)}", flush=True)
 
 
 @pytest.fixture(scope="session")
