@@ -17,8 +17,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 from batchscore import shutdown
 from batchscore.errors import BatchScoreError, DeploymentSpecError

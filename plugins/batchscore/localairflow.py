@@ -19,11 +19,11 @@ Layout under ``home`` (``AIRFLOW_HOME``)::
 
 Stopping: :meth:`LocalAirflow.stop` (also on leaving the ``with`` block, on any exception,
 ``KeyboardInterrupt`` and :class:`batchscore.shutdown.Interrupted` included) ends every process the
-stack started, at any depth: each component runs in a session of its own, and every descendant
-inherits the stack's environment marker (``BATCHSCORE_LOCAL_AIRFLOW``), so that a LocalExecutor
-worker, a task process or a subprocess of a task is found even after its parent died or it left
-the component's process group. The warm workers' GPU holders are left alone: each ends when its
-container is gone (:func:`batchscore.shutdown.end_gpu_holders`).
+stack started, at any depth, then removes the containers of the runs it triggered. Each component
+leads a session of its own, which its descendants keep (a task's own process group included) even
+after their parent died; one that starts a session of its own is found by the stack's marker in
+its environment (``BATCHSCORE_LOCAL_AIRFLOW``). The warm workers' GPU holders are left alone: each
+ends when its container is gone (:func:`batchscore.shutdown.end_gpu_holders`).
 
 Configuration is passed only through environment variables of the child
 processes (see :meth:`LocalAirflow.child_env`); the caller's Airflow settings
@@ -544,11 +544,15 @@ class LocalAirflow:
     def trigger(self, dag_id: str, conf: dict | None = None) -> str:
         """Trigger a manual run (no logical date) and return its ``dag_run_id``."""
         self._triggering.add(dag_id)  # a signal before the answer: stop() asks the API for the run
-        run = self.api(
-            "POST",
-            f"/api/v2/dags/{_q(dag_id)}/dagRuns",
-            {"logical_date": None, "conf": conf or {}},
-        )
+        try:
+            run = self.api(
+                "POST",
+                f"/api/v2/dags/{_q(dag_id)}/dagRuns",
+                {"logical_date": None, "conf": conf or {}},
+            )
+        except LocalAirflowError:  # an answer: no run
+            self._triggering.discard(dag_id)
+            raise
         self.runs.add((dag_id, run["dag_run_id"]))
         self._triggering.discard(dag_id)
         return run["dag_run_id"]
