@@ -449,9 +449,10 @@ class LocalAirflow:
         for dag_id, run_ids in by_dag.items():  # a batchscore DAG's id is its endpoint's name
             try:
                 shutdown.remove_run_containers(dag_id, run_ids)
-            except Exception as exc:  # noqa: BLE001 - no Docker engine here: no container either
-                if not _no_docker(exc):
-                    raise
+            except Exception as exc:  # noqa: BLE001 - a stop goes on: say it, and stop the rest
+                if not _no_docker(exc):  # (no Docker engine here: no container either)
+                    what = f"could not remove the containers of {dag_id}'s runs: {exc}"
+                    shutdown.note(what) if shutdown.interrupted() else print(f"local Airflow: {what}", file=sys.stderr)
         shutdown.end_gpu_holders(holders)
 
     def __enter__(self) -> LocalAirflow:
