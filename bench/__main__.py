@@ -6,6 +6,9 @@ and verdicts, a final table, and write every result as JSON (``bench/results/lat
     python -m bench --small skew     # tiny sizes: checks the code path, not the targets
 
 The exit status is 0 when every selected benchmark ran (met targets or not), 1 when one failed.
+SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the running benchmark: its Airflow stack, services and
+containers are stopped and removed, one line says so, and the exit status is 128 + the signal's
+number; a second signal kills what is left at once (:mod:`batchscore.shutdown`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+
+from batchscore import shutdown
 
 from bench import celery, intake, merge, orchestration, planning, runtime, scale, skew, warm
 from bench.common import CONTAINER_LABEL, Result, machine, remove_containers, report, table, write_json
@@ -35,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny sizes (a smoke test of the code path)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the JSON results file")
     args = parser.parse_args(argv)
+    shutdown.install()
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
@@ -43,26 +49,32 @@ def main(argv: list[str] | None = None) -> int:
     selected = [n for n in BENCHMARKS if n in args.names] if args.names else default
     logging.getLogger("batchscore").setLevel(logging.WARNING)  # the planner's info lines are noise here
 
-    started = datetime.now(timezone.utc)
-    where = machine()
-    print(f"batchscore benchmarks, {started:%Y-%m-%d %H:%M} UTC, {where['cpus']} CPUs, load {where['load']}, "
-          f"{where['platform']}, Python {where['python']}, Docker {where['docker']}"
-          + (" (--small: sizes too small for the targets to mean anything)" if args.small else ""), flush=True)
     results: list[Result] = []
     failed = False
-    for name in selected:
-        module = BENCHMARKS[name]
-        t0 = time.perf_counter()
-        try:
-            result = module.run(**(module.SMALL if args.small else {}))
-        except Exception:  # noqa: BLE001 - reported, and the other benchmarks still run
-            failed = True
-            result = Result(name, module.TITLE, notes=[f"failed: {traceback.format_exc()}"])
-        finally:
-            remove_containers(CONTAINER_LABEL)
-        result.seconds = time.perf_counter() - t0
-        results.append(result)
-        print("\n" + report(result), flush=True)
+    name = ""
+    try:
+        started = datetime.now(timezone.utc)
+        where = machine()
+        print(f"batchscore benchmarks, {started:%Y-%m-%d %H:%M} UTC, {where['cpus']} CPUs, load {where['load']}, "
+              f"{where['platform']}, Python {where['python']}, Docker {where['docker']}"
+              + (" (--small: sizes too small for the targets to mean anything)" if args.small else ""), flush=True)
+        for name in selected:
+            module = BENCHMARKS[name]
+            t0 = time.perf_counter()
+            try:
+                result = module.run(**(module.SMALL if args.small else {}))
+            except Exception:  # noqa: BLE001 - reported, and the other benchmarks still run
+                failed = True
+                result = Result(name, module.TITLE, notes=[f"failed: {traceback.format_exc()}"])
+            finally:
+                remove_containers(CONTAINER_LABEL)
+            result.seconds = time.perf_counter() - t0
+            results.append(result)
+            print("\n" + report(result), flush=True)
+    except shutdown.Interrupted as stopped:  # the benchmark's with and finally blocks stopped what it started
+        during = f" during the benchmark {name}" if name else ""
+        shutdown.say(shutdown.report().replace(": ", f"{during}: ", 1))
+        return stopped.exit_status
     print("\n" + table(results))
     write_json(args.output, results, started, where)
     print(f"\nResults: {args.output}")

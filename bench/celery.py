@@ -50,31 +50,27 @@ def run(mini_batches: int = 20, repeats: int = 3, instances: int = 2) -> Result:
     with temp_folder(NAME) as root:
         dags, deployments = stage_jobs(root, mini_batches, INSTANT_SCRIPT, {JOB_DAG: {"worker_mode": "warm"}}, instances=instances)
         (dags / "bench_noop_mapped.py").write_text(NOOP_DAG_FILE.format(dag_id=NOOP_DAG, n=mini_batches, k=instances))
-        postgres, redis = Postgres(), Redis(root / "redis")
         try:
-            postgres.start()
-            redis.start()
-            common = {"BATCHSCORE_DEPLOYMENTS_DIR": str(deployments)}
-            local = {**common, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres.create_database("local")}
-            with LocalAirflow(root / "local", dags, env=local) as airflow:
-                measured["local"] = _measure(airflow, repeats)
-            celery_db = postgres.create_database("celery")
-            celery = {
-                **common,
-                "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": celery_db,
-                "AIRFLOW__CELERY__BROKER_URL": redis.url,
-                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + celery_db,
-                "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
-            }
-            with LocalAirflow(root / "celery", dags, env=celery) as airflow:
-                for name in ("w1", "w2"):
-                    airflow.start_celery_worker(name, concurrency=2)
-                measured["celery"] = _measure(airflow, repeats)
+            with Postgres() as postgres, Redis(root / "redis") as redis:  # stopped on any way out, a signal too
+                common = {"BATCHSCORE_DEPLOYMENTS_DIR": str(deployments)}
+                local = {**common, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres.create_database("local")}
+                with LocalAirflow(root / "local", dags, env=local) as airflow:
+                    measured["local"] = _measure(airflow, repeats)
+                celery_db = postgres.create_database("celery")
+                celery = {
+                    **common,
+                    "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+                    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": celery_db,
+                    "AIRFLOW__CELERY__BROKER_URL": redis.url,
+                    "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + celery_db,
+                    "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
+                }
+                with LocalAirflow(root / "celery", dags, env=celery) as airflow:
+                    for name in ("w1", "w2"):
+                        airflow.start_celery_worker(name, concurrency=2)
+                    measured["celery"] = _measure(airflow, repeats)
         finally:
             remove_containers(f"batchscore.endpoint={JOB_DAG}")
-            redis.stop()
-            postgres.stop()
     n, k = mini_batches, instances
     t = {(stack, step): median(measured[stack][step]) for stack in measured for step in ("job", "noop", "score")}
     result.figure("mini_batches", n, "", f"one-file mini-batches, instant model, warm workers, {k} at a time")

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from batchscore import security
+from batchscore import security, shutdown
 from batchscore.spec import Resources
 
 #: Label of every container a benchmark starts itself, so teardown finds them all.
@@ -278,10 +278,11 @@ def hardened_run_args(resources: Resources, user: str) -> list[str]:
 
 
 def remove_containers(label: str) -> None:
-    """Remove (with force) every container that carries ``label`` (``key=value``)."""
+    """Remove (with force) every container that carries ``label`` (``key=value``); after a signal, say so."""
     found = subprocess.run(["docker", "ps", "-aq", "--filter", f"label={label}"], capture_output=True, text=True)
     if ids := found.stdout.split():
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+        shutdown.note(f"removed {len(ids)} container(s) labelled {label}")
 
 
 def require_image(image: str = SCORING_IMAGE) -> None:

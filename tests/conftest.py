@@ -3,18 +3,32 @@
 Airflow reads its configuration when first imported, so the environment is set here, before
 any test module imports it. Tests that need the scoring image or the trained example fail
 (never skip) with the command that prepares them: `make test` runs those commands first.
+
+An interrupted or timed-out test leaves nothing running for the next one: SIGTERM and SIGHUP
+(a CI runner's cancel) unwind the session as Ctrl-C does (:func:`batchscore.shutdown.install`;
+a second signal makes the stops kill at once), pytest-timeout's failure unwinds the test, and
+the ``with`` blocks and fixtures stop what they started (LocalAirflow also removes the
+containers of its runs; ``run_dag`` those of its dag.test() run). At the end of the session,
+whatever is left anyway is removed and named: containers that mount a folder of the session's
+temporary directory, and processes that carry the session's marker in their environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
+
+from batchscore import shutdown
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "include" / "examples" / "iris"
@@ -26,6 +40,39 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_HOME}/airflow.db"
 os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
+
+shutdown.install()
+#: In the environment of every process the session starts (see the module's docstring).
+SESSION_MARK = ("BATCHSCORE_TEST_SESSION", uuid.uuid4().hex)
+os.environ[SESSION_MARK[0]] = SESSION_MARK[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_behind(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[None]:
+    """At the end of the session (interrupted or not): remove what its tests left, and name it."""
+    basetemp = tmp_path_factory.getbasetemp()
+    yield
+    left = []
+    try:
+        if names := shutdown.remove_containers(shutdown.containers_mounting([basetemp])):
+            left.append(f"container(s) {', '.join(sorted(names))}")
+    except Exception as exc:  # noqa: BLE001 - no Docker engine: the Docker tests failed already
+        left.append(f"(containers not checked: {exc})")
+    procs = shutdown.marked_processes(*SESSION_MARK)
+    holders = [p for p in procs if shutdown.is_gpu_holder(p)]
+    shutdown.end_gpu_holders(holders, timeout=10)  # their containers are gone: they end by themselves
+    rest = [p for p in procs if p not in holders]
+    for p in rest:
+        p.terminate()
+    _, alive = psutil.wait_procs(rest, timeout=0 if shutdown.forced() else 10)
+    for p in alive:
+        p.kill()
+    if rest:
+        left.append(f"process(es) {', '.join(str(p.pid) for p in rest)}")
+    if left:  # on the terminal, not in the last test's captured output
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(f"\ntests left running, now removed: {'; '.join(left)}", flush=True)
 
 
 @pytest.fixture(scope="session")

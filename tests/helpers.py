@@ -63,13 +63,21 @@ def run_dag(yaml_path: Path, monkeypatch, run_conf: dict | None = None):
     """Run the YAML's DAG with ``dag.test()``; return the DAG run and the endpoint.
 
     ``dag.test()`` serializes the DAG through Airflow's parse of the DAGs folder, so the
-    repository's DAG file is pointed at the YAML's folder.
+    repository's DAG file is pointed at the YAML's folder. Interrupted (or timed out), it
+    removes the run's containers: those of the endpoint that mount one of its output folders.
     """
     from batchscore.factory import build_dag
 
     monkeypatch.setenv("BATCHSCORE_DEPLOYMENTS_DIR", str(yaml_path.parent))
     endpoint = load(yaml_path)
-    return build_dag(endpoint).test(run_conf=run_conf), endpoint
+    try:
+        return build_dag(endpoint).test(run_conf=run_conf), endpoint
+    except BaseException:  # Ctrl-C, a signal, pytest-timeout: the run's containers would run on
+        from batchscore import shutdown
+
+        outputs = [d.output.path for d in endpoint.deployments]
+        shutdown.remove_containers(shutdown.containers_mounting(outputs, label=f"batchscore.endpoint={endpoint.endpoint_name}"))
+        raise
 
 
 def planned_score_operator(endpoint: EndpointSpec, run_id: str):

@@ -16,6 +16,7 @@ only the name of the queue that a GPU host's workers would serve.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -154,8 +155,6 @@ def celery_stack(scoring_image: str, airflow_image: str, iris_example: Path, tmp
     job = root / "job"
     _stage(job)
     postgres, redis = Postgres(), Redis(root / "redis")
-    postgres.start()
-    redis.start()
     env = {
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres.url,
@@ -169,20 +168,26 @@ def celery_stack(scoring_image: str, airflow_image: str, iris_example: Path, tmp
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "10",
     }
     airflow = LocalAirflow(root / "airflow", job / "dags", env=env, parallelism=8)
-    try:
+
+    def show_logs() -> None:
+        if (airflow.home / "logs").exists():
+            print(f"--- container worker log ---\n{_container_logs()[-6000:]}")
+            print(f"--- host worker log ---\n{log_tail(airflow.log_path('celery-w1'), 80)}")
+
+    # Each stop runs, last started first, even when one before it fails or a signal cuts it short.
+    with contextlib.ExitStack() as stops:
+        stops.callback(postgres.stop)
+        postgres.start()
+        stops.callback(redis.stop)
+        redis.start()
+        stops.callback(airflow.stop)
+        stops.callback(subprocess.run, ["docker", "rm", "-f", CONTAINER_WORKER], capture_output=True)
+        stops.callback(show_logs)
         airflow.start()
         (airflow.home / "logs").chmod(0o777)
         airflow.start_celery_worker("w1", queues="default", concurrency=2)
         _start_container_worker(airflow, job, airflow_image)
         yield airflow, job
-    finally:
-        if (airflow.home / "logs").exists():
-            print(f"--- container worker log ---\n{_container_logs()[-6000:]}")
-            print(f"--- host worker log ---\n{log_tail(airflow.log_path('celery-w1'), 80)}")
-        subprocess.run(["docker", "rm", "-f", CONTAINER_WORKER], capture_output=True)
-        airflow.stop()
-        redis.stop()
-        postgres.stop()
 
 
 def _score_hosts(airflow: LocalAirflow, dag_id: str, run_id: str) -> dict[int, dict[str, Any]]:

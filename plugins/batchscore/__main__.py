@@ -2,17 +2,25 @@
 
     python -m batchscore run iris-batch          # api-server + scheduler + dag-processor, one run
     python -m batchscore check dags/deployments  # load YAML files exactly as the DAG file does
+
+SIGINT (Ctrl-C), SIGTERM and SIGHUP stop ``run`` cleanly (:mod:`batchscore.shutdown`): the Airflow
+components and every process they started, then every container of the run (warm workers,
+serving and scoring containers); one line says what was stopped, and the exit status is 128 + the
+signal's number (130 for Ctrl-C). A second signal during that shutdown kills what is left at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+from batchscore import shutdown
 from batchscore.errors import BatchScoreError, DeploymentSpecError
 from batchscore.factory import find_yaml_files, load_folder
 from batchscore.plan import run_layout
@@ -45,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
     dags_folder = Path(args.dags_folder).resolve()
     deployments = Path(os.environ.get("BATCHSCORE_DEPLOYMENTS_DIR", dags_folder / "deployments"))
     endpoint = _endpoint(deployments, args.dag_id)
-    home = Path(args.home).resolve()
-    print(f"Starting Airflow (api-server, scheduler, dag-processor) in {home} ...", flush=True)
-    with LocalAirflow(home, dags_folder) as airflow:  # starts the components, stops them on exit
+    airflow = LocalAirflow(Path(args.home).resolve(), dags_folder, stop_grace=args.stop_grace)
+    print(f"Starting Airflow (api-server, scheduler, dag-processor) in {airflow.home} ...", flush=True)
+    # Leaving the block stops the components, every process they started and the run's containers.
+    with airflow, _saying_what_stops():
         print(f"Airflow is up at {airflow.base_url}; waiting for DAG {args.dag_id} to be parsed ...", flush=True)
         try:
             airflow.wait_for_dag(args.dag_id)
@@ -107,6 +116,16 @@ def run(args: argparse.Namespace) -> int:
     return 0 if state == "success" else 1
 
 
+@contextlib.contextmanager
+def _saying_what_stops() -> Iterator[None]:
+    """After a signal, say what is about to stop: it may take the stop grace."""
+    try:
+        yield
+    except shutdown.Interrupted:
+        shutdown.say(f"{shutdown.signal_name()}: stopping Airflow and the run's containers (a second signal kills them at once) ...")
+        raise
+
+
 def check(args: argparse.Namespace) -> int:
     """Load the folder exactly as the DAG file does (:func:`batchscore.factory.load_folder`); print each file."""
     failed = 0
@@ -121,6 +140,7 @@ def check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    shutdown.install()  # first thing: a signal from now on stops what was started, and says so
     parser = argparse.ArgumentParser(prog="python -m batchscore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run one DAG on a local Airflow (SQLite, LocalExecutor) and wait")
@@ -129,12 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--home", default=".airflow", help="AIRFLOW_HOME of the local Airflow")
     p_run.add_argument("--conf", help="the run's conf, as JSON")
     p_run.add_argument("--timeout", type=float, default=1800)
+    p_run.add_argument(
+        "--stop-grace", type=float, default=20, metavar="SECONDS",
+        help="after a signal, how long Airflow's processes get to end before they are killed (default 20)",
+    )  # fmt: skip
     p_run.set_defaults(func=run)
     p_check = sub.add_parser("check", help="validate the deployment YAML files of a folder")
     p_check.add_argument("folder", nargs="?", default="dags/deployments")
     p_check.set_defaults(func=check)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except shutdown.Interrupted as stopped:
+        shutdown.say(shutdown.report())
+        return stopped.exit_status
 
 
 if __name__ == "__main__":

@@ -17,6 +17,14 @@ Layout under ``home`` (``AIRFLOW_HOME``)::
     scheduler.log
     dag-processor.log
 
+Stopping: :meth:`LocalAirflow.stop` (also on leaving the ``with`` block, on any exception,
+``KeyboardInterrupt`` and :class:`batchscore.shutdown.Interrupted` included) ends every process the
+stack started, at any depth, then removes the containers of the runs it triggered. Each component
+leads a session of its own, which its descendants keep (a task's own process group included) even
+after their parent died; one that starts a session of its own is found by the stack's marker in
+its environment (``BATCHSCORE_LOCAL_AIRFLOW``). The warm workers' GPU holders are left alone: each
+ends when its container is gone (:func:`batchscore.shutdown.end_gpu_holders`).
+
 Configuration is passed only through environment variables of the child
 processes (see :meth:`LocalAirflow.child_env`); the caller's Airflow settings
 (``AIRFLOW__*``, ``AIRFLOW_HOME``, ``AIRFLOW_CONFIG``) are *not* inherited, so
@@ -58,13 +66,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import psutil  # a dependency of apache-airflow itself
+
+from batchscore import shutdown
 
 __all__ = ["LocalAirflow", "LocalAirflowError"]
 
@@ -78,6 +88,8 @@ _COMMANDS = {
 #: Dag run states after which the scheduler does nothing more with a run.
 TERMINAL_RUN_STATES = ("success", "failed")
 _POLL_S = 1.0
+#: Environment variable naming the stack in all its processes (see :meth:`LocalAirflow.processes`).
+MARK_ENV = "BATCHSCORE_LOCAL_AIRFLOW"
 _LOG_TAIL_LINES = 40
 
 
@@ -145,6 +157,7 @@ class LocalAirflow:
     :param env: extra environment for the components; overrides the defaults.
     :param parallelism: ``[core] parallelism``, the most task instances
         running at once.
+    :param stop_grace: seconds :meth:`stop` gives the processes to end before it kills them.
     """
 
     def __init__(
@@ -155,6 +168,7 @@ class LocalAirflow:
         port: int | None = None,
         env: dict[str, str] | None = None,
         parallelism: int = 4,
+        stop_grace: float = 20,
     ) -> None:
         self.home = Path(home).resolve()
         self.dags_folder = Path(dags_folder).resolve()
@@ -166,6 +180,10 @@ class LocalAirflow:
         self.started_at: datetime | None = None  # UTC, set by start()
         self._jwt_secret = secrets.token_urlsafe(64)  # HS512 wants >= 64 bytes
         self._api_secret = secrets.token_urlsafe(32)
+        self.mark = secrets.token_hex(8)  # MARK_ENV's value in this stack's processes
+        self.stop_grace = stop_grace
+        self.runs: set[tuple[str, str]] = set()  # (dag_id, run_id) triggered or cleared through this object
+        self._triggering: set[str] = set()  # dags whose trigger has not answered (yet)
 
     # ------------------------------------------------------------------ setup
 
@@ -204,6 +222,7 @@ class LocalAirflow:
             }
         )
         env.update(self.extra_env)
+        env[MARK_ENV] = self.mark
         return env
 
     def log_path(self, component: str) -> Path:
@@ -233,6 +252,9 @@ class LocalAirflow:
             _terminate(_tree(proc.pid), 5, [proc])
             proc.wait()
             raise LocalAirflowError(self._failure("`airflow db migrate` timed out", "db-migrate")) from None
+        except BaseException:  # a signal: it is in a session of its own, so nobody else stops it
+            _terminate(_tree(proc.pid), 5, [proc])
+            raise
         if rc != 0:
             raise LocalAirflowError(self._failure(f"`airflow db migrate` exited {rc}", "db-migrate"))
 
@@ -342,21 +364,96 @@ class LocalAirflow:
                 )
             time.sleep(_POLL_S)
 
-    def stop(self, grace: float = 20) -> None:
-        """Stop all components and their children: SIGTERM, SIGKILL after ``grace`` s.
+    def processes(self, components: Iterable[str] | None = None) -> tuple[set[int], list[psutil.Process]]:
+        """Every live process of the stack (or of some of its ``components``): ``(pids, gpu_holders)``.
 
-        Idempotent.  Descendants that moved to their own process group (the
-        task supervisor puts each task in one) are signalled too.
+        Each component leads a session of its own, which its descendants keep wherever they
+        move (the task supervisor puts each task in a process group of its own, in the same
+        session) and after their parent died: a task whose LocalExecutor worker was killed is
+        found by its session. A descendant that starts a session of its own is found by the
+        stack's marker (:data:`MARK_ENV`, in its environment; Airflow's processes overwrite
+        theirs with their titles) or, while its parent lives, as a child. The warm workers'
+        GPU holders come apart: they must live as long as their containers.
         """
-        procs, self.procs = self.procs, {}
+        procs = [p for name, p in self.procs.items() if components is None or name in components]
         pids: set[int] = set()
-        for proc in procs.values():
+        for proc in procs:
             if proc.poll() is None:
                 pids |= _tree(proc.pid)
-        _terminate(pids, grace, procs.values())
+        pids |= _session_members(procs)
+        if components is None:
+            pids |= {p.pid for p in shutdown.marked_processes(MARK_ENV, self.mark)}
+        found = {}
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                found[pid] = psutil.Process(pid)
+        holders = [p for p in found.values() if shutdown.is_gpu_holder(p)]
+        return set(found) - {h.pid for h in holders}, holders
+
+    def gpu_holders(self) -> list[psutil.Process]:
+        """The GPU holders of warm workers that tasks of this stack started, still running."""
+        return self.processes()[1]
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop all components, every process they started and the containers of the runs triggered
+        (or cleared) through this object: SIGTERM, SIGKILL after ``grace`` s (:attr:`stop_grace`).
+
+        The api-server goes last: a task stopped by SIGTERM still reports its end through it
+        (else its supervisor retries for many seconds before it gives up).  Every process that
+        :meth:`processes` finds is stopped, GPU holders aside: each ends once its container is
+        removed (checked: one still running 30 s later is killed).  Idempotent.  A second
+        signal during a :mod:`batchscore.shutdown` cuts the grace short; a signal that arrives
+        during the stop does not: the stop ends, then the signal's exception goes on.
+        """
+        grace = self.stop_grace if grace is None else grace
+        try:
+            self._stop(grace)
+        except KeyboardInterrupt:  # shutdown.Interrupted too: finish the stop, then go on unwinding
+            self._stop(grace)
+            raise
+
+    def _stop(self, grace: float) -> None:
+        procs = dict(self.procs)
+        if self._triggering and procs and not shutdown.forced():
+            with contextlib.suppress(LocalAirflowError):  # the run a trigger made before a signal cut it short
+                self.runs |= {(d, r["dag_run_id"]) for d in list(self._triggering) for r in self._runs_since_start(d)}
+            self._triggering.clear()
+        api_side = ["api-server"]
+
+        def first() -> set[int]:
+            return self.processes()[0] - self.processes(api_side)[0]
+
+        stopped = first()
+        if stopped:
+            _terminate(stopped, grace, [p for name, p in procs.items() if name not in api_side], rescan=first)
+        last = self.processes()[0]
+        if last:
+            _terminate(last, grace, procs.values(), rescan=lambda: self.processes()[0])
         for proc in procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):  # only if unkillable (D state)
                 proc.wait(5)
+        self.procs = {}
+        if procs:
+            shutdown.note(f"stopped Airflow ({', '.join(procs)}: {len(stopped | last)} processes)")
+        self._remove_run_containers()
+
+    def _remove_run_containers(self) -> None:
+        """Remove the containers of :attr:`runs` (none are left after a run that ended), then check
+        that the GPU holders of their warm workers end on their own."""
+        if not self.runs:
+            return
+        holders = self.gpu_holders()
+        by_dag: dict[str, list[str]] = {}
+        for dag_id, run_id in sorted(self.runs):
+            by_dag.setdefault(dag_id, []).append(run_id)
+        for dag_id, run_ids in by_dag.items():  # a batchscore DAG's id is its endpoint's name
+            try:
+                shutdown.remove_run_containers(dag_id, run_ids)
+            except Exception as exc:  # noqa: BLE001 - a stop goes on: say it, and stop the rest
+                if not _no_docker(exc):  # (no Docker engine here: no container either)
+                    what = f"could not remove the containers of {dag_id}'s runs: {exc}"
+                    shutdown.note(what) if shutdown.interrupted() else print(f"local Airflow: {what}", file=sys.stderr)
+        shutdown.end_gpu_holders(holders)
 
     def __enter__(self) -> LocalAirflow:
         self.start()
@@ -447,11 +544,18 @@ class LocalAirflow:
 
     def trigger(self, dag_id: str, conf: dict | None = None) -> str:
         """Trigger a manual run (no logical date) and return its ``dag_run_id``."""
-        run = self.api(
-            "POST",
-            f"/api/v2/dags/{_q(dag_id)}/dagRuns",
-            {"logical_date": None, "conf": conf or {}},
-        )
+        self._triggering.add(dag_id)  # a signal before the answer: stop() asks the API for the run
+        try:
+            run = self.api(
+                "POST",
+                f"/api/v2/dags/{_q(dag_id)}/dagRuns",
+                {"logical_date": None, "conf": conf or {}},
+            )
+        except LocalAirflowError:  # an answer: no run
+            self._triggering.discard(dag_id)
+            raise
+        self.runs.add((dag_id, run["dag_run_id"]))
+        self._triggering.discard(dag_id)
         return run["dag_run_id"]
 
     def dag_run(self, dag_id: str, run_id: str) -> dict:
@@ -471,6 +575,13 @@ class LocalAirflow:
                 )
             time.sleep(_POLL_S)
         return state
+
+    def _runs_since_start(self, dag_id: str) -> list[dict]:
+        """The runs of ``dag_id`` queued since :meth:`start` (not those of earlier sessions in the same home)."""
+        return [
+            run for run in self._paged(f"/api/v2/dags/{_q(dag_id)}/dagRuns", "dag_runs")
+            if self.started_at is None or _utc(run.get("queued_at") or run["run_after"]) >= self.started_at
+        ]  # fmt: skip
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         """Return all task instances of a run, mapped ones included (one per ``map_index``)."""
@@ -499,6 +610,7 @@ class LocalAirflow:
             "only_failed": only_failed,  # the API default is True
             "reset_dag_runs": True,
         }
+        self.runs.add((dag_id, run_id))
         resp = self.api("POST", f"/api/v2/dags/{_q(dag_id)}/clearTaskInstances", body)
         return resp["task_instances"]
 
@@ -607,6 +719,34 @@ def _tree(pid: int) -> set[int]:
         return set()
 
 
+def _session_members(leaders: Iterable[subprocess.Popen[bytes]]) -> set[int]:
+    """The live processes of the sessions that these children of ours started (``start_new_session``).
+
+    A session keeps its leader's pid as its id while it has members, even after the leader
+    died, and the kernel hands that pid to no new process meanwhile: once the leader is reaped,
+    a live process with its pid means the session ended and the pid was reused.
+    """
+    ours = {proc.pid for proc in leaders if proc.poll() is None or not _running(proc.pid)}
+    if not ours:
+        return set()
+    return {pid for pid in psutil.pids() if _session_of(pid) in ours and _running(pid)}
+
+
+def _no_docker(exc: Exception) -> bool:
+    """Whether ``exc`` says that no Docker engine answers (the docker SDK's or its transport's error)."""
+    from docker.errors import DockerException
+    from requests.exceptions import ConnectionError as Unreachable
+
+    return isinstance(exc, Unreachable) or (isinstance(exc, DockerException) and not hasattr(exc, "status_code"))
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie (a zombie has already exited)."""
     try:
@@ -630,10 +770,17 @@ def _signal(pids: Iterable[int], sig: signal.Signals) -> None:
             os.killpg(pgid, sig)
 
 
-def _terminate(pids: set[int], grace: float, reap: Iterable[subprocess.Popen[bytes]] = ()) -> None:
-    """SIGTERM ``pids`` and their process groups; SIGKILL whatever runs after ``grace`` s.
+def _terminate(
+    pids: set[int],
+    grace: float,
+    reap: Iterable[subprocess.Popen[bytes]] = (),
+    rescan: Callable[[], set[int]] | None = None,
+) -> None:
+    """SIGTERM ``pids`` and their process groups; SIGKILL whatever runs after ``grace`` s, or
+    at once when a second signal forces the shutdown (:func:`batchscore.shutdown.forced`).
 
-    ``reap`` are our own children among them, polled so they do not stay zombies.
+    ``reap`` are our own children among them, polled so they do not stay zombies. ``rescan``
+    finds processes started meanwhile (a task forked as the scheduler stopped): killed too.
     """
     reap = list(reap)
 
@@ -643,10 +790,11 @@ def _terminate(pids: set[int], grace: float, reap: Iterable[subprocess.Popen[byt
         return {p for p in pids if _running(p)}
 
     _signal(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if left := alive():
+    shutdown.wait_unless_forced(grace, lambda: not alive())
+    for _ in range(3):
+        left = alive() | (rescan() if rescan else set())
+        if not left:
+            return
         # Something still runs: take its newest children along, and kill.
         for pid in list(left):
             left |= _tree(pid)
