@@ -659,13 +659,13 @@ def attempt_folder_name(index: int, attempt: int) -> str:
 MAX_STATE_BYTES = 1 << 20
 
 
-def read_regular_file(path: Path, limit: int) -> bytes:
-    """The bytes of ``path``, which must be a regular file (not a link) of at most ``limit`` bytes.
+def read_regular_file(path: Path | str, limit: int, *, dir_fd: int | None = None) -> bytes:
+    """The bytes of ``path`` (in the folder ``dir_fd``, if given): a regular file, not a link, of at most ``limit`` bytes.
 
     For files a container may have written: a symbolic link in the last component is refused
     (``O_NOFOLLOW``), as are FIFOs and devices (opened without blocking, then checked).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

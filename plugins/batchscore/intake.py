@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from batchscore.errors import ScoringError
-from batchscore_runtime.formats import ErrorInfo, ItemError, MiniBatchDir, MiniBatchStatus, mini_batch_id, now_iso
+from batchscore_runtime.formats import ErrorInfo, ItemError, MiniBatchDir, MiniBatchStatus, mini_batch_id, now_iso, read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def remove_scratch(scratch_parent: Path, name: str) -> None:
 
 def _take_in(folder: int, result_dir: MiniBatchDir, expected: Expected, log: Any) -> Intake | None:
     try:
-        raw = _read_file(MiniBatchDir.STATUS, folder, MAX_REPORT_BYTES)
+        raw = read_regular_file(MiniBatchDir.STATUS, MAX_REPORT_BYTES, dir_fd=folder)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -330,24 +330,6 @@ def _opened_file(name: str, dir_fd: int) -> Iterator[tuple[int, os.stat_result]]
         yield fd, st
     finally:
         os.close(fd)
-
-
-def _read_file(name: str, dir_fd: int, limit: int) -> bytes:
-    with _opened_file(name, dir_fd) as (fd, st):
-        if st.st_size > limit:
-            raise ValueError(f"{st.st_size} bytes, more than the {limit} allowed")
-        return _read_exactly(fd, st.st_size)
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    chunks, left = [], size
-    while left > 0:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 def _copy_file(name: str, dir_fd: int, dest: Path) -> int:
