@@ -180,7 +180,7 @@ def _exit_hint(failure: str, spec: DeploymentSpec) -> str:
 
 
 class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
-    """Run the deployment's scoring container on one mini-batch and check its committed result.
+    """Run the deployment's scoring container on one mini-batch and take its result in (:mod:`batchscore.intake`).
 
     Mapped over the plan's output (``mini_batch``: a reference with ``index`` and ``label``).
     The container is locked down (see :mod:`batchscore.security`): no network unless
@@ -395,8 +395,8 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
     def _remove_earlier_tries(self, mb_id: str) -> None:
         """Remove this mini-batch's containers left on this engine by an earlier try whose Airflow worker died.
 
-        Such a container may still be scoring (and using a GPU no lease holds any more); the
-        claim of :meth:`_prepare` already keeps it from committing. Airflow runs one try of a
+        Such a container may still be scoring (and using a GPU no lease holds any more); it can
+        commit nothing (it writes only its own try's scratch folder, which no one takes in). Airflow runs one try of a
         task at a time, so a container with this run's and mini-batch's labels is never current.
         """
         found = self.cli.containers(all=True, filters={"label": [f"{k}={v}" for k, v in self.labels.items()]})
