@@ -255,12 +255,14 @@ def test_a_code_change_rebuilds_the_image_and_a_generated_file_does_not(built, t
     shutil.copy2(LOCK, copy / "requirements.lock")
     (copy / EXAMPLE_MODEL).mkdir(parents=True, exist_ok=True)
     wheels = os.environ.get("BATCHSCORE_AIRFLOW_WHEELS_DIR") or str(REPO / "docker" / ".cache" / "airflow-wheels")
+    # This checkout's wheels, when its build downloaded them; a checkout whose image was already
+    # up to date (built from another clone of the same code) has none, and the copy downloads its own.
+    env = {"BATCHSCORE_AIRFLOW_WHEELS_DIR": wheels} if Path(wheels).is_dir() else {}
     script = copy / "docker" / "build-images.sh"
     tag = "batchscore-airflow:pytest-code-change"
 
     def build() -> str:
-        done = run_script("--airflow", image=tag, script=script, timeout=900,
-                          env={"BATCHSCORE_AIRFLOW_WHEELS_DIR": wheels})
+        done = run_script("--airflow", image=tag, script=script, timeout=900, env=env)
         assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-4000:]}"
         return last_line(done.stdout)
 
