@@ -62,17 +62,27 @@ def _nothing_left_behind(tmp_path_factory: pytest.TempPathFactory, request: pyte
     holders = [p for p in procs if shutdown.is_gpu_holder(p)]
     shutdown.end_gpu_holders(holders, timeout=10)  # their containers are gone: they end by themselves
     rest = [p for p in procs if p not in holders]
+    described = [_described(p) for p in rest]  # before they end
     for p in rest:
         p.terminate()
     _, alive = psutil.wait_procs(rest, timeout=0 if shutdown.forced() else 10)
     for p in alive:
         p.kill()
     if rest:
-        left.append(f"process(es) {', '.join(str(p.pid) for p in rest)}")
+        left.append(f"process(es) {', '.join(described)}")
     if left:  # on the terminal, not in the last test's captured output
         capture = request.config.pluginmanager.get_plugin("capturemanager")
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
             print(f"\ntests left running, now removed: {'; '.join(left)}", flush=True)
+
+
+def _described(process: psutil.Process) -> str:
+    """``pid (command line)``, for the line naming what the tests left running."""
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.Error:  # gone meanwhile
+        command = ""
+    return f"{process.pid} ({command[:120]})" if command else str(process.pid)
 
 
 @pytest.fixture(scope="session")
