@@ -55,7 +55,6 @@ from batchscore_runtime.formats import (
     read_mini_batch_file,
     write_json_atomic,
 )
-
 from batchscore_runtime.processes import Sweeper
 
 log = logging.getLogger("batchscore")

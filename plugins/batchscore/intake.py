@@ -61,7 +61,14 @@ _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class ResultRejected(ScoringError):
-    """What a container reported fails a check; nothing of it was committed."""
+    """What a container reported fails a check; nothing of it was committed.
+
+    ``reason`` is the message without the mini-batch's name (for the failed status's error).
+    """
+
+    def __init__(self, expected: Expected, what: str):
+        self.reason = f"the result of try {expected.attempt} is not accepted: {what}"
+        super().__init__(f"{expected.id}: {self.reason}")
 
 
 @dataclass(frozen=True)
@@ -301,7 +308,7 @@ def _show(value: Any) -> str:
 
 
 def _rejected(expected: Expected, what: str) -> ResultRejected:
-    return ResultRejected(f"{expected.id}: the result of try {expected.attempt} is not accepted: {what}")
+    return ResultRejected(expected, what)
 
 
 def _why(exc: BaseException) -> str:

@@ -83,6 +83,11 @@ class Slot:
         return self.running and self.state is not None and self.state.state == WorkerState.READY
 
     @property
+    def answered(self) -> bool:
+        """Whether the worker got ready once (its init(), or its serving container's /ping, is done)."""
+        return self.state is not None and self.state.init_seconds is not None
+
+    @property
     def starting(self) -> bool:
         return self.running and (self.state is None or self.state.state == WorkerState.STARTING)
 
@@ -419,7 +424,7 @@ class WarmWorkers:
     def failure(self, s: Slot) -> str:
         """Why the worker of slot ``s`` is not running: its serving container's end, its state file's error, else its exit code and last log lines."""
         if self.spec.contract == "serve":
-            death = self.serving_failure(s.slot, answered=s.state is not None and s.state.init_seconds is not None)
+            death = self.serving_failure(s.slot, answered=s.answered)
             if death is not None:
                 return death
         if s.state is not None and s.state.error is not None:

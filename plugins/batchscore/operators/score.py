@@ -368,7 +368,7 @@ class ScoreMiniBatchOperator(DeploymentMixin, DockerOperator):
         try:
             intake = take_in(scratch.parent, scratch.name, result_dir, expected, log=self.log)
         except ResultRejected as exc:
-            raise self._failed(result_dir, spec, "ResultRejected", str(exc).split(": ", 1)[1], attempt, started) from None
+            raise self._failed(result_dir, spec, "ResultRejected", exc.reason, attempt, started) from None
         if intake is not None and not intake.committed:
             raise ScoringError(
                 f"{expected.id}: try {attempt} does not commit its result: try {result_dir.claimed_by()} of this mini-batch has taken over"

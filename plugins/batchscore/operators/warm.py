@@ -16,6 +16,7 @@ See :mod:`batchscore.warm` for the containers and how a mini-batch is handed ove
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -31,7 +32,8 @@ from batchscore.operators.serve import ServeMiniBatchOperator
 from batchscore.plan import run_layout
 from batchscore.spec import DeploymentSpec
 from batchscore.warm import CONTAINER_START_GRACE, Slot, WarmWorkerError, WarmWorkers, docker_client, slot_name
-from batchscore.intake import remove_scratch
+from batchscore.intake import Expected, remove_scratch
+from batchscore.output_log import OutputLog
 from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, WorkerState, attempt_folder_name, mini_batch_id, now_iso
 from batchscore_runtime.warm import EXIT_FAILED, EXIT_OK
 
@@ -267,7 +269,8 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
                     self._close_output()
                 if outcome.accepted:
                     expected = self._expected(spec, mini_batch_file, index, attempt, s.name)
-                    return self._outcome(pool, s, outcome.exit_code, result_dir, spec, attempt, started, expected, output)
+                    scratch = pool.scratch_dir(s.slot) / scratch_name
+                    return self._outcome(pool, s, outcome.exit_code, result_dir, spec, attempt, started, expected, output, scratch)
             dead = [s for s in slots if _died(s)]
             alive = [s for s in slots if s.running]
             if dead or not alive:
@@ -326,8 +329,9 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
         spec: DeploymentSpec,
         attempt: int,
         started: str,
-        expected: Any,
-        output: Any,
+        expected: Expected,
+        output: OutputLog,
+        scratch: Path,
     ) -> MiniBatchStatus:
         mb_id = mini_batch_id(result_dir.index)
         # A serving container that died mid-mini-batch leaves the client with failed requests (or no
@@ -336,7 +340,6 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
         if death is not None:
             pool.kill(s.slot)  # the client's report hides the cause; this says it, and nothing of it is taken in
             raise self._failed(result_dir, spec, "ServingContainerDied", death, attempt, started)
-        scratch = pool.scratch_dir(s.slot) / expected_name(expected)
         # Only a hand-over that ended as the protocol says has a report worth reading.
         intake = self._take_in(scratch, result_dir, expected, spec, attempt, started) if code in (EXIT_OK, EXIT_FAILED) else None
         status = intake.status if intake is not None else None
@@ -369,16 +372,11 @@ class WarmScoreMiniBatchOperator(ScoreMiniBatchOperator):
             self._pool.kill(self._slot)
 
 
-def expected_name(expected: Any) -> str:
-    """The scratch sub-folder the worker wrote the attempt into."""
-    return attempt_folder_name(expected.index, expected.attempt)
-
-
 def _stop_if_serving_died(pool: WarmWorkers, s: Slot, log: Any) -> Slot:
     """A worker whose serving container exited can serve nothing: stop its client now, so it is replaced."""
     if not s.running:
         return s
-    death = pool.serving_failure(s.slot, answered=s.state is not None and s.state.init_seconds is not None)
+    death = pool.serving_failure(s.slot, answered=s.answered)
     if death is None:
         return s
     log.warning("%s; stopping its client", death)
