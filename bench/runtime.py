@@ -2,7 +2,7 @@
 
 Both are a whole ``docker run`` of the scoring image on the same files, with the same
 hardening, user and mounts, timed from start to exit. The runtime gets exactly what the score
-operator gives one mini-batch (:func:`batchscore.operators.score.container_setup`: command,
+operator gives one mini-batch (:func:`batchscore.containers.scoring_container`: command,
 mounts, environment) on a plan made by :func:`batchscore.plan.plan_run`. The plain loop is a
 script that imports the scoring script, calls ``init()`` once and ``run(files)`` once, and
 writes the result to parquet as the runtime does (``pa.Table.from_pandas``, ``pq.write_table``).
@@ -21,7 +21,8 @@ import pandas as pd
 from docker.types import Mount
 
 from batchscore import security
-from batchscore.operators.score import container_setup
+from batchscore.containers import scoring_container
+from batchscore.plan import run_layout
 from batchscore.plan import plan_run
 from batchscore.spec import DeploymentSpec, load_endpoint
 from batchscore_runtime.formats import ContainerPaths, MiniBatchDir
@@ -107,14 +108,16 @@ def _docker_run(args: list[str]) -> float:
 def run_runtime(spec: DeploymentSpec, run_id: str, user: str) -> tuple[float, dict]:
     """The runtime on the whole input as one mini-batch, set up as the score operator does."""
     plan_run("bench-runtime", spec, run_id)
-    setup = container_setup(spec, run_id, 0)
-    setup.scratch.mkdir(parents=True, exist_ok=True)  # the container's only writable mount, as the operator makes it
-    security.make_writable_for(setup.scratch, user)
-    setup.mini_batch_file.chmod(0o644)
-    env = [f"--env={k}={v}" for k, v in setup.environment.items()]
+    layout = run_layout(spec, run_id)
+    container = scoring_container(spec, layout, 0, 1, user=user, labels={})
+    scratch = layout.attempt_scratch(0, 1)
+    scratch.mkdir(parents=True, exist_ok=True)  # the container's only writable mount, as the operator makes it
+    security.make_writable_for(scratch, user)
+    layout.mini_batch_file(0).chmod(0o644)
+    env = [f"--env={k}={v}" for k, v in container.environment.items()]
     hardening = hardened_run_args(spec.resources, user)
-    wall = _docker_run([*hardening, *mount_args(setup.mounts), *env, spec.environment.image, *setup.command])
-    status = MiniBatchDir(setup.scratch, 0).read_status()  # the container's report (the runtime's cost, not the intake's)
+    wall = _docker_run([*hardening, *mount_args(container.mounts), *env, container.image, *container.command])
+    status = MiniBatchDir(scratch, 0).read_status()  # the container's report (the runtime's cost, not the intake's)
     if status is None or not status.succeeded:
         raise RuntimeError(f"the runtime committed no success: {status}")
     return wall, {"rows": status.rows, "init_seconds": status.init_seconds, "run_seconds": status.run_seconds}

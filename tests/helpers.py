@@ -82,12 +82,12 @@ def run_dag(yaml_path: Path, monkeypatch, run_conf: dict | None = None):
 
 def planned_score_operator(endpoint: EndpointSpec, run_id: str):
     """The score operator of the first mini-batch of a freshly planned run of ``endpoint``."""
-    from batchscore.operators.score import ScoreMiniBatchOperator
+    from batchscore.operators.score import ScoreOperator
     from batchscore.plan import mini_batch_refs, plan_run
 
     d = endpoint.deployments[0]
     plan = plan_run(endpoint.endpoint_name, d, run_id)
-    return ScoreMiniBatchOperator(
+    return ScoreOperator(
         task_id="score",
         endpoint_name=endpoint.endpoint_name,
         deployment=d.model_dump(mode="json"),

@@ -337,7 +337,7 @@ def test_a_model_folder_deleted_after_the_yaml_was_loaded_fails_naming_model_pat
     when it runs. dag.test() re-parses the DAGs folder first (where the YAML now fails to load,
     an import error), so the DAG's operators are run directly, as a worker runs a parsed DAG's tasks."""
     from batchscore.errors import BatchScoreError
-    from batchscore.operators import MergeOperator, PlanOperator, ScoreMiniBatchOperator
+    from batchscore.operators import MergeOperator, PlanOperator, ScoreOperator
 
     model = tmp_path / "model"
     shutil.copytree(iris_example / "model", model)
@@ -360,7 +360,7 @@ def test_a_model_folder_deleted_after_the_yaml_was_loaded_fails_naming_model_pat
             dag.get_task(task_id).execute(context)
         assert str(info.value).startswith(expected), task_id
     with pytest.raises(BatchScoreError) as info:  # a mapped score task is made from the same deployment
-        ScoreMiniBatchOperator(
+        ScoreOperator(
             task_id="score", endpoint_name="lost-model", deployment=dag.get_task("test-deployment.plan").deployment,
             mini_batch={"index": 0, "files": 1, "bytes": 1, "label": "mb-00000 (1 file)"},
         )
@@ -375,7 +375,7 @@ def test_two_runs_of_one_deployment_scored_at_the_same_time_keep_their_own_folde
     """Two runs interleaved through the real operators: plan A, plan B (after the input changed),
     then all four mini-batch containers at once, then both merges. dag.test() runs one DAG run
     at a time, so the operators are driven directly, each with its own run id, as two workers would."""
-    from batchscore.operators import MergeOperator, PlanOperator, ScoreMiniBatchOperator
+    from batchscore.operators import MergeOperator, PlanOperator, ScoreOperator
 
     inputs = make_inputs(tmp_path / "in", iris_example / "data", ["a0.csv", "a1.csv", "a2.csv"])
     write(
@@ -404,7 +404,7 @@ def test_two_runs_of_one_deployment_scored_at_the_same_time_keep_their_own_folde
     started = threading.Barrier(4)
 
     def score(run: str, ref: dict) -> dict:
-        op = ScoreMiniBatchOperator(task_id=f"score-{run}-{ref['index']}", mini_batch=ref, **common)
+        op = ScoreOperator(task_id=f"score-{run}-{ref['index']}", mini_batch=ref, **common)
         started.wait()
         return op.execute({"run_id": runs[run], "params": {}})
 

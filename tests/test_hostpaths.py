@@ -16,7 +16,7 @@ from docker.types import Mount
 
 from batchscore.errors import ContainerSecurityError, HostPathError
 from batchscore.hostpaths import HOST_PATHS_ENV, PathMapping, check, container_mounts, for_docker, host_path, parse
-from batchscore.warm import docker_client
+from batchscore.engine import docker_client
 from tests.conftest import REPO
 
 

@@ -189,7 +189,7 @@ def test_a_later_try_keeps_the_mini_batch(tmp_path: Path) -> None:
 
 def test_a_warm_workers_protocol_lines_are_data() -> None:
     """The hand-over's protocol lines come from the user's image: a malformed one is a log line, never a crash."""
-    from batchscore.warm import _protocol_line
+    from batchscore.scoring.workers import _protocol_line
     from batchscore_runtime.warm import PREFIX
 
     assert _protocol_line(PREFIX + '{"exit": 0}') == {"exit": 0}

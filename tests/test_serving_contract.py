@@ -408,20 +408,27 @@ def test_unhealthy_and_dying_serving_containers_fail_their_mini_batch_clearly(
 
 @pytest.mark.timeout(300)
 def test_a_serving_container_gone_before_its_client_starts_fails_the_mini_batch_and_leaves_no_container(
-    serving_test_image: str, iris_example: Path, tmp_path: Path
+    serving_test_image: str, iris_example: Path, tmp_path: Path, monkeypatch
 ) -> None:
     # per_mini_batch; made certain, not left to timing: the serving container has exited before
-    # DockerOperator creates the client, so Docker refuses to start it in its network namespace.
+    # the client is created, so Docker refuses to start it in its network namespace.
     from batchscore.errors import ScoringError
-    from batchscore.operators.serve import ServeMiniBatchOperator
+    from batchscore.operators.score import ScoreOperator
+    from batchscore.scoring import executor
+    from batchscore.scoring.per_mini_batch import ContainerPerMiniBatch
     from batchscore.plan import mini_batch_refs, plan_run
     from tests.helpers import load
 
-    class ServingGoneFirst(ServeMiniBatchOperator):
-        def _start_serving_container(self) -> Any:
-            served = super()._start_serving_container()
-            assert self.cli.wait(served.id)["StatusCode"] == 3
-            return served
+    class ServingGoneFirst(ContainerPerMiniBatch):
+        def _run(self, attempt, contract, secrets, gpus, user, backstop):  # type: ignore[no-untyped-def]
+            original = contract.one_shot
+
+            def one_shot(*args, **kwargs):  # the client is built once its serving container has exited
+                assert self.cli.wait(kwargs["server_id"])["StatusCode"] == 3
+                return original(*args, **kwargs)
+
+            contract.one_shot = one_shot
+            return super()._run(attempt, contract, secrets, gpus, user, backstop)
 
     env = {"FAULT_EXIT_AT_START": "1", "FAULT_EXIT_CODE": "3"}
     path = serve_endpoint(tmp_path, "serve-gone-first", [{
@@ -431,7 +438,8 @@ def test_a_serving_container_gone_before_its_client_starts_fails_the_mini_batch_
         "settings": {"init_timeout": 600},
     }])  # fmt: skip
     d = load(path).deployments[0]
-    op = ServingGoneFirst(
+    monkeypatch.setattr(executor, "ContainerPerMiniBatch", ServingGoneFirst)
+    op = ScoreOperator(
         task_id="score", endpoint_name="serve-gone-first", deployment=d.model_dump(mode="json"),
         mini_batch=mini_batch_refs(plan_run("serve-gone-first", d, "run-gone"))[0],
     )  # fmt: skip

@@ -29,7 +29,7 @@ import pytest
 
 from batchscore import shutdown
 from batchscore.localairflow import LocalAirflow
-from batchscore.warm import run_digest
+from batchscore.scoring.workers import run_digest
 from tests.conftest import REPO
 from tests.helpers import deployment_file, inputs, write
 
@@ -267,7 +267,7 @@ def test_a_warm_workers_gpu_holder_ends_by_itself_once_the_sweep_removed_its_con
     scoring_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No GPU here: the host's GPUs are named by BATCHSCORE_GPUS and never reach Docker."""
-    from batchscore.warm import lease_for_worker
+    from batchscore.gpu_holder import lease_for_worker
     from tests.helpers import load
 
     monkeypatch.setenv("BATCHSCORE_GPUS", "g0")

@@ -10,7 +10,7 @@ import pytest
 
 from batchscore.errors import DeploymentSpecError, PlanError
 from batchscore.model_archive import serving_model_dir
-from batchscore.operators.serve import client_setup, serving_environment, transform_config
+from batchscore.containers import serving_client, serving_environment, transform_config
 from batchscore.plan import run_layout
 from batchscore.spec import load_endpoint
 from batchscore_runtime.formats import TransformConfig
@@ -126,7 +126,8 @@ def test_a_transform_job_request_copies_over(folder: Path) -> None:
         startup_timeout=60.0,
     )
     # The client container mounts the input, its file list and result folder: never the model.
-    setup = client_setup(d, "run-1", 0, attempt=2)
+    setup = serving_client(d, run_layout(d, "run-1"), 0, 2, user="1:1", labels={}, serving_id="abc")
+    assert setup.network_mode == "container:abc" and not setup.gets_secrets and not setup.devices
     assert [m["Target"] for m in setup.mounts] == [
         "/opt/batchscore/runtime/batchscore_runtime",
         "/mnt/batchscore/input",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from batchscore.warm import RUN_LABEL, run_digest
+from batchscore.scoring.workers import RUN_LABEL, run_digest
 from batchscore_runtime.formats import run_key
 from tests.helpers import deployment_file, run_dag, serve_endpoint, write
 from tests.test_rerun import FLAKY_SCRIPT, REPO  # fails on iris-005.csv until a marker appears next to the model
@@ -278,7 +278,7 @@ def test_a_warm_workers_gpu_lease_lives_exactly_as_long_as_its_container(
     """No GPU here: the host's GPUs are named by BATCHSCORE_GPUS and never reach Docker (mocked)."""
     import time
 
-    from batchscore.warm import lease_for_worker
+    from batchscore.gpu_holder import lease_for_worker
     from tests.helpers import load
 
     monkeypatch.setenv("BATCHSCORE_GPUS", "g0,g1")
@@ -364,7 +364,7 @@ def test_a_mini_batch_on_a_host_that_cannot_reach_the_warm_workers_is_scored_in_
 ) -> None:
     # A queue served by Celery workers on two Docker hosts: start_workers ran on the other host
     # (its engine is recorded in the run folder), so this host's engine has none of the workers.
-    from batchscore.operators.warm import WarmScoreMiniBatchOperator
+    from batchscore.operators.score import ScoreOperator
     from batchscore.plan import mini_batch_refs, plan_run, run_layout
     from batchscore_runtime.formats import write_json_atomic
     from tests.helpers import load
@@ -378,7 +378,7 @@ def test_a_mini_batch_on_a_host_that_cannot_reach_the_warm_workers_is_scored_in_
     plan = plan_run(endpoint.endpoint_name, d, "run-elsewhere")
     layout = run_layout(d, "run-elsewhere")
     write_json_atomic(layout.workers_engine_file, {"id": "ABCD:OTHER:ENGINE", "name": "gpu-host-2"})
-    op = WarmScoreMiniBatchOperator(
+    op = ScoreOperator(
         task_id="score", endpoint_name=endpoint.endpoint_name, deployment=d.model_dump(mode="json"),
         mini_batch=mini_batch_refs(plan)[1],
     )  # fmt: skip
@@ -463,7 +463,8 @@ def test_a_serving_container_gone_before_its_client_starts_leaves_a_clear_error_
     # Made certain, not left to timing: the serving container has exited before the client is
     # created, so Docker refuses to start a client in its network namespace.
     from batchscore.plan import plan_run, run_layout
-    from batchscore.warm import WarmWorkerError, WarmWorkers, docker_client
+    from batchscore.engine import docker_client
+    from batchscore.scoring.workers import WarmWorkerError, WarmWorkers
     from tests.helpers import load
 
     class ServingGoneFirst(WarmWorkers):
@@ -492,9 +493,10 @@ def test_a_serving_container_gone_before_its_client_starts_leaves_a_clear_error_
 def test_a_ready_worker_whose_serving_container_died_is_replaced_before_it_gets_a_mini_batch(
     airflow_db, serving_test_image: str, iris_example: Path, tmp_path: Path, capfd
 ) -> None:
-    from batchscore.operators.warm import WarmScoreMiniBatchOperator
+    from batchscore.operators.score import ScoreOperator
     from batchscore.plan import mini_batch_refs, plan_run, run_layout
-    from batchscore.warm import WarmWorkers, docker_client
+    from batchscore.engine import docker_client
+    from batchscore.scoring.workers import WarmWorkers
     from tests.helpers import inputs, load
     from tests.test_serving_contract import ECHO
 
@@ -512,7 +514,7 @@ def test_a_ready_worker_whose_serving_container_died_is_replaced_before_it_gets_
         assert [s.name for s in ready] == ["w1"] and failures == []
         subprocess.run(["docker", "kill", pool.serving_name(0)], check=True, capture_output=True)
         subprocess.run(["docker", "wait", pool.serving_name(0)], check=True, capture_output=True)
-        op = WarmScoreMiniBatchOperator(
+        op = ScoreOperator(
             task_id="score", endpoint_name="serve-died-ready", deployment=d.model_dump(mode="json"),
             mini_batch=mini_batch_refs(plan)[0],
         )  # fmt: skip

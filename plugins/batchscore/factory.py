@@ -20,9 +20,8 @@ from typing import Any
 from airflow.sdk import DAG, TaskGroup
 
 from batchscore.errors import DeploymentSpecError, InvalidDeploymentFilesError, SpecIssue
-from batchscore.operators import MergeOperator, PlanOperator, ScoreMiniBatchOperator, ServeMiniBatchOperator
+from batchscore.operators import MergeOperator, PlanOperator, ScoreOperator, StartWorkersOperator, StopWorkersOperator
 from batchscore.operators.score import RETRY_DELAY
-from batchscore.operators.warm import StartWorkersOperator, StopWorkersOperator, WarmScoreMiniBatchOperator
 from batchscore.spec import AssetSchedule, EndpointSpec, key_line, load_endpoint
 from batchscore.triggers import RUN_PARAMS, airflow_schedule, dag_params, output_asset, upstream_asset
 
@@ -63,17 +62,11 @@ that starts the run's worker containers and a teardown task that removes them:
             with TaskGroup(group_id=deployment.name, tooltip=deployment.description or deployment.name):
                 plan = PlanOperator(task_id="plan", **common)
                 warm = deployment.settings.worker_mode == "warm"
-                if warm:
-                    operator: type[ScoreMiniBatchOperator] = WarmScoreMiniBatchOperator
-                elif deployment.contract == "serve":
-                    operator = ServeMiniBatchOperator
-                else:
-                    operator = ScoreMiniBatchOperator
                 resources = deployment.resources
                 # Only the tasks that talk to the scoring hosts' Docker engine follow the deployment's queue.
                 queue = {"queue": resources.queue} if resources.queue else {}
                 pool = {"pool": resources.pool, "pool_slots": resources.pool_slots} if resources.pool else {}
-                score = operator.partial(
+                score = ScoreOperator.partial(
                     task_id="score",
                     **queue,
                     **pool,

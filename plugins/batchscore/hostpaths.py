@@ -34,6 +34,7 @@ import docker.errors
 from docker.types import Mount
 
 from batchscore import security
+from batchscore.engine import docker_client
 from batchscore.errors import HostPathError
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,6 @@ def check(mappings: Sequence[PathMapping], mounts: Sequence[ContainerMount] | No
 @functools.lru_cache(maxsize=8)
 def _context(value: str, container: str | None) -> tuple[tuple[PathMapping, ...], tuple[ContainerMount, ...] | None]:
     """Parsed and checked once per process (and setting): the mappings, and the container's mounts if known."""
-    from batchscore.warm import docker_client
-
     mappings = parse(value)
     mounts = None
     if container is not None:

@@ -3,7 +3,7 @@
 By default a scoring container has no network, runs as an unprivileged user, has every Linux
 capability dropped, cannot gain privileges (``no-new-privileges``), has a read-only root file
 system with a tmpfs ``/tmp``, a process limit and optionally a memory limit; everything it gets
-is mounted read-only except its own mini-batch's result folder, and it can never get the
+is mounted read-only except its own scratch folder, and it can never get the
 Docker socket. Secrets reach it from Airflow variables and connections, at execute time, in
 environment variables that are neither rendered, stored with the DAG nor logged.
 """
@@ -122,16 +122,21 @@ def _target(mount: Any) -> str:
     return mount.get("Target") if isinstance(mount, dict) else getattr(mount, "target", "?")
 
 
+def lockdown(full: bool = True) -> dict[str, Any]:
+    """The host-config options that lock a container down (:class:`batchscore.containers.Container` applies them).
+
+    Every container: never privileged, no new privileges. ``full`` (every container that runs
+    batchscore's runtime) adds: every capability dropped, a read-only root with a tmpfs ``/tmp``.
+    """
+    options: dict[str, Any] = {"privileged": False, "security_opt": [NO_NEW_PRIVILEGES]}
+    if full:
+        options.update(cap_drop=["ALL"], read_only=True, tmpfs=dict(TMPFS))
+    return options
+
+
 def host_config_options(resources: Resources) -> dict[str, Any]:
-    """What batchscore adds to DockerOperator's host config, beyond what the operator has parameters for."""
-    options: dict[str, Any] = {
-        "privileged": False,
-        "cap_drop": ["ALL"],
-        "security_opt": [NO_NEW_PRIVILEGES],
-        "read_only": True,
-        "tmpfs": dict(TMPFS),
-        "pids_limit": resources.pids_limit,
-    }
+    """A scoring container's lockdown with its process and swap limits (what ``docker run`` needs to match it)."""
+    options: dict[str, Any] = {**lockdown(), "pids_limit": resources.pids_limit}
     if resources.memory is not None:
         options["memswap_limit"] = memory_bytes(resources.memory)  # = mem_limit: no swap beyond it
     return options

@@ -13,7 +13,7 @@
   even one that left its parent's process group or session, or whose parent died.
 * :func:`remove_run_containers` removes every container of some runs (labels ``batchscore.endpoint``
   and ``batchscore.run_id``), and :func:`end_gpu_holders` checks that the warm workers' GPU holders
-  (``python -m batchscore.warm hold-gpus``) then end on their own.
+  (``python -m batchscore.gpu_holder``) then end on their own.
 
 No Airflow import: the Docker SDK and psutil only.
 """
@@ -151,12 +151,12 @@ def marked_processes(name: str, value: str) -> list[psutil.Process]:
 
 
 def is_gpu_holder(proc: psutil.Process) -> bool:
-    """Whether ``proc`` is a warm worker's GPU holder (``python -m batchscore.warm hold-gpus``)."""
+    """Whether ``proc`` is a warm worker's GPU holder (``python -m batchscore.gpu_holder``)."""
     try:
         cmdline = proc.cmdline()
     except psutil.Error:
         return False
-    return "batchscore.warm" in cmdline and "hold-gpus" in cmdline
+    return "batchscore.gpu_holder" in cmdline
 
 
 def end_gpu_holders(holders: Iterable[psutil.Process], timeout: float = HOLDER_END_SECONDS) -> list[int]:

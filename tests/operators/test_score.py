@@ -1,4 +1,4 @@
-"""ScoreMiniBatchOperator: what reaches Docker for one mini-batch."""
+"""ScoreOperator: one mini-batch scored in a real container, its GPUs, its time limit."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import pytest
 from docker.types import DeviceRequest
 
 from batchscore.errors import ScoringError
-from batchscore.operators.score import RUNTIME_SOURCE, container_setup, device_requests
 from batchscore.plan import run_layout
-from batchscore_runtime.formats import ContainerPaths
 from tests.helpers import deployment_file, load, planned_score_operator, write
 
 
@@ -30,50 +28,6 @@ def deployment(tmp_path: Path):
     return make
 
 
-@pytest.mark.parametrize(
-    ("gpus", "expected"),
-    [
-        (0, []),
-        (2, [DeviceRequest(count=2, capabilities=[["gpu"]])]),
-        ("all", [DeviceRequest(count=-1, capabilities=[["gpu"]])]),
-        (["0", "GPU-3b2f"], [DeviceRequest(device_ids=["0", "GPU-3b2f"], capabilities=[["gpu"]])]),
-    ],
-)
-def test_gpus_become_docker_device_requests(gpus, expected) -> None:
-    assert device_requests(gpus) == expected
-
-
-def test_only_the_attempts_scratch_folder_is_writable(deployment, tmp_path: Path) -> None:
-    """The container never mounts the mini-batch's result folder: the orchestrator alone commits there."""
-    d = deployment().deployments[0]
-    setup = container_setup(d, "run-1", 7, attempt=2)
-
-    mounts = {m["Target"]: (m["Source"], m["ReadOnly"]) for m in setup.mounts}
-    layout = run_layout(d, "run-1")
-    assert mounts == {
-        f"{ContainerPaths.RUNTIME}/batchscore_runtime": (str(RUNTIME_SOURCE), True),
-        ContainerPaths.MODEL: (str(tmp_path / "model"), True),
-        ContainerPaths.CODE: (str(tmp_path / "code"), True),
-        ContainerPaths.INPUT: (str(tmp_path / "in"), True),
-        ContainerPaths.MINI_BATCH: (str(layout.mini_batch_file(7)), True),
-        ContainerPaths.OUTPUT: (str(layout.work / "scratch" / "mb-00007.try-2"), False),
-    }
-    assert setup.environment["AZUREML_MODEL_DIR"] == ContainerPaths.MODEL
-    assert setup.environment["BATCHSCORE_MINI_BATCH"] == "mb-00007"
-    assert setup.command[:3] == ["python3", "-m", "batchscore_runtime"]
-    assert f"{ContainerPaths.CODE}/score.py" in setup.command
-    assert (setup.mini_batch_file, setup.result_dir, setup.scratch) == (
-        layout.mini_batch_file(7), layout.mini_batch_dir(7), layout.work / "scratch" / "mb-00007.try-2"
-    )
-
-
-def test_a_model_file_is_mounted_inside_the_model_folder(deployment, tmp_path: Path) -> None:
-    write(tmp_path / "model.pkl", "x")
-    d = deployment(model=tmp_path / "model.pkl").deployments[0]
-    targets = [m["Target"] for m in container_setup(d, "r", 0).mounts]
-    assert f"{ContainerPaths.MODEL}/model.pkl" in targets
-
-
 @pytest.mark.docker
 def test_a_gpu_request_on_a_host_without_gpus_fails_naming_the_setting(
     deployment, scoring_image: str, airflow_db, tmp_path: Path, monkeypatch
@@ -88,7 +42,7 @@ def test_a_gpu_request_on_a_host_without_gpus_fails_naming_the_setting(
     with pytest.raises(ScoringError) as info:
         op.execute({"run_id": "run-gpu"})
 
-    assert op.device_requests == [DeviceRequest(device_ids=["0"], capabilities=[["gpu"]])]  # leased, pinned
+    assert op.executor.gpus.device_requests == [DeviceRequest(device_ids=["0"], capabilities=[["gpu"]])]  # leased, pinned
 
     assert str(info.value) == (
         "mb-00000: Docker cannot give the container the GPUs it asks for (resources.gpus: 1): could not select "
@@ -107,33 +61,6 @@ def test_the_operator_scores_one_mini_batch_in_a_real_container(deployment, scor
     assert status.succeeded and status.rows == 1
 
 
-def test_the_runtime_gets_the_settings_the_try_and_the_leased_gpu_count(deployment) -> None:
-    d = deployment(
-        settings={
-            "max_concurrency_per_instance": 2,
-            "output_action": "summary_only",
-            "init_timeout": 90,
-            "retry_settings": {"max_retries": 0, "timeout": 45},
-        },
-        resources={"gpus": 2},
-    ).deployments[0]
-    command = container_setup(d, "r", 0, attempt=3, gpu_count=2).command
-    options = dict(zip(command[5::2], command[6::2]))
-    assert options == {
-        "--input-root": "/mnt/batchscore/input",
-        "--scoring-script": "/mnt/batchscore/code/score.py",
-        "--output": "/mnt/batchscore/output",
-        "--log-level": "info",
-        "--workers": "2",
-        "--timeout": "45",
-        "--init-timeout": "90",
-        "--output-action": "summary_only",
-        "--attempt": "3",
-        "--gpus": "2",  # the runtime pins each worker to one of them
-    }
-    assert "--gpus" not in container_setup(d, "r", 0).command  # unknown count: no pinning
-
-
 @pytest.mark.docker
 def test_a_container_that_stops_answering_is_killed_and_its_attempt_recorded(
     deployment, scoring_image: str, airflow_db, tmp_path: Path, monkeypatch
@@ -142,9 +69,9 @@ def test_a_container_that_stops_answering_is_killed_and_its_attempt_recorded(
     # resort for a container that does not end. The grace is shortened so it fires first.
     import subprocess
 
-    from batchscore.operators import score
+    from batchscore.scoring import contract
 
-    monkeypatch.setattr(score, "CONTAINER_GRACE_SECONDS", -3)  # backstop: 5 + 1 - 3 = 3 s
+    monkeypatch.setattr(contract, "CONTAINER_GRACE_SECONDS", -3)  # backstop: 5 + 1 - 3 = 3 s
     write(tmp_path / "code" / "score.py", "import time\ndef init():\n    time.sleep(60)\ndef run(mb):\n    return mb\n")
     endpoint = deployment(settings={"init_timeout": 5, "retry_settings": {"max_retries": 0, "timeout": 1}})
     op = planned_score_operator(endpoint, "run-hang")

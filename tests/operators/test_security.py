@@ -29,7 +29,8 @@ from batchscore.errors import (
     ScoringError,
     SecretUnavailableError,
 )
-from batchscore.operators.score import ScoreMiniBatchOperator, container_setup
+from batchscore.containers import scoring_container
+from batchscore.operators.score import ScoreOperator
 from batchscore.plan import run_layout
 from batchscore.spec import SecretRef
 from batchscore.triggers import apply_run_params
@@ -110,7 +111,7 @@ def make(tmp_path: Path):
     return make
 
 
-def _run_and_inspect(op: ScoreMiniBatchOperator, run_id: str, inputs: Path) -> tuple[dict, dict]:
+def _run_and_inspect(op: ScoreOperator, run_id: str, inputs: Path) -> tuple[dict, dict]:
     """Execute ``op``; while its container waits in init(), read its configuration from Docker.
 
     Returns (``docker inspect`` of the container, what the script reported from inside).
@@ -197,12 +198,10 @@ def test_a_scoring_container_is_locked_down_by_default(
 
     assert redact(f"value {SECRET}") == "value ***"
     assert SECRET not in json.dumps({f: getattr(op, f) for f in op.template_fields}, default=str)
-    assert SECRET not in json.dumps([op.environment, op.command, [dict(m) for m in op.mounts]], default=str)
+    assert SECRET not in json.dumps(vars(op), default=str)  # the operator keeps no copy: only the container got it
     from airflow.serialization.serialized_objects import BaseSerialization
 
     assert SECRET not in json.dumps(BaseSerialization.serialize(op), default=str)
-    assert op._private_environment == {}  # dropped once the container is gone
-    assert "TOKEN" not in op.environment
 
     # The result folder is the orchestrator's alone: everything in it was written by this process
     # (the container's result was copied in), and the scratch folder is gone after a success.
@@ -335,14 +334,14 @@ def test_the_docker_socket_is_never_mounted(make, tmp_path: Path) -> None:
     # A folder holding the socket gives it too: /var/run as the input folder.
     d = make(inputs=Path("/var/run")).deployments[0]
     with pytest.raises(ContainerSecurityError, match=r"refusing to mount (/var)?/run into the scoring container at /mnt/"):
-        container_setup(d, "r", 0)
+        scoring_container(d, run_layout(d, "r"), 0, 1, user=None, labels={})
     # Any other socket (DOCKER_HOST may name one anywhere) is refused as a mount's source.
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(tmp_path / "other.sock"))
     try:
         d = make(model=tmp_path / "other.sock").deployments[0]
         with pytest.raises(ContainerSecurityError, match=r"other.sock into the scoring container at /mnt/batchscore/model"):
-            container_setup(d, "r", 0)
+            scoring_container(d, run_layout(d, "r"), 0, 1, user=None, labels={})
     finally:
         sock.close()
 
@@ -359,36 +358,6 @@ def test_the_container_user_is_never_root_unless_configured(monkeypatch) -> None
     monkeypatch.setenv(security.CONTAINER_USER_ENV, "root")
     with pytest.raises(ContainerSecurityError, match="must be a numeric uid or uid:gid"):
         security.container_user()
-
-
-def test_hardening_reaches_the_host_config_dockeroperator_builds(make) -> None:
-    """The wrapper adds what DockerOperator 4.6 has no parameters for, to the host config it builds."""
-    op = planned_score_operator(make(resources={"memory": "1g", "pids_limit": 100}), "run-hc")
-    captured: dict = {}
-
-    class Client:
-        def create_host_config(self, **kwargs):
-            captured.update(kwargs)
-            return {}
-
-        def create_container(self, **kwargs):
-            raise RuntimeError("stop here")
-
-    client = Client()
-    op.__dict__["hook"] = type("Hook", (), {"api_client": client})()
-    with pytest.raises(RuntimeError, match="stop here"):
-        op._run_image_with_mounts([], add_tmp_variable=False)
-    assert {k: captured[k] for k in ("network_mode", "mem_limit", "privileged")} == {
-        "network_mode": "none",
-        "mem_limit": 2**30,
-        "privileged": False,
-    }
-    assert security.host_config_options(op.spec.resources) == {
-        k: captured[k]
-        for k in ("privileged", "cap_drop", "security_opt", "read_only", "tmpfs", "pids_limit", "memswap_limit")
-    }
-    assert captured["memswap_limit"] == 2**30 and captured["pids_limit"] == 100
-    assert "create_host_config" not in vars(client)  # unwrapped afterwards
 
 
 # --------------------------------------------------------------------------- path confinement

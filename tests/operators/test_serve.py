@@ -1,4 +1,4 @@
-"""ServeMiniBatchOperator: the serving container and its client, as Docker sees them."""
+"""ScoreOperator with contract serve: the serving container and its client, as Docker sees them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from batchscore.operators.serve import ServeMiniBatchOperator
+from batchscore.operators.score import ScoreOperator
 from batchscore.plan import mini_batch_refs, plan_run
 from tests.helpers import inputs, load, serve_endpoint
 
@@ -39,7 +39,7 @@ def test_both_containers_as_docker_runs_them_and_a_killed_task_removes_both(
     endpoint = load(path)
     d = endpoint.deployments[0]
     run_id = "run-kill"
-    op = ServeMiniBatchOperator(
+    op = ScoreOperator(
         task_id="score",
         endpoint_name=endpoint.endpoint_name,
         deployment=d.model_dump(mode="json", by_alias=True),

@@ -1,12 +1,11 @@
 """The operators of a deployment's task group: plan → score (mapped, one per mini-batch) → merge.
 
-The score task runs an Azure-style scoring script (:class:`ScoreMiniBatchOperator`) or a
-SageMaker-style serving container (:class:`ServeMiniBatchOperator`), as ``contract`` says.
+Warm deployments add a setup and a teardown task around the scoring tasks (:mod:`batchscore.operators.workers`).
 """
 
 from batchscore.operators.merge import MergeOperator
 from batchscore.operators.plan import PlanOperator
-from batchscore.operators.score import ScoreMiniBatchOperator
-from batchscore.operators.serve import ServeMiniBatchOperator
+from batchscore.operators.score import ScoreOperator
+from batchscore.operators.workers import StartWorkersOperator, StopWorkersOperator
 
-__all__ = ["MergeOperator", "PlanOperator", "ScoreMiniBatchOperator", "ServeMiniBatchOperator"]
+__all__ = ["MergeOperator", "PlanOperator", "ScoreOperator", "StartWorkersOperator", "StopWorkersOperator"]

@@ -1,4 +1,4 @@
-"""Warm workers on the Docker host: start them, find a free one, hand it a mini-batch, remove them.
+"""The warm workers of one run on the Docker host: start them, find a free one, hand it a mini-batch, remove them.
 
 ``settings.worker_mode: warm`` gives each run of a deployment up to ``resources.instance_count``
 worker *slots*. Slot ``k`` is one container named ``batchscore-<run digest>-w<k>`` (for the
@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,20 +31,21 @@ from pathlib import Path
 from typing import Any
 
 from docker.errors import APIError, NotFound
-from docker.types import Mount
 
-from batchscore import hostpaths, security
+from batchscore import containers, security
+from batchscore.containers import ROLE_LABEL, ImageMissingError, explain_exit
+from batchscore.engine import engine_identity
 from batchscore.errors import ScoringError
+from batchscore.gpu_holder import lease_for_worker, release
 from batchscore.intake import remove_scratch
-from batchscore.spec import DeploymentSpec, memory_bytes
-from batchscore_runtime.formats import ContainerPaths, RunLayout, WorkerState, write_json_atomic
+from batchscore.spec import DeploymentSpec
+from batchscore_runtime.formats import RunLayout, WorkerState, write_json_atomic
 from batchscore_runtime.warm import EXIT_LOST, EXIT_REFUSED, PREFIX, STATE_FILE
 
 log = logging.getLogger(__name__)
 
-ROLE_LABEL = "batchscore.role"
-WORKER_ROLE = "warm-worker"
-SERVING_ROLE = "warm-serving"
+WORKER_ROLE = containers.WARM_WORKER
+SERVING_ROLE = containers.WARM_SERVING
 RUN_LABEL = "batchscore.warm_run"
 LOG_TAIL_LINES = 15
 
@@ -127,7 +129,7 @@ class WarmWorkers:
         self.secrets = secrets or {}
         self.user = user or security.container_user()
         self.digest = run_digest(endpoint_name, spec.name, run_id)
-        self._gpu_count: int | None = None
+        self._image = self.spec.environment.image  # the worker container's, once one is started
 
     # ------------------------------------------------------------------ names and state
 
@@ -148,14 +150,14 @@ class WarmWorkers:
         """Where the worker of ``slot`` writes its mini-batches' results, one sub-folder each (untrusted)."""
         return self.layout.worker_scratch(slot_name(slot))
 
-    def labels(self, slot: int, role: str) -> dict[str, str]:
+    def labels(self, slot: int) -> dict[str, str]:
+        """The labels of the slot's containers (:mod:`batchscore.containers` adds each one's role)."""
         return {
             "batchscore.endpoint": self.endpoint_name,
             "batchscore.deployment": self.spec.name,
             "batchscore.run_id": self.run_id,
             "batchscore.worker": slot_name(slot),
             RUN_LABEL: self.digest,
-            ROLE_LABEL: role,
         }
 
     def inspect(self, name: str) -> dict[str, Any] | None:
@@ -186,8 +188,7 @@ class WarmWorkers:
 
     def engine(self) -> dict[str, str]:
         """The Docker engine this process reaches: its id and its host's name."""
-        info = self.cli.info()
-        return {"id": str(info.get("ID", "")), "name": str(info.get("Name", ""))}
+        return engine_identity(self.cli)
 
     def record_engine(self) -> None:
         """Say where the run's workers run (start_workers), for score tasks on other hosts."""
@@ -215,34 +216,32 @@ class WarmWorkers:
         remove_scratch(scratch.parent, scratch.name)
         scratch.mkdir(parents=True)
         security.make_writable_for(scratch, self.user)
-        network_mode = None if self.spec.resources.network else "none"
         serving_id = None
         # The GPUs go to the container that loads the model: the worker, or the serving container.
         holds = self.serving_name(slot) if self.spec.contract == "serve" else self.container_name(slot)
-        gpus, self._gpu_count, holder = lease_for_worker(
+        gpus, gpu_count, holder = lease_for_worker(
             self.spec, holds, f"{self.endpoint_name}/{self.spec.name}/{self.run_id}/{slot_name(slot)}", self.log
         )
         try:
             if self.spec.contract == "serve":
                 serving_id = self._create_serving(slot, gpus)
                 if serving_id is None:
-                    _release(holder)
+                    release(holder)
                     return False
-                network_mode = f"container:{serving_id}"
-            created = self.cli.create_container(
-                **self._worker_config(slot, network_mode, gpus), name=self.container_name(slot)
-            )
-        except APIError as exc:
-            _release(holder)  # never keep a lease for a container that is not ours, or not started
+            worker = containers.warm_worker(
+                self.spec, self.layout, slot_name(slot), user=self.user, labels=self.labels(slot),
+                devices=gpus, gpu_count=gpu_count, serving_id=serving_id,
+            )  # fmt: skip
+            self._image = worker.image
+            created = {"Id": worker.create(self.cli, name=self.container_name(slot), secrets=self.secrets)}
+        except (APIError, ImageMissingError) as exc:
+            release(holder)  # never keep a lease for a container that is not ours, or not started
             if serving_id is not None:
                 self._remove(serving_id)  # no client: its serving container must not stay behind either
+            if isinstance(exc, ImageMissingError):
+                raise WarmWorkerError(f"worker {slot_name(slot)}: {exc}") from None
             if exc.status_code == 409:  # the name is taken: another task started this slot a moment ago
                 return False
-            if exc.status_code == 404:
-                raise WarmWorkerError(
-                    f"worker {slot_name(slot)}: the image {self._worker_image()!r} is not on this Docker host: "
-                    f"{exc.explanation}; build or load it there (docker load), no registry is used"
-                ) from None
             raise
         try:
             self.cli.start(created["Id"])
@@ -253,126 +252,27 @@ class WarmWorkers:
             for container_id in (created["Id"], serving_id):
                 if container_id is not None:
                     self._remove(container_id)
-            _release(holder)
+            release(holder)
             if death is not None:
                 raise WarmWorkerError(death) from None
             raise WarmWorkerError(
-                f"worker {slot_name(slot)}: its container ({self._worker_image()}) could not start: {exc.explanation or exc}"
+                f"worker {slot_name(slot)}: its container ({self._image}) could not start: {exc.explanation or exc}"
             ) from None
         self.log.info(
             "Started warm worker %s (container %s, image %s)%s",
             slot_name(slot),
             self.container_name(slot),
-            self._worker_image(),
+            self._image,
             " with its serving container" if serving_id else "",
         )
         return True
 
-    def _worker_image(self) -> str:
-        from batchscore.operators.serve import client_image
-
-        return client_image() if self.spec.contract == "serve" else self.spec.environment.image
-
-    def _mounts(self, slot: int) -> list[Mount]:
-        from batchscore.operators.score import runtime_mount
-
-        spec, layout = self.spec, self.layout
-        mounts = [
-            runtime_mount(),
-            Mount(target=ContainerPaths.INPUT, source=str(spec.input.path), type="bind", read_only=True),
-            Mount(target=ContainerPaths.MINI_BATCHES, source=str(layout.mini_batches_dir), type="bind", read_only=True),
-            Mount(target=ContainerPaths.SCRATCH, source=str(self.scratch_dir(slot)), type="bind", read_only=False),
-            Mount(target=ContainerPaths.WORKER_STATE, source=str(self.state_dir(slot)), type="bind", read_only=False),
-        ]
-        if spec.contract == "azure":
-            model = spec.model.path
-            target = ContainerPaths.MODEL if model.is_dir() else f"{ContainerPaths.MODEL}/{model.name}"
-            mounts += [
-                Mount(target=target, source=str(model), type="bind", read_only=True),
-                Mount(target=ContainerPaths.CODE, source=str(spec.code_configuration.code), type="bind", read_only=True),
-            ]
-        return hostpaths.for_docker(mounts)
-
-    def _command(self, slot: int) -> list[str]:
-        settings = self.spec.settings
-        command = [
-            "python3",
-            "-m",
-            "batchscore_runtime.warm",
-            "daemon",
-            "--contract",
-            self.spec.contract,
-            "--worker",
-            slot_name(slot),
-            "--idle-timeout",
-            str(settings.worker_idle_timeout),
-            "--init-timeout",
-            str(settings.init_timeout),
-            "--log-level",
-            settings.logging_level,
-        ]
-        if self.spec.contract == "azure":
-            command += [
-                "--scoring-script",
-                f"{ContainerPaths.CODE}/{self.spec.code_configuration.scoring_script}",
-                "--workers",
-                str(settings.max_concurrency_per_instance),
-                "--timeout",
-                str(settings.retry_settings.timeout),
-                "--output-action",
-                settings.output_action,
-            ]
-            if self._gpu_count:
-                command += ["--gpus", str(self._gpu_count)]
-        else:
-            from batchscore.operators.serve import transform_config
-
-            command += ["--transform", json.dumps(transform_config(self.spec).to_json()), "--url", ContainerPaths.SERVING_URL]
-        return command
-
-    def _environment(self, slot: int) -> dict[str, str]:
-        from batchscore.operators.score import RUNTIME_ENVIRONMENT
-
-        env = {"BATCHSCORE_WORKER": slot_name(slot), **RUNTIME_ENVIRONMENT}
-        if self.spec.contract == "azure":
-            return {**self.spec.settings.environment_variables, "AZUREML_MODEL_DIR": ContainerPaths.MODEL, **env, **self.secrets}
-        return env  # the client: the settings' environment and the secrets are the serving container's
-
-    def _worker_config(self, slot: int, network_mode: str | None, gpus: list[Any]) -> dict[str, Any]:
-        resources = self.spec.resources
-        azure = self.spec.contract == "azure"
-        memory = memory_bytes(resources.memory) if resources.memory and azure else None
-        options = security.host_config_options(resources if azure else resources.model_copy(update={"memory": None}))
-        host_config = self.cli.create_host_config(
-            mounts=self._mounts(slot),
-            network_mode=network_mode,
-            device_requests=(gpus or None) if azure else None,
-            mem_limit=memory,
-            shm_size=memory_bytes(resources.shm_size) if resources.shm_size and azure else None,
-            **options,
-        )
-        return {
-            "image": self._worker_image(),
-            "command": self._command(slot),
-            "environment": self._environment(slot),
-            "host_config": host_config,
-            "labels": self.labels(slot, WORKER_ROLE),
-            "user": self.user,
-        }
-
     def _create_serving(self, slot: int, gpus: list[Any]) -> str | None:
-        from batchscore.operators.serve import create_serving_container
-
+        """Create and start the serving container of ``slot``; None when another task already did."""
+        assert self.model_dir is not None, "the serving contract's pool knows its model folder"
+        serving = containers.serving_container(self.spec, self.model_dir, labels=self.labels(slot), devices=gpus, warm=True)
         try:
-            serving_id = create_serving_container(
-                self.cli,
-                self.spec,
-                self.model_dir,
-                gpu_requests=gpus,
-                secrets=self.secrets,
-                labels=self.labels(slot, SERVING_ROLE),
-                name=self.serving_name(slot),
-            )
+            serving_id = serving.create(self.cli, name=self.serving_name(slot), secrets=self.secrets)
         except APIError as exc:
             if exc.status_code == 409:
                 return None
@@ -432,7 +332,12 @@ class WarmWorkers:
         if s.container is None:
             return f"worker {s.name}: its container {self.container_name(s.slot)} is gone"
         code = s.container["State"].get("ExitCode")
-        return f"worker {s.name}: its container exited with code {code}{_exit_hint(code)}; {self.log_tail(s.container['Id'])}"
+        return f"worker {s.name}: its container exited with code {code}{explain_exit(code, self._worker_memory)}; {self.log_tail(s.container['Id'])}"
+
+    @property
+    def _worker_memory(self) -> str | None:
+        """The worker container's memory limit: a scoring script's has resources.memory, a serving client none."""
+        return self.spec.resources.memory if self.spec.contract == "azure" else None
 
     def log_tail(self, container: str) -> str:
         try:
@@ -459,17 +364,6 @@ class WarmWorkers:
             except APIError:
                 pass
 
-    def serving_death(self, slot: int) -> str | None:
-        """Serving contract: how the serving container of ``slot`` ended, when it did."""
-        serving = self.inspect(self.serving_name(slot))
-        if serving is None or serving["State"].get("Running"):
-            return None
-        code = serving["State"].get("ExitCode")
-        return (
-            f"the serving container ({self.spec.environment.image} serve) of worker {slot_name(slot)} exited with "
-            f"code {code}{_exit_hint(code)}; {self.log_tail(serving['Id'])}"
-        )
-
     def serving_failure(self, slot: int, *, answered: bool = False) -> str | None:
         """Serving contract: the failure of worker ``slot`` when its serving container has exited, else None.
 
@@ -480,10 +374,10 @@ class WarmWorkers:
         if serving is None or serving["State"].get("Status") not in ("exited", "dead"):
             return None  # not there (yet), created, or running
         code = serving["State"].get("ExitCode")
-        when = "" if answered else " before it answered /ping"
+        when = "" if answered else " before it answered /ping"  # else: while or after it served
         return (
             f"worker {slot_name(slot)}: the serving container ({self.spec.environment.image} serve) exited with code "
-            f"{code}{_exit_hint(code)}{when}; {self.log_tail(serving['Id'])}"
+            f"{code}{explain_exit(code, self.spec.resources.memory)}{when}; {self.log_tail(serving['Id'])}"
         )
 
     def _serving_failure_settled(self, slot: int, serving_id: str, wait: float = 30.0) -> str | None:
@@ -498,8 +392,6 @@ class WarmWorkers:
 
     def follow_serving_log(self, slot: int, on_line: Callable[[str], None]) -> Callable[[], None]:
         """Copy the serving container's new log lines to ``on_line`` until the returned function is called."""
-        import threading
-
         try:
             stream = self.cli.logs(self.serving_name(slot), stream=True, follow=True, since=time.time())
         except APIError:
@@ -621,128 +513,4 @@ def _protocol_line(line: str) -> dict[str, Any] | None:
 CONTAINER_START_GRACE = 60
 
 
-def _exit_hint(code: Any) -> str:
-    if code == 137:
-        return " (SIGKILL: out of memory at resources.memory, or docker kill)"
-    return ""
-
-
-# --------------------------------------------------------------------------- GPUs of a worker
-
-
-#: Seconds a GPU holder waits for its worker container to appear before it lets the GPUs go.
-HOLDER_APPEAR_SECONDS = 120.0
-HOLDER_POLL_SECONDS = 2.0
-
-
-def lease_for_worker(spec: DeploymentSpec, container: str, label: str, log: Any = log) -> tuple[list[Any], int | None, Any]:
-    """GPUs for a warm worker container that outlives the task starting it: ``(device_requests, count, holder)``.
-
-    A per-mini-batch lease (:func:`batchscore.gpus.lease_gpus`) lives as long as its task. A warm
-    worker lives for the run, so its lease is taken by a small holder process
-    (``python -m batchscore.warm hold-gpus``) in a session of its own, which keeps the ``flock``
-    until the container is gone (removed or stopped) and then exits; the kernel drops the lease
-    with it, whatever happens. ``resources.share_gpus`` and ``gpus: 0`` take no lease.
-    """
-    import subprocess
-    import sys
-
-    from batchscore.errors import GpuUnavailableError
-    from batchscore.operators.score import device_requests
-
-    resources = spec.resources
-    if resources.gpus == 0:
-        return [], None, None
-    if resources.share_gpus:
-        gpus = resources.gpus
-        return device_requests(gpus), (gpus if isinstance(gpus, int) else None if gpus == "all" else len(gpus)), None
-    holder = subprocess.Popen(
-        [sys.executable, "-m", "batchscore.warm", "hold-gpus", "--gpus", json.dumps(resources.gpus),
-         "--container", container, "--label", label],
-        stdout=subprocess.PIPE,
-        start_new_session=True,  # not killed with the task: it lives as long as the container
-        text=True,
-    )
-    line = holder.stdout.readline() if holder.stdout else ""
-    answer = json.loads(line) if line.strip() else {"error": f"the GPU holder exited with code {holder.wait()}"}
-    if "error" in answer:
-        raise GpuUnavailableError(f"worker container {container}: {answer['error']}")
-    ids = answer["ids"]
-    log.info("Worker container %s gets GPU(s) %s, held until it is gone (holder pid %d)", container, ",".join(ids), holder.pid)
-    from docker.types import DeviceRequest
-
-    return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])], len(ids), holder
-
-
-def _release(holder: Any) -> None:
-    if holder is not None:
-        holder.kill()
-        holder.wait(timeout=10)
-
-
-def hold_gpus(gpus: Any, container: str, label: str, appear_seconds: float = HOLDER_APPEAR_SECONDS) -> int:
-    """The holder process: lease, print the ids (one JSON line), keep them while ``container`` lives."""
-    from batchscore.errors import GpuUnavailableError
-    from batchscore.gpus import lease_gpus
-
-    try:
-        with lease_gpus(gpus, False, label=label) as assignment:
-            print(json.dumps({"ids": assignment.device_ids}), flush=True)
-            sys_stdout_close()
-            cli = docker_client()
-            appear_by = time.monotonic() + appear_seconds
-            seen = False
-            while True:
-                try:
-                    state = cli.inspect_container(container)["State"]
-                except NotFound:
-                    if seen or time.monotonic() > appear_by:
-                        return 0
-                else:
-                    seen = True
-                    if state.get("Status") not in ("created", "running", "restarting", "paused"):
-                        return 0
-                time.sleep(HOLDER_POLL_SECONDS)
-    except GpuUnavailableError as exc:
-        print(json.dumps({"error": str(exc)}), flush=True)
-        return 1
-
-
-def sys_stdout_close() -> None:
-    """Let the parent's readline end: nothing more is written to it."""
-    import os
-    import sys
-
-    sys.stdout.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.close(devnull)
-
-
-def docker_client() -> Any:
-    """A low-level Docker API client, configured from the environment (``DOCKER_HOST``) as DockerOperator's default is."""
-    import docker
-
-    return docker.APIClient(**docker.utils.kwargs_from_env(), version="auto")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m batchscore.warm hold-gpus``: see :func:`lease_for_worker`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m batchscore.warm")
-    commands = parser.add_subparsers(dest="command", required=True)
-    hold = commands.add_parser("hold-gpus", help="hold a GPU lease while a worker container lives")
-    hold.add_argument("--gpus", required=True, help="resources.gpus as JSON")
-    hold.add_argument("--container", required=True)
-    hold.add_argument("--label", required=True)
-    hold.add_argument("--appear-seconds", type=float, default=HOLDER_APPEAR_SECONDS)
-    args = parser.parse_args(argv)
-    return hold_gpus(json.loads(args.gpus), args.container, args.label, args.appear_seconds)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
-
-
-__all__ = ["Outcome", "Slot", "WarmWorkerError", "WarmWorkers", "docker_client", "run_digest", "slot_name"]
+__all__ = ["Outcome", "Slot", "WarmWorkerError", "WarmWorkers", "run_digest", "slot_name"]

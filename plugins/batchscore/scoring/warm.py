@@ -1,0 +1,207 @@
+"""The executor that hands each mini-batch to one of the run's warm workers (``settings.worker_mode: warm``).
+
+It finds a free worker, hands the mini-batch over with ``docker exec`` (:mod:`batchscore.scoring.workers`),
+streams the worker's lines into the try's output, and takes the result in from the worker's
+scratch folder. A worker that died is replaced; a worker past its time on one mini-batch is
+stopped; a serving container that died is named as the cause. No Airflow import.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from batchscore import security
+from batchscore.intake import remove_scratch
+from batchscore.scoring.attempt import Attempt
+from batchscore.scoring.contract import CONTAINER_GRACE_SECONDS, Contract
+from batchscore.scoring.workers import Outcome, Slot, WarmWorkerError, WarmWorkers, slot_name
+from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, WorkerState, attempt_folder_name
+from batchscore_runtime.warm import EXIT_FAILED, EXIT_OK
+
+#: How often a mini-batch that waits for a free worker looks again, and how often it says so in its log.
+POLL_SECONDS = 0.5
+WAIT_LOG_SECONDS = 30.0
+
+
+class _Timeout(Exception):
+    """The worker ran past the contract's backstop on this mini-batch and was stopped."""
+
+
+class WarmWorkersExecutor:
+    """Score each mini-batch on a free warm worker of the run.
+
+    :param pool: the run's workers on this Docker engine.
+    :param log: the task's logger.
+    """
+
+    def __init__(self, pool: WarmWorkers, log: Any):
+        self.pool = pool
+        self.log = log
+        self._slot: int | None = None  # the worker scoring this try's mini-batch now
+
+    def kill(self) -> None:
+        """The task is killed: stop the worker in the middle of this mini-batch (a later task starts a replacement)."""
+        if self._slot is not None:
+            self.log.warning("Task killed: stopping worker %s, which was scoring this mini-batch", slot_name(self._slot))
+            self.pool.kill(self._slot)
+
+    def score(self, attempt: Attempt, contract: Contract, secrets: dict[str, str]) -> MiniBatchStatus:
+        """Hand the mini-batch to a worker and take its result in; the committed status, or raise :class:`ScoringError`."""
+        pool = self.pool
+        self.log = pool.log = attempt.log  # redacts the secrets, once they are known
+        pool.secrets, pool.user = secrets, security.container_user()  # for a replacement this task starts
+        self.log.info(
+            "%s: scoring %s files (%s bytes) on a warm worker, try %s of %s",
+            attempt.id,
+            attempt.reference.get("files"),
+            attempt.reference.get("bytes"),
+            attempt.attempt,
+            attempt.tries,
+        )
+        container_file = f"{ContainerPaths.MINI_BATCHES}/{attempt.mini_batch_file.name}"
+        # The worker writes into a sub-folder of its scratch folder; the orchestrator takes it in.
+        scratch_name = attempt_folder_name(attempt.index, attempt.attempt)
+        container_output = f"{ContainerPaths.SCRATCH}/{scratch_name}"
+        backstop = contract.warm_backstop()
+        replacements = 0
+        last_failure = ""
+        waiting_since = time.monotonic()
+        next_log = waiting_since + WAIT_LOG_SECONDS
+        order = [(attempt.index + k) % pool.slots for k in range(pool.slots)]
+        while True:
+            slots = [pool.slot(k) for k in order]
+            if attempt.spec.contract == "serve":
+                slots = [self._stop_if_serving_died(s) for s in slots]
+            for s in slots:
+                if not s.ready:
+                    continue
+                self._slot = s.slot
+                remove_scratch(pool.scratch_dir(s.slot), scratch_name)
+                attempt.open_output()
+                try:
+                    outcome = self._submit(attempt, s, container_file, container_output, backstop)
+                except _Timeout:
+                    raise attempt.failed(
+                        "ContainerTimeout",
+                        f"worker {s.name} ran past {backstop:g} s (retry_settings.timeout "
+                        f"{attempt.spec.settings.retry_settings.timeout} + {CONTAINER_GRACE_SECONDS} s) on this mini-batch "
+                        f"without ending and was stopped{attempt.dropped()}",
+                    ) from None
+                finally:
+                    self._slot = None
+                    attempt.close_output()
+                if outcome.accepted:
+                    return self._outcome(attempt, s, outcome.exit_code, scratch_name)
+            dead = [s for s in slots if _died(s)]
+            alive = [s for s in slots if s.running]
+            if dead or not alive:
+                if replacements > pool.slots + 1:
+                    raise attempt.failed("WarmWorkerFailed", f"no warm worker could be kept running; {last_failure}")
+                target = dead[0] if dead else slots[0]
+                if target.container is not None or target.state is not None:
+                    last_failure = pool.failure(target)
+                    if target.state is not None and target.state.state == WorkerState.FAILED and not alive and replacements:
+                        raise attempt.failed("WarmWorkerFailed", last_failure)
+                    self.log.warning("%s; starting a replacement", last_failure)
+                try:
+                    pool.replace(target)
+                except WarmWorkerError as exc:  # e.g. the image is not on this Docker host
+                    raise attempt.failed("WarmWorkerFailed", str(exc)) from None
+                replacements += 1
+            now = time.monotonic()
+            if now >= next_log:
+                self.log.info(
+                    "%s: waiting %.0f s so far for a free warm worker (%s)",
+                    attempt.id,
+                    now - waiting_since,
+                    ", ".join(f"{s.name} {_describe(s)}" for s in slots),
+                )
+                next_log = now + WAIT_LOG_SECONDS
+            time.sleep(POLL_SECONDS)
+
+    def _submit(self, attempt: Attempt, s: Slot, mini_batch_file: str, output: str, backstop: float | None) -> Outcome:
+        """Hand the mini-batch to worker ``s``; a worker past ``backstop`` seconds on it is stopped (:class:`_Timeout`)."""
+        pool = self.pool
+        streams: list[Any] = []
+
+        def accepted(message: dict[str, Any]) -> None:
+            self.log.info("%s took the mini-batch (its init() took %s s, once)", s.name, message.get("init_seconds"))
+            if pool.spec.contract == "serve":  # the server's own lines while it serves this mini-batch
+                streams.append(pool.follow_serving_log(s.slot, lambda text: attempt.line(f"{s.name} serve | {text}")))
+
+        timed_out = threading.Event()
+
+        def stop() -> None:
+            timed_out.set()
+            pool.kill(s.slot)  # the hand-over's stream ends with the worker
+
+        timer = threading.Timer(backstop, stop) if backstop is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            outcome = pool.submit(s.slot, mini_batch_file, output, attempt.attempt, lambda text: attempt.line(f"{s.name} | {text}"), accepted)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for stop_stream in streams:
+                stop_stream()
+        if timed_out.is_set():
+            raise _Timeout
+        return outcome
+
+    def _outcome(self, attempt: Attempt, s: Slot, code: int | None, scratch_name: str) -> MiniBatchStatus:
+        """What the hand-over to worker ``s`` ended with: the committed status, or the error to raise."""
+        pool = self.pool
+        # A serving container that died mid-mini-batch leaves the client with failed requests (or no
+        # /ping): say what happened, and stop the pair so that the retry gets a fresh one.
+        death = pool.serving_failure(s.slot, answered=True) if attempt.spec.contract == "serve" else None
+        if death is not None:
+            pool.kill(s.slot)  # the client's report hides the cause; this says it, and nothing of it is taken in
+            raise attempt.failed("ServingContainerDied", death)
+        scratch = pool.scratch_dir(s.slot) / scratch_name
+        # Only a hand-over that ended as the protocol says has a report worth reading.
+        intake = attempt.take_in(scratch, attempt.expected(s.name)) if code in (EXIT_OK, EXIT_FAILED) else None
+        status = intake.status if intake is not None else None
+        if status is not None and status.succeeded != (code == EXIT_OK):
+            attempt.result_dir.retract()
+            raise attempt.failed(
+                "ResultRejected", f"worker {s.name}'s hand-over ended with exit code {code} but its report says {status.state}"
+            )
+        if code == EXIT_OK and status is not None and status.succeeded:
+            remove_scratch(scratch.parent, scratch.name)
+            return status
+        if code == EXIT_FAILED and (reported := attempt.reported_failure(intake)) is not None:
+            raise reported
+        now = pool.settled(s.slot)
+        why = pool.failure(now) if not now.running else f"its hand-over ended with exit code {code}"
+        raise attempt.failed("WarmWorkerDied", f"worker {s.name} ended while scoring {attempt.id}; {attempt.redact(why)}")
+
+    def _stop_if_serving_died(self, s: Slot) -> Slot:
+        """A worker whose serving container exited can serve nothing: stop its client now, so it is replaced."""
+        if not s.running:
+            return s
+        death = self.pool.serving_failure(s.slot, answered=s.answered)
+        if death is None:
+            return s
+        self.log.warning("%s; stopping its client", death)
+        self.pool.kill(s.slot)
+        return self.pool.settled(s.slot)
+
+
+def _died(s: Slot) -> bool:
+    """A worker that was started and is gone, but did not fail its init() (those are not restarted blindly)."""
+    return s.container is not None and not s.running and not (s.state is not None and s.state.state == WorkerState.FAILED)
+
+
+def _describe(s: Slot) -> str:
+    if s.ready:
+        return "busy"
+    if s.starting:
+        return "starting"
+    return "stopped" if s.container is not None else "not started"
+
+
+__all__ = ["WarmWorkersExecutor"]
