@@ -28,10 +28,10 @@ from batchscore.errors import RunParamError
 from batchscore.spec import (
     OUTPUT_OVERLAP_ADVICE,
     AssetSchedule,
-    AssetSpec,
     DeploymentSpec,
     EndpointSpec,
     output_overlap,
+    upstream_asset,
 )
 
 INPUT_PATH = "input_path"
@@ -45,18 +45,6 @@ OUTPUT_ASSET_PREFIX = "batchscore"
 AirflowSchedule = str | list[Asset] | AssetAny | None
 
 # --------------------------------------------------------------------------- schedule
-
-
-def upstream_asset(entry: str | AssetSpec) -> Asset:
-    """The Airflow asset of one ``schedule.assets`` entry.
-
-    A string with ``://`` is a URI, any other string a name; Airflow gives an asset with only
-    one of them the other as well (the same string), so an entry matches a producer's
-    ``Asset("<that string>")``. A mapping gives both, for producers that declare both.
-    """
-    if isinstance(entry, str):
-        return Asset(uri=entry) if "://" in entry else Asset(name=entry)
-    return Asset(name=entry.name, uri=entry.uri)
 
 
 def airflow_schedule(schedule: str | AssetSchedule | None) -> AirflowSchedule:
