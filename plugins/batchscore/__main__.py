@@ -24,8 +24,8 @@ from batchscore import shutdown
 from batchscore.errors import BatchScoreError, DeploymentSpecError
 from batchscore.factory import find_yaml_files, load_folder
 from batchscore.plan import run_layout
+from batchscore.run_params import apply_run_params
 from batchscore.spec import EndpointSpec, load_endpoint
-from batchscore.triggers import apply_run_params
 
 
 def _endpoint(deployments: Path, dag_id: str) -> EndpointSpec:

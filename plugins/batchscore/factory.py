@@ -22,8 +22,9 @@ from airflow.sdk import DAG, TaskGroup
 from batchscore.errors import DeploymentSpecError, InvalidDeploymentFilesError, SpecIssue
 from batchscore.operators import MergeOperator, PlanOperator, ScoreOperator, StartWorkersOperator, StopWorkersOperator
 from batchscore.operators.score import RETRY_DELAY
-from batchscore.spec import AssetSchedule, EndpointSpec, key_line, load_endpoint
-from batchscore.triggers import RUN_PARAMS, airflow_schedule, dag_params, output_asset, upstream_asset
+from batchscore.run_params import RUN_PARAMS, dag_params
+from batchscore.schedule import airflow_schedule, output_asset
+from batchscore.spec import AssetSchedule, EndpointSpec, key_line, load_endpoint, upstream_asset
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ that starts the run's worker containers and a teardown task that removes them:
 
     Runs start on the YAML's schedule (cron, preset or assets), or by hand with the DAG's params
     (the trigger form); each deployment's merge task updates its output asset (see
-    :mod:`batchscore.triggers`).
+    :mod:`batchscore.schedule` and :mod:`batchscore.run_params`).
     """
     with DAG(
         dag_id=endpoint.dag_id,

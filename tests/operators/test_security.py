@@ -32,8 +32,8 @@ from batchscore.errors import (
 from batchscore.containers import scoring_container
 from batchscore.operators.score import ScoreOperator
 from batchscore.plan import run_layout
+from batchscore.run_params import apply_run_params
 from batchscore.spec import SecretRef
-from batchscore.triggers import apply_run_params
 from tests.helpers import deployment_file, load, planned_score_operator, write
 
 SECRET = "tok-9f3c1d7e-not-for-logs"

@@ -8,8 +8,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from batchscore.errors import BatchScoreError
+from batchscore.run_params import OUTPUT_PATH, apply_run_params, deployment_names
 from batchscore.spec import DeploymentSpec
-from batchscore.triggers import OUTPUT_PATH, apply_run_params, deployment_names
 
 
 class DeploymentMixin:
@@ -32,7 +32,7 @@ class DeploymentMixin:
         """The deployment as this DAG run sees it: the YAML's, with the run's parameters applied.
 
         Plan, score and merge of one run call this with the same ``params`` (the run's conf over
-        the DAG's defaults), so they agree; see :mod:`batchscore.triggers`.
+        the DAG's defaults), so they agree; see :mod:`batchscore.run_params`.
         """
         params = context.get("params") or {}
         # With several deployments, an output_path param is the parent of one folder per deployment.

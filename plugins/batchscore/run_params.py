@@ -1,8 +1,5 @@
-"""How the runs of an endpoint's DAG start: on a schedule, by hand through the trigger form, or on assets.
+"""The trigger form's params of an endpoint's DAG, and the deployment a run with them works on.
 
-* :func:`airflow_schedule` turns the YAML's ``schedule`` into Airflow's ``schedule`` argument: a
-  cron expression or preset as it is, ``{assets: [...]}`` into Airflow assets (all of them
-  updated, or any one of them with ``when: any``).
 * :func:`dag_params` are the DAG's params, which Airflow's UI shows as the trigger form:
   ``input_path``, ``output_path`` and ``mini_batch_size``. Each defaults to null, meaning "as the
   YAML says", so scheduled and asset-triggered runs behave exactly as the YAML says.
@@ -10,8 +7,8 @@
   applied, checked as the YAML is (e.g. an output folder that is or holds the input folder is
   refused). Plan, score and merge of one run all call it (``DeploymentMixin.run_spec``), so they
   agree; Airflow keeps a run's conf, so a cleared and rerun task sees the same params.
-* :func:`output_asset` is the asset a deployment's merge task updates when it succeeds, for
-  downstream DAGs to be scheduled on: ``batchscore/<endpoint>/<deployment>``.
+
+What starts a run (its schedule, upstream assets) is :mod:`batchscore.schedule`.
 """
 
 from __future__ import annotations
@@ -21,58 +18,17 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from airflow.sdk import Asset, AssetAny, Param, TaskGroup
+from airflow.sdk import Param, TaskGroup
 from pydantic import ValidationError
 
 from batchscore.errors import RunParamError
-from batchscore.spec import (
-    OUTPUT_OVERLAP_ADVICE,
-    AssetSchedule,
-    AssetSpec,
-    DeploymentSpec,
-    EndpointSpec,
-    output_overlap,
-)
+from batchscore.spec import OUTPUT_OVERLAP_ADVICE, DeploymentSpec, EndpointSpec, output_overlap
 
 INPUT_PATH = "input_path"
 OUTPUT_PATH = "output_path"
 MINI_BATCH_SIZE = "mini_batch_size"
 #: The run parameters, in the trigger form's order.
 RUN_PARAMS = (INPUT_PATH, OUTPUT_PATH, MINI_BATCH_SIZE)
-#: The name (and URI) of a deployment's output asset: ``batchscore/<endpoint>/<deployment>``.
-OUTPUT_ASSET_PREFIX = "batchscore"
-
-AirflowSchedule = str | list[Asset] | AssetAny | None
-
-# --------------------------------------------------------------------------- schedule
-
-
-def upstream_asset(entry: str | AssetSpec) -> Asset:
-    """The Airflow asset of one ``schedule.assets`` entry.
-
-    A string with ``://`` is a URI, any other string a name; Airflow gives an asset with only
-    one of them the other as well (the same string), so an entry matches a producer's
-    ``Asset("<that string>")``. A mapping gives both, for producers that declare both.
-    """
-    if isinstance(entry, str):
-        return Asset(uri=entry) if "://" in entry else Asset(name=entry)
-    return Asset(name=entry.name, uri=entry.uri)
-
-
-def airflow_schedule(schedule: str | AssetSchedule | None) -> AirflowSchedule:
-    """Airflow's ``schedule`` argument for the YAML's ``schedule``."""
-    if not isinstance(schedule, AssetSchedule):
-        return schedule
-    assets = [upstream_asset(entry) for entry in schedule.assets]
-    return AssetAny(*assets) if schedule.when == "any" else assets  # a list: all of them
-
-
-def output_asset(endpoint_name: str, deployment_name: str) -> Asset:
-    """The asset a deployment's merge task updates when a run's output is complete."""
-    return Asset(name=f"{OUTPUT_ASSET_PREFIX}/{endpoint_name}/{deployment_name}")
-
-
-# --------------------------------------------------------------------------- params
 
 
 def _yaml_values(endpoint: EndpointSpec, value: Any) -> str:

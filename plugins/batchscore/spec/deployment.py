@@ -1,0 +1,269 @@
+"""One deployment: its model, code, image, input and output, and the checks that tie them and its settings to its contract."""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from batchscore.spec.base import Name, StrictModel
+from batchscore.spec.paths import OUTPUT_OVERLAP_ADVICE, ExistingDir, ExistingPath, ResolvedPath, output_overlap
+from batchscore.spec.resources import Resources
+from batchscore.spec.settings import RetrySettings, Settings
+from batchscore.spec.transform import TransformSettings
+
+#: What a serving deployment's model may be when it is a file: a model archive.
+MODEL_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+
+
+class ModelSpec(StrictModel):
+    """The model: a folder or a file, mounted read-only; the container finds it in AZUREML_MODEL_DIR."""
+
+    path: ExistingPath
+    name: str | None = Field(None, description="The model's name (informational, as in Azure's registry).")
+
+
+class CodeConfiguration(StrictModel):
+    """The folder with the scoring script, mounted read-only."""
+
+    code: ExistingDir
+    scoring_script: str = Field(description="File name of the scoring script, relative to `code`.")
+
+    @field_validator("scoring_script")
+    @classmethod
+    def _script_in_code(cls, value: str, info: ValidationInfo) -> str:
+        rel = PurePosixPath(value)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"scoring_script must be a path inside `code`, got {value!r}")
+        code = info.data.get("code")
+        if code is not None and not (code / rel).is_file():
+            raise ValueError(f"scoring script {value!r} not found in {code}")
+        return value
+
+
+# Docker's image reference grammar (github.com/distribution/reference): what the engine accepts,
+# so that a bad name is told when the YAML is loaded, not as Docker's raw APIError at run time.
+_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?")
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
+#: The digests Docker knows, and their lengths in hex digits.
+_DIGESTS = {"sha256": 64, "sha384": 96, "sha512": 128}
+MAX_IMAGE_NAME = 255
+
+
+def image_reference_problem(ref: str) -> str | None:
+    """What is wrong with an image reference, in words; ``None`` when Docker would take it.
+
+    ``[registry[:port]/]path[:tag][@digest]``: the path's components in lowercase letters and
+    digits (separated by ``.``, ``_``, ``__`` or dashes); the first component is a registry when
+    it holds ``.`` or ``:``, is ``localhost``, or has capitals (Docker's own rule).
+    """
+    rest, _, digest = ref.partition("@")
+    if "@" in ref:
+        algorithm, _, hex_digits = digest.partition(":")
+        size = _DIGESTS.get(algorithm)
+        if size is None or not re.fullmatch(f"[a-f0-9]{{{size}}}", hex_digits):
+            return f"the digest {digest!r} must be sha256: and 64 lowercase hex digits (or sha384:, sha512:)"
+    name, tag = rest, None
+    if ":" in rest.rpartition("/")[2]:
+        name, _, tag = rest.rpartition(":")
+        if not _TAG.fullmatch(tag):
+            return (
+                f"the tag {tag!r} must be 1 to 128 letters, digits, '_', '.' and '-', "
+                "and not start with '.' or '-'"
+            )
+    if not name:
+        return "the repository name is missing"
+    if len(name) > MAX_IMAGE_NAME:
+        return f"the name is {len(name)} characters long, more than Docker's {MAX_IMAGE_NAME}"
+    first, slash, remainder = name.partition("/")
+    domain = None
+    if slash and (any(c in first for c in ".:") or first == "localhost" or first != first.lower()):
+        domain, name = first, remainder
+        if not _DOMAIN.fullmatch(domain):
+            return f"the registry {domain!r} must be a host name or an IP address, with an optional :port"
+    components = name.split("/")
+    if all(_PATH_COMPONENT.fullmatch(c) for c in components):
+        return None
+    if all(_PATH_COMPONENT.fullmatch(c.lower()) for c in components):
+        fixed = (
+            (f"{domain}/" if domain else "") + name.lower() + (f":{tag}" if tag is not None else "")
+            + (f"@{digest}" if "@" in ref else "")
+        )
+        return f"repository names must be lowercase, and {name!r} is not (did you mean {fixed!r}?)"
+    return (
+        f"the repository name {name!r} must be lowercase letters and digits, in components joined by '/' "
+        "and separated inside by '.', '_', '__' or '-'"
+    )
+
+
+def _image(value: str) -> str:
+    problem = image_reference_problem(value)
+    if problem:
+        raise ValueError(f"{value!r} is not a valid image reference: {problem}")
+    return value
+
+
+class EnvironmentSpec(StrictModel):
+    """The container image: for ``contract: azure`` the scoring image (Python 3.9+, pandas and
+    pyarrow); for ``contract: serve`` the serving image, started as ``IMAGE serve``."""
+
+    image: Annotated[str, AfterValidator(_image)] = Field(
+        min_length=1,
+        description="A Docker image reference, [registry[:port]/]name[:tag][@sha256:digest]; "
+        "the name in lowercase.",
+    )
+
+
+class InputSpec(StrictModel):
+    """Where the input files are: a folder and a glob pattern (``**/`` to include subfolders)."""
+
+    path: ResolvedPath
+    pattern: str = Field(
+        "*",
+        min_length=1,
+        description="A glob matched inside `path` ('*.csv', '**/*.csv'); no '..' and not absolute.",
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _inside_path(cls, value: str) -> str:
+        if value.startswith("/"):
+            raise ValueError(
+                f"pattern {value!r} is absolute, but it is matched inside input.path; "
+                "put the folder in input.path and keep only the file pattern here ('*.csv')"
+            )
+        if ".." in PurePosixPath(value).parts:
+            raise ValueError(
+                f"pattern {value!r} leaves input.path ('..'); "
+                "a pattern is matched inside input.path: point input.path at the folder instead"
+            )
+        return value
+
+
+class OutputSpec(StrictModel):
+    """Where each run writes its output, summary and work files: ``<path>/<run id>/``."""
+
+    path: ResolvedPath
+
+
+#: Settings of the Azure contract that mean nothing to a serving container, and what to use instead.
+AZURE_ONLY_SETTINGS = {
+    "max_concurrency_per_instance": "transform.MaxConcurrentTransforms",
+    "output_layout": None,
+}
+#: Defaults of ``settings`` that differ for ``contract: serve``: SageMaker fails a job when a file
+#: fails, and writes one ``.out`` file per input instead of one output file.
+SERVE_SETTING_DEFAULTS = {"error_threshold": 0, "output_action": "summary_only"}
+
+
+class DeploymentSpec(StrictModel):
+    """One deployment: a model, its scoring code (or serving image), an input and an output."""
+
+    name: Name
+    description: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    contract: Literal["azure", "serve"] = Field(
+        "azure",
+        description="azure: an Azure ML scoring script (init/run) in code_configuration; serve: a SageMaker "
+        "serving container (IMAGE serve, /ping and /invocations on port 8080) with the transform settings.",
+    )
+    model: ModelSpec
+    code_configuration: CodeConfiguration | None = Field(
+        None, validate_default=True, description="contract azure (required): the scoring script."
+    )
+    environment: EnvironmentSpec
+    input: InputSpec
+    output: OutputSpec
+    transform: TransformSettings | None = Field(
+        None,
+        validate_default=True,
+        description="contract serve: SageMaker batch transform's settings, with its names and defaults.",
+    )
+    settings: Settings = Settings()
+    resources: Resources = Resources()
+
+    @field_validator("code_configuration")
+    @classmethod
+    def _code_for_azure(cls, value: CodeConfiguration | None, info: ValidationInfo) -> CodeConfiguration | None:
+        contract = info.data.get("contract", "azure")
+        if contract == "azure" and value is None:
+            raise PydanticCustomError("missing", "Field required")  # reported with the other missing keys
+        if contract == "serve" and value is not None:
+            raise ValueError("code_configuration is for contract: azure; a serving container brings its own code")
+        return value
+
+    @field_validator("transform")
+    @classmethod
+    def _transform_for_serve(cls, value: TransformSettings | None, info: ValidationInfo) -> TransformSettings | None:
+        contract = info.data.get("contract", "azure")
+        if contract == "azure" and value is not None:
+            raise ValueError("transform is for contract: serve; an Azure scoring script takes settings instead")
+        if contract == "serve" and value is None:
+            return TransformSettings()
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _serve_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("contract") == "serve":
+            settings = data.get("settings")
+            if settings is None or isinstance(settings, dict):
+                data = {**data, "settings": {**SERVE_SETTING_DEFAULTS, **(settings or {})}}
+        return data
+
+    @model_validator(mode="after")
+    def _contract(self) -> DeploymentSpec:
+        if self.contract == "azure":
+            return self
+        for key, instead in AZURE_ONLY_SETTINGS.items():
+            # Compared with the default, not with what was set: operators validate a full dump again.
+            if getattr(self.settings, key) != Settings.model_fields[key].default:
+                raise ValueError(
+                    f"settings.{key} applies to contract: azure only"
+                    + (f"; for a serving container use {instead}" if instead else "; remove it")
+                )
+        if self.settings.retry_settings.timeout != RetrySettings.model_fields["timeout"].default:
+            raise ValueError(
+                "settings.retry_settings.timeout applies to contract: azure only; for a serving container use "
+                "transform.ModelClientConfig.InvocationsTimeoutInSeconds"
+            )
+        if self.settings.output_file_name.lower().endswith(".parquet") and self.settings.output_action == "append_row":
+            raise ValueError(
+                "settings.output_file_name: the .out files of a serving container are joined as text, "
+                "so the collected output cannot be .parquet; use .csv or .jsonl"
+            )
+        model = self.model.path
+        if model.is_file() and not model.name.lower().endswith(MODEL_ARCHIVE_SUFFIXES):
+            raise ValueError(
+                f"model.path {model} must be a folder or a model archive (.tar.gz) for contract: serve"
+            )
+        overlap = set(self.transform.Environment) & set(self.settings.environment_variables)
+        if overlap:
+            raise ValueError(
+                f"transform.Environment and settings.environment_variables both set {', '.join(sorted(overlap))}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _output_apart_from_input(self) -> DeploymentSpec:
+        clash = output_overlap(self.input.path, self.output.path)
+        if clash:
+            raise ValueError(f"output.path {clash}; {OUTPUT_OVERLAP_ADVICE}")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_fit_gpus(self) -> DeploymentSpec:
+        gpus, workers = self.resources.gpus, self.settings.max_concurrency_per_instance
+        count = len(gpus) if isinstance(gpus, list) else gpus
+        if isinstance(count, int) and 0 < count < workers and not self.resources.share_gpus:
+            raise ValueError(
+                f"settings.max_concurrency_per_instance is {workers} but resources.gpus gives each container "
+                f"{count} GPU(s), so worker processes would share GPUs; lower max_concurrency_per_instance, "
+                "raise resources.gpus, or set resources.share_gpus: true"
+            )
+        return self

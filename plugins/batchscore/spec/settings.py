@@ -1,0 +1,214 @@
+"""A deployment's ``settings``, with Azure's names and defaults: mini-batches, retries, output, workers, environment, secrets."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, PositiveInt, ValidationInfo, field_validator, model_validator
+
+from batchscore.spec.base import ENV_NAME, StrictModel, short
+
+#: The suffixes of settings.output_file_name, by output_layout: table (the format), azure (text).
+OUTPUT_FORMATS = (".csv", ".parquet", ".jsonl")
+AZURE_LAYOUT_SUFFIXES = (".csv", ".txt")
+
+
+class RetrySettings(StrictModel):
+    """Retries and time limits of a mini-batch (Azure's ``retry_settings``)."""
+
+    max_retries: int = Field(3, ge=0, le=100, description="Retries of a failed or timed-out mini-batch.")
+    timeout: PositiveInt = Field(
+        30,
+        description="Seconds one run() call may take; past it the worker is killed and the mini-batch retried.",
+    )
+
+
+#: Environment variables the orchestrator and runtime set in the scoring container.
+RESERVED_ENVIRONMENT = frozenset(
+    {"AZUREML_MODEL_DIR", "AZUREML_BI_OUTPUT_PATH", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "HOME"}
+)
+CONNECTION_FIELDS = ("password", "login", "host", "schema", "port", "uri")
+
+
+class SecretRef(StrictModel):
+    """batchscore's own: where one secret environment variable's value comes from.
+
+    Either an Airflow variable (``variable``), or a field of an Airflow connection
+    (``connection`` and ``field``). Only the reference is in the YAML; the value is read from
+    Airflow (its metadata database or secrets backend) when the mini-batch starts.
+    """
+
+    variable: str | None = Field(None, min_length=1, description="Key of an Airflow variable.")
+    connection: str | None = Field(None, min_length=1, description="Id of an Airflow connection.")
+    field: str | None = Field(
+        None,
+        description="With connection: password (default), login, host, schema, port, uri, or extra.<key>.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        if (self.variable is None) == (self.connection is None):
+            raise ValueError("a secret needs either `variable` or `connection` (not both)")
+        if self.variable is not None and self.field is not None:
+            raise ValueError("`field` goes with `connection`, not with `variable`")
+        field = self.field
+        if field is not None and field not in CONNECTION_FIELDS and not (field.startswith("extra.") and field[6:]):
+            raise ValueError(f"field must be one of {', '.join(CONNECTION_FIELDS)} or extra.<key>, got {field!r}")
+        return self
+
+    def describe(self) -> str:
+        """Where the value comes from, for messages (never the value)."""
+        if self.variable is not None:
+            return f"Airflow variable {self.variable!r}"
+        return f"field {self.field or 'password'!r} of Airflow connection {self.connection!r}"
+
+
+#: Units of ``mini_batch_size`` as a size: decimal (kB, MB, GB, TB) and binary (KiB, MiB, GiB, TiB).
+SIZE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b)\s*$", re.IGNORECASE)
+
+
+def size_bytes(text: str) -> int:
+    """Bytes of a size such as ``"64MB"`` (10^6) or ``"1.5GiB"`` (2^30)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def _mini_batch_size(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"must be 1 or more files, got {value}")
+        return value
+    if isinstance(value, str) and _SIZE.match(value):
+        if size_bytes(value) < 1:
+            raise ValueError(f"must be more than 0 bytes, got {value!r}")
+        return value.strip()
+    raise ValueError(
+        f"must be a number of files (10) or a size such as '64MB' or '1GiB', got {short(value)}"
+    )
+
+
+#: ``mini_batch_size``: a number of files, or a size (a string such as ``"64MB"``).
+MiniBatchSize = Annotated[int | str, BeforeValidator(_mini_batch_size)]
+
+
+#: settings.worker_mode when the YAML does not say (see README, "Warm workers", for the measurements).
+DEFAULT_WORKER_MODE = "warm"
+
+
+class Settings(StrictModel):
+    """Batch settings, with Azure's names and defaults."""
+
+    mini_batch_size: MiniBatchSize = Field(
+        10,
+        description="Files per mini-batch (a whole number), or batchscore's size mode: a size such as "
+        "'64MB' or '1GiB', and mini-batches are then balanced by bytes, keeping input order.",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[kKmMgGtT][iI]?[bB]\s*$"},
+            ]
+        },
+    )
+    max_files_per_mini_batch: PositiveInt = Field(
+        1000, description="batchscore's own: with mini_batch_size as a size, at most this many files per mini-batch."
+    )
+    split_large_files: bool = Field(
+        True,
+        description="batchscore's own: with mini_batch_size as a size, cut CSV, JSON Lines and Parquet files "
+        "bigger than half of it into parts of at most half (between records, never inside a quoted CSV field; "
+        "Parquet by row groups), each scored as a file of its own, results in input order.",
+    )
+    max_concurrency_per_instance: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes in one scoring container, each with its own init(); "
+        "a mini-batch's files are shared out among them.",
+    )
+    error_threshold: int = Field(
+        -1, ge=-1, description="Failed items (files) allowed across the job; -1 allows any number."
+    )
+    mini_batch_error_threshold: int = Field(
+        -1, ge=-1, description="Failed mini-batches allowed across the job; -1 allows any number."
+    )
+    allowed_failed_percent: float = Field(
+        100, ge=0, le=100, description="Failed mini-batches allowed, as a percentage of all mini-batches."
+    )
+    output_action: Literal["append_row", "summary_only"] = Field(
+        "append_row",
+        description="append_row: what run() returns is written to output_file_name; "
+        "summary_only: it is only counted (scripts that write their own files).",
+    )
+    output_layout: Literal["table", "azure"] = Field(
+        "table",
+        description="table: column names kept, in the format the file name says; "
+        "azure: Azure's append_row text (no header, values separated by spaces).",
+    )
+    output_file_name: str = Field(
+        "predictions.csv", description="The job's output file; its suffix picks the format."
+    )
+    retry_settings: RetrySettings = RetrySettings()
+    init_timeout: PositiveInt = Field(
+        600,
+        description="Seconds a scoring container may take to start and run init() before it is killed.",
+    )
+    worker_mode: Literal["warm", "per_mini_batch"] = Field(
+        DEFAULT_WORKER_MODE,
+        description="batchscore's own: warm starts the run's worker containers once (init() or the serving "
+        "container's /ping once per worker) and hands them one mini-batch after another; per_mini_batch "
+        "starts a fresh container for every mini-batch.",
+    )
+    worker_idle_timeout: PositiveInt = Field(
+        600,
+        description="batchscore's own, warm workers: seconds a worker waits without a mini-batch before it "
+        "stops on its own (a safety net: the run's teardown task removes the workers).",
+    )
+    logging_level: Literal["debug", "info", "warning"] = "info"
+    environment_variables: dict[str, str] = Field(
+        default_factory=dict,
+        description="Plain environment variables of the scoring process. They are shown in Airflow's UI and "
+        "logs: put secrets in secret_environment.",
+    )
+    secret_environment: dict[str, SecretRef] = Field(
+        default_factory=dict,
+        description="batchscore's own: environment variables whose values are secrets kept in Airflow, "
+        "{NAME: {variable: <key>}} or {NAME: {connection: <conn id>, field: password}}. They are read when "
+        "the mini-batch starts, given to the container only, masked in the task log, never stored in the DAG.",
+    )
+
+    @field_validator("secret_environment")
+    @classmethod
+    def _secret_names(cls, value: dict[str, SecretRef], info: ValidationInfo) -> dict[str, SecretRef]:
+        plain = info.data.get("environment_variables") or {}
+        for name in value:
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"secret_environment: {name!r} is not an environment variable name")
+            if name in plain:
+                raise ValueError(f"{name!r} is in both environment_variables and secret_environment")
+            if name in RESERVED_ENVIRONMENT or name.startswith("BATCHSCORE_"):
+                raise ValueError(f"secret_environment: {name!r} is set by batchscore itself")
+        return value
+
+    @property
+    def mini_batch_bytes(self) -> int | None:
+        """The size mode's bytes per mini-batch; None when mini-batches are counted in files."""
+        return size_bytes(self.mini_batch_size) if isinstance(self.mini_batch_size, str) else None
+
+    @field_validator("output_file_name")
+    @classmethod
+    def _output_name(cls, value: str, info: ValidationInfo) -> str:
+        if "/" in value or "\\" in value or value.startswith(".") or not value.strip():
+            raise ValueError(f"output_file_name must be a plain file name, got {value!r}")
+        layout = info.data.get("output_layout", "table")  # declared before output_file_name
+        suffixes = AZURE_LAYOUT_SUFFIXES if layout == "azure" else OUTPUT_FORMATS
+        if not value.lower().endswith(suffixes):
+            raise ValueError(
+                f"output_file_name {value!r} must end with one of {', '.join(suffixes)} (output_layout {layout})"
+            )
+        return value
