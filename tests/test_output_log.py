@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchscore import output_log
-from batchscore.output_log import LineLogger, OutputLog
+from batchscore.output_log import OutputLog
 
 
 class Clock:
@@ -60,24 +60,3 @@ def test_a_long_line_is_cut_in_the_task_log_only(tmp_path: Path) -> None:
         log.line("x" * 10_000)
     assert shown == ["x" * 8192 + " [... 1808 more characters]"]
     assert (tmp_path / "out.log").read_text() == "x" * 10_000 + "\n"
-
-
-def test_the_line_logger_routes_only_the_containers_lines(tmp_path: Path) -> None:
-    class Log:
-        def __init__(self) -> None:
-            self.calls: list[tuple] = []
-
-        def info(self, *args):
-            self.calls.append(("info", *args))
-
-        def warning(self, *args):
-            self.calls.append(("warning", *args))
-
-    base, shown = Log(), []
-    with OutputLog(tmp_path / "out.log", shown.append) as output:
-        logger = LineLogger(base, output)
-        logger.info("%s", "a container line")  # how DockerOperator streams a line
-        logger.info("%s: scoring %d files", "mb-00001", 3)  # the operator's own message
-        logger.warning("careful")
-    assert shown == ["a container line"]
-    assert base.calls == [("info", "%s: scoring %d files", "mb-00001", 3), ("warning", "careful")]

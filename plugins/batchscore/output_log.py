@@ -138,24 +138,4 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-class LineLogger:
-    """A logger whose ``info("%s", line)`` goes through an :class:`OutputLog` (DockerOperator streams container output so).
-
-    Anything else (the operator's own messages, warnings, errors) goes to ``log`` as it is.
-    """
-
-    def __init__(self, log: Any, output: OutputLog):
-        self._log = log
-        self._output = output
-
-    def info(self, msg: Any, *args: Any, **kwargs: Any) -> None:
-        if msg == "%s" and len(args) == 1 and not kwargs:
-            self._output.line(str(args[0]))
-        else:
-            self._log.info(msg, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._log, name)
-
-
-__all__ = ["LineLogger", "OutputLog", "log_file_name"]
+__all__ = ["OutputLog", "log_file_name"]
