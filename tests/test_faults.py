@@ -359,11 +359,12 @@ def test_a_model_folder_deleted_after_the_yaml_was_loaded_fails_naming_model_pat
         with pytest.raises(BatchScoreError) as info:
             dag.get_task(task_id).execute(context)
         assert str(info.value).startswith(expected), task_id
-    with pytest.raises(BatchScoreError) as info:  # a mapped score task is made from the same deployment
-        ScoreOperator(
-            task_id="score", endpoint_name="lost-model", deployment=dag.get_task("test-deployment.plan").deployment,
-            mini_batch={"index": 0, "files": 1, "bytes": 1, "label": "mb-00000 (1 file)"},
-        )
+    score = ScoreOperator(  # a mapped score task is made from the same deployment, and checks it when it runs
+        task_id="score", endpoint_name="lost-model", deployment=dag.get_task("test-deployment.plan").deployment,
+        mini_batch={"index": 0, "files": 1, "bytes": 1, "label": "mb-00000 (1 file)"},
+    )
+    with pytest.raises(BatchScoreError) as info:
+        score.execute(context)
     assert str(info.value).startswith(expected)
     assert isinstance(dag.get_task("test-deployment.plan"), PlanOperator)
     assert isinstance(dag.get_task("test-deployment.merge"), MergeOperator)

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -268,8 +269,19 @@ class AzurePool:
                     pass
             self._discard(k)
 
-    def score(self, mini_batch_file: Path, output: Path, attempt: int) -> int:
+    def score(self, mini_batch_file: Path, output: Path, attempt: int, sweep: Callable[[], None] = lambda: None) -> int:
+        """Score one mini-batch in the warm processes; ``sweep`` runs after run() and before the report is written.
+
+        A process run() left behind could otherwise rewrite the report between its writing and
+        the daemon's sweep: with the sweep first, nothing of the mini-batch is alive when it is written.
+        """
         from batchscore_runtime.azure import RunOptions, score_and_commit
+
+        def run_then_sweep(tasks: list, timeout: float, init_timeout: float) -> list:
+            try:
+                return self.run(tasks, timeout, init_timeout)
+            finally:
+                sweep()
 
         mini_batch = read_mini_batch_file(mini_batch_file)
         options = RunOptions(
@@ -289,7 +301,7 @@ class AzurePool:
             self.args.scoring_script,
             MiniBatchDir(output, mini_batch.index),
             options,
-            runner=self.run,
+            runner=run_then_sweep,
             on_outputs=_point_bi_output,
         )
 
@@ -330,7 +342,8 @@ class ServeClient:
     def stop(self) -> None:
         pass
 
-    def score(self, mini_batch_file: Path, output: Path, attempt: int) -> int:
+    def score(self, mini_batch_file: Path, output: Path, attempt: int, sweep: Callable[[], None] = lambda: None) -> int:
+        """Send one mini-batch to the serving container (no user code runs in this container: ``sweep`` is the daemon's, after)."""
         from batchscore_runtime.serving import Attempt, ServingClient, score_and_commit, wait_until_healthy
 
         mini_batch = read_mini_batch_file(mini_batch_file)
@@ -458,7 +471,8 @@ class Daemon:
         try:
             output = Path(request["output"])  # a fresh sub-folder of this worker's scratch folder
             output.mkdir(parents=True, exist_ok=True)
-            code = self.backend.score(Path(request["mini_batch"]), output, int(request.get("attempt", 1)))
+            sweep = lambda: self.sweeper.sweep(name, keep=self.backend.pids())  # noqa: E731 - a closure over name
+            code = self.backend.score(Path(request["mini_batch"]), output, int(request.get("attempt", 1)), sweep)
         except Exception:  # noqa: BLE001 - the contract's runtime commits every failure it can; this is a bug
             traceback.print_exc()
             code = EXIT_FAILED

@@ -210,7 +210,7 @@ class ContainerPerMiniBatch:
                 self.cli.kill(container_id)
             raise _Timeout from None
         finally:
-            logs.join(timeout=10)  # the last lines are on their way
+            logs.join()  # every line, to the last: the stream ends when the container has ended and its output is read
         return int(result.get("StatusCode", -1))
 
     def _watch(self, server: _Server, client_id: str) -> None:
