@@ -185,13 +185,14 @@ class ContainerPerMiniBatch:
             server_id = server.create(self.cli, secrets=secrets)
             self._containers.append(server_id)
             self._server = _Server(self.cli, server_id)
+            _follow(self._attach(server_id), lambda line: attempt.line(f"serve | {line}"))
             self.cli.start(server_id)
-            _follow(self.cli, server_id, lambda line: attempt.line(f"serve | {line}"))
         container = contract.one_shot(
             attempt, user=user, devices=[] if server is not None else gpus.device_requests, gpu_count=gpus.count, server_id=server_id
         )
         container_id = container.create(self.cli, secrets=secrets)
         self._containers.insert(0, container_id)
+        output = self._attach(container_id)
         try:
             self.cli.start(container_id)
         except APIError:
@@ -200,7 +201,7 @@ class ContainerPerMiniBatch:
             raise
         if self._server is not None:
             threading.Thread(target=self._watch, args=(self._server, container_id), daemon=True).start()
-        logs = _follow(self.cli, container_id, attempt.line)
+        logs = _follow(output, attempt.line)
         try:
             result = self.cli.wait(container_id, timeout=backstop)
         except requests.exceptions.RequestException:
@@ -212,6 +213,13 @@ class ContainerPerMiniBatch:
         finally:
             logs.join()  # every line, to the last: the stream ends when the container has ended and its output is read
         return int(result.get("StatusCode", -1))
+
+    def _attach(self, container_id: str) -> Any:
+        """The container's output as it prints it, attached before it starts: every line, and it waits for its reader.
+
+        (Docker's log files are rotated at the daemon's ``max-size``; following them can miss lines.)
+        """
+        return self.cli.attach(container_id, stdout=True, stderr=True, stream=True, logs=True)
 
     def _watch(self, server: _Server, client_id: str) -> None:
         """Stop the client as soon as the serving container exits: nothing can be scored any more."""
@@ -242,13 +250,13 @@ class ContainerPerMiniBatch:
                 self.cli.remove_container(c["Id"], force=True)
 
 
-def _follow(cli: Any, container_id: str, on_line: Any) -> threading.Thread:
-    """Copy the container's output, line by line, to ``on_line`` in a thread, until the container ends."""
+def _follow(stream: Any, on_line: Any) -> threading.Thread:
+    """Copy a container's attached output, line by line, to ``on_line`` in a thread, until the container ends."""
 
     def pump() -> None:
         buffer = b""
         try:
-            for chunk in cli.logs(container_id, stream=True, follow=True):
+            for chunk in stream:
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for raw in lines:
