@@ -3,41 +3,10 @@
 This module is the single definition of every file that crosses the boundary between
 the orchestrator (``batchscore``, which imports Airflow) and the scoring runtime
 (``batchscore_runtime``, which runs inside the user's image and never imports Airflow).
-It uses the standard library only, so any image with Python 3.9+ can import it; the file
-primitives it writes and reads with (atomic writes, reading a file a container wrote) are in
-:mod:`batchscore_runtime.files`, re-exported here.
-
-A run directory looks like this::
-
-    <output.path>/<run key>/
-        predictions.csv             the job's output (name from settings.output_file_name)
-        summary.json                the job summary, written by the merge
-        processed_mini-batches.csv  the ledger: one line per mini-batch (attempts, rows, seconds, error)
-        errors.csv                  one line per failed item (mini-batch, file, error type, message)
-        <custom outputs>            files scoring scripts wrote to AZUREML_BI_OUTPUT_PATH
-        _batchscore/
-            plan.json               the plan: which mini-batches exist (written last, so
-                                    its presence means the plan is complete)
-            minibatches/mb-00007.json   the files of one mini-batch
-            results/mb-00007/       written by the orchestrator only; no container mounts it
-                result-<token>.parquet  what run() returned, one file per attempt that succeeded
-                outputs-<token>/        the attempt's AZUREML_BI_OUTPUT_PATH (custom outputs), or
-                                        the serving contract's <input file>.out files
-                status.json             commit record: points at the result file and outputs
-                                        folder of the attempt that counts, or says why it failed
-                attempt.json            the try that may commit: written before each try, so a
-                                        try whose Airflow worker died cannot commit over a retry
-                output-try-2.log        everything the attempt's containers printed (the task
-                                        log shows a rate-limited part of it)
-            scratch/                where containers write; nothing here is trusted
-                mb-00007.try-2/         one container per mini-batch: its only writable mount
-                w1/mb-00007.try-2/      warm worker w1: its scratch folder is its only writable
-                                        mount for results; one sub-folder per mini-batch
-            collected.json          which custom outputs the merge placed in the run folder
-            model/                  serving contract: model.tar.gz unpacked (once per run)
-            workers/w1/state.json   warm workers: each worker container's state (starting,
-                                    ready, failed), its init() time and its mini-batches
-            workers/engine.json     warm workers: the Docker engine they run on (id, host name)
+It uses the standard library only, so any image with Python 3.9+ can import it. It re-exports
+what it builds on: :mod:`~batchscore_runtime.names` (file names, mount points, ids; the layout
+of a run folder is drawn there), :mod:`~batchscore_runtime.files` (atomic writes) and
+:mod:`~batchscore_runtime.transform` (the serving client's settings).
 
 A container writes its attempt's result, custom outputs and report (a ``status.json`` of its
 own) into its scratch folder; the orchestrator checks the report against the plan, copies the
@@ -53,81 +22,43 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from batchscore_runtime.files import atomic_path, read_regular_file, write_json_atomic  # re-exported: formats' own API
-
-FORMAT_VERSION = 1
-
-WORK_DIR_NAME = "_batchscore"
-SUMMARY_FILE_NAME = "summary.json"
-LEDGER_FILE_NAME = "processed_mini-batches.csv"
-ERRORS_FILE_NAME = "errors.csv"
-WORKER_STATE_FILE = "state.json"  # in each warm worker's folder, _batchscore/workers/w1/
-#: Columns of the ledger and the errors file, in order.
-LEDGER_COLUMNS = (
-    "mini_batch",
-    "files",
-    "bytes",
-    "status",
-    "attempts",
-    "rows",
-    "failed_items",
-    "seconds",
-    "init_seconds",
-    "run_seconds",
-    "workers",
-    "worker",
-    "started_at",
-    "finished_at",
-    "error",
+# Re-exported: every module reads these names from here.
+from batchscore_runtime.files import atomic_path, read_regular_file, write_json_atomic
+from batchscore_runtime.names import (
+    ERRORS_COLUMNS,
+    ERRORS_FILE_NAME,
+    FORMAT_VERSION,
+    LEDGER_COLUMNS,
+    LEDGER_FILE_NAME,
+    SUMMARY_FILE_NAME,
+    WORK_DIR_NAME,
+    WORKER_STATE_FILE,
+    ContainerPaths,
+    attempt_folder_name,
+    check_version,
+    mini_batch_id,
+    run_key,
 )
-ERRORS_COLUMNS = ("mini_batch", "file", "record", "error_type", "message")
-
-
-class ContainerPaths:
-    """Where the orchestrator mounts things inside the scoring container."""
-
-    RUNTIME = "/opt/batchscore/runtime"  # parent folder of the batchscore_runtime package
-    MODEL = "/mnt/batchscore/model"  # AZUREML_MODEL_DIR
-    CODE = "/mnt/batchscore/code"
-    INPUT = "/mnt/batchscore/input"
-    MINI_BATCH = "/mnt/batchscore/minibatch.json"
-    OUTPUT = "/mnt/batchscore/output"  # the attempt's scratch folder, the only writable mount
-    # AZUREML_BI_OUTPUT_PATH is a fresh folder ``outputs-<token>`` inside OUTPUT, made per attempt.
-    SERVING_MODEL = "/opt/ml/model"  # serving contract: the model archive's contents, in the serving container
-    SERVING_URL = "http://127.0.0.1:8080"  # serving contract: seen from the client, which shares its network
-    # Warm workers (settings.worker_mode: warm) see the whole run, not one mini-batch:
-    MINI_BATCHES = "/mnt/batchscore/minibatches"  # the run's mini-batch files, read-only
-    SCRATCH = "/mnt/batchscore/scratch"  # the worker's scratch folder: one sub-folder per mini-batch, writable
-    WORKER_STATE = "/mnt/batchscore/worker"  # the worker's own state folder, writable
-    WARM_SOCKET = "/tmp/batchscore-warm.sock"  # where the worker's daemon takes mini-batches
-    # AZUREML_BI_OUTPUT_PATH of a warm worker: a fixed path, re-pointed at each mini-batch's folder.
-    WARM_BI_OUTPUT = "/tmp/batchscore/azureml_bi_output"
-
-
-def mini_batch_id(index: int) -> str:
-    """The stable name of mini-batch ``index``: ``mb-00007``."""
-    return f"mb-{index:05d}"
-
-
-def run_key(run_id: str) -> str:
-    """A folder name for an Airflow run id (``manual__2026-01-01T00:00:00+00:00``).
-
-    Only letters, digits, ``.``, ``_`` and ``-`` survive; colons and ``+`` would trip
-    Docker's mount syntax and some file systems.
-    """
-    key = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._")
-    if not key:
-        raise ValueError(f"run id {run_id!r} gives an empty folder name")
-    return key
-
+from batchscore_runtime.transform import (
+    DEFAULT_BATCH_STRATEGY,
+    DEFAULT_MAX_CONCURRENT_TRANSFORMS,
+    DEFAULT_MAX_PAYLOAD_MB,
+    MAX_PAYLOAD_LIMIT_MB,
+    TransformConfig,
+)
 
 # --------------------------------------------------------------------------- records
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The items of ``data`` (a record read from JSON) that are fields of ``cls``: a newer writer's extra keys are left out."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -229,7 +160,7 @@ class MiniBatch:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MiniBatch:
-        _check_version(data, "mini-batch")
+        check_version(data, "mini-batch")
         return cls(index=int(data["index"]), files=[InputFile.from_json(f) for f in data["files"]])
 
 
@@ -278,9 +209,8 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
-        _check_version(data, "plan")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        check_version(data, "plan")
+        values = _known(cls, data)
         values["mini_batches"] = [PlanEntry(**e) for e in data["mini_batches"]]
         return cls(**values)
 
@@ -313,51 +243,6 @@ class ItemError:
     type: str
     message: str
     record: int | None = None
-
-
-# --------------------------------------------------------------------------- serving contract
-
-#: SageMaker's defaults for the three settings a serving container may also choose
-#: (``/execution-parameters``): used when neither the deployment nor the container sets them.
-DEFAULT_MAX_CONCURRENT_TRANSFORMS = 1
-DEFAULT_BATCH_STRATEGY = "MULTI_RECORD"
-DEFAULT_MAX_PAYLOAD_MB = 6
-MAX_PAYLOAD_LIMIT_MB = 100
-
-
-@dataclass(frozen=True)
-class TransformConfig:
-    """What the serving client needs of a deployment's ``transform`` block (SageMaker's settings).
-
-    The orchestrator builds it from the validated YAML and passes it to the client as JSON
-    (``--transform``); ``None`` for the three negotiable settings means "not set by the job":
-    the container's ``/execution-parameters`` answer, else the defaults above, apply.
-    """
-
-    split_type: str = "None"  # None | Line | RecordIO | TFRecord
-    batch_strategy: str | None = None  # MULTI_RECORD | SINGLE_RECORD
-    max_payload_mb: int | None = None  # 1..100
-    max_concurrent_transforms: int | None = None
-    compression: str = "None"  # None | Gzip (input files)
-    content_type: str | None = None  # Content-Type of /invocations requests
-    accept: str | None = None  # Accept of /invocations requests
-    assemble_with: str = "None"  # None: responses concatenated; Line: a newline after each
-    invocation_timeout: float = 600.0  # seconds per request
-    invocation_max_retries: int = 3  # retries of a failed request
-    input_filter: str = "$"  # JSONPath applied to each input record (CSV or JSON)
-    output_filter: str = "$"  # JSONPath applied to each (joined) output record
-    join_source: str = "None"  # None | Input: each output joined to its input record
-    startup_timeout: float = 600.0  # seconds the container has to answer /ping with 200
-    version: int = FORMAT_VERSION
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TransformConfig:
-        _check_version(data, "transform settings")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -403,21 +288,12 @@ class MiniBatchStatus:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MiniBatchStatus:
-        _check_version(data, "status")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        check_version(data, "status")
+        values = _known(cls, data)
         if values.get("error") is not None:
             values["error"] = ErrorInfo(**values["error"])
         values["item_errors"] = [ItemError(**e) for e in values.get("item_errors") or []]
         return cls(**values)
-
-
-def _check_version(data: dict[str, Any], what: str) -> None:
-    version = data.get("version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{what} file has format version {version!r}, this batchscore reads version {FORMAT_VERSION}"
-        )
 
 
 # --------------------------------------------------------------------------- layout
@@ -451,9 +327,8 @@ class WorkerState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkerState:
-        _check_version(data, "worker state")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        check_version(data, "worker state")
+        values = _known(cls, data)
         if values.get("error") is not None:
             values["error"] = ErrorInfo(**values["error"])
         return cls(**values)
@@ -569,7 +444,7 @@ class MiniBatchDir:
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Paths of one run directory (see the module docstring)."""
+    """Paths of one run directory (drawn in :mod:`batchscore_runtime.names`)."""
 
     root: Path
 
@@ -609,7 +484,7 @@ class RunLayout:
 
     @property
     def scratch_dir(self) -> Path:
-        """Where containers write (see the module docstring); nothing in it is trusted."""
+        """Where containers write (see :mod:`batchscore_runtime.names`); nothing in it is trusted."""
         return self.work / "scratch"
 
     def attempt_scratch(self, index: int, attempt: int) -> Path:
@@ -649,11 +524,6 @@ class RunLayout:
 
     def read_mini_batch(self, index: int) -> MiniBatch:
         return read_mini_batch_file(self.mini_batch_file(index))
-
-
-def attempt_folder_name(index: int, attempt: int) -> str:
-    """The scratch sub-folder of one attempt at one mini-batch: ``mb-00007.try-2``."""
-    return f"{mini_batch_id(index)}.try-{attempt}"
 
 
 #: A warm worker's state file is small; a larger one is not read.

@@ -1,7 +1,7 @@
 """merge: gather the mini-batches' results into the job's output, check the error thresholds.
 
 Runs after every mini-batch has finished, also when some failed. It writes, into the run
-folder (see :mod:`batchscore_runtime.formats` for the layout):
+folder (see :mod:`batchscore_runtime.names` for the layout):
 
 * the output (``settings.output_file_name``), streamed record batch by record batch with
   pyarrow in plan order, so memory does not grow with the job's rows; nothing for
