@@ -296,6 +296,191 @@ class MiniBatchStatus:
         return cls(**values)
 
 
+# --------------------------------------------------------------------------- summary
+
+
+def _flat(cls: type, data: dict[str, Any]) -> Any:
+    """A flat record ``cls`` from its JSON object; keys it does not know are left out."""
+    return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """The summary's ``input``: the folder and pattern the plan read, and what it found there."""
+
+    path: str
+    pattern: str
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class MiniBatchCounts:
+    """The summary's ``mini_batches``: how many were planned and what became of them."""
+
+    total: int
+    succeeded: int
+    failed: int  # committed a failure
+    missing: int  # committed nothing (the task failed or never ran), or the result it names is gone
+
+
+@dataclass(frozen=True)
+class ItemCounts:
+    """The summary's ``items``: input files (or parts of files), counted as Azure counts them."""
+
+    total: int
+    succeeded: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class RenamedOutput:
+    """A custom output the merge placed under another name: an earlier one, or a file of the run, has its name."""
+
+    mini_batch: str
+    source: str  # JSON "from": its path relative to AZUREML_BI_OUTPUT_PATH
+    target: str  # JSON "to": its path in the run folder
+
+    def to_json(self) -> dict[str, str]:
+        return {"mini_batch": self.mini_batch, "from": self.source, "to": self.target}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> RenamedOutput:
+        return cls(data["mini_batch"], data["from"], data["to"])
+
+
+@dataclass(frozen=True)
+class CustomOutputs:
+    """The summary's ``custom_outputs``: how many files the merge placed in the run folder, and which it renamed."""
+
+    files: int
+    renamed: list[RenamedOutput] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": self.files, "renamed": [r.to_json() for r in self.renamed]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CustomOutputs:
+        return cls(int(data["files"]), [RenamedOutput.from_json(r) for r in data.get("renamed") or []])
+
+
+@dataclass(frozen=True)
+class ThresholdResult:
+    """One of the summary's ``thresholds`` (named by the setting): its limit, what the job did, whether it was exceeded."""
+
+    limit: float  # -1 (or 100 %) allows any number
+    observed: float
+    exceeded: bool
+
+
+@dataclass(frozen=True)
+class Durations:
+    """The summary's ``durations``: when scoring started and ended, and the seconds spent in each part."""
+
+    first_mini_batch_started_at: str  # "" when no mini-batch succeeded
+    last_mini_batch_finished_at: str
+    scoring_wall_seconds: float | None
+    init_seconds_total: float  # init(): per mini-batch, or once per warm worker
+    run_seconds_total: float
+    merge_seconds: float
+
+
+@dataclass(frozen=True)
+class WarmWorkerInfo:
+    """One of the summary's ``warm_workers``: a worker container as its ``state.json`` said at the merge."""
+
+    worker: str
+    state: str
+    init_seconds: float | None
+    processes: int
+    mini_batches: list[str]  # scored by it, in order (the last start of its slot)
+    error: str | None  # ErrorInfo.one_line() of a failed worker
+
+
+@dataclass(frozen=True)
+class MiniBatchFailure:
+    """One of the summary's ``failures``: a mini-batch without a result."""
+
+    mini_batch: str
+    reason: str  # failed | missing
+    error: str  # why it has no result, in one line
+    files: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The job summary (``summary.json``): written by the merge, read by ``python -m batchscore``, the merge task, bench.
+
+    The keys are those summaries had before this class; a summary without ``version`` (written
+    before the key was added, last) reads as version 1.
+    """
+
+    endpoint: str
+    deployment: str
+    run_id: str
+    status: str  # SUCCEEDED | SUCCEEDED_WITH_FAILURES | FAILED
+    run_folder: str
+    output: str | None  # None for summary_only, or when the output could not be made (``error`` says why)
+    error: str | None
+    contract: str  # azure | serve
+    worker_mode: str  # per_mini_batch | warm
+    warm_workers: list[WarmWorkerInfo]
+    output_action: str
+    output_layout: str
+    ledger: str  # path of processed_mini-batches.csv
+    errors: str  # path of errors.csv
+    input: InputInfo
+    mini_batch_size: int | str
+    mini_batches: MiniBatchCounts
+    items: ItemCounts
+    rows: int  # in the output; for summary_only, what run() returned
+    returned_elements: int
+    custom_outputs: CustomOutputs
+    thresholds: dict[str, ThresholdResult]
+    durations: Durations
+    rows_per_second: float | None  # per second of scoring wall time
+    rows_per_run_second: float | None  # per second spent in run()
+    failures: list[MiniBatchFailure]
+    planned_at: str
+    merged_at: str
+    version: int = FORMAT_VERSION
+
+    SUCCEEDED = "succeeded"
+    SUCCEEDED_WITH_FAILURES = "succeeded_with_failures"  # within the thresholds
+    FAILED = "failed"  # over a threshold, or the output could not be made
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "custom_outputs": self.custom_outputs.to_json()}  # renames as {"from", "to"}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Summary:
+        check_version({"version": FORMAT_VERSION, **data}, "summary")
+        return cls(**{
+            **_known(cls, data),
+            "warm_workers": [_flat(WarmWorkerInfo, w) for w in data["warm_workers"]],
+            "input": _flat(InputInfo, data["input"]),
+            "mini_batches": _flat(MiniBatchCounts, data["mini_batches"]),
+            "items": _flat(ItemCounts, data["items"]),
+            "custom_outputs": CustomOutputs.from_json(data["custom_outputs"]),
+            "thresholds": {name: _flat(ThresholdResult, t) for name, t in data["thresholds"].items()},
+            "durations": _flat(Durations, data["durations"]),
+            "failures": [_flat(MiniBatchFailure, f) for f in data["failures"]],
+        })
+
+    @staticmethod
+    def read(path: Path) -> Summary | None:
+        """The summary in ``path``; None when no merge has written one (yet)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        return Summary.from_json(data)
+
+    def write(self, path: Path) -> None:
+        """Write it to ``path`` atomically: a reader sees the previous summary or this one, whole."""
+        write_json_atomic(path, self.to_json())
+
+
 # --------------------------------------------------------------------------- layout
 
 
@@ -522,6 +707,9 @@ class RunLayout:
             return None
         return Plan.from_json(data)
 
+    def read_summary(self) -> Summary | None:
+        return Summary.read(self.summary_file)
+
     def read_mini_batch(self, index: int) -> MiniBatch:
         return read_mini_batch_file(self.mini_batch_file(index))
 
@@ -543,20 +731,30 @@ def now_iso() -> str:
 __all__ = [
     "FORMAT_VERSION",
     "ContainerPaths",
+    "CustomOutputs",
+    "Durations",
     "ERRORS_COLUMNS",
     "ERRORS_FILE_NAME",
     "ErrorInfo",
     "FilePart",
     "InputFile",
+    "InputInfo",
+    "ItemCounts",
     "ItemError",
     "LEDGER_COLUMNS",
     "LEDGER_FILE_NAME",
     "MiniBatch",
+    "MiniBatchCounts",
     "MiniBatchDir",
+    "MiniBatchFailure",
     "MiniBatchStatus",
     "Plan",
     "PlanEntry",
+    "RenamedOutput",
+    "Summary",
+    "ThresholdResult",
     "TransformConfig",
+    "WarmWorkerInfo",
     "WorkerState",
     "WORKER_STATE_FILE",
     "RunLayout",
