@@ -729,7 +729,11 @@ def now_iso() -> str:
 
 
 __all__ = [
+    "DEFAULT_BATCH_STRATEGY",
+    "DEFAULT_MAX_CONCURRENT_TRANSFORMS",
+    "DEFAULT_MAX_PAYLOAD_MB",
     "FORMAT_VERSION",
+    "MAX_PAYLOAD_LIMIT_MB",
     "ContainerPaths",
     "CustomOutputs",
     "Durations",
