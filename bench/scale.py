@@ -10,12 +10,10 @@ mini-batch was scored once and the output has every row in input order.
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 
 from batchscore.localairflow import LocalAirflow
-from batchscore_runtime.formats import run_key
+from batchscore_runtime.formats import Summary, run_key
 
 from bench.common import Result, remove_containers, require_image, stage_jobs, stopwatch, temp_folder
 
@@ -47,7 +45,7 @@ def run(mini_batches: int = 5000, instances: int = 4) -> Result:
         finally:
             remove_containers(f"batchscore.endpoint={JOB_DAG}")
         run_dir = root / "output" / run_key(run_id)
-        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+        summary = Summary.read(run_dir / "summary.json")  # None when the merge never ran
         predictions = pd.read_csv(run_dir / "predictions.csv") if (run_dir / "predictions.csv").exists() else None
     scored = [t for t in tis if t["task_id"].endswith(".score") and t["state"] == "success"]
     in_order = predictions is not None and predictions["result"].tolist() == [f"item-{i:05d}.txt" for i in range(mini_batches)]
@@ -55,7 +53,9 @@ def run(mini_batches: int = 5000, instances: int = 4) -> Result:
     result.figure("t_job", wall[0], "s", f"trigger -> {state}")
     result.figure("per_mini_batch", wall[0] / mini_batches, "s", "t_job / mini-batches")
     result.figure("score_tasks_succeeded", len(scored), "", "mapped score instances in state success")
-    result.figure("warm_workers", len(summary.get("warm_workers", [])), "", "worker containers the run started")
+    result.figure("warm_workers", len(summary.warm_workers) if summary else 0, "", "worker containers the run started")
     result.check("mini-batches scored, output exact and in order", len(scored) if in_order else 0, ">=", mini_batches)
-    result.notes.append(f"run {run_id}: {state}; summary status {summary.get('status')}, rows {summary.get('rows')}")
+    result.notes.append(
+        f"run {run_id}: {state}; summary status {summary and summary.status}, rows {summary and summary.rows}"
+    )
     return result

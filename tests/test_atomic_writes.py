@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from batchscore.merge import merge_run
 from batchscore.plan import plan_run, run_layout
-from batchscore_runtime.formats import MiniBatchStatus, atomic_path
+from batchscore_runtime.formats import MiniBatchStatus, Summary, atomic_path
 from tests.helpers import deployment_file, write
 
 RUN = "manual__kill"
@@ -94,7 +94,7 @@ def test_a_killed_merge_leaves_the_previous_output_whole_or_none_at_all(tmp_path
     merge_run("ep", d, RUN)  # the merge run again converges
     assert not list(root.glob(".*.tmp"))  # ...is cleaned up by the next one
     assert (root / "predictions.csv").read_bytes() != complete
-    assert json.loads((root / "summary.json").read_text())["rows"] == 400_000
+    assert Summary.read(root / "summary.json").rows == 400_000
 
 
 def test_atomically_written_files_follow_the_umask_not_mkstemps_0600(tmp_path: Path) -> None:

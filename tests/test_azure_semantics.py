@@ -6,7 +6,6 @@ timeout, and every output format, each through ``dag.test()`` of the DAG the fac
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import yaml
 
 from batchscore.errors import ThresholdExceededError
 from batchscore.merge import merge_run
-from batchscore_runtime.formats import run_key
+from batchscore_runtime.formats import CustomOutputs, ItemCounts, Summary, ThresholdResult, run_key
 from tests.helpers import deployment_file, run_dag, write
 
 pytestmark = pytest.mark.docker
@@ -48,10 +47,10 @@ def test_azures_custom_outputs_script_runs_unmodified(airflow_db, iris_example: 
     assert set(scored["prediction"]) <= {"setosa", "versicolor", "virginica"}
     assert not (run_dir / "predictions.csv").exists()  # summary_only: run()'s return is counted, not written
 
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "succeeded"
-    assert summary["items"] == {"total": 15, "succeeded": 15, "failed": 0}
-    assert summary["custom_outputs"] == {"files": 15, "renamed": []}
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.status == Summary.SUCCEEDED
+    assert summary.items == ItemCounts(total=15, succeeded=15, failed=0)
+    assert summary.custom_outputs == CustomOutputs(files=15, renamed=[])
     ledger = pd.read_csv(run_dir / "processed_mini-batches.csv")
     assert ledger["workers"].tolist() == [2, 2, 2] and ledger["status"].tolist() == ["succeeded"] * 3
 
@@ -91,10 +90,10 @@ def test_thresholds_count_failed_items_and_mini_batches_across_the_job(
     assert tis[("test-deployment.merge", -1)] == "failed"
     deployment = endpoint.deployments[0]
     run_dir = deployment.output.path / run_key(dag_run.run_id)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "failed"
-    assert summary["items"] == {"total": 15, "succeeded": 9, "failed": 6}
-    assert summary["thresholds"]["mini_batch_error_threshold"] == {"limit": 0, "observed": 1, "exceeded": True}
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.status == Summary.FAILED
+    assert summary.items == ItemCounts(total=15, succeeded=9, failed=6)
+    assert summary.thresholds["mini_batch_error_threshold"] == ThresholdResult(limit=0, observed=1, exceeded=True)
     kept = pd.read_csv(run_dir / "predictions.csv")["file"].tolist()  # what succeeded is kept, in order
     assert kept == [f"iris-{i:03d}.csv" for i in (0, 1, 2, 3, 4, 10, 11, 13, 14)]
     errors = pd.read_csv(run_dir / "errors.csv")
@@ -117,7 +116,7 @@ def test_thresholds_count_failed_items_and_mini_batches_across_the_job(
             "allowed_failed_percent exceeded: 33.33% of mini-batches failed (1 of 3), 33% allowed (0.33 points over)",
         ),
     ]:
-        assert merge_with(**{name: passed})["status"] == "succeeded_with_failures", name
+        assert merge_with(**{name: passed}).status == Summary.SUCCEEDED_WITH_FAILURES, name
         with pytest.raises(ThresholdExceededError) as info:
             merge_with(**{name: exceeded})
         assert str(info.value).startswith(message + ". The output, summary.json"), name

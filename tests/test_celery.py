@@ -17,7 +17,6 @@ only the name of the queue that a GPU host's workers would serve.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import subprocess
 import threading
@@ -32,7 +31,7 @@ import yaml
 
 from batchscore.localairflow import LocalAirflow, log_tail
 from batchscore.localservices import Postgres, Redis
-from batchscore_runtime.formats import run_key
+from batchscore_runtime.formats import Summary, run_key
 from tests.conftest import EXAMPLE, REPO
 from tests.helpers import write
 
@@ -245,7 +244,7 @@ def test_a_deployment_with_a_queue_runs_only_on_the_workers_of_that_queue(celery
     assert tis["test-deployment.plan"]["queue"] == "default"  # planning needs no scoring host
     run_dir = job / "output" / "routed" / run_key(run_id)
     pd.testing.assert_frame_equal(pd.read_csv(run_dir / "predictions.csv"), _model_output(job))
-    assert json.loads((run_dir / "summary.json").read_text())["mini_batches"]["succeeded"] == 3
+    assert Summary.read(run_dir / "summary.json").mini_batches.succeeded == 3
 
 
 def test_a_celery_worker_killed_mid_mini_batch_its_mini_batch_is_retried_elsewhere_and_counted_once(

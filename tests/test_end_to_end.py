@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from batchscore_runtime.formats import run_key
+from batchscore_runtime.formats import ItemCounts, MiniBatchCounts, MiniBatchFailure, Summary, run_key
 from tests.helpers import deployment_file, run_dag, write
 
 pytestmark = pytest.mark.docker
@@ -38,12 +37,12 @@ def test_example_scores_every_row_in_input_order(airflow_db, iris_example: Path,
     assert set(predictions["prediction"]) == {"setosa", "versicolor", "virginica"}
     assert predictions["probability"].between(0.33, 1.0).all()
 
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "succeeded"
-    assert summary["rows"] == 150
-    assert summary["input"]["files"] == 15
-    assert summary["mini_batches"] == {"total": 4, "succeeded": 4, "failed": 0, "missing": 0}
-    assert summary["output"] == str(run_dir / "predictions.csv")
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.status == Summary.SUCCEEDED
+    assert summary.rows == 150
+    assert summary.input.files == 15
+    assert summary.mini_batches == MiniBatchCounts(total=4, succeeded=4, failed=0, missing=0)
+    assert summary.output == str(run_dir / "predictions.csv")
 
     tis = {(ti.task_id, ti.map_index): ti for ti in dag_run.get_task_instances()}
     assert [tis[("test-deployment.score", i)].state for i in range(4)] == ["success"] * 4
@@ -85,15 +84,15 @@ def test_a_failing_mini_batch_within_azures_default_thresholds_is_recorded_not_f
     assert tis[("test-deployment.merge", -1)] == "success"
 
     run_dir = deployment.output.path / run_key(dag_run.run_id)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "succeeded_with_failures"
-    assert summary["failures"] == [
-        {
-            "mini_batch": "mb-00001",
-            "reason": "failed",
-            "error": "ValueError: cannot score iris-005.csv: sensor offline",
-            "files": 5,
-        }
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.status == Summary.SUCCEEDED_WITH_FAILURES
+    assert summary.failures == [
+        MiniBatchFailure(
+            mini_batch="mb-00001",
+            reason="failed",
+            error="ValueError: cannot score iris-005.csv: sensor offline",
+            files=5,
+        )
     ]
     # What the other mini-batches produced is kept, in order.
     kept = pd.read_csv(run_dir / "predictions.csv")["file"].tolist()
@@ -155,10 +154,10 @@ def test_symbolic_links_are_scored_inside_the_input_folder_only_and_refused_alon
          (f"input folder d-archive is a symbolic link to {outside}, outside input.path ({inputs}); batchscore scores "
           "only files inside input.path: copy the files in or point input.path at their folder")],
     ]  # fmt: skip
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "succeeded_with_failures"
-    assert summary["mini_batches"] == {"total": 4, "succeeded": 4, "failed": 0, "missing": 0}
-    assert summary["items"] == {"total": 11, "succeeded": 7, "failed": 4}
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.status == Summary.SUCCEEDED_WITH_FAILURES
+    assert summary.mini_batches == MiniBatchCounts(total=4, succeeded=4, failed=0, missing=0)
+    assert summary.items == ItemCounts(total=11, succeeded=7, failed=4)
     ledger = pd.read_csv(run_dir / "processed_mini-batches.csv")
     assert ledger[["mini_batch", "files", "status", "failed_items"]].values.tolist() == [
         ["mb-00000", 3, "succeeded", 1],

@@ -25,7 +25,7 @@ import yaml
 
 from batchscore.factory import build_dag
 from batchscore.plan import plan_run
-from batchscore_runtime.formats import run_key
+from batchscore_runtime.formats import ItemCounts, MiniBatchCounts, Summary, run_key
 from tests.helpers import deployment_file, load, write
 
 pytestmark = pytest.mark.docker
@@ -261,12 +261,12 @@ def test_faults_each_end_in_a_message_naming_the_mini_batch_file_or_setting(
     assert lines[("mb-00008", "i1-removed.csv")][0] == "InputFileMissingError"
     assert lines[("mb-00011", "l0-ok.csv")][0] == "ContainerDied"
 
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "succeeded_with_failures"
-    assert summary["mini_batches"] == {"total": 15, "succeeded": 5, "failed": 10, "missing": 0}
-    assert summary["items"] == {"total": 30, "succeeded": 7, "failed": 23}
-    assert summary["rows"] == 7
-    failures = {f["mini_batch"]: f["error"] for f in summary["failures"]}
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.status == Summary.SUCCEEDED_WITH_FAILURES
+    assert summary.mini_batches == MiniBatchCounts(total=15, succeeded=5, failed=10, missing=0)
+    assert summary.items == ItemCounts(total=30, succeeded=7, failed=23)
+    assert summary.rows == 7
+    failures = {f.mini_batch: f.error for f in summary.failures}
     assert failures["mb-00004"].endswith("(file e1-corrupt.csv)")
     assert failures["mb-00007"].endswith("(file h1-corrupt.parquet)")
 
@@ -276,8 +276,8 @@ def test_faults_each_end_in_a_message_naming_the_mini_batch_file_or_setting(
         "ScoringError: mb-00000 failed: ScoringScriptError: importing scoring script broken.py failed: "
         "SyntaxError: expected ':' (broken.py, line 1)" in log
     )
-    syntax = json.loads((out / "syntax-error" / run_key(RUN_ID) / "summary.json").read_text())
-    assert syntax["failures"][0]["error"].startswith("ScoringScriptError: importing scoring script broken.py failed")
+    syntax = Summary.read(out / "syntax-error" / run_key(RUN_ID) / "summary.json")
+    assert syntax.failures[0].error.startswith("ScoringScriptError: importing scoring script broken.py failed")
 
     # Results whose column types disagree: the merge names the column and the mini-batches, and
     # still writes the ledger, errors file and summary; the results are kept for a rerun.
@@ -291,9 +291,9 @@ def test_faults_each_end_in_a_message_naming_the_mini_batch_file_or_setting(
         f"summary.json, processed_mini-batches.csv and errors.csv are in {types_dir}."
     )
     assert clash in log
-    types_summary = json.loads((types_dir / "summary.json").read_text())
-    assert types_summary["status"] == "failed" and types_summary["output"] is None
-    assert "column 'score' is int64 in mb-00000 but large_string in mb-00001" in types_summary["error"]
+    types_summary = Summary.read(types_dir / "summary.json")
+    assert types_summary.status == Summary.FAILED and types_summary.output is None
+    assert "column 'score' is int64 in mb-00000 but large_string in mb-00001" in types_summary.error
     assert not (types_dir / "predictions.csv").exists()
     assert pd.read_csv(types_dir / "processed_mini-batches.csv")["status"].tolist() == ["succeeded"] * 2
     assert len(list((types_dir / "_batchscore" / "results").glob("mb-*/result-*.parquet"))) == 2

@@ -13,7 +13,18 @@ import pytest
 from batchscore.errors import MergeError, PlanError, ThresholdExceededError
 from batchscore.merge import merge_run
 from batchscore.plan import plan_run, run_layout
-from batchscore_runtime.formats import ErrorInfo, ItemError, MiniBatchStatus, atomic_path
+from batchscore_runtime.formats import (
+    ErrorInfo,
+    ItemCounts,
+    ItemError,
+    MiniBatchCounts,
+    MiniBatchStatus,
+    RenamedOutput,
+    Summary,
+    WorkerState,
+    atomic_path,
+    write_json_atomic,
+)
 from tests.helpers import deployment_file, load, write
 
 RUN = "manual__1"
@@ -73,12 +84,53 @@ def test_results_are_concatenated_in_plan_order_with_a_header(make_run) -> None:
 
     out = run_layout(d, RUN).root / "predictions.csv"
     assert out.read_text() == '"id","p"\n1,"a"\n2,"b"\n3,"c"\n4,"d"\n'
-    assert summary["status"] == "succeeded" and summary["rows"] == 4
-    assert summary["mini_batches"] == {"total": 2, "succeeded": 2, "failed": 0, "missing": 0}
-    assert summary["durations"]["run_seconds_total"] == 1.0
-    assert summary["durations"]["scoring_wall_seconds"] == 2.0
-    assert json.loads(run_layout(d, RUN).summary_file.read_text()) == summary
+    assert summary.status == Summary.SUCCEEDED and summary.rows == 4
+    assert summary.mini_batches == MiniBatchCounts(total=2, succeeded=2, failed=0, missing=0)
+    assert summary.durations.run_seconds_total == 1.0
+    assert summary.durations.scoring_wall_seconds == 2.0
+    assert Summary.read(run_layout(d, RUN).summary_file) == summary
     assert not list(out.parent.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_the_summary_file_keeps_its_keys_and_reads_back_as_a_summary(make_run) -> None:
+    # summary.json is read by users and their tools: its keys are those it had before it had a type.
+    d = make_run(output_action="summary_only")
+    commit(d, 0, pa.table({"x": [1, 2]}))
+    worker = WorkerState("w1", WorkerState.READY, init_seconds=0.5, mini_batches=["mb-00000"])
+    write_json_atomic(run_layout(d, RUN).workers_dir / "w1" / "state.json", worker.to_json())
+    summary = merge_run("ep", d, RUN)
+    path = run_layout(d, RUN).summary_file
+    data = json.loads(path.read_text())
+    assert list(data) == [
+        "endpoint", "deployment", "run_id", "status", "run_folder", "output", "error", "contract", "worker_mode",
+        "warm_workers", "output_action", "output_layout", "ledger", "errors", "input", "mini_batch_size",
+        "mini_batches", "items", "rows", "returned_elements", "custom_outputs", "thresholds", "durations",
+        "rows_per_second", "rows_per_run_second", "failures", "planned_at", "merged_at", "version",
+    ]
+    assert data["warm_workers"] == [
+        {"worker": "w1", "state": "ready", "init_seconds": 0.5, "processes": 1, "mini_batches": ["mb-00000"], "error": None}
+    ]
+    assert list(data["input"]) == ["path", "pattern", "files", "bytes"]
+    assert data["mini_batches"] == {"total": 2, "succeeded": 1, "failed": 0, "missing": 1}
+    assert data["items"] == {"total": 4, "succeeded": 2, "failed": 2}
+    assert data["custom_outputs"] == {"files": 0, "renamed": []}
+    assert data["thresholds"]["error_threshold"] == {"limit": -1, "observed": 2, "exceeded": False}
+    assert list(data["durations"]) == [
+        "first_mini_batch_started_at", "last_mini_batch_finished_at", "scoring_wall_seconds",
+        "init_seconds_total", "run_seconds_total", "merge_seconds",
+    ]
+    assert data["failures"] == [
+        {"mini_batch": "mb-00001", "reason": "missing", "error": "no result was committed (the task failed or never ran)",
+         "files": 2}
+    ]
+    assert data == summary.to_json() and Summary.from_json(data) == summary
+    del data["version"]  # a summary written before the key was added reads as version 1
+    assert Summary.from_json(data) == summary
+    with pytest.raises(ValueError, match="summary file has format version 2, this batchscore reads version 1"):
+        Summary.from_json({**data, "version": 2})
+    renamed = {"files": 1, "renamed": [{"mini_batch": "mb-00001", "from": "a.txt", "to": "a-mb-00001.txt"}]}
+    assert Summary.from_json({**data, "custom_outputs": renamed}).to_json()["custom_outputs"] == renamed
+    assert Summary.read(path.with_name("nothing.json")) is None
 
 
 @pytest.mark.parametrize("name", ["predictions.parquet", "predictions.jsonl"])
@@ -103,11 +155,11 @@ def test_failures_within_the_default_thresholds_succeed_and_are_recorded(make_ru
     summary = merge_run("ep", d, RUN)
 
     root = run_layout(d, RUN).root
-    assert summary["status"] == "succeeded_with_failures"
-    assert summary["mini_batches"] == {"total": 2, "succeeded": 0, "failed": 1, "missing": 1}
-    assert summary["items"] == {"total": 4, "succeeded": 0, "failed": 4}
-    assert [f["mini_batch"] for f in summary["failures"]] == ["mb-00000", "mb-00001"]
-    assert json.loads((root / "summary.json").read_text()) == summary
+    assert summary.status == Summary.SUCCEEDED_WITH_FAILURES
+    assert summary.mini_batches == MiniBatchCounts(total=2, succeeded=0, failed=1, missing=1)
+    assert summary.items == ItemCounts(total=4, succeeded=0, failed=4)
+    assert [f.mini_batch for f in summary.failures] == ["mb-00000", "mb-00001"]
+    assert Summary.read(root / "summary.json") == summary
     assert pd.read_csv(root / "errors.csv", keep_default_na=False).values.tolist() == [
         ["mb-00000", "f0.csv", "", "ValueError", "bad row 7"],
         ["mb-00000", "f1.csv", "", "ValueError", "bad row 7"],
@@ -117,7 +169,7 @@ def test_failures_within_the_default_thresholds_succeed_and_are_recorded(make_ru
 
     commit(d, 0, pa.table({"id": [1, 2]}))  # the reruns succeed: the merge converges
     commit(d, 1, pa.table({"id": [3, 4]}))
-    assert merge_run("ep", d, RUN)["status"] == "succeeded"
+    assert merge_run("ep", d, RUN).status == Summary.SUCCEEDED
     assert (root / "predictions.csv").read_text() == '"id"\n1\n2\n3\n4\n'
     assert (root / "errors.csv").read_text() == "mini_batch,file,record,error_type,message\n"
 
@@ -146,10 +198,10 @@ def test_each_threshold_exceeded_fails_the_job_after_writing_everything(make_run
         f"{message}. The output, summary.json, processed_mini-batches.csv and errors.csv (one line per failed "
         f"item) are in {root}; clear the failed score instances in Airflow to rerun them, and the merge runs again."
     )
-    summary = json.loads((root / "summary.json").read_text())
-    assert summary["status"] == "failed" and summary["items"]["failed"] == 3
+    summary = Summary.read(root / "summary.json")
+    assert summary.status == Summary.FAILED and summary.items.failed == 3
     name = next(iter(settings))
-    assert summary["thresholds"][name]["exceeded"] is True
+    assert summary.thresholds[name].exceeded is True
     assert pd.read_csv(root / "predictions.csv")["file"].tolist() == ["f2.csv"]  # what succeeded is kept
 
 
@@ -162,8 +214,8 @@ def test_each_threshold_not_exceeded_lets_the_job_succeed(make_run, settings) ->
     commit(d, 0, None, "bad row 7")
     commit(d, 1, pa.table({"file": ["f2.csv"]}), item_errors=[ItemError("f3.csv", "NoResult", "no row")])
     summary = merge_run("ep", d, RUN)
-    assert summary["status"] == "succeeded_with_failures"
-    assert not any(t["exceeded"] for t in summary["thresholds"].values())
+    assert summary.status == Summary.SUCCEEDED_WITH_FAILURES
+    assert not any(t.exceeded for t in summary.thresholds.values())
 
 
 def test_the_ledger_has_a_line_per_mini_batch(make_run) -> None:
@@ -203,8 +255,8 @@ def test_summary_only_writes_no_output_but_counts(make_run) -> None:
     commit(d, 1, pa.table({"x": [3]}))
     summary = merge_run("ep", d, RUN)
     root = run_layout(d, RUN).root
-    assert not (root / "predictions.csv").exists() and summary["output"] is None
-    assert (summary["returned_elements"], summary["items"]["failed"]) == (3, 1)
+    assert not (root / "predictions.csv").exists() and summary.output is None
+    assert (summary.returned_elements, summary.items.failed) == (3, 1)
 
 
 def test_custom_outputs_are_collected_without_clashes_and_a_re_merge_places_each_once(make_run) -> None:
@@ -229,9 +281,9 @@ def test_custom_outputs_are_collected_without_clashes_and_a_re_merge_places_each
         "processed_mini-batches.csv", "summary-mb-00000.json", "summary-mb-00001.json", "summary.json",
     ]
     assert (root / "part.parquet").read_text() == "data 0" and (root / "part-mb-00001.parquet").read_text() == "data 1"
-    assert json.loads((root / "summary.json").read_text())["run_id"] == RUN
-    assert first["custom_outputs"]["files"] == second["custom_outputs"]["files"] == 6
-    assert {"mini_batch": "mb-00001", "from": "part.parquet", "to": "part-mb-00001.parquet"} in second["custom_outputs"]["renamed"]
+    assert Summary.read(root / "summary.json").run_id == RUN
+    assert first.custom_outputs.files == second.custom_outputs.files == 6
+    assert RenamedOutput("mb-00001", "part.parquet", "part-mb-00001.parquet") in second.custom_outputs.renamed
 
 
 def test_results_whose_column_types_clash_name_the_mini_batches(make_run) -> None:
@@ -248,9 +300,9 @@ def test_results_whose_column_types_clash_name_the_mini_batches(make_run) -> Non
         f"summary.json, processed_mini-batches.csv and errors.csv are in {root}."
     )
     # The records are written all the same; no output that could be taken for this merge's.
-    summary = json.loads((root / "summary.json").read_text())
-    assert summary["status"] == "failed" and summary["output"] is None
-    assert summary["error"].startswith("the mini-batches' results cannot be put into one output: column 'score'")
+    summary = Summary.read(root / "summary.json")
+    assert summary.status == Summary.FAILED and summary.output is None
+    assert summary.error.startswith("the mini-batches' results cannot be put into one output: column 'score'")
     assert (root / "processed_mini-batches.csv").is_file() and (root / "errors.csv").is_file()
     assert not (root / "predictions.csv").exists()
 
@@ -301,7 +353,7 @@ def test_errors_file_says_which_file_a_failed_mini_batch_raised_on(make_run) -> 
         ["mb-00001", "f2.csv", "", "ParserError", "Expected 2 fields (raised on f3.csv; failed with its mini-batch)"],
         ["mb-00001", "f3.csv", "", "ParserError", "Expected 2 fields"],
     ]
-    assert summary["failures"][0]["error"] == "ParserError: Expected 2 fields (file f3.csv)"
+    assert summary.failures[0].error == "ParserError: Expected 2 fields (file f3.csv)"
 
 
 def test_a_refused_link_in_a_failed_mini_batch_keeps_its_own_reason(make_run, tmp_path: Path) -> None:

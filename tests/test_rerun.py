@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from batchscore.localairflow import LocalAirflow
-from batchscore_runtime.formats import run_key
+from batchscore_runtime.formats import ItemCounts, Summary, run_key
 from tests.helpers import deployment_file, load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,8 +84,8 @@ def test_clearing_one_failed_mapped_instance_reruns_only_it_and_the_output_comes
         [pd.read_csv(f).assign(file=f.name) for f in sorted((iris_example / "data").glob("*.csv"))], ignore_index=True
     )[["file", "id"]]
     pd.testing.assert_frame_equal(merged, expected)  # every row once, in input order
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "succeeded" and summary["rows"] == 150 and summary["failures"] == []
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.status == Summary.SUCCEEDED and summary.rows == 150 and summary.failures == []
     results = run_dir / "_batchscore" / "results"
     assert sorted(p.name for p in results.glob("*/result-*.parquet")) == sorted(
         json.loads((results / f"mb-0000{i}" / "status.json").read_text())["result_file"] for i in range(3)
@@ -202,8 +202,8 @@ def test_a_run_survives_the_scheduler_being_stopped_and_started_again(iris_examp
 
     run_dir = deployment.output.path / run_key(run_id)
     pd.testing.assert_frame_equal(pd.read_csv(run_dir / "predictions.csv"), expected_rows(iris_example / "data"))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["items"] == {"total": 15, "succeeded": 15, "failed": 0}  # each mini-batch counted once
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.items == ItemCounts(total=15, succeeded=15, failed=0)  # each mini-batch counted once
     left = subprocess.run(
         ["docker", "ps", "-aq", "--filter", f"label=batchscore.run_id={run_id}"], capture_output=True, text=True, check=True
     ).stdout

@@ -24,7 +24,7 @@ from batchscore.errors import RunParamError
 from batchscore.localairflow import LocalAirflow, LocalAirflowError
 from batchscore.run_params import RUN_PARAMS, apply_run_params
 from batchscore.schedule import output_asset
-from batchscore_runtime.formats import run_key
+from batchscore_runtime.formats import Summary, run_key
 from tests.helpers import deployment_file, load, run_dag, write
 
 REPO = Path(__file__).resolve().parent.parent
@@ -268,9 +268,9 @@ def test_a_run_with_params_scores_another_folder_into_another_output(
 
     predictions = pd.read_csv(run_dir / "predictions.csv")
     assert predictions["file"].tolist() == [f"iris-{i:03d}.csv" for i in range(5) for _ in range(10)]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "succeeded" and summary["rows"] == 50
-    assert summary["input"]["path"] == str(iris_inputs)
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.status == Summary.SUCCEEDED and summary.rows == 50
+    assert summary.input.path == str(iris_inputs)
     assert not yaml_deployment.output.path.exists()  # nothing went where the YAML says
 
 
@@ -400,9 +400,9 @@ def test_a_run_starts_once_both_upstream_assets_are_updated(scoring_image: str, 
     assert sorted(e["asset_id"] for e in consumed["asset_events"]) == sorted([by_uri, by_name])
     # No params were given: the run did what the YAML says.
     run_dir = stack["root"] / "yaml-out" / run_key(run_id)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "succeeded" and summary["rows"] == 60
-    assert summary["mini_batches"]["total"] == 2  # 6 files, 3 per mini-batch
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.status == Summary.SUCCEEDED and summary.rows == 60
+    assert summary.mini_batches.total == 2  # 6 files, 3 per mini-batch
     # The merge updated the deployment's output asset, for downstream DAGs.
     events = af.api("GET", "/api/v2/assets/events", query={"source_dag_id": DAG_ID, "source_run_id": run_id})
     assert [(e["name"], e["uri"], e["source_task_id"]) for e in events["asset_events"]] == [
@@ -472,6 +472,6 @@ def test_a_cleared_mini_batch_of_a_run_with_params_reruns_with_the_same_params(
     run_dir = root / "manual-out" / run_key(run_id)
     predictions = pd.read_csv(run_dir / "predictions.csv")
     assert predictions["file"].tolist() == [f"iris-{i:03d}.csv" for i in range(10, 14) for _ in range(10)]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "succeeded" and summary["input"]["path"] == str(other)
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.status == Summary.SUCCEEDED and summary.input.path == str(other)
     assert not (root / "yaml-out" / run_key(run_id)).exists()

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from batchscore.plan import run_layout
-from batchscore_runtime.formats import MiniBatchStatus
+from batchscore_runtime.formats import ItemCounts, MiniBatchCounts, MiniBatchStatus, Summary
 from batchscore_runtime.records import masked_crc32c
 from tests.helpers import inputs, run_dag, serve_endpoint
 
@@ -142,9 +142,9 @@ def test_the_example_deployment_scores_csv_and_json_lines_as_the_model_does(
     assert (csv_run / "predictions.csv").read_text().splitlines() == expected
     assert sorted(p.name for p in csv_run.glob("*.out")) == [f"iris-{n:03d}.csv.out" for n in range(15)]
     assert (csv_run / "iris-000.csv.out").read_text().splitlines() == expected[:10]
-    summary = json.loads((csv_run / "summary.json").read_text())
-    assert (summary["status"], summary["contract"], summary["rows"]) == ("succeeded", "serve", 150)
-    assert summary["mini_batches"] == {"total": 3, "succeeded": 3, "failed": 0, "missing": 0}
+    summary = Summary.read(csv_run / "summary.json")
+    assert (summary.status, summary.contract, summary.rows) == (Summary.SUCCEEDED, "serve", 150)
+    assert summary.mini_batches == MiniBatchCounts(total=3, succeeded=3, failed=0, missing=0)
     ledger = pd.read_csv(csv_run / "processed_mini-batches.csv")
     assert ledger["workers"].tolist() == [2, 2, 2]  # the container's /execution-parameters answer
     assert ledger["rows"].tolist() == [50, 50, 50]
@@ -273,8 +273,8 @@ def test_payload_limit_boundary_and_a_record_too_large(
     assert errors.values.tolist() == [
         ["mb-00000", "c-huge.txt", 2, "RecordTooLarge", "record 2 is 1,048,577 bytes, over MaxPayloadInMB = 1 (1,048,576 bytes)"]
     ]
-    summary = json.loads((run / "summary.json").read_text())
-    assert (summary["status"], summary["items"]) == ("succeeded_with_failures", {"total": 3, "succeeded": 2, "failed": 1})
+    summary = Summary.read(run / "summary.json")
+    assert (summary.status, summary.items) == (Summary.SUCCEEDED_WITH_FAILURES, ItemCounts(total=3, succeeded=2, failed=1))
 
 
 # --------------------------------------------------------------------------- faults
@@ -490,7 +490,7 @@ def test_a_link_inside_is_sent_from_its_target_and_links_outside_are_failed_item
     assert [tis[("links.score", i)] for i in (0, 1)] == ["success", "success"]
     assert (tis[("links.merge", -1)], dag_run.state) == ("failed", "failed")
     run = run_folder(endpoint, "links", dag_run)
-    assert json.loads((run / "summary.json").read_text())["items"] == {"total": 4, "succeeded": 2, "failed": 2}
+    assert Summary.read(run / "summary.json").items == ItemCounts(total=4, succeeded=2, failed=2)
     assert sorted(p.name for p in run.glob("*.out")) == ["a.csv.out", "latest.csv.out"]
     assert (run / "a.csv.out").read_text() == "setosa\n"
     assert (run / "latest.csv.out").read_text() == "virginica\n"  # b.csv's record, under the link's name

@@ -16,7 +16,7 @@ import pytest
 from batchscore import split
 from batchscore.plan import partition_by_size
 from batchscore.split import record_boundaries, split_large_files
-from batchscore_runtime.formats import FilePart, InputFile, MiniBatch
+from batchscore_runtime.formats import FilePart, InputFile, MiniBatch, Summary
 from batchscore_runtime.slices import part_name, sliced_inputs
 from tests.helpers import deployment_file, run_dag, write
 
@@ -222,6 +222,6 @@ def test_a_large_csv_is_scored_in_parts_and_comes_back_whole_and_in_order(
     sources = out["source"].drop_duplicates().tolist()
     assert sources[:2] == ["a-big.part-0001-of-0008.csv", "a-big.part-0002-of-0008.csv"]  # parts of half a mini-batch
     assert sources[-1] == "b-small.csv"
-    summary = json.loads((root / "summary.json").read_text())
-    assert summary["status"] == "succeeded" and summary["mini_batches"]["total"] >= 4
+    summary = Summary.read(root / "summary.json")
+    assert summary.status == Summary.SUCCEEDED and summary.mini_batches.total >= 4
     assert not list((root / "_batchscore").rglob("parts-*"))  # part files are removed (with the scratch folders)

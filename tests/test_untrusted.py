@@ -10,14 +10,13 @@ output must come out exact, with nothing of the host folder in the run folder.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from batchscore_runtime.formats import run_key
+from batchscore_runtime.formats import Summary, run_key
 from tests.helpers import deployment_file, run_dag, write
 
 pytestmark = pytest.mark.docker
@@ -122,9 +121,9 @@ def test_a_hostile_script_cannot_reach_the_host_nor_other_mini_batches(
     # Only the honest custom outputs were placed: links and the FIFO were left out.
     placed = sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.suffix == ".txt")
     assert placed == [f"honest-in-{k}.csv.txt" for k in range(3)]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["custom_outputs"]["files"] == 3
-    assert summary["rows"] == 3 and summary["mini_batches"]["succeeded"] == 3
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.custom_outputs.files == 3
+    assert summary.rows == 3 and summary.mini_batches.succeeded == 3
 
 
 LOUD_SCRIPT = """

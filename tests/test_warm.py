@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from batchscore.scoring.workers import RUN_LABEL, run_digest
-from batchscore_runtime.formats import run_key
+from batchscore_runtime.formats import Summary, run_key
 from tests.helpers import deployment_file, run_dag, serve_endpoint, write
 from tests.test_rerun import FLAKY_SCRIPT, REPO  # fails on iris-005.csv until a marker appears next to the model
 
@@ -79,10 +79,10 @@ def test_init_is_called_once_per_worker_across_many_mini_batches(
 
     ledger = pd.read_csv(run_dir / "processed_mini-batches.csv")
     assert set(ledger["worker"]) <= {"w1", "w2"} and len(ledger) == 15
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["worker_mode"] == "warm"
-    assert sum(len(w["mini_batches"]) for w in summary["warm_workers"]) == 15
-    assert all(w["init_seconds"] is not None for w in summary["warm_workers"])
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.worker_mode == "warm"
+    assert sum(len(w.mini_batches) for w in summary.warm_workers) == 15
+    assert all(w.init_seconds is not None for w in summary.warm_workers)
 
     tis = {(ti.task_id, ti.map_index): ti for ti in dag_run.get_task_instances()}
     assert tis[("test-deployment.start_workers", -1)].state == "success"
@@ -122,10 +122,10 @@ def test_the_serving_contract_in_warm_mode_pings_once_per_worker_and_gives_the_s
     assert len(outs) == 15
     for name in outs:
         assert (warm / name).read_bytes() == (cold / name).read_bytes(), name
-    summary = json.loads((warm / "summary.json").read_text())
-    assert summary["mini_batches"]["succeeded"] == 8
-    workers = summary["warm_workers"]
-    assert 1 <= len(workers) <= 2 and sum(len(w["mini_batches"]) for w in workers) == 8
+    summary = Summary.read(warm / "summary.json")
+    assert summary.mini_batches.succeeded == 8
+    workers = summary.warm_workers
+    assert 1 <= len(workers) <= 2 and sum(len(w.mini_batches) for w in workers) == 8
     assert worker_containers("iris-warm", "warm", dag_run.run_id) == []
 
 

@@ -3,39 +3,10 @@
 This module is the single definition of every file that crosses the boundary between
 the orchestrator (``batchscore``, which imports Airflow) and the scoring runtime
 (``batchscore_runtime``, which runs inside the user's image and never imports Airflow).
-It uses the standard library only, so any image with Python 3.9+ can import it.
-
-A run directory looks like this::
-
-    <output.path>/<run key>/
-        predictions.csv             the job's output (name from settings.output_file_name)
-        summary.json                the job summary, written by the merge
-        processed_mini-batches.csv  the ledger: one line per mini-batch (attempts, rows, seconds, error)
-        errors.csv                  one line per failed item (mini-batch, file, error type, message)
-        <custom outputs>            files scoring scripts wrote to AZUREML_BI_OUTPUT_PATH
-        _batchscore/
-            plan.json               the plan: which mini-batches exist (written last, so
-                                    its presence means the plan is complete)
-            minibatches/mb-00007.json   the files of one mini-batch
-            results/mb-00007/       written by the orchestrator only; no container mounts it
-                result-<token>.parquet  what run() returned, one file per attempt that succeeded
-                outputs-<token>/        the attempt's AZUREML_BI_OUTPUT_PATH (custom outputs), or
-                                        the serving contract's <input file>.out files
-                status.json             commit record: points at the result file and outputs
-                                        folder of the attempt that counts, or says why it failed
-                attempt.json            the try that may commit: written before each try, so a
-                                        try whose Airflow worker died cannot commit over a retry
-                output-try-2.log        everything the attempt's containers printed (the task
-                                        log shows a rate-limited part of it)
-            scratch/                where containers write; nothing here is trusted
-                mb-00007.try-2/         one container per mini-batch: its only writable mount
-                w1/mb-00007.try-2/      warm worker w1: its scratch folder is its only writable
-                                        mount for results; one sub-folder per mini-batch
-            collected.json          which custom outputs the merge placed in the run folder
-            model/                  serving contract: model.tar.gz unpacked (once per run)
-            workers/w1/state.json   warm workers: each worker container's state (starting,
-                                    ready, failed), its init() time and its mini-batches
-            workers/engine.json     warm workers: the Docker engine they run on (id, host name)
+It uses the standard library only, so any image with Python 3.9+ can import it. It re-exports
+what it builds on: :mod:`~batchscore_runtime.names` (file names, mount points, ids; the layout
+of a run folder is drawn there), :mod:`~batchscore_runtime.files` (atomic writes) and
+:mod:`~batchscore_runtime.transform` (the serving client's settings).
 
 A container writes its attempt's result, custom outputs and report (a ``status.json`` of its
 own) into its scratch folder; the orchestrator checks the report against the plan, copies the
@@ -48,85 +19,46 @@ file is never read.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
 import shutil
-import stat
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-FORMAT_VERSION = 1
-
-WORK_DIR_NAME = "_batchscore"
-SUMMARY_FILE_NAME = "summary.json"
-LEDGER_FILE_NAME = "processed_mini-batches.csv"
-ERRORS_FILE_NAME = "errors.csv"
-WORKER_STATE_FILE = "state.json"  # in each warm worker's folder, _batchscore/workers/w1/
-#: Columns of the ledger and the errors file, in order.
-LEDGER_COLUMNS = (
-    "mini_batch",
-    "files",
-    "bytes",
-    "status",
-    "attempts",
-    "rows",
-    "failed_items",
-    "seconds",
-    "init_seconds",
-    "run_seconds",
-    "workers",
-    "worker",
-    "started_at",
-    "finished_at",
-    "error",
+# Re-exported: every module reads these names from here.
+from batchscore_runtime.files import atomic_path, read_regular_file, write_json_atomic
+from batchscore_runtime.names import (
+    ERRORS_COLUMNS,
+    ERRORS_FILE_NAME,
+    FORMAT_VERSION,
+    LEDGER_COLUMNS,
+    LEDGER_FILE_NAME,
+    SUMMARY_FILE_NAME,
+    WORK_DIR_NAME,
+    WORKER_STATE_FILE,
+    ContainerPaths,
+    attempt_folder_name,
+    check_version,
+    mini_batch_id,
+    run_key,
 )
-ERRORS_COLUMNS = ("mini_batch", "file", "record", "error_type", "message")
-
-
-class ContainerPaths:
-    """Where the orchestrator mounts things inside the scoring container."""
-
-    RUNTIME = "/opt/batchscore/runtime"  # parent folder of the batchscore_runtime package
-    MODEL = "/mnt/batchscore/model"  # AZUREML_MODEL_DIR
-    CODE = "/mnt/batchscore/code"
-    INPUT = "/mnt/batchscore/input"
-    MINI_BATCH = "/mnt/batchscore/minibatch.json"
-    OUTPUT = "/mnt/batchscore/output"  # the attempt's scratch folder, the only writable mount
-    # AZUREML_BI_OUTPUT_PATH is a fresh folder ``outputs-<token>`` inside OUTPUT, made per attempt.
-    SERVING_MODEL = "/opt/ml/model"  # serving contract: the model archive's contents, in the serving container
-    SERVING_URL = "http://127.0.0.1:8080"  # serving contract: seen from the client, which shares its network
-    # Warm workers (settings.worker_mode: warm) see the whole run, not one mini-batch:
-    MINI_BATCHES = "/mnt/batchscore/minibatches"  # the run's mini-batch files, read-only
-    SCRATCH = "/mnt/batchscore/scratch"  # the worker's scratch folder: one sub-folder per mini-batch, writable
-    WORKER_STATE = "/mnt/batchscore/worker"  # the worker's own state folder, writable
-    WARM_SOCKET = "/tmp/batchscore-warm.sock"  # where the worker's daemon takes mini-batches
-    # AZUREML_BI_OUTPUT_PATH of a warm worker: a fixed path, re-pointed at each mini-batch's folder.
-    WARM_BI_OUTPUT = "/tmp/batchscore/azureml_bi_output"
-
-
-def mini_batch_id(index: int) -> str:
-    """The stable name of mini-batch ``index``: ``mb-00007``."""
-    return f"mb-{index:05d}"
-
-
-def run_key(run_id: str) -> str:
-    """A folder name for an Airflow run id (``manual__2026-01-01T00:00:00+00:00``).
-
-    Only letters, digits, ``.``, ``_`` and ``-`` survive; colons and ``+`` would trip
-    Docker's mount syntax and some file systems.
-    """
-    key = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._")
-    if not key:
-        raise ValueError(f"run id {run_id!r} gives an empty folder name")
-    return key
-
+from batchscore_runtime.transform import (
+    DEFAULT_BATCH_STRATEGY,
+    DEFAULT_MAX_CONCURRENT_TRANSFORMS,
+    DEFAULT_MAX_PAYLOAD_MB,
+    MAX_PAYLOAD_LIMIT_MB,
+    TransformConfig,
+)
 
 # --------------------------------------------------------------------------- records
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The items of ``data`` (a record read from JSON) that are fields of ``cls``: a newer writer's extra keys are left out."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -228,7 +160,7 @@ class MiniBatch:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MiniBatch:
-        _check_version(data, "mini-batch")
+        check_version(data, "mini-batch")
         return cls(index=int(data["index"]), files=[InputFile.from_json(f) for f in data["files"]])
 
 
@@ -277,9 +209,8 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
-        _check_version(data, "plan")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        check_version(data, "plan")
+        values = _known(cls, data)
         values["mini_batches"] = [PlanEntry(**e) for e in data["mini_batches"]]
         return cls(**values)
 
@@ -312,51 +243,6 @@ class ItemError:
     type: str
     message: str
     record: int | None = None
-
-
-# --------------------------------------------------------------------------- serving contract
-
-#: SageMaker's defaults for the three settings a serving container may also choose
-#: (``/execution-parameters``): used when neither the deployment nor the container sets them.
-DEFAULT_MAX_CONCURRENT_TRANSFORMS = 1
-DEFAULT_BATCH_STRATEGY = "MULTI_RECORD"
-DEFAULT_MAX_PAYLOAD_MB = 6
-MAX_PAYLOAD_LIMIT_MB = 100
-
-
-@dataclass(frozen=True)
-class TransformConfig:
-    """What the serving client needs of a deployment's ``transform`` block (SageMaker's settings).
-
-    The orchestrator builds it from the validated YAML and passes it to the client as JSON
-    (``--transform``); ``None`` for the three negotiable settings means "not set by the job":
-    the container's ``/execution-parameters`` answer, else the defaults above, apply.
-    """
-
-    split_type: str = "None"  # None | Line | RecordIO | TFRecord
-    batch_strategy: str | None = None  # MULTI_RECORD | SINGLE_RECORD
-    max_payload_mb: int | None = None  # 1..100
-    max_concurrent_transforms: int | None = None
-    compression: str = "None"  # None | Gzip (input files)
-    content_type: str | None = None  # Content-Type of /invocations requests
-    accept: str | None = None  # Accept of /invocations requests
-    assemble_with: str = "None"  # None: responses concatenated; Line: a newline after each
-    invocation_timeout: float = 600.0  # seconds per request
-    invocation_max_retries: int = 3  # retries of a failed request
-    input_filter: str = "$"  # JSONPath applied to each input record (CSV or JSON)
-    output_filter: str = "$"  # JSONPath applied to each (joined) output record
-    join_source: str = "None"  # None | Input: each output joined to its input record
-    startup_timeout: float = 600.0  # seconds the container has to answer /ping with 200
-    version: int = FORMAT_VERSION
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TransformConfig:
-        _check_version(data, "transform settings")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -402,21 +288,197 @@ class MiniBatchStatus:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MiniBatchStatus:
-        _check_version(data, "status")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        check_version(data, "status")
+        values = _known(cls, data)
         if values.get("error") is not None:
             values["error"] = ErrorInfo(**values["error"])
         values["item_errors"] = [ItemError(**e) for e in values.get("item_errors") or []]
         return cls(**values)
 
 
-def _check_version(data: dict[str, Any], what: str) -> None:
-    version = data.get("version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{what} file has format version {version!r}, this batchscore reads version {FORMAT_VERSION}"
-        )
+# --------------------------------------------------------------------------- summary
+
+
+def _flat(cls: type, data: dict[str, Any]) -> Any:
+    """A flat record ``cls`` from its JSON object; keys it does not know are left out."""
+    return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """The summary's ``input``: the folder and pattern the plan read, and what it found there."""
+
+    path: str
+    pattern: str
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class MiniBatchCounts:
+    """The summary's ``mini_batches``: how many were planned and what became of them."""
+
+    total: int
+    succeeded: int
+    failed: int  # committed a failure
+    missing: int  # committed nothing (the task failed or never ran), or the result it names is gone
+
+
+@dataclass(frozen=True)
+class ItemCounts:
+    """The summary's ``items``: input files (or parts of files), counted as Azure counts them."""
+
+    total: int
+    succeeded: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class RenamedOutput:
+    """A custom output the merge placed under another name: an earlier one, or a file of the run, has its name."""
+
+    mini_batch: str
+    source: str  # JSON "from": its path relative to AZUREML_BI_OUTPUT_PATH
+    target: str  # JSON "to": its path in the run folder
+
+    def to_json(self) -> dict[str, str]:
+        return {"mini_batch": self.mini_batch, "from": self.source, "to": self.target}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> RenamedOutput:
+        return cls(data["mini_batch"], data["from"], data["to"])
+
+
+@dataclass(frozen=True)
+class CustomOutputs:
+    """The summary's ``custom_outputs``: how many files the merge placed in the run folder, and which it renamed."""
+
+    files: int
+    renamed: list[RenamedOutput] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": self.files, "renamed": [r.to_json() for r in self.renamed]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CustomOutputs:
+        return cls(int(data["files"]), [RenamedOutput.from_json(r) for r in data.get("renamed") or []])
+
+
+@dataclass(frozen=True)
+class ThresholdResult:
+    """One of the summary's ``thresholds`` (named by the setting): its limit, what the job did, whether it was exceeded."""
+
+    limit: float  # -1 (or 100 %) allows any number
+    observed: float
+    exceeded: bool
+
+
+@dataclass(frozen=True)
+class Durations:
+    """The summary's ``durations``: when scoring started and ended, and the seconds spent in each part."""
+
+    first_mini_batch_started_at: str  # "" when no mini-batch succeeded
+    last_mini_batch_finished_at: str
+    scoring_wall_seconds: float | None
+    init_seconds_total: float  # init(): per mini-batch, or once per warm worker
+    run_seconds_total: float
+    merge_seconds: float
+
+
+@dataclass(frozen=True)
+class WarmWorkerInfo:
+    """One of the summary's ``warm_workers``: a worker container as its ``state.json`` said at the merge."""
+
+    worker: str
+    state: str
+    init_seconds: float | None
+    processes: int
+    mini_batches: list[str]  # scored by it, in order (the last start of its slot)
+    error: str | None  # ErrorInfo.one_line() of a failed worker
+
+
+@dataclass(frozen=True)
+class MiniBatchFailure:
+    """One of the summary's ``failures``: a mini-batch without a result."""
+
+    mini_batch: str
+    reason: str  # failed | missing
+    error: str  # why it has no result, in one line
+    files: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The job summary (``summary.json``): written by the merge, read by ``python -m batchscore``, the merge task, bench.
+
+    The keys are those summaries had before this class; a summary without ``version`` (written
+    before the key was added, last) reads as version 1.
+    """
+
+    endpoint: str
+    deployment: str
+    run_id: str
+    status: str  # SUCCEEDED | SUCCEEDED_WITH_FAILURES | FAILED
+    run_folder: str
+    output: str | None  # None for summary_only, or when the output could not be made (``error`` says why)
+    error: str | None
+    contract: str  # azure | serve
+    worker_mode: str  # per_mini_batch | warm
+    warm_workers: list[WarmWorkerInfo]
+    output_action: str
+    output_layout: str
+    ledger: str  # path of processed_mini-batches.csv
+    errors: str  # path of errors.csv
+    input: InputInfo
+    mini_batch_size: int | str
+    mini_batches: MiniBatchCounts
+    items: ItemCounts
+    rows: int  # in the output; for summary_only, what run() returned
+    returned_elements: int
+    custom_outputs: CustomOutputs
+    thresholds: dict[str, ThresholdResult]
+    durations: Durations
+    rows_per_second: float | None  # per second of scoring wall time
+    rows_per_run_second: float | None  # per second spent in run()
+    failures: list[MiniBatchFailure]
+    planned_at: str
+    merged_at: str
+    version: int = FORMAT_VERSION
+
+    SUCCEEDED = "succeeded"
+    SUCCEEDED_WITH_FAILURES = "succeeded_with_failures"  # within the thresholds
+    FAILED = "failed"  # over a threshold, or the output could not be made
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "custom_outputs": self.custom_outputs.to_json()}  # renames as {"from", "to"}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Summary:
+        check_version({"version": FORMAT_VERSION, **data}, "summary")
+        return cls(**{
+            **_known(cls, data),
+            "warm_workers": [_flat(WarmWorkerInfo, w) for w in data["warm_workers"]],
+            "input": _flat(InputInfo, data["input"]),
+            "mini_batches": _flat(MiniBatchCounts, data["mini_batches"]),
+            "items": _flat(ItemCounts, data["items"]),
+            "custom_outputs": CustomOutputs.from_json(data["custom_outputs"]),
+            "thresholds": {name: _flat(ThresholdResult, t) for name, t in data["thresholds"].items()},
+            "durations": _flat(Durations, data["durations"]),
+            "failures": [_flat(MiniBatchFailure, f) for f in data["failures"]],
+        })
+
+    @staticmethod
+    def read(path: Path) -> Summary | None:
+        """The summary in ``path``; None when no merge has written one (yet)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        return Summary.from_json(data)
+
+    def write(self, path: Path) -> None:
+        """Write it to ``path`` atomically: a reader sees the previous summary or this one, whole."""
+        write_json_atomic(path, self.to_json())
 
 
 # --------------------------------------------------------------------------- layout
@@ -450,9 +512,8 @@ class WorkerState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkerState:
-        _check_version(data, "worker state")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        check_version(data, "worker state")
+        values = _known(cls, data)
         if values.get("error") is not None:
             values["error"] = ErrorInfo(**values["error"])
         return cls(**values)
@@ -568,7 +629,7 @@ class MiniBatchDir:
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Paths of one run directory (see the module docstring)."""
+    """Paths of one run directory (drawn in :mod:`batchscore_runtime.names`)."""
 
     root: Path
 
@@ -608,7 +669,7 @@ class RunLayout:
 
     @property
     def scratch_dir(self) -> Path:
-        """Where containers write (see the module docstring); nothing in it is trusted."""
+        """Where containers write (see :mod:`batchscore_runtime.names`); nothing in it is trusted."""
         return self.work / "scratch"
 
     def attempt_scratch(self, index: int, attempt: int) -> Path:
@@ -646,96 +707,19 @@ class RunLayout:
             return None
         return Plan.from_json(data)
 
+    def read_summary(self) -> Summary | None:
+        return Summary.read(self.summary_file)
+
     def read_mini_batch(self, index: int) -> MiniBatch:
         return read_mini_batch_file(self.mini_batch_file(index))
-
-
-def attempt_folder_name(index: int, attempt: int) -> str:
-    """The scratch sub-folder of one attempt at one mini-batch: ``mb-00007.try-2``."""
-    return f"{mini_batch_id(index)}.try-{attempt}"
 
 
 #: A warm worker's state file is small; a larger one is not read.
 MAX_STATE_BYTES = 1 << 20
 
 
-def read_regular_file(path: Path | str, limit: int, *, dir_fd: int | None = None) -> bytes:
-    """The bytes of ``path`` (in the folder ``dir_fd``, if given): a regular file, not a link, of at most ``limit`` bytes.
-
-    For files a container may have written: a symbolic link in the last component is refused
-    (``O_NOFOLLOW``), as are FIFOs and devices (opened without blocking, then checked).
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        if st.st_size > limit:
-            raise ValueError(f"{st.st_size} bytes, more than the {limit} allowed")
-        chunks, left = [], st.st_size
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def read_mini_batch_file(path: Path) -> MiniBatch:
     return MiniBatch.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _process_umask() -> int:
-    """This process's umask (read without changing it where Linux tells it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _process_umask()
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it over ``final`` if the block succeeds.
-
-    A reader never sees a half-written file under the final name, and a failure leaves
-    whatever was there before untouched.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from the other hosts' workers and from users
-    finally:
-        os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, data: Any, *, indent: int | None = 2) -> None:
-    """Write ``data`` as JSON under ``path`` atomically; ``indent=None`` is compact (and several
-    times faster: Python's JSON encoder is pure Python when it indents)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=indent, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def now_iso() -> str:
@@ -745,22 +729,36 @@ def now_iso() -> str:
 
 
 __all__ = [
+    "DEFAULT_BATCH_STRATEGY",
+    "DEFAULT_MAX_CONCURRENT_TRANSFORMS",
+    "DEFAULT_MAX_PAYLOAD_MB",
     "FORMAT_VERSION",
+    "MAX_PAYLOAD_LIMIT_MB",
     "ContainerPaths",
+    "CustomOutputs",
+    "Durations",
     "ERRORS_COLUMNS",
     "ERRORS_FILE_NAME",
     "ErrorInfo",
     "FilePart",
     "InputFile",
+    "InputInfo",
+    "ItemCounts",
     "ItemError",
     "LEDGER_COLUMNS",
     "LEDGER_FILE_NAME",
     "MiniBatch",
+    "MiniBatchCounts",
     "MiniBatchDir",
+    "MiniBatchFailure",
     "MiniBatchStatus",
     "Plan",
     "PlanEntry",
+    "RenamedOutput",
+    "Summary",
+    "ThresholdResult",
     "TransformConfig",
+    "WarmWorkerInfo",
     "WorkerState",
     "WORKER_STATE_FILE",
     "RunLayout",

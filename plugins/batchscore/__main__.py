@@ -99,18 +99,17 @@ def run(args: argparse.Namespace) -> int:
         except BatchScoreError:
             pass  # the plan task refused the conf and said why above
         layout = run_layout(deployment, run_id)
-        summary_path = layout.summary_file
-        if summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-            print(f"  {deployment.name}: {summary['status']}, {summary['rows']} rows, "
-                  f"{summary['mini_batches']['succeeded']}/{summary['mini_batches']['total']} mini-batches, "
-                  f"{summary['items']['failed']} failed items")
-            own = ".out files" if summary.get("contract") == "serve" else "custom outputs"
-            print(f"    output:  {summary['output'] or f'(summary_only: {own} in the run folder)'}")
-            print(f"    summary: {summary_path}")
-            print(f"    ledger:  {summary['ledger']}")
-            if summary["items"]["failed"]:
-                print(f"    errors:  {summary['errors']}")
+        summary = layout.read_summary()
+        if summary is not None:
+            print(f"  {deployment.name}: {summary.status}, {summary.rows} rows, "
+                  f"{summary.mini_batches.succeeded}/{summary.mini_batches.total} mini-batches, "
+                  f"{summary.items.failed} failed items")
+            own = ".out files" if summary.contract == "serve" else "custom outputs"
+            print(f"    output:  {summary.output or f'(summary_only: {own} in the run folder)'}")
+            print(f"    summary: {layout.summary_file}")
+            print(f"    ledger:  {summary.ledger}")
+            if summary.items.failed:
+                print(f"    errors:  {summary.errors}")
         else:
             print(f"  {deployment.name}: no summary in {layout.root}")
     return 0 if state == "success" else 1

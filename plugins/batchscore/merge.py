@@ -1,7 +1,7 @@
 """merge: gather the mini-batches' results into the job's output, check the error thresholds.
 
 Runs after every mini-batch has finished, also when some failed. It writes, into the run
-folder (see :mod:`batchscore_runtime.formats` for the layout):
+folder (see :mod:`batchscore_runtime.names` for the layout):
 
 * the output (``settings.output_file_name``), streamed record batch by record batch with
   pyarrow in plan order, so memory does not grow with the job's rows; nothing for
@@ -43,11 +43,21 @@ from batchscore_runtime.formats import (
     LEDGER_COLUMNS,
     WORK_DIR_NAME,
     WORKER_STATE_FILE,
+    CustomOutputs,
+    Durations,
     InputFile,
+    InputInfo,
+    ItemCounts,
+    MiniBatchCounts,
+    MiniBatchFailure,
     MiniBatchStatus,
     Plan,
     PlanEntry,
+    RenamedOutput,
     RunLayout,
+    Summary,
+    ThresholdResult,
+    WarmWorkerInfo,
     WorkerState,
     atomic_path,
     now_iso,
@@ -103,7 +113,7 @@ class ThresholdCheck:
 
 
 def collect_outcomes(layout: RunLayout, plan: Plan) -> list[Outcome]:
-    """Every planned mini-batch's committed status, in plan order."""
+    """Step 2: every planned mini-batch's committed status, in plan order."""
     outcomes = []
     for entry in plan.mini_batches:
         mb_dir = layout.mini_batch_dir(entry.index)
@@ -371,7 +381,7 @@ def _init_seconds_total(statuses: list[MiniBatchStatus]) -> float:
     return round(sum(s.init_seconds for s in statuses if not s.worker) + sum(per_worker.values()), 3)
 
 
-def warm_workers(layout: RunLayout) -> list[dict[str, Any]]:
+def warm_workers(layout: RunLayout) -> list[WarmWorkerInfo]:
     """Warm workers: each one's init() time, state and the mini-batches it scored (the last start of each slot)."""
     folder = layout.workers_dir
     if not folder.is_dir():
@@ -381,14 +391,14 @@ def warm_workers(layout: RunLayout) -> list[dict[str, Any]]:
         state = WorkerState.read(path)
         if state is not None:
             out.append(
-                {
-                    "worker": state.worker,
-                    "state": state.state,
-                    "init_seconds": state.init_seconds,
-                    "processes": state.processes,
-                    "mini_batches": state.mini_batches,
-                    "error": state.error.one_line() if state.error else None,
-                }
+                WarmWorkerInfo(
+                    worker=state.worker,
+                    state=state.state,
+                    init_seconds=state.init_seconds,
+                    processes=state.processes,
+                    mini_batches=state.mini_batches,
+                    error=state.error.one_line() if state.error else None,
+                )
             )
     return out
 
@@ -420,7 +430,7 @@ def write_ledger(path: Path, outcomes: Iterable[Outcome]) -> None:
     _write_csv(path, LEDGER_COLUMNS, (line(o) for o in outcomes))
 
 
-def collect_custom_outputs(layout: RunLayout, outcomes: Iterable[Outcome], reserved: set[str]) -> dict[str, Any]:
+def collect_custom_outputs(layout: RunLayout, outcomes: Iterable[Outcome], reserved: set[str]) -> CustomOutputs:
     """Link every succeeded mini-batch's custom outputs into the run folder, without name clashes.
 
     Files keep their path relative to ``AZUREML_BI_OUTPUT_PATH``. A file whose name is taken
@@ -434,7 +444,7 @@ def collect_custom_outputs(layout: RunLayout, outcomes: Iterable[Outcome], reser
         (layout.root / rel).unlink(missing_ok=True)
 
     placed: list[str] = []
-    renamed: list[dict[str, str]] = []
+    renamed: list[RenamedOutput] = []
     taken = {r.lower() for r in reserved}
     for o in outcomes:
         if o.state != SUCCEEDED or not o.status.outputs_dir:
@@ -450,7 +460,7 @@ def collect_custom_outputs(layout: RunLayout, outcomes: Iterable[Outcome], reser
                 target = rel.with_name(f"{rel.stem}-{o.id}{'' if n == 1 else f'-{n}'}{rel.suffix}")
                 n += 1
             if target != rel:
-                renamed.append({"mini_batch": o.id, "from": rel.as_posix(), "to": target.as_posix()})
+                renamed.append(RenamedOutput(o.id, rel.as_posix(), target.as_posix()))
             dest = layout.root / target
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -459,10 +469,10 @@ def collect_custom_outputs(layout: RunLayout, outcomes: Iterable[Outcome], reser
                 shutil.copy2(source, dest)
             taken.add(target.as_posix().lower())
             placed.append(target.as_posix())
-    write_json_atomic(layout.collected_file, {"files": placed, "renamed": renamed})
+    write_json_atomic(layout.collected_file, {"files": placed, "renamed": [r.to_json() for r in renamed]})
     for r in renamed:
-        log.warning("Custom output %s of %s is named like an earlier one; placed as %s", r["from"], r["mini_batch"], r["to"])
-    return {"files": len(placed), "renamed": renamed}
+        log.warning("Custom output %s of %s is named like an earlier one; placed as %s", r.source, r.mini_batch, r.target)
+    return CustomOutputs(len(placed), renamed)
 
 
 def _read_collected(layout: RunLayout) -> dict[str, Any]:
@@ -472,17 +482,35 @@ def _read_collected(layout: RunLayout) -> dict[str, Any]:
         return {}
 
 
-# --------------------------------------------------------------------------- the merge
+# --------------------------------------------------------------------------- the merge, step by step
 
 
-def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> dict[str, Any]:
-    """Write the run's output, custom outputs, ledger, errors file and summary; then check thresholds.
+@dataclass(frozen=True)
+class MergeInput:
+    """What one merge works on: the deployment, its run folder and the plan found there."""
 
-    Raises :class:`ThresholdExceededError` (after writing everything) when the failures
-    exceed a threshold of ``settings``.
-    """
-    t0 = time.monotonic()
-    settings = deployment.settings
+    endpoint: str
+    deployment: DeploymentSpec
+    run_id: str
+    layout: RunLayout
+    plan: Plan
+
+    @property
+    def settings(self) -> Settings:
+        return self.deployment.settings
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """The job's output file as the merge left it."""
+
+    path: Path | None  # None for summary_only
+    rows: int = 0
+    error: MergeError | None = None  # it cannot be made: no file, the records are written all the same
+
+
+def open_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> MergeInput:
+    """Step 1: the run folder and its plan (a :class:`PlanError` without one); a killed merge's temporary files go."""
     layout = run_layout(deployment, run_id)
     plan = layout.read_plan()
     if plan is None:
@@ -492,137 +520,199 @@ def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> di
         )
     for debris in layout.root.glob(".*.tmp"):  # temporary files of a merge that was killed
         debris.unlink(missing_ok=True)
-    outcomes = collect_outcomes(layout, plan)
-    done = [o for o in outcomes if o.state == SUCCEEDED]
-    not_done = [o for o in outcomes if o.state != SUCCEEDED]
+    return MergeInput(endpoint_name, deployment, run_id, layout, plan)
 
-    output: Path | None = None
-    output_error: MergeError | None = None
-    output_rows = 0
-    if settings.output_action == "append_row" and deployment.contract == "serve":
-        output = layout.root / settings.output_file_name
-        output_rows = sum(o.status.rows for o in done)
-        write_serving_output(output, layout, done)
-    elif settings.output_action == "append_row":
-        output = layout.root / settings.output_file_name
-        try:
-            output_rows = write_output(output, [o.result for o in done if o.result], settings.output_layout)
-        except MergeError as exc:  # the records below are still written, then this is raised
-            output_error = exc
-            output.unlink(missing_ok=True)  # an output of an earlier merge would look current
-    items = failed_items(layout, outcomes)
+
+def write_job_output(run: MergeInput, done: list[Outcome]) -> JobOutput:
+    """Step 3: the succeeded mini-batches' results joined into the output, in plan order (nothing for summary_only).
+
+    Results that cannot be put into one table do not raise here: the output is removed (one of
+    an earlier merge would look current) and the error is kept, for the records to be written first.
+    """
+    settings = run.settings
+    if settings.output_action != "append_row":
+        return JobOutput(None)
+    path = run.layout.root / settings.output_file_name
+    if run.deployment.contract == "serve":
+        write_serving_output(path, run.layout, done)
+        return JobOutput(path, sum(o.status.rows for o in done))
+    try:
+        return JobOutput(path, write_output(path, [o.result for o in done if o.result], settings.output_layout))
+    except MergeError as exc:
+        path.unlink(missing_ok=True)
+        return JobOutput(path, error=exc)
+
+
+def write_records(run: MergeInput, outcomes: list[Outcome], items: list[FailedItem]) -> CustomOutputs:
+    """Step 4: the ledger, the errors file, and the custom outputs placed in the run folder."""
+    layout = run.layout
     write_ledger(layout.ledger_file, outcomes)
     _write_csv(layout.errors_file, ERRORS_COLUMNS, (i.row() for i in items))
-    reserved = {settings.output_file_name, layout.summary_file.name, layout.ledger_file.name, layout.errors_file.name, WORK_DIR_NAME}
-    custom = collect_custom_outputs(layout, done, reserved)
+    reserved = {run.settings.output_file_name, WORK_DIR_NAME}
+    reserved |= {layout.summary_file.name, layout.ledger_file.name, layout.errors_file.name}
+    return collect_custom_outputs(layout, [o for o in outcomes if o.state == SUCCEEDED], reserved)
 
-    checks = check_thresholds(settings, len(items), len(not_done), len(outcomes))
-    exceeded = [c for c in checks if c.exceeded]
+
+def build_summary(
+    run: MergeInput,
+    outcomes: list[Outcome],
+    output: JobOutput,
+    items: list[FailedItem],
+    custom: CustomOutputs,
+    checks: list[ThresholdCheck],
+    merge_seconds: float,
+) -> Summary:
+    """Step 5: the job summary, from what the steps before found and wrote."""
+    plan, settings = run.plan, run.settings
+    done = [o for o in outcomes if o.state == SUCCEEDED]
+    not_done = [o for o in outcomes if o.state != SUCCEEDED]
     statuses = [o.status for o in done]
     returned = sum(s.rows for s in statuses)
     started = min((s.started_at for s in statuses if s.started_at), default="")
     finished = max((s.finished_at for s in statuses if s.finished_at), default="")
     wall = _seconds_between(started, finished) if started and finished else None
     run_seconds = round(sum(s.run_seconds for s in statuses), 3)
-    summary: dict[str, Any] = {
-        "endpoint": endpoint_name,
-        "deployment": deployment.name,
-        "run_id": run_id,
-        "status": "failed"
-        if exceeded or output_error
-        else ("succeeded_with_failures" if items or not_done else "succeeded"),
-        "run_folder": str(layout.root),
-        "output": str(output) if output and not output_error else None,
-        "error": str(output_error) if output_error else None,
-        "contract": deployment.contract,
-        "worker_mode": settings.worker_mode,
-        "warm_workers": warm_workers(layout),
-        "output_action": settings.output_action,
-        "output_layout": settings.output_layout,
-        "ledger": str(layout.ledger_file),
-        "errors": str(layout.errors_file),
-        "input": {"path": plan.input_path, "pattern": plan.pattern, "files": plan.files, "bytes": plan.bytes},
-        "mini_batch_size": plan.mini_batch_size,
-        "mini_batches": {
-            "total": len(outcomes),
-            "succeeded": len(done),
-            "failed": sum(o.state == FAILED for o in outcomes),
-            "missing": sum(o.state == MISSING for o in outcomes),
-        },
-        "items": {"total": plan.files, "succeeded": plan.files - len(items), "failed": len(items)},
-        "rows": output_rows if output else returned,
-        "returned_elements": returned,
-        "custom_outputs": custom,
-        "thresholds": {c.name: {"limit": c.limit, "observed": c.observed, "exceeded": c.exceeded} for c in checks},
-        "durations": {
-            "first_mini_batch_started_at": started,
-            "last_mini_batch_finished_at": finished,
-            "scoring_wall_seconds": wall,
-            "init_seconds_total": _init_seconds_total(statuses),
-            "run_seconds_total": run_seconds,
-            "merge_seconds": round(time.monotonic() - t0, 3),
-        },
-        "rows_per_second": round(returned / wall, 1) if wall else None,
-        "rows_per_run_second": round(returned / run_seconds, 1) if run_seconds > 0 else None,
-        "failures": [
-            {"mini_batch": o.id, "reason": o.state, "error": o.reason, "files": o.entry.files} for o in not_done
-        ],
-        "planned_at": plan.created_at,
-        "merged_at": now_iso(),
-    }
-    write_json_atomic(layout.summary_file, summary)
+    if any(c.exceeded for c in checks) or output.error:
+        status = Summary.FAILED
+    else:
+        status = Summary.SUCCEEDED_WITH_FAILURES if items or not_done else Summary.SUCCEEDED
+    return Summary(
+        endpoint=run.endpoint,
+        deployment=run.deployment.name,
+        run_id=run.run_id,
+        status=status,
+        run_folder=str(run.layout.root),
+        output=str(output.path) if output.path and not output.error else None,
+        error=str(output.error) if output.error else None,
+        contract=run.deployment.contract,
+        worker_mode=settings.worker_mode,
+        warm_workers=warm_workers(run.layout),
+        output_action=settings.output_action,
+        output_layout=settings.output_layout,
+        ledger=str(run.layout.ledger_file),
+        errors=str(run.layout.errors_file),
+        input=InputInfo(plan.input_path, plan.pattern, plan.files, plan.bytes),
+        mini_batch_size=plan.mini_batch_size,
+        mini_batches=MiniBatchCounts(
+            total=len(outcomes),
+            succeeded=len(done),
+            failed=sum(o.state == FAILED for o in outcomes),
+            missing=sum(o.state == MISSING for o in outcomes),
+        ),
+        items=ItemCounts(total=plan.files, succeeded=plan.files - len(items), failed=len(items)),
+        rows=output.rows if output.path else returned,
+        returned_elements=returned,
+        custom_outputs=custom,
+        thresholds={c.name: ThresholdResult(c.limit, c.observed, c.exceeded) for c in checks},
+        durations=Durations(
+            first_mini_batch_started_at=started,
+            last_mini_batch_finished_at=finished,
+            scoring_wall_seconds=wall,
+            init_seconds_total=_init_seconds_total(statuses),
+            run_seconds_total=run_seconds,
+            merge_seconds=merge_seconds,
+        ),
+        rows_per_second=round(returned / wall, 1) if wall else None,
+        rows_per_run_second=round(returned / run_seconds, 1) if run_seconds > 0 else None,
+        failures=[MiniBatchFailure(o.id, o.state, o.reason, o.entry.files) for o in not_done],
+        planned_at=plan.created_at,
+        merged_at=now_iso(),
+    )
+
+
+def log_merge(run: MergeInput, summary: Summary, output: JobOutput, not_done: list[Outcome]) -> None:
+    """After the commit (step 6): what the merge did, for the task log."""
     log.info(
         "Merged %d of %d mini-batches: %d rows%s; %d of %d items failed; summary in %s",
-        len(done),
-        len(outcomes),
-        summary["rows"],
-        (f" not written, the output cannot be made ({output_error})" if output_error else f" into {output}")
-        if output
+        summary.mini_batches.succeeded,
+        summary.mini_batches.total,
+        summary.rows,
+        (f" not written, the output cannot be made ({output.error})" if output.error else f" into {output.path}")
+        if output.path
         else " (summary_only: counted, not written)",
-        len(items),
-        plan.files,
-        layout.summary_file,
+        summary.items.failed,
+        summary.items.total,
+        run.layout.summary_file,
     )
-    if custom["files"]:
-        what = ".out" if deployment.contract == "serve" else "custom output"
-        log.info("Placed %d %s file(s) in %s", custom["files"], what, layout.root)
+    if summary.custom_outputs.files:
+        what = ".out" if run.deployment.contract == "serve" else "custom output"
+        log.info("Placed %d %s file(s) in %s", summary.custom_outputs.files, what, run.layout.root)
     if not_done:
         log.warning(
             "%d mini-batch(es) have no result: %s",
             len(not_done),
             "; ".join(f"{o.id} ({o.state}: {o.reason})" for o in not_done[:10]) + (" ..." if len(not_done) > 10 else ""),
         )
-    if output_error:
+
+
+def conclude(run: MergeInput, summary: Summary, output: JobOutput, checks: list[ThresholdCheck]) -> None:
+    """Step 7: fail the job when the output could not be made or a threshold is exceeded; else say what failed within them."""
+    layout = run.layout
+    if output.error:
         raise MergeError(
-            f"{output_error}. The mini-batches' results are kept in {layout.work / 'results'}; "
+            f"{output.error}. The mini-batches' results are kept in {layout.work / 'results'}; "
             f"{layout.summary_file.name}, {layout.ledger_file.name} and {layout.errors_file.name} are in {layout.root}."
         )
+    exceeded = [c for c in checks if c.exceeded]
     if exceeded:
         raise ThresholdExceededError(
             f"{'; '.join(c.message for c in exceeded)}. The output, {layout.summary_file.name}, "
             f"{layout.ledger_file.name} and {layout.errors_file.name} (one line per failed item) are in "
             f"{layout.root}; clear the failed score instances in Airflow to rerun them, and the merge runs again."
         )
-    if items or not_done:
+    if summary.status == Summary.SUCCEEDED_WITH_FAILURES:
         log.warning(
             "%d item(s) failed, within the thresholds (%s): the job succeeds; see %s",
-            len(items),
+            summary.items.failed,
             ", ".join(f"{c.name} {c.limit:g}" for c in checks),
             layout.errors_file,
         )
+
+
+def merge_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str) -> Summary:
+    """Write the run's output, custom outputs, ledger, errors file and summary; then check thresholds.
+
+    The steps, in order: 1. open the run (its plan); 2. collect every mini-batch's committed
+    status, the failed items and the thresholds; 3. write the output; 4. write the records
+    (ledger, errors file, custom outputs); 5. build the summary; 6. commit it (``summary.json``
+    is written last, so a merge killed before leaves the previous one whole); 7. conclude. Raises
+    :class:`ThresholdExceededError` (after writing everything) when the failures exceed a
+    threshold of ``settings``, :class:`MergeError` when the results cannot be put into one output.
+    """
+    t0 = time.monotonic()
+    run = open_run(endpoint_name, deployment, run_id)  # 1. the plan
+    outcomes = collect_outcomes(run.layout, run.plan)  # 2. what became of each mini-batch,
+    done = [o for o in outcomes if o.state == SUCCEEDED]
+    not_done = [o for o in outcomes if o.state != SUCCEEDED]
+    items = failed_items(run.layout, outcomes)  # which items failed,
+    checks = check_thresholds(run.settings, len(items), len(not_done), len(outcomes))  # and the thresholds
+    output = write_job_output(run, done)  # 3.
+    custom = write_records(run, outcomes, items)  # 4.
+    summary = build_summary(run, outcomes, output, items, custom, checks, round(time.monotonic() - t0, 3))  # 5.
+    summary.write(run.layout.summary_file)  # 6. the commit: the summary is written last
+    log_merge(run, summary, output, not_done)
+    conclude(run, summary, output, checks)  # 7.
     return summary
 
 
 __all__ = [
     "FailedItem",
+    "JobOutput",
+    "MergeInput",
     "Outcome",
     "ThresholdCheck",
+    "build_summary",
     "check_thresholds",
     "collect_custom_outputs",
     "collect_outcomes",
+    "conclude",
     "failed_items",
+    "log_merge",
     "merge_run",
+    "open_run",
+    "write_job_output",
     "write_ledger",
     "write_output",
+    "write_records",
     "write_serving_output",
 ]

@@ -27,16 +27,16 @@ class MergeOperator(DeploymentMixin, BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         summary = merge_run(self.endpoint_name, self.run_spec(context), context["run_id"])
-        self.log.info("Output: %s (%d rows)", summary["output"], summary["rows"])
+        self.log.info("Output: %s (%d rows)", summary.output, summary.rows)
         # The output asset's event says where this run's output is (a run's conf may move it).
         outlet_events = context.get("outlet_events")
         for asset in self.outlets if outlet_events is not None else ():
             outlet_events[asset].extra = {
-                "run_id": summary["run_id"],
-                "run_folder": summary["run_folder"],
-                "output": summary["output"],
-                "status": summary["status"],
-                "rows": summary["rows"],
-                "failed_items": summary["items"]["failed"],
+                "run_id": summary.run_id,
+                "run_folder": summary.run_folder,
+                "output": summary.output,
+                "status": summary.status,
+                "rows": summary.rows,
+                "failed_items": summary.items.failed,
             }
-        return {"output": summary["output"], "rows": summary["rows"], "status": summary["status"]}
+        return {"output": summary.output, "rows": summary.rows, "status": summary.status}
