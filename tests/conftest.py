@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from batchscore import shutdown
+from batchscore.localservices import SeaweedS3
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "include" / "examples" / "iris"
@@ -83,6 +84,18 @@ def _described(process: psutil.Process) -> str:
     except psutil.Error:  # gone meanwhile
         command = ""
     return f"{process.pid} ({command[:120]})" if command else str(process.pid)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """The session's S3 server: SeaweedFS's ``weed mini`` on free ports of 127.0.0.1 (about 1 s to start).
+
+    Stopped at the end of the session, before the sweep of ``_nothing_left_behind`` (set up first, so
+    torn down last). Each test makes its own bucket (:meth:`SeaweedS3.create_bucket`) and its own
+    Airflow connection (``AIRFLOW_CONN_<ID>`` = :meth:`SeaweedS3.connection_json`).
+    """
+    with SeaweedS3(tmp_path_factory.mktemp("s3-server")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
