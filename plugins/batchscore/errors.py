@@ -75,3 +75,24 @@ class SecretUnavailableError(BatchScoreError):
 
 class HostPathError(BatchScoreError):
     """A bind-mount source cannot be given to the Docker host: ``BATCHSCORE_HOST_PATHS`` is missing, wrong or incomplete."""
+
+
+class StorageError(BatchScoreError):
+    """A location on object storage or local disk cannot be listed, read or written. The message names the
+    URI (credentials masked) and what to do, and never holds a credential."""
+
+
+class StorageConnectionError(StorageError):
+    """The Airflow connection named for a URI does not exist, or its scheme's provider is not installed."""
+
+
+class StorageAccessError(StorageError):
+    """Access denied: wrong or missing credentials, or credentials not allowed to do that."""
+
+
+class StorageNotFoundError(StorageError):
+    """The bucket, container, object or local path does not exist."""
+
+
+class ObjectChangedError(StorageError):
+    """An object changed or was deleted after the plan recorded its version token."""
