@@ -282,6 +282,7 @@ def test_s3_unreachable_endpoint_is_a_storage_error(s3_server, monkeypatch):
     conn = f"s3_dead_{uuid.uuid4().hex[:8]}"
     dead = s3_server.connection()
     dead["extra"]["endpoint_url"] = f"http://127.0.0.1:{localservices.free_port()}"
+    dead["extra"]["config_kwargs"] = {"retries": {"max_attempts": 1}}  # botocore's retries only (s3fs retries too)
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn.upper()}", json.dumps(dead))
     with pytest.raises(StorageError) as caught:
         storage.list_objects(storage.location("s3://bucket/in/", conn))
