@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable
 
+from batchscore_runtime import scoring_script
 from batchscore_runtime.formats import ErrorInfo, ItemError
 
 log = logging.getLogger("batchscore")
@@ -176,10 +177,8 @@ def _setup_process(name: str, log_level: str, outputs_dir: str | None, cuda_visi
 
 def _load_and_init(script_path: str, first: bool) -> tuple[Any, float]:
     """Import the scoring script and call its ``init()``; returns the module and the seconds it took."""
-    from batchscore_runtime import azure
-
     t0 = time.monotonic()
-    script = azure.load_scoring_script(Path(script_path))
+    script = scoring_script.load_scoring_script(Path(script_path))
     init = getattr(script, "init", None)
     if callable(init):
         init()
@@ -197,17 +196,15 @@ def _load_and_init(script_path: str, first: bool) -> tuple[Any, float]:
 
 def _score_task(script: Any, task: WorkerTask, conn: Connection, init_seconds: float, progress: _Progress) -> None:
     """Call ``run()`` on the task's files, write what it returned and report it (raises what run() raises)."""
-    from batchscore_runtime import azure
-
     t1 = time.monotonic()
     result = script.run(list(task.paths))
     if inspect.isgenerator(result):
         result = list(progress.count(result))
-    table = azure.to_table(result)
+    table = scoring_script.to_table(result)
     run_seconds = time.monotonic() - t1
-    failed, item_errors = azure.count_failed_items(table, task.paths, task.rel_paths)
+    failed, item_errors = scoring_script.count_failed_items(table, task.paths, task.rel_paths)
     if task.result_file is not None:
-        azure.write_table(table, Path(task.result_file))
+        scoring_script.write_table(table, Path(task.result_file))
     rate = table.num_rows / run_seconds if run_seconds > 0 else float("inf")
     log.info(
         "run() returned %d rows for %d files in %.2f s (%.1f rows/s)%s",
