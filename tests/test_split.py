@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore import split
-from batchscore.plan import partition_by_size
+from batchscore.partition import partition_by_size
 from batchscore.split import record_boundaries, split_large_files
 from batchscore_runtime.formats import FilePart, InputFile, MiniBatch
 from batchscore_runtime.slices import part_name, sliced_inputs
