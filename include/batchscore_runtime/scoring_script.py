@@ -43,9 +43,7 @@ def load_scoring_script(path: Path) -> ModuleType:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise ScoringScriptError(
-            f"importing scoring script {path.name} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ScoringScriptError(f"importing scoring script {path.name} failed: {type(exc).__name__}: {exc}") from exc
     if not callable(getattr(module, "run", None)):
         raise ScoringScriptError(f"scoring script {path.name} defines no run(mini_batch) function")
     return module
@@ -61,8 +59,7 @@ def to_table(result: Any):
 
     if result is None:
         raise ScoringScriptError(
-            "run() returned None; it must return a list or a pandas DataFrame "
-            "with one element per successful input"
+            "run() returned None; it must return a list or a pandas DataFrame with one element per successful input"
         )
     if inspect.isgenerator(result) or isinstance(result, (map, filter)):
         result = list(result)
@@ -70,9 +67,7 @@ def to_table(result: Any):
         result = result.to_frame(name=result.name if result.name is not None else "result")
     if not isinstance(result, pd.DataFrame):
         if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):
-            raise ScoringScriptError(
-                f"run() returned a {type(result).__name__}; it must return a list or a pandas DataFrame"
-            )
+            raise ScoringScriptError(f"run() returned a {type(result).__name__}; it must return a list or a pandas DataFrame")
         items = list(result)
         if items and all(isinstance(i, pd.DataFrame) for i in items):
             result = pd.concat(items, ignore_index=True)
@@ -128,8 +123,11 @@ def count_failed_items(table, paths: list[str], rel_paths: list[str]) -> tuple[i
         for key in (p, rel, os.path.basename(p)):
             keys.setdefault(key, i)
     names = sorted(
-        (n for n in table.column_names if pa.types.is_string(table.schema.field(n).type)
-         or pa.types.is_large_string(table.schema.field(n).type)),
+        (
+            n
+            for n in table.column_names
+            if pa.types.is_string(table.schema.field(n).type) or pa.types.is_large_string(table.schema.field(n).type)
+        ),
         key=lambda n: (n.lower() not in _FILE_COLUMN_HINTS, table.column_names.index(n)),
     )
     for name in names:
@@ -139,7 +137,9 @@ def count_failed_items(table, paths: list[str], rel_paths: list[str]) -> tuple[i
             missing = [i for i in range(len(paths)) if i not in named]
             if len(missing) == failed:
                 return failed, [
-                    ItemError(rel_paths[i], "NoResult", f"run() returned no result for this file (column {name!r} does not name it)")
+                    ItemError(
+                        rel_paths[i], "NoResult", f"run() returned no result for this file (column {name!r} does not name it)"
+                    )
                     for i in missing
                 ]
             break

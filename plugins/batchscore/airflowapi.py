@@ -101,8 +101,7 @@ class AirflowClient:
             if time.monotonic() > deadline:
                 raise LocalAirflowError(
                     f"dag {dag_id!r} not parsed after {timeout:.0f}s; import errors: "
-                    f"{json.dumps(self.import_errors(), indent=1)}\n"
-                    + self._failure("dag-processor", "dag-processor")
+                    f"{json.dumps(self.import_errors(), indent=1)}\n" + self._failure("dag-processor", "dag-processor")
                 )
             time.sleep(POLL_S)
         if dag.get("is_paused"):
@@ -149,8 +148,7 @@ class AirflowClient:
             if time.monotonic() > deadline:
                 tis = ", ".join(_ti_label(ti) for ti in self.task_instances(dag_id, run_id))
                 raise LocalAirflowError(
-                    f"run {dag_id}/{run_id} still {state!r} after {timeout:.0f}s; "
-                    f"task instances: {tis or 'none'}"
+                    f"run {dag_id}/{run_id} still {state!r} after {timeout:.0f}s; task instances: {tis or 'none'}"
                 )
             time.sleep(POLL_S)
         return state
@@ -205,8 +203,7 @@ class AirflowClient:
         """Return the log of one try of a task instance as text, one event per line."""
         resp = self.api(
             "GET",
-            f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}"
-            f"/logs/{int(try_number)}",
+            f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/logs/{int(try_number)}",
             query={"map_index": map_index, "full_content": "true"},
         )
         content = resp.get("content") or []
