@@ -65,9 +65,12 @@ lint: venv  ## ruff: the lint rules and the formatting (configured in pyproject.
 typecheck: venv  ## mypy on batchscore and batchscore_runtime (configured in pyproject.toml)
 	$(BIN)/mypy --python-executable $(BIN)/python
 
-# The fast lane: no Docker engine, image or scheduler needed (the markers are in pyproject.toml).
-test-unit: venv  ## the tests that need neither Docker nor a running Airflow (under a minute)
-	$(BIN)/pytest -m "not docker and not scheduler and not celery"
+# The fast lane: no Docker engine, image or scheduler needed (the markers are in pyproject.toml;
+# tests/conftest.py marks every test that uses an image fixture `docker`). Its tests mostly wait on
+# the processes they start, so more workers than cores still pay: UNIT_WORKERS=0 runs them in one process.
+UNIT_WORKERS ?= 4
+test-unit: venv  ## the tests that need neither Docker nor a running Airflow (about a minute)
+	$(BIN)/pytest -n $(UNIT_WORKERS) -m "not docker and not scheduler and not celery"
 
 test: venv lint typecheck example images-airflow  ## lint, type check, then the test suite (what CI runs); the Celery tests need postgresql and redis-server (Debian packages)
 	$(BIN)/pytest

@@ -45,7 +45,12 @@ def _docker_usable() -> bool:
     return probe.returncode == 0
 
 
-needs_docker = pytest.mark.skipif(not _docker_usable(), reason="no usable Docker engine")
+_NO_DOCKER = pytest.mark.skipif(not _docker_usable(), reason="no usable Docker engine")
+
+
+def needs_docker(test):
+    """A Docker test (marker ``docker``: not in ``make test-unit``), skipped where no engine answers."""
+    return pytest.mark.docker(_NO_DOCKER(test))
 
 
 def run_script(
