@@ -25,7 +25,6 @@ from batchscore.operators.score import container_setup
 from batchscore.plan import plan_run
 from batchscore.spec import DeploymentSpec, load_endpoint
 from batchscore_runtime.formats import ContainerPaths, MiniBatchDir
-
 from bench.common import (
     REPO,
     SCORING_IMAGE,

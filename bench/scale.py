@@ -16,7 +16,6 @@ import pandas as pd
 
 from batchscore.localairflow import LocalAirflow
 from batchscore_runtime.formats import run_key
-
 from bench.common import Result, remove_containers, require_image, stage_jobs, stopwatch, temp_folder
 
 NAME = "scale"

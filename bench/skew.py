@@ -22,7 +22,6 @@ from batchscore.partition import partition, partition_by_size
 from batchscore.spec import Settings, size_bytes
 from batchscore.split import part_size
 from batchscore_runtime.formats import InputFile, MiniBatch
-
 from bench.common import Result
 
 NAME = "skew"

@@ -17,9 +17,12 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchscore_runtime.formats import ItemError, atomic_path
+
+if TYPE_CHECKING:  # for the annotations only: the functions import pyarrow when they are called
+    import pyarrow as pa
 
 log = logging.getLogger("batchscore")
 
@@ -52,7 +55,7 @@ def load_scoring_script(path: Path) -> ModuleType:
 # --------------------------------------------------------------------------- results
 
 
-def to_table(result: Any):
+def to_table(result: Any) -> pa.Table:
     """Turn what run() returned into an Arrow table, keeping column names and row order."""
     import pandas as pd
     import pyarrow as pa
@@ -91,7 +94,7 @@ def to_table(result: Any):
         return pa.Table.from_pandas(df, preserve_index=False)
 
 
-def write_table(table, path: Path) -> None:
+def write_table(table: pa.Table, path: Path) -> None:
     """Write ``table`` to ``path`` as parquet, atomically."""
     import pyarrow.parquet as pq
 
@@ -103,7 +106,7 @@ def write_table(table, path: Path) -> None:
 _FILE_COLUMN_HINTS = ("file", "filename", "file_name", "path", "filepath", "file_path", "source", "input", "result")
 
 
-def count_failed_items(table, paths: list[str], rel_paths: list[str]) -> tuple[int, list[ItemError]]:
+def count_failed_items(table: pa.Table, paths: list[str], rel_paths: list[str]) -> tuple[int, list[ItemError]]:
     """Azure's item accounting for one ``run()`` call, and which files failed when that can be told.
 
     Every returned element is one successful item, so ``len(paths) - rows`` items failed

@@ -12,8 +12,9 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from batchscore.errors import PlanError
 from batchscore.partition import partition, partition_by_size
@@ -21,7 +22,6 @@ from batchscore.spec import DeploymentSpec
 from batchscore.split import part_size, split_large_files
 from batchscore_runtime.formats import (
     InputFile,
-    MiniBatch,
     Plan,
     PlanEntry,
     RunLayout,
@@ -236,11 +236,11 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
         if entry is not None:
             found.append(entry)
     found.sort(key=lambda f: _natural_key(f.path))
-    refused = [f for f in found if f.refused]
-    if refused:
+    refusals = [f.refused for f in found if f.refused]
+    if refusals:
         log.warning(
             "%d symbolic link(s) in %s will not be scored (each a failed item): %s",
-            len(refused), root, "; ".join(f.refused for f in refused[:5]) + (" ..." if len(refused) > 5 else ""),
+            len(refusals), root, "; ".join(refusals[:5]) + (" ..." if len(refusals) > 5 else ""),
         )
     return found
 
@@ -298,6 +298,7 @@ def plan_run(
             files = split_large_files(files, deployment.input.path, part_size(settings.mini_batch_bytes))
         mini_batches = partition_by_size(files, settings.mini_batch_bytes, settings.max_files_per_mini_batch)
     else:
+        assert isinstance(size, int)  # not a size (mini_batch_bytes): a number of files
         mini_batches = partition(files, size)
     if max_mini_batches is not None and len(mini_batches) > max_mini_batches:
         raise PlanError(
