@@ -59,8 +59,7 @@ compose-env: .env  ## .env for docker-compose.yaml: your uid, the Docker socket'
 	@echo "wrote $@; start the stack with: docker-compose up -d"
 
 lint: venv  ## ruff: the lint rules and the formatting (configured in pyproject.toml)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check . ; found=$$?; $(BIN)/ruff format --check . && exit $$found
 
 typecheck: venv  ## mypy on batchscore and batchscore_runtime (configured in pyproject.toml)
 	$(BIN)/mypy --python-executable $(BIN)/python
