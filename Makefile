@@ -68,7 +68,7 @@ typecheck: venv  ## mypy on batchscore and batchscore_runtime (configured in pyp
 # tests/conftest.py marks every test that uses an image fixture `docker`). Its tests mostly wait on
 # the processes they start, so more workers than cores still pay: UNIT_WORKERS=0 runs them in one process.
 UNIT_WORKERS ?= 4
-test-unit: venv  ## the tests that need neither Docker nor a running Airflow (about a minute)
+test-unit: venv  ## the tests that need neither Docker nor a running Airflow, in parallel (1-1.5 min on 2 cores)
 	$(BIN)/pytest -n $(UNIT_WORKERS) -m "not docker and not scheduler and not celery"
 
 test: venv lint typecheck example images-airflow  ## lint, type check, then the test suite (what CI runs); the Celery tests need postgresql and redis-server (Debian packages)
