@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from batchscore.localairflow import LocalAirflow
 from batchscore.localservices import Postgres, Redis
-
 from bench.common import Result, median, remove_containers, require_image, stage_jobs, temp_folder
 from bench.orchestration import INSTANT_SCRIPT, NOOP_DAG, NOOP_DAG_FILE, timed_run
 

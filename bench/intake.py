@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 from batchscore.intake import Expected, take_in
 from batchscore_runtime.formats import MiniBatchDir, MiniBatchStatus
 from batchscore_runtime.processes import Sweeper
-
 from bench.common import Result, median, stopwatch, temp_folder
 
 NAME = "intake"

@@ -22,7 +22,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from batchscore.merge import write_output
-
 from bench.common import Result, median, stopwatch, temp_folder
 
 NAME = "merge"

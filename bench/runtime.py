@@ -26,7 +26,6 @@ from batchscore.plan import run_layout
 from batchscore.plan import plan_run
 from batchscore.spec import DeploymentSpec, load_endpoint
 from batchscore_runtime.formats import ContainerPaths, MiniBatchDir
-
 from bench.common import (
     REPO,
     SCORING_IMAGE,

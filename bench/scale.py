@@ -14,7 +14,6 @@ import pandas as pd
 
 from batchscore.localairflow import LocalAirflow
 from batchscore_runtime.formats import Summary, run_key
-
 from bench.common import Result, remove_containers, require_image, stage_jobs, stopwatch, temp_folder
 
 NAME = "scale"

@@ -3,7 +3,7 @@
 File sizes follow a Zipf law (``numpy.random.zipf``), capped; no file is written, the planner
 gets :class:`~batchscore_runtime.formats.InputFile` records. Count-based mini-batches
 (:func:`batchscore.plan.partition`, Azure's ``mini_batch_size: N``) and size-aware ones
-(:func:`batchscore.plan.partition_by_size`, ``mini_batch_size: "64MB"``) are cut at the same
+(:func:`batchscore.partition.partition_by_size`, ``mini_batch_size: "64MB"``) are cut at the same
 number of mini-batches. A file bigger than the target is a mini-batch of its own, so the
 largest file over the mean bounds the size-aware ratio; the headline therefore also plans
 with such files pre-split as large-file splitting (:mod:`batchscore.split`) cuts a CSV, JSON
@@ -18,11 +18,10 @@ import math
 
 import numpy as np
 
-from batchscore.plan import partition, partition_by_size
+from batchscore.partition import partition, partition_by_size
 from batchscore.spec import Settings, size_bytes
 from batchscore.split import part_size
 from batchscore_runtime.formats import InputFile, MiniBatch
-
 from bench.common import Result
 
 NAME = "skew"

@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchscore.localairflow import LocalAirflow
-
 from bench.common import Result, median, remove_containers, require_image, stage_jobs, temp_folder
 from bench.orchestration import NOOP_DAG, NOOP_DAG_FILE, docker_floor, timed_run
 

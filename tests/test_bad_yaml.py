@@ -143,7 +143,10 @@ CASES = [
     Case(
         "az-max-retries-fraction",
         az(("max_retries: 2", "max_retries: 2.5")),
-        ("20: settings.retry_settings.max_retries: Input should be a valid integer, got a number with a fractional part (got 2.5)",),
+        (
+            "20: settings.retry_settings.max_retries: Input should be a valid integer, "
+            "got a number with a fractional part (got 2.5)",
+        ),
     ),
     Case(
         "ep-settings-list-for-mapping",
@@ -392,12 +395,18 @@ CASES = [
     Case(
         "binary-png",
         b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
-        ("1: not UTF-8 text: byte 0x89 at column 1 cannot be decoded (a binary file, or text in another encoding? save it as UTF-8)",),
+        (
+            "1: not UTF-8 text: byte 0x89 at column 1 cannot be decoded "
+            "(a binary file, or text in another encoding? save it as UTF-8)",
+        ),
     ),
     Case(
         "latin-1-text",
         az(("image: scorer:1", "image: sc\u00f6rer:1")).encode("latin-1"),
-        ("10: not UTF-8 text: byte 0xf6 at column 12 cannot be decoded (a binary file, or text in another encoding? save it as UTF-8)",),
+        (
+            "10: not UTF-8 text: byte 0xf6 at column 12 cannot be decoded "
+            "(a binary file, or text in another encoding? save it as UTF-8)",
+        ),
     ),
     Case(
         "nul-character",

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +30,7 @@ from tests.helpers import deployment_file, load, write
 
 pytestmark = pytest.mark.docker
 
-RUN_AFTER = datetime(2026, 1, 1, tzinfo=timezone.utc)
+RUN_AFTER = datetime(2026, 1, 1, tzinfo=UTC)
 RUN_ID = f"manual__{RUN_AFTER.isoformat()}"  # what dag.test(run_after=RUN_AFTER, logical_date=RUN_AFTER) names it
 
 # One row per file it could read: file, rows, first id. The faults are chosen by file name, and by

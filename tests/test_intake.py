@@ -93,7 +93,8 @@ def test_no_report_is_no_intake(tmp_path: Path) -> None:
          "its report has an item error for ['a.csv'], which is not a file of this mini-batch"),
         ({"result_file": None}, "its report says succeeded but names no result file"),
         ({"version": 99}, "its report is not a mini-batch status (status file has format version 99, this batchscore reads version 1)"),
-        ({"error": "boom"}, "its report is not a mini-batch status (batchscore_runtime.formats.ErrorInfo() argument after ** must be a mapping, not str)"),
+        ({"error": "boom"}, "its report is not a mini-batch status "
+         "(batchscore_runtime.formats.ErrorInfo() argument after ** must be a mapping, not str)"),
     ],
 )
 def test_a_forged_report_is_rejected_naming_the_field(tmp_path: Path, changes: dict, message: str) -> None:
@@ -107,7 +108,8 @@ def test_a_forged_report_is_rejected_naming_the_field(tmp_path: Path, changes: d
 
 def test_a_result_file_that_lies_about_its_rows_is_rejected(tmp_path: Path) -> None:
     scratch(tmp_path, report(rows=5), rows=2)
-    with pytest.raises(ResultRejected, match=r"^mb-00003: the result of try 2 is not accepted: its result file has 2 rows but its report says 5$"):
+    expected = r"^mb-00003: the result of try 2 is not accepted: its result file has 2 rows but its report says 5$"
+    with pytest.raises(ResultRejected, match=expected):
         take(tmp_path)
     assert not list(result_dir(tmp_path).path.glob("result-*"))
 

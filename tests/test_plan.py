@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from batchscore.errors import PlanError
-from batchscore.plan import list_input_files, mini_batch_refs, partition, partition_by_size, plan_run, run_layout
+from batchscore.partition import partition, partition_by_size
+from batchscore.plan import list_input_files, mini_batch_refs, plan_run, run_layout
 from batchscore_runtime.formats import InputFile
 from tests.helpers import deployment_file, load, write
 

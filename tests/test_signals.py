@@ -283,7 +283,8 @@ def test_a_warm_workers_gpu_holder_ends_by_itself_once_the_sweep_removed_its_con
     holder = None
     try:
         subprocess.run(
-            ["docker", "run", "-d", "--name", name, *(a for label in labels for a in ("--label", label)), scoring_image, "sleep", "300"],
+            ["docker", "run", "-d", "--name", name, *(a for label in labels for a in ("--label", label)),
+             scoring_image, "sleep", "300"],
             check=True, capture_output=True,
         )  # fmt: skip
         _, _, holder = lease_for_worker(spec, name, name)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore import split
-from batchscore.plan import partition_by_size
+from batchscore.partition import partition_by_size
 from batchscore.split import record_boundaries, split_large_files
 from batchscore_runtime.formats import FilePart, InputFile, MiniBatch, Summary
 from batchscore_runtime.slices import part_name, sliced_inputs
@@ -130,7 +130,6 @@ def test_small_files_and_other_formats_are_never_cut(tmp_path: Path) -> None:
 def test_a_linked_large_csv_is_cut_from_its_target_and_its_parts_keep_the_links_name(tmp_path: Path) -> None:
     from batchscore.plan import list_input_files
     from batchscore_runtime.azure import resolve_inputs
-
     from tests.helpers import load
 
     inputs = tmp_path / "in"

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Set as AbstractSet
 
 log = logging.getLogger("batchscore")
 
@@ -45,7 +46,7 @@ class Sweeper:
         tree = _processes()
         self.own = {pid for pid in tree if _descends(pid, os.getpid(), tree)}
 
-    def sweep(self, mini_batch: str, keep: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
+    def sweep(self, mini_batch: str, keep: AbstractSet[int] = frozenset()) -> list[int]:
         """Kill what ``mini_batch`` left running; returns the pids killed."""
         t0 = time.monotonic()
         killed: list[int] = []

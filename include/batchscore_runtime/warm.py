@@ -16,9 +16,9 @@ orchestrator's task log) as well as to the container's log, writes the mini-batc
 and report into the sub-folder of its scratch folder that the orchestrator named, exactly as
 the one-shot runtimes do, ends every process the mini-batch left running
 (:mod:`batchscore_runtime.processes`), and ends with the exit code. The orchestrator then
-checks and commits the result; the worker never sees a result folder. Its state (``starting``, ``ready``, ``failed``, ``stopped``, the
-``init()`` time, the mini-batches scored) is in ``state.json`` of its folder, for the
-orchestrator to read.
+checks and commits the result; the worker never sees a result folder. Its state (``starting``,
+``ready``, ``failed``, ``stopped``, the ``init()`` time, the mini-batches scored) is in
+``state.json`` of its folder, for the orchestrator to read.
 
 A worker process that dies or runs past ``retry_settings.timeout`` fails only its mini-batch;
 the daemon starts a new one (a new ``init()``) before it takes the next. The daemon stops on
@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from batchscore_runtime.formats import (
+    WORKER_STATE_FILE,
     ContainerPaths,
     ErrorInfo,
     MiniBatchDir,
-    WORKER_STATE_FILE,
     TransformConfig,
     WorkerState,
     now_iso,
@@ -84,6 +84,8 @@ class Tee:
 
     def line(self, text: str) -> None:
         with self._lock:
+            if self._out is None:  # no standard output at all (never so in a container)
+                return
             try:
                 self._out.write(text + "\n")
                 self._out.flush()
@@ -194,6 +196,7 @@ class AzurePool:
             self.processes[k], self.conns[k] = process, parent
         for k in slots:
             conn, process = self.conns[k], self.processes[k]
+            assert conn is not None  # started just above
             remaining = self.args.init_timeout - (time.monotonic() - started)
             try:
                 if not conn.poll(max(0.0, remaining)):
@@ -228,10 +231,10 @@ class AzurePool:
         workers = []
         now = time.monotonic()
         for k, task in enumerate(tasks):
-            self.conns[k].send(task)  # type: ignore[union-attr]
-            workers.append(
-                _Worker(task, self.processes[k], self.conns[k], now, phase="run", run_started=now, index_of=_index_of(task))
-            )
+            conn = self.conns[k]
+            assert conn is not None  # every process runs: start() or heal() came first
+            conn.send(task)
+            workers.append(_Worker(task, self.processes[k], conn, now, phase="run", run_started=now, index_of=_index_of(task)))
         try:
             return supervise(
                 workers,
@@ -262,9 +265,10 @@ class AzurePool:
 
     def stop(self) -> None:
         for k in range(self.size):
-            if self.conns[k] is not None:
+            conn = self.conns[k]
+            if conn is not None:
                 try:
-                    self.conns[k].send(None)  # type: ignore[union-attr]
+                    conn.send(None)
                 except OSError:
                     pass
             self._discard(k)

@@ -41,7 +41,15 @@ from pathlib import Path
 from typing import Any
 
 from batchscore.errors import ScoringError
-from batchscore_runtime.formats import ErrorInfo, ItemError, MiniBatchDir, MiniBatchStatus, mini_batch_id, now_iso, read_regular_file
+from batchscore_runtime.formats import (
+    ErrorInfo,
+    ItemError,
+    MiniBatchDir,
+    MiniBatchStatus,
+    mini_batch_id,
+    now_iso,
+    read_regular_file,
+)
 
 log = logging.getLogger(__name__)
 

@@ -7,21 +7,21 @@ changed since. ``plan.json`` is written last, so its presence means the plan is 
 
 from __future__ import annotations
 
-import bisect
 import fnmatch
 import logging
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from batchscore.errors import PlanError
+from batchscore.partition import partition, partition_by_size
 from batchscore.spec import DeploymentSpec
 from batchscore.split import part_size, split_large_files
 from batchscore_runtime.formats import (
     InputFile,
-    MiniBatch,
     Plan,
     PlanEntry,
     RunLayout,
@@ -236,60 +236,13 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
         if entry is not None:
             found.append(entry)
     found.sort(key=lambda f: _natural_key(f.path))
-    refused = [f for f in found if f.refused]
-    if refused:
+    refusals = [f.refused for f in found if f.refused]
+    if refusals:
         log.warning(
             "%d symbolic link(s) in %s will not be scored (each a failed item): %s",
-            len(refused), root, "; ".join(f.refused for f in refused[:5]) + (" ..." if len(refused) > 5 else ""),
+            len(refusals), root, "; ".join(refusals[:5]) + (" ..." if len(refusals) > 5 else ""),
         )
     return found
-
-
-def partition(files: list[InputFile], mini_batch_size: int) -> list[MiniBatch]:
-    """Consecutive runs of ``mini_batch_size`` files (Azure's count-based mini-batches)."""
-    return [
-        MiniBatch(index=i, files=files[start : start + mini_batch_size])
-        for i, start in enumerate(range(0, len(files), mini_batch_size))
-    ]
-
-
-def _cuts(prefix: list[int], limit: int, max_files: int) -> list[int]:
-    """Greedy contiguous cuts: each run as long as it stays within ``limit`` bytes and
-    ``max_files`` files; a file bigger than ``limit`` makes a run of its own."""
-    n = len(prefix) - 1
-    cuts, start = [0], 0
-    while start < n:
-        end = bisect.bisect_right(prefix, prefix[start] + limit, lo=start + 1) - 1  # last index fitting
-        end = min(max(end, start + 1), start + max_files, n)
-        cuts.append(end)
-        start = end
-    return cuts
-
-
-def partition_by_size(files: list[InputFile], target_bytes: int, max_files: int) -> list[MiniBatch]:
-    """Contiguous mini-batches of about ``target_bytes`` each, balanced, in input order.
-
-    As many mini-batches as cutting greedily at ``target_bytes`` gives (at most
-    ``max_files`` files each; a bigger file alone), then the smallest byte limit that still
-    gives that many, so the bytes are spread evenly instead of leaving a small remainder.
-    Deterministic: the same files always give the same mini-batches.
-    """
-    if not files:
-        return []
-    prefix = [0]
-    for f in files:
-        prefix.append(prefix[-1] + f.size)
-    count = len(_cuts(prefix, target_bytes, max_files)) - 1
-    hi = max(target_bytes, 1)
-    lo = min(max(1, -(-prefix[-1] // count)), hi)  # no limit below the mean can keep that count
-    while lo < hi:  # smallest limit that needs no more mini-batches than the target gave
-        mid = (lo + hi) // 2
-        if len(_cuts(prefix, mid, max_files)) - 1 <= count:
-            hi = mid
-        else:
-            lo = mid + 1
-    cuts = _cuts(prefix, lo, max_files)
-    return [MiniBatch(index=i, files=files[a:b]) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
 
 
 def mini_batch_refs(plan: Plan) -> list[dict[str, Any]]:
@@ -345,6 +298,7 @@ def plan_run(
             files = split_large_files(files, deployment.input.path, part_size(settings.mini_batch_bytes))
         mini_batches = partition_by_size(files, settings.mini_batch_bytes, settings.max_files_per_mini_batch)
     else:
+        assert isinstance(size, int)  # not a size (mini_batch_bytes): a number of files
         mini_batches = partition(files, size)
     if max_mini_batches is not None and len(mini_batches) > max_mini_batches:
         raise PlanError(

@@ -24,6 +24,7 @@ import logging
 import time
 from pathlib import Path
 
+from batchscore.partition import partition_by_size
 from batchscore_runtime.formats import FilePart, InputFile
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,6 @@ def _text_parts(f: InputFile, path: Path, target: int, csv: bool) -> list[InputF
 
 def _parquet_parts(f: InputFile, path: Path, target: int) -> list[InputFile]:
     import pyarrow.parquet as pq
-
-    from batchscore.plan import partition_by_size
 
     try:
         metadata = pq.ParquetFile(path).metadata

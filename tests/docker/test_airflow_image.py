@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docker.test_build_images import dockerfile_instructions, docker, last_line, needs_docker
+from tests.docker.test_build_images import docker, dockerfile_instructions, last_line, needs_docker
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "docker" / "build-images.sh"

@@ -45,7 +45,12 @@ def _docker_usable() -> bool:
     return probe.returncode == 0
 
 
-needs_docker = pytest.mark.skipif(not _docker_usable(), reason="no usable Docker engine")
+_NO_DOCKER = pytest.mark.skipif(not _docker_usable(), reason="no usable Docker engine")
+
+
+def needs_docker(test):
+    """A Docker test (marker ``docker``: not in ``make test-unit``), skipped where no engine answers."""
+    return pytest.mark.docker(_NO_DOCKER(test))
 
 
 def run_script(
@@ -229,7 +234,7 @@ def test_cache_is_per_tag_and_concurrent_runs_build_once(built):
             for _ in range(2)
         ]
         results = [(p.wait(timeout=1500), *p.communicate()) for p in procs]
-        for rc, out, err in results:
+        for rc, _, err in results:
             assert rc == 0, err[-4000:]
         finals = sorted(last_line(out) for _, out, _ in results)
         assert BUILT_RE.match(finals[0]) and BUILT_RE.match(finals[0]).group(1) == other, finals

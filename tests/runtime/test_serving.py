@@ -17,10 +17,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -496,9 +497,12 @@ def test_bad_container_values_are_refused(server: App, tmp_path: Path, caplog) -
     assert len(server.posts()) == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        "refusing the serving container's MaxConcurrentTransforms = 0 from /execution-parameters: it must be 1 or more; using the default",
-        'refusing the serving container\'s BatchStrategy = "ALL" from /execution-parameters: it must be MULTI_RECORD or SINGLE_RECORD; using the default',
-        "refusing the serving container's MaxPayloadInMB = 500 from /execution-parameters: it must be 1 to 100; using the default",
+        "refusing the serving container's MaxConcurrentTransforms = 0 from /execution-parameters: "
+        "it must be 1 or more; using the default",
+        'refusing the serving container\'s BatchStrategy = "ALL" from /execution-parameters: '
+        "it must be MULTI_RECORD or SINGLE_RECORD; using the default",
+        "refusing the serving container's MaxPayloadInMB = 500 from /execution-parameters: "
+        "it must be 1 to 100; using the default",
     ]
     assert "mb-00003: MaxConcurrentTransforms 1 (default), BatchStrategy MULTI_RECORD (default), MaxPayloadInMB 6 (default)" in [
         r.getMessage() for r in caplog.records

@@ -89,7 +89,7 @@ class Response:
     records: int | None = None  # for the log line
 
     @classmethod
-    def text(cls, status: int, message: str, records: int | None = None) -> "Response":
+    def text(cls, status: int, message: str, records: int | None = None) -> Response:
         return cls(status, (message.rstrip("\n") + "\n").encode(), "text/plain; charset=utf-8", records)
 
 
