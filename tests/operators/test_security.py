@@ -33,6 +33,7 @@ from batchscore.containers import scoring_container
 from batchscore.operators.score import ScoreOperator
 from batchscore.plan import run_layout
 from batchscore.run_params import apply_run_params
+from batchscore.secret_environment import resolve_secrets
 from batchscore.spec import SecretRef
 from tests.helpers import deployment_file, load, planned_score_operator, write
 
@@ -277,14 +278,14 @@ def test_secrets_come_from_connection_fields(monkeypatch) -> None:
         "API_TOKEN": SecretRef(connection="scoring_api", field="extra.token"),
         "API_HOST": SecretRef(connection="scoring_api", field="host"),
     }
-    assert security.resolve_secrets(refs) == {
+    assert resolve_secrets(refs) == {
         "API_PASSWORD": "pw-1",
         "API_LOGIN": "svc",
         "API_TOKEN": "tk-2",
         "API_HOST": "api.example",
     }
     with pytest.raises(SecretUnavailableError, match=r"TOKEN: connection 'scoring_api' has no extra 'nope'"):
-        security.resolve_secrets({"TOKEN": SecretRef(connection="scoring_api", field="extra.nope")})
+        resolve_secrets({"TOKEN": SecretRef(connection="scoring_api", field="extra.nope")})
 
 
 @pytest.mark.parametrize(

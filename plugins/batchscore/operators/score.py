@@ -16,6 +16,7 @@ from airflow.sdk import BaseOperator
 
 from batchscore import security
 from batchscore.engine import docker_client
+from batchscore.secret_environment import resolve_secrets
 from batchscore.errors import SecretUnavailableError
 from batchscore.operators._base import DeploymentMixin
 from batchscore.scoring import executor as executors
@@ -73,7 +74,7 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
         # Read from Airflow now, on the worker; only the containers that need them get them, at
         # creation (neither rendered, serialized nor logged).
         try:
-            secrets = security.resolve_secrets(spec.settings.secret_environment)
+            secrets = resolve_secrets(spec.settings.secret_environment)
         except SecretUnavailableError as exc:
             raise attempt.failed("SecretUnavailable", str(exc)) from None
         if secrets:

@@ -19,6 +19,7 @@ from airflow.sdk import BaseOperator
 
 from batchscore import security
 from batchscore.engine import docker_client
+from batchscore.secret_environment import resolve_secrets
 from batchscore.errors import PlanError
 from batchscore.model_archive import serving_model_dir
 from batchscore.operators._base import DeploymentMixin
@@ -63,7 +64,7 @@ class StartWorkersOperator(_WorkersTask):
         if count == 0:
             self.log.info("No mini-batch left to score: no worker started")
             return {"workers": []}
-        secrets = security.resolve_secrets(spec.settings.secret_environment)
+        secrets = resolve_secrets(spec.settings.secret_environment)
         pool = self._pool = _workers(spec, self.endpoint_name, context, self.log, secrets=secrets)
         pool.record_engine()
         self.log.info(
