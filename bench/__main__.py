@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         started = datetime.now(UTC)
         where = machine()
-        print(f"batchscore benchmarks, {started:%Y-%m-%d %H:%M} UTC, {where['cpus']} CPUs, load {where['load']}, "
-              f"{where['platform']}, Python {where['python']}, Docker {where['docker']}"
-              + (" (--small: sizes too small for the targets to mean anything)" if args.small else ""), flush=True)
+        print(
+            f"batchscore benchmarks, {started:%Y-%m-%d %H:%M} UTC, {where['cpus']} CPUs, load {where['load']}, "
+            f"{where['platform']}, Python {where['python']}, Docker {where['docker']}"
+            + (" (--small: sizes too small for the targets to mean anything)" if args.small else ""),
+            flush=True,
+        )
         for name in selected:
             module = BENCHMARKS[name]
             t0 = time.perf_counter()

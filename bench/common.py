@@ -214,7 +214,14 @@ def write_yaml(path: Path, doc: dict[str, Any]) -> Path:
 
 
 def deployment_doc(
-    endpoint: str, *, model: Path, code: Path, inputs: Path, output: Path, pattern: str, settings: dict[str, Any],
+    endpoint: str,
+    *,
+    model: Path,
+    code: Path,
+    inputs: Path,
+    output: Path,
+    pattern: str,
+    settings: dict[str, Any],
     resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An Azure-layout deployment YAML document with absolute paths and no retries."""
@@ -253,8 +260,14 @@ def stage_jobs(
         write_yaml(
             deployments / f"{dag_id}.yaml",
             deployment_doc(
-                dag_id, model=root / "model", code=root / "code", inputs=root / "inputs", output=output,
-                pattern="*.txt", settings={"mini_batch_size": 1, **settings}, resources={"instance_count": instances},
+                dag_id,
+                model=root / "model",
+                code=root / "code",
+                inputs=root / "inputs",
+                output=output,
+                pattern="*.txt",
+                settings={"mini_batch_size": 1, **settings},
+                resources={"instance_count": instances},
             ),
         )
     shutil.copy(REPO / "dags" / "batchscore_deployments.py", root / "dags")

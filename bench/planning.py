@@ -53,8 +53,13 @@ def _stage(root: Path, folder: Path, name: str, inputs: Path, settings: dict) ->
     return write_yaml(
         folder / f"{name}.yaml",
         deployment_doc(
-            name, model=root / "model", code=root / "code", inputs=inputs, output=root / "output" / name,
-            pattern="*.csv", settings=settings,
+            name,
+            model=root / "model",
+            code=root / "code",
+            inputs=inputs,
+            output=root / "output" / name,
+            pattern="*.csv",
+            settings=settings,
         ),
     )
 

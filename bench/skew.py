@@ -44,8 +44,7 @@ def split_large(files: list[InputFile], threshold: int, size: int) -> list[Input
         n = max(1, math.ceil(f.size / size)) if f.size > threshold else 1
         base, extra = divmod(f.size, n)
         pieces += [
-            InputFile(path=f.path if n == 1 else f"{f.path}#{k}", size=base + (k < extra), mtime_ns=f.mtime_ns)
-            for k in range(n)
+            InputFile(path=f.path if n == 1 else f"{f.path}#{k}", size=base + (k < extra), mtime_ns=f.mtime_ns) for k in range(n)
         ]
     return pieces
 
@@ -82,9 +81,7 @@ def run(
     result.figure("count_mini_batches", len(by_count), "", f"mini-batches, count-based at {each} files each")
     count_skew = result.figure("count_skew", skew(by_count), "x", "count-based: heaviest / mean")
     size_skew = result.figure("size_skew", skew(by_size), "x", "size-aware: heaviest / mean")
-    result.figure(
-        "largest_file_over_mean", max(f.size for f in inputs) / mean, "x", "largest file / mean size-aware mini-batch"
-    )
+    result.figure("largest_file_over_mean", max(f.size for f in inputs) / mean, "x", "largest file / mean size-aware mini-batch")
     result.figure("count_over_size", count_skew / size_skew, "x", "count-based skew / size-aware skew")
 
     half = part_size(target_bytes)

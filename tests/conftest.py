@@ -179,9 +179,13 @@ def serving_test_image(serving_image: str) -> str:
     """
     built = subprocess.run(
         [
-            "docker", "build", "--quiet",
-            "--build-arg", f"SERVING_IMAGE={serving_image}",
-            "-t", SERVING_TEST_IMAGE,
+            "docker",
+            "build",
+            "--quiet",
+            "--build-arg",
+            f"SERVING_IMAGE={serving_image}",
+            "-t",
+            SERVING_TEST_IMAGE,
             str(REPO / "tests" / "images" / "serve-test"),
         ],
         capture_output=True,

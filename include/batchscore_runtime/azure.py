@@ -253,9 +253,7 @@ def _score_files(
             script=str(script_path),
             paths=[p for p, _ in part],
             rel_paths=[r for _, r in part],
-            result_file=(
-                str(out.path / f"result-{token}-part{k}.parquet") if options.output_action == "append_row" else None
-            ),
+            result_file=(str(out.path / f"result-{token}-part{k}.parquet") if options.output_action == "append_row" else None),
             outputs_dir=str(outputs),
             log_level=options.log_level,
             cuda_visible_devices=worker_gpus(k, len(parts), options.gpu_count),
@@ -324,9 +322,7 @@ def _join_parts(out: MiniBatchDir, parts: list[Path]) -> str:
         table = pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         described = "; ".join(f"worker {k + 1}: {t.schema.to_string(show_schema_metadata=False)}" for k, t in enumerate(tables))
-        raise ScoringScriptError(
-            f"the worker processes' run() results have incompatible columns ({exc}): {described}"
-        ) from None
+        raise ScoringScriptError(f"the worker processes' run() results have incompatible columns ({exc}): {described}") from None
     write_table(table, out.path / name)
     for p in parts:
         p.unlink(missing_ok=True)
@@ -409,7 +405,9 @@ def score_and_commit(
         )
         log.error("%s failed: %s", mini_batch.id, error.one_line())
         return EXIT_FAILED
-    log.info("%s succeeded: %d rows in %s, reported for the orchestrator to take in", mini_batch.id, status.rows, status.result_file)
+    log.info(
+        "%s succeeded: %d rows in %s, reported for the orchestrator to take in", mini_batch.id, status.rows, status.result_file
+    )
     return 0
 
 

@@ -54,7 +54,8 @@ class Sweeper:
         for _ in range(self.ROUNDS):
             tree = _processes()
             strays = [
-                pid for pid, (_ppid, state) in tree.items()
+                pid
+                for pid, (_ppid, state) in tree.items()
                 if pid != me and pid not in self.own and pid not in keep and state not in "ZX" and _descends(pid, me, tree)
             ]
             if not strays:
@@ -73,7 +74,11 @@ class Sweeper:
         if killed:
             log.warning(
                 "%s: killed %d process(es) that %s left running (pids %s) in %.0f ms: no process of a mini-batch outlives it",
-                self.worker, len(set(killed)), mini_batch, ", ".join(str(p) for p in sorted(set(killed))), (time.monotonic() - t0) * 1000,
+                self.worker,
+                len(set(killed)),
+                mini_batch,
+                ", ".join(str(p) for p in sorted(set(killed))),
+                (time.monotonic() - t0) * 1000,
             )
         return sorted(set(killed))
 

@@ -283,7 +283,9 @@ def resolve_parameters(config: TransformConfig, container: dict[str, Any]) -> Ex
             resolved[key], sources[key] = container[key], "container"
         else:
             resolved[key], sources[key] = default, "default"
-    return ExecutionParameters(resolved["MaxConcurrentTransforms"], resolved["BatchStrategy"], resolved["MaxPayloadInMB"], sources)
+    return ExecutionParameters(
+        resolved["MaxConcurrentTransforms"], resolved["BatchStrategy"], resolved["MaxPayloadInMB"], sources
+    )
 
 
 def check_config(config: TransformConfig) -> DataProcessing | None:
@@ -551,8 +553,14 @@ def score_mini_batch(run: Attempt, input_root: Path, config: TransformConfig, ur
     located = resolve_inputs(mini_batch, input_root)  # a symbolic link: its checked target; refused: None
     outputs = out.new_outputs_dir()
     client = ServingClient(url)
-    log.info("%s: %d files, %d bytes, try %d; waiting for the serving container at %s",
-             mini_batch.id, len(rel_paths), mini_batch.bytes, run.attempt, url)
+    log.info(
+        "%s: %d files, %d bytes, try %d; waiting for the serving container at %s",
+        mini_batch.id,
+        len(rel_paths),
+        mini_batch.bytes,
+        run.attempt,
+        url,
+    )
     ping_seconds = wait_until_healthy(client, config.startup_timeout)
     run.init_seconds = round(ping_seconds if run.worker_init_seconds is None else run.worker_init_seconds, 3)
     params = resolve_parameters(config, container_parameters(client))
@@ -639,7 +647,13 @@ def score_and_commit(run: Attempt, input_root: Path, transform: str | TransformC
             file=getattr(exc, "file", None),
         )
     else:
-        log.info("%s succeeded: %d records, %d .out file(s) in %s", mini_batch.id, status.rows, status.custom_outputs, status.outputs_dir)
+        log.info(
+            "%s succeeded: %d records, %d .out file(s) in %s",
+            mini_batch.id,
+            status.rows,
+            status.custom_outputs,
+            status.outputs_dir,
+        )
         return 0
     out.commit(
         MiniBatchStatus(

@@ -347,7 +347,7 @@ class ServeClient:
         pass
 
     def score(self, mini_batch_file: Path, output: Path, attempt: int, sweep: Callable[[], None] = lambda: None) -> int:
-        """Send one mini-batch to the serving container (no user code runs in this container: ``sweep`` is the daemon's, after)."""
+        """Send one mini-batch to the serving container; no user code runs here, so ``sweep`` is left to the daemon."""
         from batchscore_runtime.serving import Attempt, ServingClient, score_and_commit, wait_until_healthy
 
         mini_batch = read_mini_batch_file(mini_batch_file)
@@ -383,7 +383,9 @@ class Daemon:
         self.tee = Tee()
         self.backend: Any = AzurePool(args, self.tee) if args.contract == "azure" else ServeClient(args, self.tee)
         self.state_dir = Path(args.state_dir)
-        self.state = WorkerState(worker=args.worker, state=WorkerState.STARTING, started_at=now_iso(), processes=getattr(self.backend, "size", 1))
+        self.state = WorkerState(
+            worker=args.worker, state=WorkerState.STARTING, started_at=now_iso(), processes=getattr(self.backend, "size", 1)
+        )
         self.lock = threading.Lock()
         self.busy = False
         self.last_work = time.monotonic()
@@ -426,7 +428,9 @@ class Daemon:
         try:
             self.backend.start()
         except Exception as exc:  # noqa: BLE001 - reported in the state file, which the orchestrator reads
-            info = getattr(exc, "info", None) or ErrorInfo(type=type(exc).__name__, message=str(exc).strip(), traceback=traceback.format_exc())
+            info = getattr(exc, "info", None) or ErrorInfo(
+                type=type(exc).__name__, message=str(exc).strip(), traceback=traceback.format_exc()
+            )
             log.error("%s could not get ready: %s", self.args.worker, info.one_line())
             self._set(state=WorkerState.FAILED, error=info)
             self._stop(1)
@@ -493,7 +497,10 @@ class Daemon:
         if self.args.contract == "serve":
             if not self.backend.healthy:
                 log.error("%s: the serving container stopped answering during %s; this worker stops", self.args.worker, name)
-                self._set(state=WorkerState.STOPPED, error=ErrorInfo(type="ServingContainerGone", message="the serving container stopped answering /ping"))
+                self._set(
+                    state=WorkerState.STOPPED,
+                    error=ErrorInfo(type="ServingContainerGone", message="the serving container stopped answering /ping"),
+                )
                 self._stop(1)
             return
         if not self.backend.broken():

@@ -488,14 +488,10 @@ def supervise(
         since = now - last_report
         rows = [w.result.rows if w.result else w.rows for w in workers]
         progress = (opened, tuple(rows))
-        if running and (
-            (progress != last_progress and since >= PROGRESS_EVERY_SECONDS) or since >= HEARTBEAT_EVERY_SECONDS
-        ):
+        if running and ((progress != last_progress and since >= PROGRESS_EVERY_SECONDS) or since >= HEARTBEAT_EVERY_SECONDS):
             elapsed = now - min(w.run_started for w in running)
             counted = [r for r in rows if r is not None]
-            rows_text = (
-                f", {sum(counted)} rows so far ({sum(counted) / elapsed:.1f} rows/s)" if counted and elapsed > 0 else ""
-            )
+            rows_text = f", {sum(counted)} rows so far ({sum(counted) / elapsed:.1f} rows/s)" if counted and elapsed > 0 else ""
             report(
                 f"{tasks[0].mini_batch}: {opened} of {total_files} files opened by run() so far{rows_text}, "
                 f"{sum(w.phase == 'done' for w in workers)} of {len(workers)} worker(s) done, "

@@ -317,8 +317,17 @@ class LocalAirflow(AirflowClient):
         component = f"celery-{name}"
         if component in self.procs:
             raise LocalAirflowError(f"{component} is already running")
-        args = ["celery", "worker", "--celery-hostname", f"{name}@%h", "--queues", queues,
-                "--concurrency", str(concurrency), "--skip-serve-logs"]
+        args = [
+            "celery",
+            "worker",
+            "--celery-hostname",
+            f"{name}@%h",
+            "--queues",
+            queues,
+            "--concurrency",
+            str(concurrency),
+            "--skip-serve-logs",
+        ]
         self.log_path(component).unlink(missing_ok=True)
         self.procs[component] = self._spawn(component, args)
         deadline = time.monotonic() + timeout
@@ -348,9 +357,7 @@ class LocalAirflow(AirflowClient):
             if health and all(_is_fresh(health, key, since) for key in fresh):
                 return
             if time.monotonic() > deadline:
-                raise LocalAirflowError(
-                    self._failure(f"not healthy in time (health: {health or 'no answer'})", *logs)
-                )
+                raise LocalAirflowError(self._failure(f"not healthy in time (health: {health or 'no answer'})", *logs))
             time.sleep(POLL_S)
 
     def processes(self, components: Iterable[str] | None = None) -> tuple[set[int], list[psutil.Process]]:

@@ -86,7 +86,11 @@ class OutputLog:
             self._refilled = now
             if self._tokens >= 1.0:
                 self._tokens -= 1.0
-                shown = text if len(text) <= MAX_LINE_CHARS else text[:MAX_LINE_CHARS] + f" [... {len(text) - MAX_LINE_CHARS} more characters]"
+                shown = (
+                    text
+                    if len(text) <= MAX_LINE_CHARS
+                    else text[:MAX_LINE_CHARS] + f" [... {len(text) - MAX_LINE_CHARS} more characters]"
+                )
             else:
                 shown = None
                 self.dropped_lines += 1

@@ -18,7 +18,7 @@ from typing import Any
 
 from batchscore.errors import PlanError
 from batchscore.partition import partition, partition_by_size
-from batchscore.spec import DeploymentSpec
+from batchscore.spec.deployment import DeploymentSpec
 from batchscore.split import part_size, split_large_files
 from batchscore_runtime.formats import (
     InputFile,
@@ -106,9 +106,11 @@ def _walk(root: str, real_root: str, work_root: str, pattern: str) -> Iterator[t
                 continue
             if not _inside(target, real_root):
                 if _is_folder(target):  # its type only (lstat of the resolved path); it is never listed
-                    yield "", target, sub_rel, (
-                        f"input folder {sub_rel} is a symbolic link to {target}, outside input.path "
-                        f"({root}); {ADVICE_FOLDER}"
+                    yield (
+                        "",
+                        target,
+                        sub_rel,
+                        (f"input folder {sub_rel} is a symbolic link to {target}, outside input.path ({root}); {ADVICE_FOLDER}"),
                     )
                 continue
             if _is_folder(target):
@@ -167,34 +169,54 @@ def _planned(text: str, rel: str, real_root: str, work_root: str, root: Path, ch
         return None
     if real is None or real == f"{real_root}/{rel}":
         if link:  # a link to itself resolves to its own path
-            return InputFile(rel, 0, st.st_mtime_ns, refused=(
-                f"input file {rel} is a symbolic link that leads back to itself (a loop of links); "
-                "fix or remove the link"
-            ))
+            return InputFile(
+                rel,
+                0,
+                st.st_mtime_ns,
+                refused=(
+                    f"input file {rel} is a symbolic link that leads back to itself (a loop of links); fix or remove the link"
+                ),
+            )
         return InputFile(path=rel, size=st.st_size, mtime_ns=st.st_mtime_ns)
     if _is_folder(real):  # a folder is never a file to score; the walk enters linked folders it may
         return None
     if not _inside(real, real_root):
-        return InputFile(rel, 0, st.st_mtime_ns, refused=(
-            f"input file {rel} is a symbolic link to {real}, outside input.path ({root}); {ADVICE_FILE}"
-        ))
+        return InputFile(
+            rel,
+            0,
+            st.st_mtime_ns,
+            refused=(f"input file {rel} is a symbolic link to {real}, outside input.path ({root}); {ADVICE_FILE}"),
+        )
     try:
         target = os.stat(real)  # inside the input folder: safe to look at
     except FileNotFoundError:
-        return InputFile(rel, 0, st.st_mtime_ns, refused=(
-            f"input file {rel} is a symbolic link to {real}, which does not exist (a dangling link); "
-            "fix or remove the link"
-        ))
+        return InputFile(
+            rel,
+            0,
+            st.st_mtime_ns,
+            refused=(
+                f"input file {rel} is a symbolic link to {real}, which does not exist (a dangling link); fix or remove the link"
+            ),
+        )
     except OSError as exc:  # a loop of links (ELOOP), or no permission
-        return InputFile(rel, 0, st.st_mtime_ns, refused=(
-            f"input file {rel} is a symbolic link to {real}, which cannot be read ({exc.strerror}); "
-            "fix or remove the link"
-        ))
+        return InputFile(
+            rel,
+            0,
+            st.st_mtime_ns,
+            refused=(
+                f"input file {rel} is a symbolic link to {real}, which cannot be read ({exc.strerror}); fix or remove the link"
+            ),
+        )
     if not stat.S_ISREG(target.st_mode):  # a pipe, socket or device: reading it could block or never end
-        return InputFile(rel, 0, st.st_mtime_ns, refused=(
-            f"input file {rel} is a symbolic link to {real}, which is not a regular file (a pipe, socket or "
-            "device); batchscore scores only regular files"
-        ))
+        return InputFile(
+            rel,
+            0,
+            st.st_mtime_ns,
+            refused=(
+                f"input file {rel} is a symbolic link to {real}, which is not a regular file (a pipe, socket or "
+                "device); batchscore scores only regular files"
+            ),
+        )
     return InputFile(rel, target.st_size, target.st_mtime_ns, target=real[len(real_root) + 1 :])
 
 
@@ -208,8 +230,7 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
     root = deployment.input.path
     if not root.is_dir():
         raise PlanError(
-            f"input folder {root} of deployment {deployment.name!r} does not exist or is not a folder "
-            "(key input.path)"
+            f"input folder {root} of deployment {deployment.name!r} does not exist or is not a folder (key input.path)"
         )
     real_root = os.path.realpath(root)
     work_root = os.path.realpath(deployment.output.path)
@@ -230,8 +251,10 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
         if rel in seen or rel.startswith(".") or "/." in rel:  # twice (**/**), hidden, or in a hidden folder
             continue
         seen.add(rel)
-        entry = InputFile(rel, 0, 0, refused=refusal) if refusal else _planned(
-            f"{base}/{rel}", rel, real_root, work_root, root, check_all
+        entry = (
+            InputFile(rel, 0, 0, refused=refusal)
+            if refusal
+            else _planned(f"{base}/{rel}", rel, real_root, work_root, root, check_all)
         )
         if entry is not None:
             found.append(entry)
@@ -240,7 +263,9 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
     if refusals:
         log.warning(
             "%d symbolic link(s) in %s will not be scored (each a failed item): %s",
-            len(refusals), root, "; ".join(refusals[:5]) + (" ..." if len(refusals) > 5 else ""),
+            len(refusals),
+            root,
+            "; ".join(refusals[:5]) + (" ..." if len(refusals) > 5 else ""),
         )
     return found
 
@@ -267,9 +292,7 @@ def _unwritable(deployment: DeploymentSpec, layout: RunLayout, exc: OSError) -> 
     )
 
 
-def plan_run(
-    endpoint_name: str, deployment: DeploymentSpec, run_id: str, *, max_mini_batches: int | None = None
-) -> Plan:
+def plan_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str, *, max_mini_batches: int | None = None) -> Plan:
     """Return the run's plan, making and persisting it on the first call."""
     layout = run_layout(deployment, run_id)
     try:

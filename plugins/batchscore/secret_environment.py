@@ -28,6 +28,7 @@ def resolve_secrets(refs: dict[str, SecretRef]) -> dict[str, str]:
             if ref.variable is not None:
                 value = Variable.get(ref.variable)
             else:
+                assert ref.connection is not None, "a SecretRef names a variable or a connection"
                 value = _connection_field(BaseHook.get_connection(ref.connection), ref.field or "password")
         except SecretUnavailableError as exc:
             raise SecretUnavailableError(f"settings.secret_environment.{name}: {exc}") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from batchscore.errors import ContainerSecurityError
-from batchscore.spec import Resources, memory_bytes
+from batchscore.spec.resources import Resources, memory_bytes
 
 #: Environment variable: the ``uid:gid`` (or ``uid``) scoring containers run as when the Airflow
 #: worker runs as root. Unset: :data:`DEFAULT_CONTAINER_USER`. Where the worker is not root, the
@@ -119,7 +119,7 @@ def check_mounts(mounts: Iterable[Any]) -> None:
 
 
 def _target(mount: Any) -> str:
-    return mount.get("Target") if isinstance(mount, dict) else getattr(mount, "target", "?")
+    return str(mount.get("Target") if isinstance(mount, dict) else getattr(mount, "target", "?"))
 
 
 def lockdown(full: bool = True) -> dict[str, Any]:

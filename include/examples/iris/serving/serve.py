@@ -225,9 +225,7 @@ class Handler(BaseHTTPRequestHandler):
         elif kind == JSON:
             body = json.dumps({"predictions": [label for label, _ in results]})
         else:
-            body = "".join(
-                json.dumps({"prediction": label, "probability": round(p, 4)}) + "\n" for label, p in results
-            )
+            body = "".join(json.dumps({"prediction": label, "probability": round(p, 4)}) + "\n" for label, p in results)
         return Response(200, body.encode(), kind, records=len(rows))
 
     # --- HTTP plumbing ---------------------------------------------------------------------
