@@ -61,7 +61,7 @@ _ASK: Any = object()  # inventory not given: ask gpu_inventory(), and only when 
 class GpuAssignment:
     """What one scoring container gets.
 
-    ``device_requests`` go to Docker (``DockerOperator(device_requests=...)``); ``device_ids``
+    ``device_requests`` go to Docker (the container's host config); ``device_ids``
     are the GPUs it is pinned to (``[]`` for none, ``None`` when Docker picks them, which only
     happens with ``share_gpus``); ``count`` is how many GPUs the container will see (``None``
     when unknown: a shared ``all`` on a host whose GPUs are not known).
