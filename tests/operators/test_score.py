@@ -142,3 +142,20 @@ def test_a_container_left_running_by_an_earlier_try_is_removed_before_the_retry_
         assert run_layout(d, "run-orphan").mini_batch_dir(0).read_status().attempt == 2
     finally:
         subprocess.run(["docker", "rm", "-f", orphan, other], capture_output=True)
+
+
+@pytest.mark.docker
+def test_an_image_that_is_not_on_the_docker_host_fails_the_mini_batch_naming_the_setting(deployment, airflow_db) -> None:
+    # No registry is ever used: a missing image is the user's to build or load, and the ledger shows the try.
+    endpoint = deployment(image="batchscore-no-such-image:1")
+    op = planned_score_operator(endpoint, "run-noimage")
+
+    with pytest.raises(ScoringError) as info:
+        op.execute({"run_id": "run-noimage"})
+
+    assert str(info.value).startswith(
+        "mb-00000 failed: ImageMissing: the image 'batchscore-no-such-image:1' (environment.image) is not on this Docker host: "
+    )
+    assert str(info.value).endswith("; build or load it there (docker load), no registry is used")
+    status = run_layout(endpoint.deployments[0], "run-noimage").mini_batch_dir(0).read_status()
+    assert (status.state, status.error.type) == ("failed", "ImageMissing")

@@ -20,6 +20,7 @@ import requests
 from docker.errors import APIError, NotFound
 
 from batchscore import security
+from batchscore.containers import ImageMissingError
 from batchscore.errors import ScoringError
 from batchscore.gpus import GpuAssignment, lease_gpus
 from batchscore.intake import remove_scratch
@@ -144,6 +145,8 @@ class ContainerPerMiniBatch:
         backstop = contract.one_shot_backstop()
         try:
             code = self._run(attempt, contract, secrets, gpus, user, backstop)
+        except ImageMissingError as exc:
+            raise attempt.failed("ImageMissing", str(exc)) from None
         except _Timeout:
             assert isinstance(contract, ScriptContract) and backstop is not None
             raise attempt.failed("ContainerTimeout", contract.timeout_message(backstop) + attempt.dropped()) from None
