@@ -1,4 +1,5 @@
-# batchscore: `make demo` runs the example end to end; `make test` runs the suite.
+# batchscore: `make demo` runs the example end to end; `make test` runs the suite (lint and type check first);
+# `make test-unit` the tests that need neither Docker nor a scheduler, for the edit-test loop.
 # Every target is safe to repeat: what was built before is reused.
 
 PYTHON ?= python3
@@ -12,15 +13,16 @@ IRIS   := include/examples/iris
 MODEL  := $(IRIS)/model/iris-classifier/model.joblib
 
 .DEFAULT_GOAL := help
-.PHONY: help venv images images-gpu images-airflow images-serve example demo compose-env test bench schema lock clean
+.PHONY: help venv images images-gpu images-airflow images-serve example demo compose-env lint typecheck test-unit test bench schema lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-venv: $(VENV)/.installed  ## the virtual environment with the pinned Airflow side
-$(VENV)/.installed: requirements.lock pyproject.toml
+venv: $(VENV)/.installed  ## the virtual environment with the pinned Airflow side and the pinned dev tools (ruff, mypy)
+$(VENV)/.installed: requirements.lock requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
@@ -56,7 +58,20 @@ compose-env: .env  ## .env for docker-compose.yaml: your uid, the Docker socket'
 	} > $@
 	@echo "wrote $@; start the stack with: docker-compose up -d"
 
-test: venv example images-airflow  ## the test suite (what CI runs); the Celery tests need postgresql and redis-server (Debian packages)
+lint: venv  ## ruff: the lint rules and the formatting (configured in pyproject.toml)
+	$(BIN)/ruff check . ; found=$$?; $(BIN)/ruff format --check . && exit $$found
+
+typecheck: venv  ## mypy on batchscore and batchscore_runtime (configured in pyproject.toml)
+	$(BIN)/mypy --python-executable $(BIN)/python
+
+# The fast lane: no Docker engine, image or scheduler needed (the markers are in pyproject.toml;
+# tests/conftest.py marks every test that uses an image fixture `docker`). Its tests mostly wait on
+# the processes they start, so more workers than cores still pay: UNIT_WORKERS=0 runs them in one process.
+UNIT_WORKERS ?= 4
+test-unit: venv  ## the tests that need neither Docker nor a running Airflow, in parallel (1-1.5 min on 2 cores)
+	$(BIN)/pytest -n $(UNIT_WORKERS) -m "not docker and not scheduler and not celery"
+
+test: venv lint typecheck example images-airflow  ## lint, type check, then the test suite (what CI runs); the Celery tests need postgresql and redis-server (Debian packages)
 	$(BIN)/pytest
 
 bench: venv example  ## the benchmarks of issue 6 (bench/README.md), not part of test; some: make bench ONLY="merge skew"

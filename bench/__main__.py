@@ -18,11 +18,10 @@ import logging
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from batchscore import shutdown
-
 from bench import celery, intake, merge, orchestration, planning, runtime, scale, skew, warm
 from bench.common import CONTAINER_LABEL, Result, machine, remove_containers, report, table, write_json
 
@@ -53,11 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     name = ""
     try:
-        started = datetime.now(timezone.utc)
+        started = datetime.now(UTC)
         where = machine()
-        print(f"batchscore benchmarks, {started:%Y-%m-%d %H:%M} UTC, {where['cpus']} CPUs, load {where['load']}, "
-              f"{where['platform']}, Python {where['python']}, Docker {where['docker']}"
-              + (" (--small: sizes too small for the targets to mean anything)" if args.small else ""), flush=True)
+        print(
+            f"batchscore benchmarks, {started:%Y-%m-%d %H:%M} UTC, {where['cpus']} CPUs, load {where['load']}, "
+            f"{where['platform']}, Python {where['python']}, Docker {where['docker']}"
+            + (" (--small: sizes too small for the targets to mean anything)" if args.small else ""),
+            flush=True,
+        )
         for name in selected:
             module = BENCHMARKS[name]
             t0 = time.perf_counter()

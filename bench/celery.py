@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from batchscore.localairflow import LocalAirflow
 from batchscore.localservices import Postgres, Redis
-
 from bench.common import Result, median, remove_containers, require_image, stage_jobs, temp_folder
 from bench.orchestration import INSTANT_SCRIPT, NOOP_DAG, NOOP_DAG_FILE, timed_run
 
@@ -48,7 +47,9 @@ def run(mini_batches: int = 20, repeats: int = 3, instances: int = 2) -> Result:
     result = Result(NAME, TITLE)
     measured: dict[str, dict[str, list[float]]] = {}
     with temp_folder(NAME) as root:
-        dags, deployments = stage_jobs(root, mini_batches, INSTANT_SCRIPT, {JOB_DAG: {"worker_mode": "warm"}}, instances=instances)
+        dags, deployments = stage_jobs(
+            root, mini_batches, INSTANT_SCRIPT, {JOB_DAG: {"worker_mode": "warm"}}, instances=instances
+        )
         (dags / "bench_noop_mapped.py").write_text(NOOP_DAG_FILE.format(dag_id=NOOP_DAG, n=mini_batches, k=instances))
         try:
             with Postgres() as postgres, Redis(root / "redis") as redis:  # stopped on any way out, a signal too
@@ -81,10 +82,16 @@ def run(mini_batches: int = 20, repeats: int = 3, instances: int = 2) -> Result:
     result.figure("score_task_local", t["local", "score"], "s", "score task instance, median duration, LocalExecutor")
     result.figure("score_task_celery", t["celery", "score"], "s", "score task instance, median duration, CeleryExecutor")
     result.figure(
-        "celery_cost_per_mini_batch", (t["celery", "job"] - t["local", "job"]) / n, "s", "(t_job_celery - t_job_local) per mini-batch"
+        "celery_cost_per_mini_batch",
+        (t["celery", "job"] - t["local", "job"]) / n,
+        "s",
+        "(t_job_celery - t_job_local) per mini-batch",
     )
     result.check("t_job_celery / t_job_local", t["celery", "job"] / t["local", "job"], "<=", TARGET)
     result.notes.append(
-        "samples (s): " + "; ".join(f"{stack} {step} {[round(v, 2) for v in measured[stack][step]]}" for stack in measured for step in ("job", "noop"))
+        "samples (s): "
+        + "; ".join(
+            f"{stack} {step} {[round(v, 2) for v in measured[stack][step]]}" for stack in measured for step in ("job", "noop")
+        )
     )
     return result

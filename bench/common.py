@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +167,7 @@ def write_json(path: Path, results: Sequence[Result], started: datetime, where: 
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": where,
         "benchmarks": {r.name: r.to_json() for r in results},
     }
@@ -214,7 +214,14 @@ def write_yaml(path: Path, doc: dict[str, Any]) -> Path:
 
 
 def deployment_doc(
-    endpoint: str, *, model: Path, code: Path, inputs: Path, output: Path, pattern: str, settings: dict[str, Any],
+    endpoint: str,
+    *,
+    model: Path,
+    code: Path,
+    inputs: Path,
+    output: Path,
+    pattern: str,
+    settings: dict[str, Any],
     resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An Azure-layout deployment YAML document with absolute paths and no retries."""
@@ -253,8 +260,14 @@ def stage_jobs(
         write_yaml(
             deployments / f"{dag_id}.yaml",
             deployment_doc(
-                dag_id, model=root / "model", code=root / "code", inputs=root / "inputs", output=output,
-                pattern="*.txt", settings={"mini_batch_size": 1, **settings}, resources={"instance_count": instances},
+                dag_id,
+                model=root / "model",
+                code=root / "code",
+                inputs=root / "inputs",
+                output=output,
+                pattern="*.txt",
+                settings={"mini_batch_size": 1, **settings},
+                resources={"instance_count": instances},
             ),
         )
     shutil.copy(REPO / "dags" / "batchscore_deployments.py", root / "dags")

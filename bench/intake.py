@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 from batchscore.intake import Expected, take_in
 from batchscore_runtime.formats import MiniBatchDir, MiniBatchStatus
 from batchscore_runtime.processes import Sweeper
-
 from bench.common import Result, median, stopwatch, temp_folder
 
 NAME = "intake"
@@ -39,13 +38,21 @@ def _scratch(root: Path, rows: int, outputs: int) -> tuple[Path, list[Path]]:
     folder = root / "scratch" / "mb-00000.try-1"
     (folder / "outputs-00aa").mkdir(parents=True)
     rng = np.random.default_rng(15)
-    pq.write_table(pa.table({"id": np.arange(rows), "x": rng.normal(size=rows), "y": rng.uniform(size=rows)}),
-                   folder / "result-00aa.parquet")
+    pq.write_table(
+        pa.table({"id": np.arange(rows), "x": rng.normal(size=rows), "y": rng.uniform(size=rows)}), folder / "result-00aa.parquet"
+    )
     blob = rng.bytes(64 * 1024)
     for k in range(outputs):
         (folder / "outputs-00aa" / f"scored-{k:04d}.csv").write_bytes(blob)
-    report = MiniBatchStatus(index=0, state="succeeded", files=outputs, rows=rows, result_file="result-00aa.parquet",
-                             outputs_dir="outputs-00aa", custom_outputs=outputs)
+    report = MiniBatchStatus(
+        index=0,
+        state="succeeded",
+        files=outputs,
+        rows=rows,
+        result_file="result-00aa.parquet",
+        outputs_dir="outputs-00aa",
+        custom_outputs=outputs,
+    )
     (folder / "status.json").write_text(json.dumps(report.to_json()))
     return folder, [p for p in folder.rglob("*") if p.is_file()]
 

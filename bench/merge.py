@@ -22,7 +22,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from batchscore.merge import write_output
-
 from bench.common import Result, median, stopwatch, temp_folder
 
 NAME = "merge"
@@ -105,9 +104,7 @@ def _rates(result: Result, root: Path, parts: list[Path], rows: int, suffix: str
 def _peak_kib(root: Path, parts_dir: Path, count: int, suffix: str) -> dict:
     """The merge of the first ``count`` parts into ``suffix`` in a fresh process: rows and memory."""
     out = root / f"peak{suffix}"
-    proc = subprocess.run(
-        [sys.executable, "-c", _PEAK, str(out), str(parts_dir), str(count)], capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-c", _PEAK, str(out), str(parts_dir), str(count)], capture_output=True, text=True)
     out.unlink(missing_ok=True)
     if proc.returncode != 0:
         raise RuntimeError(f"merge child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -131,9 +128,7 @@ def _peaks(result: Result, root: Path, parts_dir: Path, sizes: dict[int, int], s
     result.check(figure, peaks[large] / peaks[small], "<=", PEAK_TARGET)
 
 
-def run(
-    rows_small: int = 1_000_000, rows_large: int = 10_000_000, part_rows: int = 100_000, repeats: int = 3
-) -> Result:
+def run(rows_small: int = 1_000_000, rows_large: int = 10_000_000, part_rows: int = 100_000, repeats: int = 3) -> Result:
     """Rates on ``rows_small`` rows (median of ``repeats``); peaks at ``rows_small`` and ``rows_large``."""
     result = Result(NAME, TITLE)
     with temp_folder(NAME) as root:

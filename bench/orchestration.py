@@ -25,7 +25,6 @@ from pathlib import Path
 from batchscore import security
 from batchscore.localairflow import LocalAirflow
 from batchscore.spec import Resources, load_endpoint
-
 from bench.common import (
     SCORING_IMAGE,
     Result,

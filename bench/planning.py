@@ -17,9 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from batchscore.plan import list_input_files, partition, plan_run
+from batchscore.partition import partition
+from batchscore.plan import list_input_files, plan_run
 from batchscore.spec import DeploymentSpec, load_endpoint
-
 from bench.common import REPO, Result, deployment_doc, median, stopwatch, temp_folder, write_yaml
 
 NAME = "planning"
@@ -53,8 +53,13 @@ def _stage(root: Path, folder: Path, name: str, inputs: Path, settings: dict) ->
     return write_yaml(
         folder / f"{name}.yaml",
         deployment_doc(
-            name, model=root / "model", code=root / "code", inputs=inputs, output=root / "output" / name,
-            pattern="*.csv", settings=settings,
+            name,
+            model=root / "model",
+            code=root / "code",
+            inputs=inputs,
+            output=root / "output" / name,
+            pattern="*.csv",
+            settings=settings,
         ),
     )
 

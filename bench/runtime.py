@@ -22,11 +22,9 @@ from docker.types import Mount
 
 from batchscore import security
 from batchscore.containers import scoring_container
-from batchscore.plan import run_layout
-from batchscore.plan import plan_run
+from batchscore.plan import plan_run, run_layout
 from batchscore.spec import DeploymentSpec, load_endpoint
 from batchscore_runtime.formats import ContainerPaths, MiniBatchDir
-
 from bench.common import (
     REPO,
     SCORING_IMAGE,
@@ -175,8 +173,13 @@ def run(files: int = 200, rows: int = 10_000, repeats: int = 5) -> Result:
         (root / "plain.py").write_text(PLAIN_SCRIPT)
         settings = {"mini_batch_size": files, "retry_settings": {"max_retries": 0, "timeout": 3600}}
         doc = deployment_doc(
-            "bench-runtime", model=IRIS / "model", code=IRIS / "code", inputs=inputs, output=root / "output",
-            pattern="*.csv", settings=settings,
+            "bench-runtime",
+            model=IRIS / "model",
+            code=IRIS / "code",
+            inputs=inputs,
+            output=root / "output",
+            pattern="*.csv",
+            settings=settings,
         )
         spec = load_endpoint(write_yaml(root / "bench-runtime.yaml", doc)).deployments[0]
         walls, inside = _measure(spec, root, files * rows, repeats)

@@ -14,7 +14,6 @@ import pandas as pd
 
 from batchscore.localairflow import LocalAirflow
 from batchscore_runtime.formats import Summary, run_key
-
 from bench.common import Result, remove_containers, require_image, stage_jobs, stopwatch, temp_folder
 
 NAME = "scale"
@@ -23,10 +22,7 @@ JOB_DAG = "bench-scale"
 SMALL = {"mini_batches": 30}
 OPT_IN = True  # about 40 minutes on 2 cores: run by name only
 
-SCRIPT = (
-    "import os\n\n\ndef init():\n    pass\n\n\n"
-    "def run(mini_batch):\n    return [os.path.basename(p) for p in mini_batch]\n"
-)
+SCRIPT = "import os\n\n\ndef init():\n    pass\n\n\ndef run(mini_batch):\n    return [os.path.basename(p) for p in mini_batch]\n"
 
 
 def run(mini_batches: int = 5000, instances: int = 4) -> Result:
@@ -34,7 +30,9 @@ def run(mini_batches: int = 5000, instances: int = 4) -> Result:
     require_image()
     result = Result(NAME, TITLE)
     with temp_folder(NAME) as root:
-        dags, deployments = stage_jobs(root, mini_batches, SCRIPT, {JOB_DAG: {"worker_mode": "warm"}}, instances=instances, width=5)
+        dags, deployments = stage_jobs(
+            root, mini_batches, SCRIPT, {JOB_DAG: {"worker_mode": "warm"}}, instances=instances, width=5
+        )
         try:
             with LocalAirflow(root / "airflow", dags, env={"BATCHSCORE_DEPLOYMENTS_DIR": str(deployments)}) as af:
                 af.wait_for_dag(JOB_DAG)
@@ -55,7 +53,5 @@ def run(mini_batches: int = 5000, instances: int = 4) -> Result:
     result.figure("score_tasks_succeeded", len(scored), "", "mapped score instances in state success")
     result.figure("warm_workers", len(summary.warm_workers) if summary else 0, "", "worker containers the run started")
     result.check("mini-batches scored, output exact and in order", len(scored) if in_order else 0, ">=", mini_batches)
-    result.notes.append(
-        f"run {run_id}: {state}; summary status {summary and summary.status}, rows {summary and summary.rows}"
-    )
+    result.notes.append(f"run {run_id}: {state}; summary status {summary and summary.status}, rows {summary and summary.rows}")
     return result

@@ -3,7 +3,7 @@
 File sizes follow a Zipf law (``numpy.random.zipf``), capped; no file is written, the planner
 gets :class:`~batchscore_runtime.formats.InputFile` records. Count-based mini-batches
 (:func:`batchscore.plan.partition`, Azure's ``mini_batch_size: N``) and size-aware ones
-(:func:`batchscore.plan.partition_by_size`, ``mini_batch_size: "64MB"``) are cut at the same
+(:func:`batchscore.partition.partition_by_size`, ``mini_batch_size: "64MB"``) are cut at the same
 number of mini-batches. A file bigger than the target is a mini-batch of its own, so the
 largest file over the mean bounds the size-aware ratio; the headline therefore also plans
 with such files pre-split as large-file splitting (:mod:`batchscore.split`) cuts a CSV, JSON
@@ -18,11 +18,10 @@ import math
 
 import numpy as np
 
-from batchscore.plan import partition, partition_by_size
+from batchscore.partition import partition, partition_by_size
 from batchscore.spec import Settings, size_bytes
 from batchscore.split import part_size
 from batchscore_runtime.formats import InputFile, MiniBatch
-
 from bench.common import Result
 
 NAME = "skew"
@@ -45,8 +44,7 @@ def split_large(files: list[InputFile], threshold: int, size: int) -> list[Input
         n = max(1, math.ceil(f.size / size)) if f.size > threshold else 1
         base, extra = divmod(f.size, n)
         pieces += [
-            InputFile(path=f.path if n == 1 else f"{f.path}#{k}", size=base + (k < extra), mtime_ns=f.mtime_ns)
-            for k in range(n)
+            InputFile(path=f.path if n == 1 else f"{f.path}#{k}", size=base + (k < extra), mtime_ns=f.mtime_ns) for k in range(n)
         ]
     return pieces
 
@@ -83,9 +81,7 @@ def run(
     result.figure("count_mini_batches", len(by_count), "", f"mini-batches, count-based at {each} files each")
     count_skew = result.figure("count_skew", skew(by_count), "x", "count-based: heaviest / mean")
     size_skew = result.figure("size_skew", skew(by_size), "x", "size-aware: heaviest / mean")
-    result.figure(
-        "largest_file_over_mean", max(f.size for f in inputs) / mean, "x", "largest file / mean size-aware mini-batch"
-    )
+    result.figure("largest_file_over_mean", max(f.size for f in inputs) / mean, "x", "largest file / mean size-aware mini-batch")
     result.figure("count_over_size", count_skew / size_skew, "x", "count-based skew / size-aware skew")
 
     half = part_size(target_bytes)

@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchscore.localairflow import LocalAirflow
-
 from bench.common import Result, median, remove_containers, require_image, stage_jobs, temp_folder
 from bench.orchestration import NOOP_DAG, NOOP_DAG_FILE, docker_floor, timed_run
 
@@ -35,8 +34,11 @@ SLOW_INIT_SCRIPT = "import time\n\n\ndef init():\n    time.sleep({init})\n\n\nde
 def _stage(root: Path, mini_batches: int, instances: int, init_seconds: float) -> tuple[Path, Path]:
     """Inputs, code, model, the two YAMLs and the DAG folder; returns the DAG and deployments folders."""
     dags, deployments = stage_jobs(
-        root, mini_batches, SLOW_INIT_SCRIPT.format(init=init_seconds),
-        {WARM_DAG: {"worker_mode": "warm"}, COLD_DAG: {"worker_mode": "per_mini_batch"}}, instances=instances,
+        root,
+        mini_batches,
+        SLOW_INIT_SCRIPT.format(init=init_seconds),
+        {WARM_DAG: {"worker_mode": "warm"}, COLD_DAG: {"worker_mode": "per_mini_batch"}},
+        instances=instances,
     )
     (dags / "bench_noop_mapped.py").write_text(NOOP_DAG_FILE.format(dag_id=NOOP_DAG, n=mini_batches, k=instances))
     return dags, deployments

@@ -48,6 +48,19 @@ SESSION_MARK = ("BATCHSCORE_TEST_SESSION", uuid.uuid4().hex)
 os.environ[SESSION_MARK[0]] = SESSION_MARK[1]
 
 
+#: Fixtures that need the Docker engine and an image that `make test` builds (the example's fixtures
+#: depend on them): a test that uses one is a Docker test, marked ``docker`` here, so that
+#: ``make test-unit`` (``-m "not docker ..."``) never waits for an image it does not have.
+DOCKER_FIXTURES = frozenset({"scoring_image", "airflow_image", "serving_image"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if DOCKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.docker)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_behind(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[None]:
     """At the end of the session (interrupted or not): remove what its tests left, and name it."""
@@ -62,7 +75,8 @@ def _nothing_left_behind(tmp_path_factory: pytest.TempPathFactory, request: pyte
     procs = shutdown.marked_processes(*SESSION_MARK)
     holders = [p for p in procs if shutdown.is_gpu_holder(p)]
     shutdown.end_gpu_holders(holders, timeout=10)  # their containers are gone: they end by themselves
-    rest = [p for p in procs if p not in holders]
+    tracker = _resource_tracker()
+    rest = [p for p in procs if p not in holders and p.pid not in tracker]
     described = [_described(p) for p in rest]  # before they end
     for p in rest:
         p.terminate()
@@ -75,6 +89,15 @@ def _nothing_left_behind(tmp_path_factory: pytest.TempPathFactory, request: pyte
         capture = request.config.pluginmanager.get_plugin("capturemanager")
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
             print(f"\ntests left running, now removed: {'; '.join(left)}", flush=True)
+
+
+def _resource_tracker() -> set[int]:
+    """multiprocessing's resource tracker of this process (the runtime's tests spawn workers from it):
+    not a test's leftover, it ignores SIGTERM and ends with the session."""
+    from multiprocessing import resource_tracker
+
+    pid = getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None)
+    return {pid} if pid else set()
 
 
 def _described(process: psutil.Process) -> str:
@@ -169,9 +192,13 @@ def serving_test_image(serving_image: str) -> str:
     """
     built = subprocess.run(
         [
-            "docker", "build", "--quiet",
-            "--build-arg", f"SERVING_IMAGE={serving_image}",
-            "-t", SERVING_TEST_IMAGE,
+            "docker",
+            "build",
+            "--quiet",
+            "--build-arg",
+            f"SERVING_IMAGE={serving_image}",
+            "-t",
+            SERVING_TEST_IMAGE,
             str(REPO / "tests" / "images" / "serve-test"),
         ],
         capture_output=True,

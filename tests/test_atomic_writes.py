@@ -67,7 +67,10 @@ def test_a_killed_merge_leaves_the_previous_output_whole_or_none_at_all(tmp_path
     for i in range(4):
         write(tmp_path / "in" / f"f{i}.csv", "x\n")
     yaml_path = deployment_file(
-        tmp_path / "yaml", model=tmp_path / "model", code=tmp_path / "code", inputs=tmp_path / "in",
+        tmp_path / "yaml",
+        model=tmp_path / "model",
+        code=tmp_path / "code",
+        inputs=tmp_path / "in",
         settings={"mini_batch_size": 2},
     )
     from batchscore.spec import load_endpoint

@@ -159,7 +159,9 @@ def test_a_mini_batch_past_its_timeout_is_killed_and_retried(
     assert (ledger["attempts"].tolist(), ledger["status"].tolist()) == ([2], ["succeeded"])
     left = subprocess.run(
         ["docker", "ps", "-aq", "--filter", f"label=batchscore.run_id={dag_run.run_id}"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert left == ""  # the timed-out container was killed and removed, not left running
 

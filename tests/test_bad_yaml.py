@@ -143,7 +143,10 @@ CASES = [
     Case(
         "az-max-retries-fraction",
         az(("max_retries: 2", "max_retries: 2.5")),
-        ("20: settings.retry_settings.max_retries: Input should be a valid integer, got a number with a fractional part (got 2.5)",),
+        (
+            "20: settings.retry_settings.max_retries: Input should be a valid integer, "
+            "got a number with a fractional part (got 2.5)",
+        ),
     ),
     Case(
         "ep-settings-list-for-mapping",
@@ -156,11 +159,19 @@ CASES = [
         ('2: deployments: must be a list, got {"name": "blue"}',),
     ),
     # ---------------------------------------------------------------- unknown and misspelt keys, every level
-    Case("az-unknown-top-key", AZURE + "instance_type: Standard_DS3_v2\n", (f"23: instance_type: unknown key 'instance_type'; allowed keys here: {TOP_KEYS}",)),
-    Case("az-compute-key", AZURE + "compute: azureml:cpu-cluster\n", (
-        "23: compute: unknown key 'compute'; Azure's compute cluster is an Airflow queue here: set resources.queue to a "
-        "queue that the Celery workers of those machines serve (README: Running on several workers)",
-    )),
+    Case(
+        "az-unknown-top-key",
+        AZURE + "instance_type: Standard_DS3_v2\n",
+        (f"23: instance_type: unknown key 'instance_type'; allowed keys here: {TOP_KEYS}",),
+    ),
+    Case(
+        "az-compute-key",
+        AZURE + "compute: azureml:cpu-cluster\n",
+        (
+            "23: compute: unknown key 'compute'; Azure's compute cluster is an Airflow queue here: set resources.queue to a "
+            "queue that the Celery workers of those machines serve (README: Running on several workers)",
+        ),
+    ),
     Case("ep-misspelt-top-key", ep(("schedule:", "schedul:")), ("2: schedul: unknown key 'schedul'; did you mean 'schedule'?",)),
     Case(
         "az-unknown-model-key",
@@ -227,7 +238,11 @@ CASES = [
         ("6: code_configuration.scoring_script: required key is missing",),
     ),
     Case("az-missing-environment", az(("environment:\n  image: scorer:1\n", "")), ("1: environment: required key is missing",)),
-    Case("az-missing-image", az(("environment:\n  image: scorer:1", "environment: {}")), ("9: environment.image: required key is missing",)),
+    Case(
+        "az-missing-image",
+        az(("environment:\n  image: scorer:1", "environment: {}")),
+        ("9: environment.image: required key is missing",),
+    ),
     Case("az-missing-input", az(('input:\n  path: data\n  pattern: "*.csv"\n', "")), ("1: input: required key is missing",)),
     Case("az-missing-input-path", az(("  path: data\n", "")), ("11: input.path: required key is missing",)),
     Case("az-missing-output", az(("output:\n  path: out\n", "")), ("1: output: required key is missing",)),
@@ -341,9 +356,7 @@ CASES = [
     Case(
         "ep-unclosed-bracket",
         ep(("    model: {path: model}", "    model: {path: model")),
-        (
-            "6: YAML syntax error: expected ',' or '}', but got ':' (while parsing a flow mapping that starts on line 5)",
-        ),
+        ("6: YAML syntax error: expected ',' or '}', but got ':' (while parsing a flow mapping that starts on line 5)",),
     ),
     Case(
         "az-unclosed-list",
@@ -392,12 +405,18 @@ CASES = [
     Case(
         "binary-png",
         b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
-        ("1: not UTF-8 text: byte 0x89 at column 1 cannot be decoded (a binary file, or text in another encoding? save it as UTF-8)",),
+        (
+            "1: not UTF-8 text: byte 0x89 at column 1 cannot be decoded "
+            "(a binary file, or text in another encoding? save it as UTF-8)",
+        ),
     ),
     Case(
         "latin-1-text",
         az(("image: scorer:1", "image: sc\u00f6rer:1")).encode("latin-1"),
-        ("10: not UTF-8 text: byte 0xf6 at column 12 cannot be decoded (a binary file, or text in another encoding? save it as UTF-8)",),
+        (
+            "10: not UTF-8 text: byte 0xf6 at column 12 cannot be decoded "
+            "(a binary file, or text in another encoding? save it as UTF-8)",
+        ),
     ),
     Case(
         "nul-character",
@@ -628,20 +647,20 @@ def check_run(corpus: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_dag_file_loads_the_valid_yaml_and_lists_every_bad_file_in_one_import_error(
-    corpus: Path, dag_load: DagBag
-) -> None:
+def test_the_dag_file_loads_the_valid_yaml_and_lists_every_bad_file_in_one_import_error(corpus: Path, dag_load: DagBag) -> None:
     bag = dag_load
 
     assert bag.dag_ids == ["good-endpoint"]
     assert sorted(bag.dags["good-endpoint"].task_ids) == [
-        "blue.merge", "blue.plan", "blue.score", "blue.start_workers", "blue.stop_workers",
+        "blue.merge",
+        "blue.plan",
+        "blue.score",
+        "blue.start_workers",
+        "blue.stop_workers",
     ]
     assert list(bag.import_errors) == [str(LOADER)]
     cases = sorted(CASES + LOADS_ALONE, key=lambda c: corpus / f"{c.id}.yaml")
-    assert bag.import_errors[str(LOADER)] == "InvalidDeploymentFilesError: " + "\n".join(
-        expected_error(corpus, c) for c in cases
-    )
+    assert bag.import_errors[str(LOADER)] == "InvalidDeploymentFilesError: " + "\n".join(expected_error(corpus, c) for c in cases)
 
 
 def test_check_lists_every_file_and_fails(corpus: Path, check_run: subprocess.CompletedProcess) -> None:
@@ -673,7 +692,11 @@ def test_check_and_the_dag_load_refuse_the_same_files_with_the_same_messages(
 def test_check_of_a_missing_folder_fails_as_the_dag_load_does(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "batchscore", "check", str(tmp_path / "nope")],
-        capture_output=True, text=True, cwd=REPO, env=os.environ.copy(), timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=os.environ.copy(),
+        timeout=300,
     )
 
     assert (result.returncode, result.stdout) == (1, f"FAIL {tmp_path / 'nope'}: the deployments folder does not exist\n")

@@ -99,11 +99,17 @@ def _stage(job: Path) -> None:
         shutil.copytree(EXAMPLE / part, job / "iris" / part)
     _example_yaml(job)
     # Routed to the queue "gpu", which only w2 serves; one container per mini-batch this time.
-    _test_yaml(job, "routed", (EXAMPLE / "code" / "score.py").read_text(),
-               {"mini_batch_size": 5, "worker_mode": "per_mini_batch", "retry_settings": {"max_retries": 0}},
-               {"instance_count": 2, "queue": "gpu"}, model="../../iris/model")
-    _test_yaml(job, "killable", KILLABLE_SCRIPT,
-               {"mini_batch_size": 3, "retry_settings": {"max_retries": 1}}, {"instance_count": 2})
+    _test_yaml(
+        job,
+        "routed",
+        (EXAMPLE / "code" / "score.py").read_text(),
+        {"mini_batch_size": 5, "worker_mode": "per_mini_batch", "retry_settings": {"max_retries": 0}},
+        {"instance_count": 2, "queue": "gpu"},
+        model="../../iris/model",
+    )
+    _test_yaml(
+        job, "killable", KILLABLE_SCRIPT, {"mini_batch_size": 3, "retry_settings": {"max_retries": 1}}, {"instance_count": 2}
+    )
     job.chmod(0o755)
 
 
@@ -259,7 +265,9 @@ def test_a_celery_worker_killed_mid_mini_batch_its_mini_batch_is_retried_elsewhe
     def kill_the_slow_mini_batchs_worker() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if any(run_dir.glob("_batchscore/scratch/**/mb-00002.try-*/outputs-*/slow")):  # the container writes there while it scores
+            if any(
+                run_dir.glob("_batchscore/scratch/**/mb-00002.try-*/outputs-*/slow")
+            ):  # the container writes there while it scores
                 host = _score_hosts(airflow, "killable", run_id)[2]["hostname"]
                 if host == CONTAINER_HOSTNAME:
                     subprocess.run(["docker", "kill", CONTAINER_WORKER], check=True, capture_output=True)

@@ -80,7 +80,9 @@ def test_the_stack_has_the_official_services_and_every_airflow_service_runs_batc
         assert service["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
         assert service["environment"]["AIRFLOW__API_AUTH__JWT_SECRET"] == "jwt-secret-of-the-test", name
     assert _command(config["services"]["airflow-worker"]) == ["celery", "worker", "--queues", "default"]
-    assert config["services"]["airflow-apiserver"]["depends_on"]["airflow-init"] == {"condition": "service_completed_successfully"}
+    assert config["services"]["airflow-apiserver"]["depends_on"]["airflow-init"] == {
+        "condition": "service_completed_successfully"
+    }
 
 
 def test_every_airflow_service_maps_exactly_the_folders_it_mounts_to_the_docker_host(settings) -> None:

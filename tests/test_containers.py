@@ -94,7 +94,9 @@ def test_the_runtime_gets_the_settings_the_try_and_the_leased_gpu_count(deployme
         "--attempt": "3",
         "--gpus": "2",  # the runtime pins each worker to one of them
     }
-    assert "--gpus" not in scoring_container(d, run_layout(d, "r"), 0, 1, user=None, labels={}).command  # unknown count: no pinning
+    assert (
+        "--gpus" not in scoring_container(d, run_layout(d, "r"), 0, 1, user=None, labels={}).command
+    )  # unknown count: no pinning
 
 
 def test_the_lockdown_reaches_the_host_config(deployment, monkeypatch) -> None:

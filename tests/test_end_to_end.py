@@ -70,7 +70,11 @@ def test_a_failing_mini_batch_within_azures_default_thresholds_is_recorded_not_f
         """,
     )
     path = deployment_file(
-        tmp_path / "deployments", model=iris_example / "model", code=code, inputs=iris_example / "data", settings={"mini_batch_size": 5}
+        tmp_path / "deployments",
+        model=iris_example / "model",
+        code=code,
+        inputs=iris_example / "data",
+        settings={"mini_batch_size": 5},
     )
 
     dag_run, endpoint = run_dag(path, monkeypatch)

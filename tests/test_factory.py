@@ -35,8 +35,11 @@ def test_example_dags_load_with_plan_score_merge_per_deployment(iris_example: Pa
     assert sorted(bag.dag_ids) == ["iris-batch", "iris-custom-outputs", "iris-nightly", "iris-transform"]
     dag = bag.dags["iris-batch"]
     assert sorted(dag.task_ids) == [  # warm workers, the default: a setup and a teardown task
-        "iris-sklearn.merge", "iris-sklearn.plan", "iris-sklearn.score",
-        "iris-sklearn.start_workers", "iris-sklearn.stop_workers",
+        "iris-sklearn.merge",
+        "iris-sklearn.plan",
+        "iris-sklearn.score",
+        "iris-sklearn.start_workers",
+        "iris-sklearn.stop_workers",
     ]
     plan, start, score, merge = (dag.get_task(f"iris-sklearn.{t}") for t in ("plan", "start_workers", "score", "merge"))
     assert score.upstream_task_ids == {plan.task_id, start.task_id} and merge.upstream_task_ids == {score.task_id}
@@ -84,8 +87,7 @@ def test_every_broken_file_is_listed_and_duplicates_across_files_are_refused(iri
         dags[INVALID_DAG_ID].validate()
     assert str(info.value).splitlines() == [
         f"{folder / 'a-syntax.yaml'}:2: YAML syntax error: mapping values are not allowed here",
-        f"{folder / 'z-copy.yaml'}:5: endpoint_name: endpoint 'iris-batch' is already defined in "
-        f"{folder / 'iris-batch.yaml'}:5",
+        f"{folder / 'z-copy.yaml'}:5: endpoint_name: endpoint 'iris-batch' is already defined in {folder / 'iris-batch.yaml'}:5",
     ]
 
 
@@ -96,9 +98,7 @@ def test_a_missing_deployments_folder_is_reported_not_ignored(tmp_path: Path) ->
     assert str(info.value) == f"{tmp_path / 'nope'}: the deployments folder does not exist"
 
 
-def test_an_output_folder_shared_across_files_names_the_clashing_deployments_line(
-    iris_example: Path, tmp_path: Path
-) -> None:
+def test_an_output_folder_shared_across_files_names_the_clashing_deployments_line(iris_example: Path, tmp_path: Path) -> None:
     folder = examples_copy(tmp_path / "deployments")
     taken = f"{REPO}/var/output/iris-batch"  # iris-batch.yaml writes here
     common = (
@@ -126,9 +126,7 @@ def test_an_output_folder_shared_across_files_names_the_clashing_deployments_lin
     )
 
 
-def test_every_dag_has_the_trigger_forms_params_and_each_merge_updates_its_output_asset(
-    iris_example: Path, monkeypatch
-) -> None:
+def test_every_dag_has_the_trigger_forms_params_and_each_merge_updates_its_output_asset(iris_example: Path, monkeypatch) -> None:
     bag = parse(monkeypatch)
 
     for dag_id, deployment in [("iris-batch", "iris-sklearn"), ("iris-nightly", "iris-parquet")]:
@@ -155,8 +153,11 @@ def test_warm_workers_put_a_setup_and_a_teardown_task_around_the_scoring_tasks(
     assert bag.import_errors == {}
     dag = bag.dags["iris-batch"]
     assert sorted(dag.task_ids) == [
-        "iris-sklearn.merge", "iris-sklearn.plan", "iris-sklearn.score",
-        "iris-sklearn.start_workers", "iris-sklearn.stop_workers",
+        "iris-sklearn.merge",
+        "iris-sklearn.plan",
+        "iris-sklearn.score",
+        "iris-sklearn.start_workers",
+        "iris-sklearn.stop_workers",
     ]
     plan, start, score, stop, merge = (
         dag.get_task(f"iris-sklearn.{t}") for t in ("plan", "start_workers", "score", "stop_workers", "merge")
@@ -189,7 +190,11 @@ def test_a_deployments_queue_and_pool_go_to_the_tasks_that_use_its_scoring_hosts
     for dag_id, group in (("iris-batch", "iris-sklearn"), ("iris-transform", "iris-serve")):
         dag = bag.dags[dag_id]
         score = dag.get_task(f"{group}.score")
-        assert (score.partial_kwargs["queue"], score.partial_kwargs["pool"], score.partial_kwargs["pool_slots"]) == ("gpu", "gpus", 2)
+        assert (score.partial_kwargs["queue"], score.partial_kwargs["pool"], score.partial_kwargs["pool_slots"]) == (
+            "gpu",
+            "gpus",
+            2,
+        )
         for task_id in ("plan", "merge"):  # shared storage only: any worker of the default queue
             task = dag.get_task(f"{group}.{task_id}")
             assert (task.queue, task.pool) == ("default", "default_pool"), task.task_id

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -30,12 +30,12 @@ from tests.helpers import deployment_file, load, write
 
 pytestmark = pytest.mark.docker
 
-RUN_AFTER = datetime(2026, 1, 1, tzinfo=timezone.utc)
+RUN_AFTER = datetime(2026, 1, 1, tzinfo=UTC)
 RUN_ID = f"manual__{RUN_AFTER.isoformat()}"  # what dag.test(run_after=RUN_AFTER, logical_date=RUN_AFTER) names it
 
 # One row per file it could read: file, rows, first id. The faults are chosen by file name, and by
 # mini-batch (BATCHSCORE_MINI_BATCH) for those that happen before run() sees any file.
-FAULTS_SCRIPT = '''
+FAULTS_SCRIPT = """
 import os
 import time
 
@@ -78,7 +78,7 @@ def run(mini_batch):
             row.update(detail={"rank": 1, "labels": ["a", "b"]}, tags=[1, 2], obj=Opaque())
         results.append(row)
     return results
-'''
+"""
 
 # mini_batch_size 2, natural order: mb-00000 = a0, a1; mb-00001 = b0, b1; ...
 FAULT_FILES = [
@@ -152,8 +152,11 @@ def test_faults_each_end_in_a_message_naming_the_mini_batch_file_or_setting(
             "input": {"path": str(inputs), "pattern": pattern},
             "output": {"path": str(output)},
             # One container per mini-batch: init() here fails per mini-batch (it reads BATCHSCORE_MINI_BATCH).
-            "settings": {"mini_batch_size": mini_batch_size, "retry_settings": {"max_retries": 0},
-                         "worker_mode": "per_mini_batch"},
+            "settings": {
+                "mini_batch_size": mini_batch_size,
+                "retry_settings": {"max_retries": 0},
+                "worker_mode": "per_mini_batch",
+            },
         }
 
     out = tmp_path / "out"
@@ -194,9 +197,7 @@ def test_faults_each_end_in_a_message_naming_the_mini_batch_file_or_setting(
     assert dag_run.run_id == RUN_ID
     tis = states(dag_run)
     failed_mbs = [1, 4, 5, 6, 7, 8, 9, 10, 11, 12]
-    assert [tis[("faults.score", i)] for i in range(15)] == [
-        "failed" if i in failed_mbs else "success" for i in range(15)
-    ]
+    assert [tis[("faults.score", i)] for i in range(15)] == ["failed" if i in failed_mbs else "success" for i in range(15)]
     assert tis[("faults.merge", -1)] == "success"  # Azure's default thresholds allow every failure
 
     # The failing task's exception: mini-batch, exception and the file it concerns.
@@ -330,9 +331,7 @@ def plan_size(deployment, name: str) -> int:
     return next(f["size"] for f in mb["files"] if f["path"] == name)
 
 
-def test_a_model_folder_deleted_after_the_yaml_was_loaded_fails_naming_model_path(
-    iris_example: Path, tmp_path: Path
-) -> None:
+def test_a_model_folder_deleted_after_the_yaml_was_loaded_fails_naming_model_path(iris_example: Path, tmp_path: Path) -> None:
     """The DAG holds the deployment as it was when the YAML was parsed; a task re-validates it
     when it runs. dag.test() re-parses the DAGs folder first (where the YAML now fails to load,
     an import error), so the DAG's operators are run directly, as a worker runs a parsed DAG's tasks."""
@@ -360,7 +359,9 @@ def test_a_model_folder_deleted_after_the_yaml_was_loaded_fails_naming_model_pat
             dag.get_task(task_id).execute(context)
         assert str(info.value).startswith(expected), task_id
     score = ScoreOperator(  # a mapped score task is made from the same deployment, and checks it when it runs
-        task_id="score", endpoint_name="lost-model", deployment=dag.get_task("test-deployment.plan").deployment,
+        task_id="score",
+        endpoint_name="lost-model",
+        deployment=dag.get_task("test-deployment.plan").deployment,
         mini_batch={"index": 0, "files": 1, "bytes": 1, "label": "mb-00000 (1 file)"},
     )
     with pytest.raises(BatchScoreError) as info:
@@ -390,8 +391,12 @@ def test_two_runs_of_one_deployment_scored_at_the_same_time_keep_their_own_folde
         """,
     )
     yaml_path = deployment_file(
-        tmp_path / "deployments", model=iris_example / "model", code=tmp_path / "code", inputs=inputs,
-        endpoint="twice", settings={"mini_batch_size": 2},
+        tmp_path / "deployments",
+        model=iris_example / "model",
+        code=tmp_path / "code",
+        inputs=inputs,
+        endpoint="twice",
+        settings={"mini_batch_size": 2},
     )
     spec = load(yaml_path).deployments[0]
     common = {"endpoint_name": "twice", "deployment": spec.model_dump(mode="json", by_alias=True)}
@@ -414,7 +419,9 @@ def test_two_runs_of_one_deployment_scored_at_the_same_time_keep_their_own_folde
         results = [j.result() for j in jobs]
     assert [r["rows"] for r in results] == [2, 2, 1, 2]
 
-    summaries = {run: MergeOperator(task_id="merge", **common).execute({"run_id": rid, "params": {}}) for run, rid in runs.items()}
+    summaries = {
+        run: MergeOperator(task_id="merge", **common).execute({"run_id": rid, "params": {}}) for run, rid in runs.items()
+    }
     dirs = {run: spec.output.path / run_key(rid) for run, rid in runs.items()}
     assert dirs["A"] != dirs["B"]
     assert pd.read_csv(dirs["A"] / "predictions.csv")["file"].tolist() == ["a0.csv", "a1.csv", "a2.csv"]
@@ -425,5 +432,7 @@ def test_two_runs_of_one_deployment_scored_at_the_same_time_keep_their_own_folde
     for run in "AB":
         ledger = pd.read_csv(dirs[run] / "processed_mini-batches.csv")
         assert ledger["status"].tolist() == ["succeeded", "succeeded"]
-        spans += [(datetime.fromisoformat(s), datetime.fromisoformat(f)) for s, f in zip(ledger["started_at"], ledger["finished_at"])]
+        spans += [
+            (datetime.fromisoformat(s), datetime.fromisoformat(f)) for s, f in zip(ledger["started_at"], ledger["finished_at"])
+        ]
     assert max(s for s, _ in spans) < min(f for _, f in spans)

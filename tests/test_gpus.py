@@ -149,9 +149,7 @@ def test_no_gpus_means_no_requests_and_no_lock_folder(lock_dir):
 def test_shared_requests_are_what_docker_run_gpus_sends_and_take_no_lock(lock_dir):
     with lease_gpus(2, True, label="x", inventory=None, lock_dir=lock_dir) as lease:
         assert lease == GpuAssignment(gpu_request(count=2), None, 2)
-        assert docker_json(lease) == [
-            {"Driver": "", "Count": 2, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
-        ]
+        assert docker_json(lease) == [{"Driver": "", "Count": 2, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
     with lease_gpus("all", True, label="x", inventory=["0", "1", "2"], lock_dir=lock_dir) as lease:
         assert lease == GpuAssignment(gpu_request(count=-1), None, 3)
         assert docker_json(lease)[0]["Count"] == -1
@@ -283,9 +281,7 @@ def wait_in_thread(gpus, lock_dir: Path, *, seconds: float, log: logging.Logger 
     """Lease in a thread; TimeoutError if it has no lease after ``seconds`` (it is then left
     waiting, as a daemon thread, until what it waits for is released)."""
     got: list = []
-    thread = threading.Thread(
-        target=lambda: got.append(_lease_and_release(gpus, lock_dir, log)), daemon=True
-    )
+    thread = threading.Thread(target=lambda: got.append(_lease_and_release(gpus, lock_dir, log)), daemon=True)
     thread.start()
     thread.join(seconds)
     if not got:
@@ -308,8 +304,7 @@ def test_waiting_is_logged_once_with_the_holder_then_the_lease(lock_dir, holders
     time.sleep(0.6)  # a dozen polls
     assert not result
     assert records.messages == [
-        f"waiting for GPU 1 for thread: GPU 1 is held by pid {a.proc.pid} on {HOST} "
-        "(iris-batch/iris-sklearn/run-1/mb-00000)"
+        f"waiting for GPU 1 for thread: GPU 1 is held by pid {a.proc.pid} on {HOST} (iris-batch/iris-sklearn/run-1/mb-00000)"
     ]
     a.release()
     thread.join(10)
@@ -418,21 +413,23 @@ def fake_nvidia_smi(folder: Path, script: str) -> None:
 
 @pytest.mark.parametrize(
     "value, expected",
-    [("0,1", ["0", "1"]), (" 0 , 1 ,, 2 ", ["0", "1", "2"]), ("", []), (" ", []),
-     ("GPU-aa,GPU-bb,GPU-aa", ["GPU-aa", "GPU-bb"])],
+    [("0,1", ["0", "1"]), (" 0 , 1 ,, 2 ", ["0", "1", "2"]), ("", []), (" ", []), ("GPU-aa,GPU-bb,GPU-aa", ["GPU-aa", "GPU-bb"])],
 )
 def test_inventory_from_batchscore_gpus_wins_over_nvidia_smi(value, expected, monkeypatch, tmp_path):
-    fake_nvidia_smi(tmp_path / "bin", 'echo 7\n')
+    fake_nvidia_smi(tmp_path / "bin", "echo 7\n")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     monkeypatch.setenv("BATCHSCORE_GPUS", value)
     assert gpu_inventory() == expected
 
 
 def test_inventory_from_nvidia_smi(monkeypatch, tmp_path):
-    fake_nvidia_smi(tmp_path / "bin", """
+    fake_nvidia_smi(
+        tmp_path / "bin",
+        """
         [ "$1 $2" = "--query-gpu=index --format=csv,noheader" ] || { echo "bad arguments: $*" >&2; exit 2; }
         printf '0\\n1\\n2\\n3\\n'
-    """)
+    """,
+    )
     monkeypatch.delenv("BATCHSCORE_GPUS", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     assert gpu_inventory() == ["0", "1", "2", "3"]
@@ -443,10 +440,13 @@ def test_inventory_from_nvidia_smi(monkeypatch, tmp_path):
 def test_failing_or_hanging_nvidia_smi_gives_none_and_a_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.delenv("BATCHSCORE_GPUS", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    fake_nvidia_smi(tmp_path / "bin", """
+    fake_nvidia_smi(
+        tmp_path / "bin",
+        """
         echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver." >&2
         exit 9
-    """)
+    """,
+    )
     with caplog.at_level(logging.WARNING, logger="batchscore.gpus"):
         assert gpu_inventory() is None
     assert caplog.messages == [

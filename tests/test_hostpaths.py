@@ -14,15 +14,19 @@ from pathlib import Path
 import pytest
 from docker.types import Mount
 
+from batchscore.engine import docker_client
 from batchscore.errors import ContainerSecurityError, HostPathError
 from batchscore.hostpaths import HOST_PATHS_ENV, PathMapping, check, container_mounts, for_docker, host_path, parse
-from batchscore.engine import docker_client
 from tests.conftest import REPO
 
 
 def test_a_mapping_is_parsed_and_the_longest_worker_folder_wins() -> None:
     mappings = parse(" /opt/batchscore=/home/me/batchscore , /opt/batchscore/var=/srv/var,\n/data=/srv/data/ ")
-    assert [str(m) for m in mappings] == ["/opt/batchscore=/home/me/batchscore", "/opt/batchscore/var=/srv/var", "/data=/srv/data"]
+    assert [str(m) for m in mappings] == [
+        "/opt/batchscore=/home/me/batchscore",
+        "/opt/batchscore/var=/srv/var",
+        "/data=/srv/data",
+    ]
     assert host_path("/opt/batchscore/include/batchscore_runtime", mappings) == "/home/me/batchscore/include/batchscore_runtime"
     assert host_path("/opt/batchscore/var/output/run-1", mappings) == "/srv/var/output/run-1"
     assert host_path("/data", mappings) == "/srv/data"
@@ -33,7 +37,11 @@ def test_a_mapping_is_parsed_and_the_longest_worker_folder_wins() -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("/data", "BATCHSCORE_HOST_PATHS: entry '/data' is not <folder in the worker>=<folder on the Docker host>, e.g. /opt/batchscore=/home/me/batchscore"),
+        (
+            "/data",
+            "BATCHSCORE_HOST_PATHS: entry '/data' is not <folder in the worker>=<folder on the Docker host>, "
+            "e.g. /opt/batchscore=/home/me/batchscore",
+        ),
         ("/data=srv/data", "BATCHSCORE_HOST_PATHS: entry '/data=srv/data': the host folder 'srv/data' is not an absolute path"),
         ("data=/srv", "BATCHSCORE_HOST_PATHS: entry 'data=/srv': the worker folder 'data' is not an absolute path"),
         ("/data=/a,/data/=/b", "BATCHSCORE_HOST_PATHS: a worker folder is mapped twice in '/data=/a,/data/=/b'"),
@@ -176,4 +184,3 @@ def test_inside_the_airflow_image_a_worker_finds_its_own_container_and_checks_th
     cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True).stdout.strip()
     subprocess.run(["docker", "rm", "-f", name], capture_output=True)
     assert done.stdout.strip().splitlines()[-1] == message.format(data=data, repo=REPO, cid=cid[:12]), done.stderr
-

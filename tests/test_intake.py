@@ -24,8 +24,14 @@ EXPECTED = Expected(index=3, files=("a.csv", "b.csv"), attempt=2, worker=None, r
 
 def report(**changes) -> dict:
     data = MiniBatchStatus(
-        index=3, state="succeeded", files=2, rows=2, result_file="result-0123abcd.parquet", attempt=2,
-        started_at="2026-11-28T00:00:00.000+00:00", finished_at="2026-11-28T00:00:01.000+00:00",
+        index=3,
+        state="succeeded",
+        files=2,
+        rows=2,
+        result_file="result-0123abcd.parquet",
+        attempt=2,
+        started_at="2026-11-28T00:00:00.000+00:00",
+        finished_at="2026-11-28T00:00:01.000+00:00",
     ).to_json()
     data.update(changes)
     return data
@@ -79,7 +85,10 @@ def test_no_report_is_no_intake(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"outputs_dir": "../../../../etc"}, "its report's outputs_dir is '../../../../etc', which is not possible for this mini-batch"),
+        (
+            {"outputs_dir": "../../../../etc"},
+            "its report's outputs_dir is '../../../../etc', which is not possible for this mini-batch",
+        ),
         ({"result_file": "/etc/shadow"}, "its report's result_file is '/etc/shadow', which is not possible for this mini-batch"),
         ({"index": 4}, "its report's index is 4, which is not possible for this mini-batch"),
         ({"files": 1000}, "its report's files is 1000, which is not possible for this mini-batch"),
@@ -87,13 +96,24 @@ def test_no_report_is_no_intake(tmp_path: Path) -> None:
         ({"failed_items": 3}, "its report's failed_items is 3, which is not possible for this mini-batch"),
         ({"run_seconds": float("nan")}, "its report's run_seconds is nan, which is not possible for this mini-batch"),
         ({"state": "committed"}, "its report's state is 'committed', which is not possible for this mini-batch"),
-        ({"item_errors": [{"file": "/etc/passwd", "type": "X", "message": "m"}]},
-         "its report has an item error for '/etc/passwd', which is not a file of this mini-batch"),
-        ({"item_errors": [{"file": ["a.csv"], "type": "X", "message": "m"}]},
-         "its report has an item error for ['a.csv'], which is not a file of this mini-batch"),
+        (
+            {"item_errors": [{"file": "/etc/passwd", "type": "X", "message": "m"}]},
+            "its report has an item error for '/etc/passwd', which is not a file of this mini-batch",
+        ),
+        (
+            {"item_errors": [{"file": ["a.csv"], "type": "X", "message": "m"}]},
+            "its report has an item error for ['a.csv'], which is not a file of this mini-batch",
+        ),
         ({"result_file": None}, "its report says succeeded but names no result file"),
-        ({"version": 99}, "its report is not a mini-batch status (status file has format version 99, this batchscore reads version 1)"),
-        ({"error": "boom"}, "its report is not a mini-batch status (batchscore_runtime.formats.ErrorInfo() argument after ** must be a mapping, not str)"),
+        (
+            {"version": 99},
+            "its report is not a mini-batch status (status file has format version 99, this batchscore reads version 1)",
+        ),
+        (
+            {"error": "boom"},
+            "its report is not a mini-batch status "
+            "(batchscore_runtime.formats.ErrorInfo() argument after ** must be a mapping, not str)",
+        ),
     ],
 )
 def test_a_forged_report_is_rejected_naming_the_field(tmp_path: Path, changes: dict, message: str) -> None:
@@ -107,7 +127,8 @@ def test_a_forged_report_is_rejected_naming_the_field(tmp_path: Path, changes: d
 
 def test_a_result_file_that_lies_about_its_rows_is_rejected(tmp_path: Path) -> None:
     scratch(tmp_path, report(rows=5), rows=2)
-    with pytest.raises(ResultRejected, match=r"^mb-00003: the result of try 2 is not accepted: its result file has 2 rows but its report says 5$"):
+    expected = r"^mb-00003: the result of try 2 is not accepted: its result file has 2 rows but its report says 5$"
+    with pytest.raises(ResultRejected, match=expected):
         take(tmp_path)
     assert not list(result_dir(tmp_path).path.glob("result-*"))
 
@@ -122,7 +143,9 @@ def test_links_are_never_followed(tmp_path: Path) -> None:
     folder = scratch(tmp_path, report())
     (folder / "result-0123abcd.parquet").unlink()
     (folder / "result-0123abcd.parquet").symlink_to(host / "key.txt")
-    with pytest.raises(ResultRejected, match=r"its result file result-0123abcd.parquet cannot be taken \(it is a symbolic link\)$"):
+    with pytest.raises(
+        ResultRejected, match=r"its result file result-0123abcd.parquet cannot be taken \(it is a symbolic link\)$"
+    ):
         take(tmp_path)
 
     # The report itself is a link: rejected.
@@ -168,8 +191,15 @@ def test_custom_outputs_keep_regular_files_only(tmp_path: Path) -> None:
 
 
 def test_a_failed_report_keeps_its_error_cut_to_size(tmp_path: Path) -> None:
-    scratch(tmp_path, report(state="failed", result_file=None, rows=0, error={
-        "type": "ValueError", "message": "x" * 10_000, "traceback": "", "file": "/etc/passwd"}))
+    scratch(
+        tmp_path,
+        report(
+            state="failed",
+            result_file=None,
+            rows=0,
+            error={"type": "ValueError", "message": "x" * 10_000, "traceback": "", "file": "/etc/passwd"},
+        ),
+    )
     intake = take(tmp_path)
     assert intake is not None and not intake.status.succeeded
     error = result_dir(tmp_path).read_status().error

@@ -109,9 +109,7 @@ def test_start_refuses_a_busy_port(tmp_path: Path) -> None:
 
 @scheduler
 def test_start_failure_shows_the_failing_log(tmp_path: Path) -> None:
-    af = LocalAirflow(
-        tmp_path / "home", tmp_path / "dags", env={"AIRFLOW__CORE__EXECUTOR": "no.such.Executor"}
-    )
+    af = LocalAirflow(tmp_path / "home", tmp_path / "dags", env={"AIRFLOW__CORE__EXECUTOR": "no.such.Executor"})
     with pytest.raises(LocalAirflowError, match=r"scheduler exited") as err:
         af.start(timeout=120)
     assert "scheduler.log" in str(err.value)
@@ -130,9 +128,7 @@ def test_import_errors_are_reported(stack: dict) -> None:
     deadline = time.monotonic() + 60
     while not (errors := af.import_errors()) and time.monotonic() < deadline:
         time.sleep(1)
-    assert any(
-        e["filename"].endswith("broken.py") and "broken on purpose" in e["stack_trace"] for e in errors
-    ), errors
+    assert any(e["filename"].endswith("broken.py") and "broken on purpose" in e["stack_trace"] for e in errors), errors
 
 
 @scheduler
@@ -174,8 +170,7 @@ def test_clear_one_failed_mapped_instance_reruns_only_it(stack: dict) -> None:
         assert second[key]["try_number"] == first[key]["try_number"] + 1, key  # rerun
     total = af.api(
         "GET",
-        f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}"
-        "/taskInstances/total/xcomEntries/return_value",
+        f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/total/xcomEntries/return_value",
     )
     assert total["value"] == 1 + 4 + 9
 

@@ -68,8 +68,14 @@ def commit(d, index: int, table: pa.Table | None, error: str | None = None, **st
     status = {"failed_items": max(0, 2 - table.num_rows), **status}
     mb_dir.commit(
         MiniBatchStatus(
-            index=index, state="succeeded", files=2, rows=table.num_rows, result_file=name,
-            run_seconds=0.5, started_at="2026-11-21T10:00:00+00:00", finished_at="2026-11-21T10:00:02+00:00",
+            index=index,
+            state="succeeded",
+            files=2,
+            rows=table.num_rows,
+            result_file=name,
+            run_seconds=0.5,
+            started_at="2026-11-21T10:00:00+00:00",
+            finished_at="2026-11-21T10:00:02+00:00",
             **status,
         )
     )
@@ -102,10 +108,35 @@ def test_the_summary_file_keeps_its_keys_and_reads_back_as_a_summary(make_run) -
     path = run_layout(d, RUN).summary_file
     data = json.loads(path.read_text())
     assert list(data) == [
-        "endpoint", "deployment", "run_id", "status", "run_folder", "output", "error", "contract", "worker_mode",
-        "warm_workers", "output_action", "output_layout", "ledger", "errors", "input", "mini_batch_size",
-        "mini_batches", "items", "rows", "returned_elements", "custom_outputs", "thresholds", "durations",
-        "rows_per_second", "rows_per_run_second", "failures", "planned_at", "merged_at", "version",
+        "endpoint",
+        "deployment",
+        "run_id",
+        "status",
+        "run_folder",
+        "output",
+        "error",
+        "contract",
+        "worker_mode",
+        "warm_workers",
+        "output_action",
+        "output_layout",
+        "ledger",
+        "errors",
+        "input",
+        "mini_batch_size",
+        "mini_batches",
+        "items",
+        "rows",
+        "returned_elements",
+        "custom_outputs",
+        "thresholds",
+        "durations",
+        "rows_per_second",
+        "rows_per_run_second",
+        "failures",
+        "planned_at",
+        "merged_at",
+        "version",
     ]
     assert data["warm_workers"] == [
         {"worker": "w1", "state": "ready", "init_seconds": 0.5, "processes": 1, "mini_batches": ["mb-00000"], "error": None}
@@ -116,12 +147,20 @@ def test_the_summary_file_keeps_its_keys_and_reads_back_as_a_summary(make_run) -
     assert data["custom_outputs"] == {"files": 0, "renamed": []}
     assert data["thresholds"]["error_threshold"] == {"limit": -1, "observed": 2, "exceeded": False}
     assert list(data["durations"]) == [
-        "first_mini_batch_started_at", "last_mini_batch_finished_at", "scoring_wall_seconds",
-        "init_seconds_total", "run_seconds_total", "merge_seconds",
+        "first_mini_batch_started_at",
+        "last_mini_batch_finished_at",
+        "scoring_wall_seconds",
+        "init_seconds_total",
+        "run_seconds_total",
+        "merge_seconds",
     ]
     assert data["failures"] == [
-        {"mini_batch": "mb-00001", "reason": "missing", "error": "no result was committed (the task failed or never ran)",
-         "files": 2}
+        {
+            "mini_batch": "mb-00001",
+            "reason": "missing",
+            "error": "no result was committed (the task failed or never ran)",
+            "files": 2,
+        }
     ]
     assert data == summary.to_json() and Summary.from_json(data) == summary
     del data["version"]  # a summary written before the key was added reads as version 1
@@ -225,17 +264,45 @@ def test_the_ledger_has_a_line_per_mini_batch(make_run) -> None:
     merge_run("ep", d, RUN)
     ledger = pd.read_csv(run_layout(d, RUN).root / "processed_mini-batches.csv", keep_default_na=False, dtype=str)
     assert ledger.columns.tolist() == [
-        "mini_batch", "files", "bytes", "status", "attempts", "rows", "failed_items", "seconds",
-        "init_seconds", "run_seconds", "workers", "worker", "started_at", "finished_at", "error",
+        "mini_batch",
+        "files",
+        "bytes",
+        "status",
+        "attempts",
+        "rows",
+        "failed_items",
+        "seconds",
+        "init_seconds",
+        "run_seconds",
+        "workers",
+        "worker",
+        "started_at",
+        "finished_at",
+        "error",
     ]
     first, second = ledger.to_dict("records")
     assert first == {
-        "mini_batch": "mb-00000", "files": "2", "bytes": "4", "status": "succeeded", "attempts": "3", "rows": "2",
-        "failed_items": "0", "seconds": "2.0", "init_seconds": "0.25", "run_seconds": "0.5", "workers": "2",
-        "worker": "", "started_at": "2026-11-21T10:00:00+00:00", "finished_at": "2026-11-21T10:00:02+00:00", "error": "",
+        "mini_batch": "mb-00000",
+        "files": "2",
+        "bytes": "4",
+        "status": "succeeded",
+        "attempts": "3",
+        "rows": "2",
+        "failed_items": "0",
+        "seconds": "2.0",
+        "init_seconds": "0.25",
+        "run_seconds": "0.5",
+        "workers": "2",
+        "worker": "",
+        "started_at": "2026-11-21T10:00:00+00:00",
+        "finished_at": "2026-11-21T10:00:02+00:00",
+        "error": "",
     }
     assert (second["status"], second["attempts"], second["failed_items"], second["error"]) == (
-        "failed", "2", "2", "ValueError: bad row 7"
+        "failed",
+        "2",
+        "2",
+        "ValueError: bad row 7",
     )
 
 
@@ -269,7 +336,9 @@ def test_custom_outputs_are_collected_without_clashes_and_a_re_merge_places_each
         write(outputs / "part.parquet", f"data {index}")
         write(outputs / f"own-{index}.txt", "x")
         write(outputs / "summary.json", "a script's own summary")  # clashes with the run's summary
-        mb_dir.commit(MiniBatchStatus(index=index, state="succeeded", files=2, rows=2, outputs_dir=outputs.name, custom_outputs=3))
+        mb_dir.commit(
+            MiniBatchStatus(index=index, state="succeeded", files=2, rows=2, outputs_dir=outputs.name, custom_outputs=3)
+        )
 
     first = merge_run("ep", d, RUN)
     second = merge_run("ep", d, RUN)
@@ -277,8 +346,15 @@ def test_custom_outputs_are_collected_without_clashes_and_a_re_merge_places_each
     root = layout.root
     placed = sorted(p.name for p in root.iterdir() if p.is_file())
     assert placed == [
-        "errors.csv", "own-0.txt", "own-1.txt", "part-mb-00001.parquet", "part.parquet",
-        "processed_mini-batches.csv", "summary-mb-00000.json", "summary-mb-00001.json", "summary.json",
+        "errors.csv",
+        "own-0.txt",
+        "own-1.txt",
+        "part-mb-00001.parquet",
+        "part.parquet",
+        "processed_mini-batches.csv",
+        "summary-mb-00000.json",
+        "summary-mb-00001.json",
+        "summary.json",
     ]
     assert (root / "part.parquet").read_text() == "data 0" and (root / "part-mb-00001.parquet").read_text() == "data 1"
     assert Summary.read(root / "summary.json").run_id == RUN
@@ -366,8 +442,14 @@ def test_a_refused_link_in_a_failed_mini_batch_keeps_its_own_reason(make_run, tm
     errors = pd.read_csv(run_layout(d, RUN).root / "errors.csv", keep_default_na=False)
     assert errors.values.tolist() == [
         ["mb-00001", "f2.csv", "", "ValueError", "run() raised"],
-        ["mb-00001", "f3.csv", "", "LinkRefused", (
-            f"input file f3.csv is a symbolic link to {tmp_path / 'host.csv'}, outside input.path ({tmp_path / 'in'}); "
-            "batchscore scores only files inside input.path: copy the file in or point input.path at its folder"
-        )],
+        [
+            "mb-00001",
+            "f3.csv",
+            "",
+            "LinkRefused",
+            (
+                f"input file f3.csv is a symbolic link to {tmp_path / 'host.csv'}, outside input.path ({tmp_path / 'in'}); "
+                "batchscore scores only files inside input.path: copy the file in or point input.path at its folder"
+            ),
+        ],
     ]

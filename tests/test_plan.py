@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from batchscore.errors import PlanError
-from batchscore.plan import list_input_files, mini_batch_refs, partition, partition_by_size, plan_run, run_layout
+from batchscore.partition import partition, partition_by_size
+from batchscore.plan import list_input_files, mini_batch_refs, plan_run, run_layout
 from batchscore_runtime.formats import InputFile
 from tests.helpers import deployment_file, load, write
 
@@ -78,16 +79,14 @@ def test_missing_and_empty_input_folders_fail_clearly(tmp_path: Path, make_deplo
     with pytest.raises(PlanError) as info:
         plan_run("ep", missing, "r")
     assert str(info.value) == (
-        f"input folder {tmp_path / 'nowhere'} of deployment 'test-deployment' does not exist or is not a "
-        "folder (key input.path)"
+        f"input folder {tmp_path / 'nowhere'} of deployment 'test-deployment' does not exist or is not a folder (key input.path)"
     )
     (tmp_path / "empty").mkdir()
     empty = make_deployment(tmp_path / "empty")
     with pytest.raises(PlanError) as info:
         plan_run("ep", empty, "r")
     assert str(info.value) == (
-        f"no input files match '*.csv' in {tmp_path / 'empty'} (deployment 'test-deployment', keys input.path "
-        "and input.pattern)"
+        f"no input files match '*.csv' in {tmp_path / 'empty'} (deployment 'test-deployment', keys input.path and input.pattern)"
     )
     assert not run_layout(empty, "r").plan_file.exists()
 
@@ -165,22 +164,39 @@ def test_links_to_files_inside_are_planned_as_their_target_and_others_are_refuse
     b, c = (inputs / "b.csv").stat(), (inputs / "sub" / "c.csv").stat()
     assert files == {
         "a.csv": InputFile("a.csv", 5, (inputs / "a.csv").stat().st_mtime_ns),
-        "abs.csv": InputFile("abs.csv", 0, os.lstat(inputs / "abs.csv").st_mtime_ns, refused=link_refusal("abs.csv", secret, inputs)),
+        "abs.csv": InputFile(
+            "abs.csv", 0, os.lstat(inputs / "abs.csv").st_mtime_ns, refused=link_refusal("abs.csv", secret, inputs)
+        ),
         "b.csv": InputFile("b.csv", 7, b.st_mtime_ns),
         "chain.csv": InputFile("chain.csv", 7, b.st_mtime_ns, target="b.csv"),
         "deep.csv": InputFile("deep.csv", 9, c.st_mtime_ns, target="sub/c.csv"),
-        "gone.csv": InputFile("gone.csv", 0, os.lstat(inputs / "gone.csv").st_mtime_ns, refused=(
-            f"input file gone.csv is a symbolic link to {inputs / 'missing.csv'}, which does not exist (a dangling "
-            "link); fix or remove the link"
-        )),
+        "gone.csv": InputFile(
+            "gone.csv",
+            0,
+            os.lstat(inputs / "gone.csv").st_mtime_ns,
+            refused=(
+                f"input file gone.csv is a symbolic link to {inputs / 'missing.csv'}, which does not exist (a dangling "
+                "link); fix or remove the link"
+            ),
+        ),
         "latest.csv": InputFile("latest.csv", 7, b.st_mtime_ns, target="b.csv"),
-        "loop.csv": InputFile("loop.csv", 0, os.lstat(inputs / "loop.csv").st_mtime_ns, refused=(
-            "input file loop.csv is a symbolic link that leads back to itself (a loop of links); fix or remove the link"
-        )),
-        "pipe.csv": InputFile("pipe.csv", 0, os.lstat(inputs / "pipe.csv").st_mtime_ns, refused=(
-            f"input file pipe.csv is a symbolic link to {inputs / 'fifo'}, which is not a regular file (a pipe, "
-            "socket or device); batchscore scores only regular files"
-        )),
+        "loop.csv": InputFile(
+            "loop.csv",
+            0,
+            os.lstat(inputs / "loop.csv").st_mtime_ns,
+            refused=(
+                "input file loop.csv is a symbolic link that leads back to itself (a loop of links); fix or remove the link"
+            ),
+        ),
+        "pipe.csv": InputFile(
+            "pipe.csv",
+            0,
+            os.lstat(inputs / "pipe.csv").st_mtime_ns,
+            refused=(
+                f"input file pipe.csv is a symbolic link to {inputs / 'fifo'}, which is not a regular file (a pipe, "
+                "socket or device); batchscore scores only regular files"
+            ),
+        ),
         "up.csv": InputFile("up.csv", 0, os.lstat(inputs / "up.csv").st_mtime_ns, refused=link_refusal("up.csv", secret, inputs)),
     }
     # The plan keeps the link's name and says where it is read; plans without links are as they were.
@@ -316,7 +332,10 @@ def test_size_mode_from_the_yaml(tmp_path: Path) -> None:
         (tmp_path / "in").mkdir(exist_ok=True)
         (tmp_path / "in" / f"f{i}.csv").write_bytes(b"x" * size)
     path = deployment_file(
-        tmp_path / "yaml", model=tmp_path / "model", code=tmp_path / "code", inputs=tmp_path / "in",
+        tmp_path / "yaml",
+        model=tmp_path / "model",
+        code=tmp_path / "code",
+        inputs=tmp_path / "in",
         settings={"mini_batch_size": "4kB", "max_files_per_mini_batch": 2},
     )
     d = load(path).deployments[0]

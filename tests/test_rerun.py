@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.scheduler]
 
 # Fails on iris-005.csv until a marker file appears next to the model, as a transient fault
 # (an unavailable service, a bad file that gets fixed) would.
-FLAKY_SCRIPT = '''
+FLAKY_SCRIPT = """
 import os
 import pandas as pd
 
@@ -33,7 +33,7 @@ def run(mini_batch):
         raise RuntimeError("upstream service unavailable")
     rows = [pd.read_csv(p).assign(file=os.path.basename(p)) for p in mini_batch]
     return pd.concat(rows, ignore_index=True)[["file", "id"]]
-'''
+"""
 
 
 def test_clearing_one_failed_mapped_instance_reruns_only_it_and_the_output_comes_out_exact(
@@ -45,8 +45,12 @@ def test_clearing_one_failed_mapped_instance_reruns_only_it_and_the_output_comes
     (tmp_path / "code" / "score.py").write_text(FLAKY_SCRIPT)
     deployments = tmp_path / "deployments"
     yaml_path = deployment_file(
-        deployments, model=model, code=tmp_path / "code", inputs=iris_example / "data",
-        endpoint="flaky", settings={"mini_batch_size": 5, "mini_batch_error_threshold": 0},
+        deployments,
+        model=model,
+        code=tmp_path / "code",
+        inputs=iris_example / "data",
+        endpoint="flaky",
+        settings={"mini_batch_size": 5, "mini_batch_error_threshold": 0},
     )
     deployment = load(yaml_path).deployments[0]
     dags = tmp_path / "dags"
@@ -93,9 +97,7 @@ def test_clearing_one_failed_mapped_instance_reruns_only_it_and_the_output_comes
 
 
 def expected_rows(data: Path) -> pd.DataFrame:
-    return pd.concat(
-        [pd.read_csv(f).assign(file=f.name) for f in sorted(data.glob("*.csv"))], ignore_index=True
-    )[["file", "id"]]
+    return pd.concat([pd.read_csv(f).assign(file=f.name) for f in sorted(data.glob("*.csv"))], ignore_index=True)[["file", "id"]]
 
 
 def stage(tmp_path: Path, script: str, settings: dict, endpoint: str):
@@ -106,8 +108,12 @@ def stage(tmp_path: Path, script: str, settings: dict, endpoint: str):
     (tmp_path / "code" / "score.py").write_text(script)
     deployments = tmp_path / "deployments"
     yaml_path = deployment_file(
-        deployments, model=model, code=tmp_path / "code", inputs=REPO / "include" / "examples" / "iris" / "data",
-        endpoint=endpoint, settings=settings,
+        deployments,
+        model=model,
+        code=tmp_path / "code",
+        inputs=REPO / "include" / "examples" / "iris" / "data",
+        endpoint=endpoint,
+        settings=settings,
     )
     dags = tmp_path / "dags"
     dags.mkdir()
@@ -115,9 +121,7 @@ def stage(tmp_path: Path, script: str, settings: dict, endpoint: str):
     return model, load(yaml_path).deployments[0], dags, {"BATCHSCORE_DEPLOYMENTS_DIR": str(deployments)}
 
 
-def test_clearing_only_the_failed_tasks_or_the_whole_run_converges_to_the_same_output(
-    iris_example: Path, tmp_path: Path
-) -> None:
+def test_clearing_only_the_failed_tasks_or_the_whole_run_converges_to_the_same_output(iris_example: Path, tmp_path: Path) -> None:
     model, deployment, dags, env = stage(
         tmp_path, FLAKY_SCRIPT, {"mini_batch_size": 5, "mini_batch_error_threshold": 0}, "converge"
     )
@@ -152,19 +156,20 @@ def test_clearing_only_the_failed_tasks_or_the_whole_run_converges_to_the_same_o
     assert len(list(results.glob("*/result-*.parquet"))) == 3  # one result per mini-batch, no stale parts
 
 
-SLOW_SCRIPT = '''
+SLOW_SCRIPT = """
 import os, time
 import pandas as pd
 
 def run(mini_batch):
     time.sleep(3)
     return pd.concat([pd.read_csv(p).assign(file=os.path.basename(p)) for p in mini_batch])[["file", "id"]]
-'''
+"""
 
 
 def test_a_run_survives_the_scheduler_being_stopped_and_started_again(iris_example: Path, tmp_path: Path) -> None:
     _, deployment, dags, env = stage(
-        tmp_path, SLOW_SCRIPT,
+        tmp_path,
+        SLOW_SCRIPT,
         {"mini_batch_size": 2, "mini_batch_error_threshold": 0, "retry_settings": {"max_retries": 2}},
         "restart",
     )

@@ -137,12 +137,8 @@ def test_params_override_input_output_and_mini_batch_size(iris_example: Path, tm
     assert applied.input.path == tmp_path / "in"  # resolved
     assert applied.output.path == tmp_path / "new-out"  # need not exist yet
     assert applied.settings.mini_batch_size == 7
-    assert applied.model_dump(exclude={"input", "output", "settings"}) == spec.model_dump(
-        exclude={"input", "output", "settings"}
-    )
-    assert applied.settings.model_dump(exclude={"mini_batch_size"}) == spec.settings.model_dump(
-        exclude={"mini_batch_size"}
-    )
+    assert applied.model_dump(exclude={"input", "output", "settings"}) == spec.model_dump(exclude={"input", "output", "settings"})
+    assert applied.settings.model_dump(exclude={"mini_batch_size"}) == spec.settings.model_dump(exclude={"mini_batch_size"})
 
 
 @pytest.mark.parametrize(
@@ -171,9 +167,7 @@ def test_params_override_input_output_and_mini_batch_size(iris_example: Path, tm
         ),
     ],
 )
-def test_a_bad_param_is_refused_naming_it_and_its_value(
-    iris_example: Path, tmp_path: Path, params: dict, message: str
-) -> None:
+def test_a_bad_param_is_refused_naming_it_and_its_value(iris_example: Path, tmp_path: Path, params: dict, message: str) -> None:
     spec = spec_of(tmp_path, iris_example)
     (tmp_path / "a-file").write_text("x")
     params = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in params.items()}
@@ -230,7 +224,7 @@ def raised_in(output: str, module: str) -> list[str]:
         elif block is not None and line.startswith(" "):
             block.append(line)
         elif block is not None:
-            if any(f"/{module}\", line " in frame and frame.endswith(", in execute") for frame in block):
+            if any(f'/{module}", line ' in frame and frame.endswith(", in execute") for frame in block):
                 found.append(line)
             block = None
     return found
@@ -320,11 +314,11 @@ def stack(iris_example: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             - {UPSTREAM_NAME}
         deployments:
           - name: iris
-            model: {{path: {iris_example / 'model'}}}
-            code_configuration: {{code: {iris_example / 'code'}, scoring_script: score.py}}
+            model: {{path: {iris_example / "model"}}}
+            code_configuration: {{code: {iris_example / "code"}, scoring_script: score.py}}
             environment: {{image: batchscore-scoring:latest}}
             input: {{path: {inputs}, pattern: "*.csv"}}
-            output: {{path: {root / 'yaml-out'}}}
+            output: {{path: {root / "yaml-out"}}}
             settings: {{mini_batch_size: 3, retry_settings: {{max_retries: 0}}}}
             resources: {{instance_count: 4}}
         """,
@@ -459,7 +453,10 @@ def test_a_cleared_mini_batch_of_a_run_with_params_reruns_with_the_same_params(
 
     cleared = af.clear(DAG_ID, run_id, [("iris.score", 2)], include_downstream=True)
     assert sorted((t["task_id"], t["map_index"]) for t in cleared) == [  # warm workers come back with it
-        ("iris.merge", -1), ("iris.score", 2), ("iris.start_workers", -1), ("iris.stop_workers", -1),
+        ("iris.merge", -1),
+        ("iris.score", 2),
+        ("iris.start_workers", -1),
+        ("iris.stop_workers", -1),
     ]
     assert af.wait_for_run(DAG_ID, run_id, timeout=300) == "success"
     after = {(t["task_id"], t["map_index"]): t for t in af.task_instances(DAG_ID, run_id)}

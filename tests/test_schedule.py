@@ -177,10 +177,7 @@ S = SCHEDULE_LINE
         ("\n  assets: [' ']", [f"{S + 1}: schedule.assets[0]: asset ' ': Asset name cannot be just whitespace"]),
         (
             " [a, b]",
-            [
-                f"{S}: schedule: schedule must be a cron expression, a preset, or a mapping with 'assets', "
-                'got ["a", "b"]'
-            ],
+            [f'{S}: schedule: schedule must be a cron expression, a preset, or a mapping with \'assets\', got ["a", "b"]'],
         ),
         (" 5", [f"{S}: schedule: schedule must be a cron expression, a preset, or a mapping with 'assets', got 5"]),
         (

@@ -190,8 +190,13 @@ def test_every_split_type_and_batch_strategy(
             deployment(
                 "lines-single",
                 {"lines.txt": lines},
-                {"SplitType": "Line", "BatchStrategy": "SingleRecord", "MaxConcurrentTransforms": 4,
-                 "ContentType": ECHO, "AssembleWith": "Line"},
+                {
+                    "SplitType": "Line",
+                    "BatchStrategy": "SingleRecord",
+                    "MaxConcurrentTransforms": 4,
+                    "ContentType": ECHO,
+                    "AssembleWith": "Line",
+                },
                 {"FAULT_DELAY_SECONDS": "0.5"},
             ),  # fmt: skip
             deployment(
@@ -207,8 +212,12 @@ def test_every_split_type_and_batch_strategy(
             deployment(
                 "tfrecord-single",
                 {"data.tfrecord": tfrecord(b"one", b"two", b"three")},
-                {"SplitType": "TFRecord", "BatchStrategy": "SingleRecord",
-                 "ContentType": "application/x-tfrecord", "AssembleWith": "Line"},
+                {
+                    "SplitType": "TFRecord",
+                    "BatchStrategy": "SingleRecord",
+                    "ContentType": "application/x-tfrecord",
+                    "AssembleWith": "Line",
+                },
             ),  # fmt: skip
         ],
     )
@@ -310,8 +319,12 @@ def test_retries_timeouts_and_execution_parameters(
             deployment(
                 "timeout",
                 {"fast.txt": b"quick\n", "slow.txt": b"slow\n"},
-                {"SplitType": "Line", "ContentType": ECHO, "AssembleWith": "Line",
-                 "ModelClientConfig": {"InvocationsTimeoutInSeconds": 1, "InvocationsMaxRetries": 1}},
+                {
+                    "SplitType": "Line",
+                    "ContentType": ECHO,
+                    "AssembleWith": "Line",
+                    "ModelClientConfig": {"InvocationsTimeoutInSeconds": 1, "InvocationsMaxRetries": 1},
+                },
                 {"FAULT_SLOW_MATCH": "slow", "FAULT_SLOW_SECONDS": "4"},
                 {"error_threshold": 1},
             ),  # fmt: skip
@@ -344,9 +357,7 @@ def test_retries_timeouts_and_execution_parameters(
     assert (timeout_run / "fast.txt.out").read_text().startswith("bytes=6 lines=1 inflight=")
     assert not (timeout_run / "slow.txt.out").exists()
     errors = pd.read_csv(timeout_run / "errors.csv", keep_default_na=False).values.tolist()
-    assert errors == [
-        ["mb-00000", "slow.txt", 1, "InvocationTimeout", "record 1: did not answer within 1 s after 2 attempts"]
-    ]
+    assert errors == [["mb-00000", "slow.txt", 1, "InvocationTimeout", "record 1: did not answer within 1 s after 2 attempts"]]
 
     # Container's /execution-parameters apply when the job sets nothing; the job's value wins otherwise.
     container = run_folder(endpoint, "container-params", dag_run)
@@ -414,9 +425,9 @@ def test_a_serving_container_gone_before_its_client_starts_fails_the_mini_batch_
     # the client is created, so Docker refuses to start it in its network namespace.
     from batchscore.errors import ScoringError
     from batchscore.operators.score import ScoreOperator
+    from batchscore.plan import mini_batch_refs, plan_run
     from batchscore.scoring import executor
     from batchscore.scoring.per_mini_batch import ContainerPerMiniBatch
-    from batchscore.plan import mini_batch_refs, plan_run
     from tests.helpers import load
 
     class ServingGoneFirst(ContainerPerMiniBatch):

@@ -240,7 +240,9 @@ def test_a_signal_mid_run_stops_airflow_and_the_runs_containers(command, sig: si
 def test_a_second_signal_kills_what_the_first_is_still_stopping(command, tmp_path: Path) -> None:
     cmd = command("--stop-grace", "3600", stubborn=True)  # without the second signal the stop would outlast the test
     run_id = cmd.run_id()
-    port = cmd.wait_for("the API's address", lambda: (m := re.search(r"Airflow is up at http://127.0.0.1:(\d+)", cmd.out)) and int(m[1]))
+    port = cmd.wait_for(
+        "the API's address", lambda: (m := re.search(r"Airflow is up at http://127.0.0.1:(\d+)", cmd.out)) and int(m[1])
+    )
     cmd.scoring()
     api = LocalAirflow(tmp_path / "airflow", cmd.dags, port=port)  # a client of the command's stack: not started
     api.wait_for_dag("stubborn")
@@ -283,7 +285,8 @@ def test_a_warm_workers_gpu_holder_ends_by_itself_once_the_sweep_removed_its_con
     holder = None
     try:
         subprocess.run(
-            ["docker", "run", "-d", "--name", name, *(a for label in labels for a in ("--label", label)), scoring_image, "sleep", "300"],
+            ["docker", "run", "-d", "--name", name, *(a for label in labels for a in ("--label", label)),
+             scoring_image, "sleep", "300"],
             check=True, capture_output=True,
         )  # fmt: skip
         _, _, holder = lease_for_worker(spec, name, name)

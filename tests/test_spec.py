@@ -66,9 +66,7 @@ def test_azure_layout_is_an_endpoint_with_one_deployment_and_azure_defaults(fold
     assert d.settings.retry_settings.timeout == 30
     assert d.settings.logging_level == "info"
     assert d.settings.max_concurrency_per_instance == 1
-    assert (d.settings.error_threshold, d.settings.mini_batch_error_threshold, d.settings.allowed_failed_percent) == (
-        -1, -1, 100
-    )
+    assert (d.settings.error_threshold, d.settings.mini_batch_error_threshold, d.settings.allowed_failed_percent) == (-1, -1, 100)
     assert (d.settings.output_action, d.settings.output_layout) == ("append_row", "table")
     assert d.settings.init_timeout == 600 and d.settings.environment_variables == {}
     assert d.resources.instance_count == 1 and d.resources.gpus == 0 and d.resources.share_gpus is False
@@ -112,7 +110,8 @@ def test_azures_settings_block_is_accepted_verbatim(folder: Path) -> None:
         ),
         (
             "  output_file_name: out.txt\n",
-            "settings.output_file_name: output_file_name 'out.txt' must end with one of .csv, .parquet, .jsonl (output_layout table)",
+            "settings.output_file_name: output_file_name 'out.txt' must end with one of .csv, .parquet, .jsonl "
+            "(output_layout table)",
         ),
         ("  error_threshold: -2\n", "settings.error_threshold: Input should be greater than or equal to -1 (got -2)"),
         (
@@ -210,8 +209,7 @@ def test_every_problem_is_reported_in_line_order(folder: Path) -> None:
         f"{path}:2: schedule: schedule 'every day' is neither a cron expression ('0 2 * * *') nor a preset "
         "(@once, @continuous, @hourly, @daily, @midnight, @weekly, @monthly, @quarterly, @yearly, @annually)",
         f"{path}:5: deployments[0].model.path: path {folder / 'nope'} does not exist",
-        f"{path}:6: deployments[0].code_configuration.scoring_script: scoring_script must be a path inside "
-        "`code`, got '../x.py'",
+        f"{path}:6: deployments[0].code_configuration.scoring_script: scoring_script must be a path inside `code`, got '../x.py'",
         f"{path}:7: deployments[0].environment.image: String should have at least 1 character (got '')",
         f"{path}:10: deployments[0].settings.mini_batch_size: must be 1 or more files, got -3",
         f"{path}:10: deployments[0].settings.output_file_name: output_file_name 'p.txt' must end with one of "
@@ -233,7 +231,10 @@ def test_every_problem_is_reported_in_line_order(folder: Path) -> None:
         ("", ":1: the file is empty"),
         ("- a\n- b\n", ":1: the top level must be a mapping of keys, not a list"),
         ("endpoint_name: a\nendpoint_name: b\ndeployments: []\n", ":2: endpoint_name: key appears twice (first on line 1)"),
-        ("endpoint_name: a\ndeployments: []\n", ":2: deployments: List should have at least 1 item after validation, not 0 (got [])"),
+        (
+            "endpoint_name: a\ndeployments: []\n",
+            ":2: deployments: List should have at least 1 item after validation, not 0 (got [])",
+        ),
     ],
 )
 def test_file_level_problems(folder: Path, text: str, expected: str) -> None:
@@ -250,7 +251,10 @@ def test_scoring_script_must_exist_in_the_code_folder(folder: Path) -> None:
 
 
 def test_two_deployments_may_not_share_a_name(folder: Path) -> None:
-    one = "    - name: a\n      model: {path: model}\n      code_configuration: {code: code, scoring_script: score.py}\n      environment: {image: i}\n      input: {path: d}\n"
+    one = (
+        "    - name: a\n      model: {path: model}\n      code_configuration: {code: code, scoring_script: score.py}\n"
+        "      environment: {image: i}\n      input: {path: d}\n"
+    )
     text = "endpoint_name: e\ndeployments:\n" + one + "      output: {path: o1}\n" + one + "      output: {path: o2}\n"
     path = folder / "dup.yaml"
     path.write_text(text)
@@ -345,8 +349,7 @@ def test_the_output_folder_may_lie_inside_the_input_folder_but_not_be_it_or_hold
     assert error_of(same) == f"{same}:14: output.path: output.path {folder / 'data'} is the input folder; {advice}"
     holds = write(folder / "holds.yaml", AZURE.replace("path: out", "path: ."))
     assert error_of(holds) == (
-        f"{holds}:14: output.path: output.path {folder} holds the input folder "
-        f"{folder / 'data'}; {advice}"
+        f"{holds}:14: output.path: output.path {folder} holds the input folder {folder / 'data'}; {advice}"
     )
 
 
@@ -372,14 +375,21 @@ def test_image_references_docker_takes_are_accepted(folder: Path, image: str) ->
     ("image", "problem"),
     [
         ("Scorer", "repository names must be lowercase, and 'Scorer' is not (did you mean 'scorer'?)"),
-        ("localhost/Scorer@sha256:" + "a" * 64, "repository names must be lowercase, and 'Scorer' is not "
-         f"(did you mean 'localhost/scorer@sha256:{'a' * 64}'?)"),
+        (
+            "localhost/Scorer@sha256:" + "a" * 64,
+            f"repository names must be lowercase, and 'Scorer' is not (did you mean 'localhost/scorer@sha256:{'a' * 64}'?)",
+        ),
         ("bad_host.com/scorer", "the registry 'bad_host.com' must be a host name or an IP address, with an optional :port"),
         (":1", "the repository name is missing"),
-        ("team//scorer", "the repository name 'team//scorer' must be lowercase letters and digits, in components "
-         "joined by '/' and separated inside by '.', '_', '__' or '-'"),
-        ("scorer@md5:" + "a" * 32, f"the digest 'md5:{'a' * 32}' must be sha256: and 64 lowercase hex digits "
-         "(or sha384:, sha512:)"),
+        (
+            "team//scorer",
+            "the repository name 'team//scorer' must be lowercase letters and digits, in components "
+            "joined by '/' and separated inside by '.', '_', '__' or '-'",
+        ),
+        (
+            "scorer@md5:" + "a" * 32,
+            f"the digest 'md5:{'a' * 32}' must be sha256: and 64 lowercase hex digits (or sha384:, sha512:)",
+        ),
         ("s" * 256, "the name is 256 characters long, more than Docker's 255"),
     ],
 )

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from batchscore.containers import serving_client, serving_environment, transform_config
 from batchscore.errors import DeploymentSpecError, PlanError
 from batchscore.model_archive import serving_model_dir
-from batchscore.containers import serving_client, serving_environment, transform_config
 from batchscore.plan import run_layout
 from batchscore.spec import load_endpoint
 from batchscore_runtime.formats import TransformConfig
@@ -194,7 +194,8 @@ def test_a_transform_job_request_copies_over(folder: Path) -> None:
         (
             "settings:\n  retry_settings:\n    timeout: 60\n",
             14,
-            "settings.retry_settings.timeout: settings.retry_settings.timeout applies to contract: azure only; for a serving container use "
+            "settings.retry_settings.timeout: settings.retry_settings.timeout applies to contract: azure only; "
+            "for a serving container use "
             "transform.ModelClientConfig.InvocationsTimeoutInSeconds",
         ),
     ],
@@ -237,9 +238,7 @@ def test_model_archive_is_unpacked_once_per_run_and_a_bad_one_is_named(folder: P
     archive.write_bytes(b"not a tar archive")
     with pytest.raises(PlanError) as info:
         serving_model_dir(d, run_layout(d, "run-3"))
-    assert str(info.value).startswith(
-        f"cannot unpack the model archive {archive} (key model.path) of deployment 'blue': "
-    )
+    assert str(info.value).startswith(f"cannot unpack the model archive {archive} (key model.path) of deployment 'blue': ")
     assert not run_layout(d, "run-3").model_dir.exists()
 
 
@@ -247,5 +246,6 @@ def test_a_model_file_that_is_no_archive_is_refused(folder: Path) -> None:
     (folder / "model.bin").write_bytes(b"x")
     path = write(folder / "churn.yaml", SERVE.replace("path: model", "path: model.bin"))
     assert error_of(path) == (
-        f"{path}:5: model.path: model.path {folder / 'model.bin'} must be a folder or a model archive (.tar.gz) for contract: serve"
+        f"{path}:5: model.path: model.path {folder / 'model.bin'} must be a folder or a model archive (.tar.gz) "
+        "for contract: serve"
     )

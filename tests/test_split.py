@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscore import split
-from batchscore.plan import partition_by_size
+from batchscore.partition import partition_by_size
 from batchscore.split import record_boundaries, split_large_files
 from batchscore_runtime.formats import FilePart, InputFile, MiniBatch, Summary
 from batchscore_runtime.slices import part_name, sliced_inputs
@@ -40,7 +40,7 @@ def tricky_csv(rows: int, seed: int = 3) -> bytes:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["id", "text", "value"])
     for i in range(rows):
-        text = rng.choice(['plain', 'two\nlines', 'say ""hi""\nand\n\nbye', 'a,b', '"quoted"', ""])
+        text = rng.choice(["plain", "two\nlines", 'say ""hi""\nand\n\nbye', "a,b", '"quoted"', ""])
         writer.writerow([i, text.replace('""', '"'), rng.random()])
     return out.getvalue().encode()
 
@@ -101,7 +101,9 @@ def test_parquet_parts_are_runs_of_row_groups(tmp_path: Path) -> None:
     files = [entry(tmp_path / "big.parquet", tmp_path), entry(tmp_path / "one.parquet", tmp_path)]
 
     meta = pq.ParquetFile(tmp_path / "big.parquet").metadata
-    group_bytes = [meta.row_group(g).column(0).total_compressed_size + meta.row_group(g).column(1).total_compressed_size for g in range(10)]
+    group_bytes = [
+        meta.row_group(g).column(0).total_compressed_size + meta.row_group(g).column(1).total_compressed_size for g in range(10)
+    ]
 
     parts = split_large_files(files, tmp_path, size=sum(group_bytes[:4]))  # 4 row groups fit
 
@@ -130,7 +132,6 @@ def test_small_files_and_other_formats_are_never_cut(tmp_path: Path) -> None:
 def test_a_linked_large_csv_is_cut_from_its_target_and_its_parts_keep_the_links_name(tmp_path: Path) -> None:
     from batchscore.plan import list_input_files
     from batchscore_runtime.azure import resolve_inputs
-
     from tests.helpers import load
 
     inputs = tmp_path / "in"
@@ -160,16 +161,14 @@ def test_a_linked_large_csv_is_cut_from_its_target_and_its_parts_keep_the_links_
         assert [Path(p).name for p in paths] == [f"big.part-{k:04d}-of-{len(big):04d}.csv" for k in range(1, len(big) + 1)]
         rejoined = [Path(p).read_bytes() for p in paths]
     header = data[: data.index(b"\n") + 1]
-    assert rejoined[0].startswith(header) and b"".join([rejoined[0]] + [r[len(header):] for r in rejoined[1:]]) == data
+    assert rejoined[0].startswith(header) and b"".join([rejoined[0]] + [r[len(header) :] for r in rejoined[1:]]) == data
 
 
 def test_parts_balance_size_mode_mini_batches() -> None:
     # One file of 10 units among small ones: uncut, it is a mini-batch of its own and 10x the others.
     small = [InputFile(f"s{i}.csv", 1, 0) for i in range(20)]
     big = InputFile("big.csv", 10, 0)
-    parts = [
-        InputFile("big.csv", 2, 0, FilePart(k, 5, FilePart.BYTES, 2 * k, 2 * k + 2, 0, 10)) for k in range(5)
-    ]
+    parts = [InputFile("big.csv", 2, 0, FilePart(k, 5, FilePart.BYTES, 2 * k, 2 * k + 2, 0, 10)) for k in range(5)]
     uncut = partition_by_size([*small, big], 2, 100)
     cut = partition_by_size([*small, *parts], 2, 100)
     assert max(mb.bytes for mb in uncut) == 10

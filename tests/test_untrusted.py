@@ -150,7 +150,10 @@ def test_a_script_that_prints_a_lot_keeps_every_line_in_a_file_and_the_task_log_
     write(tmp_path / "code" / "score.py", LOUD_SCRIPT)
     write(tmp_path / "in" / "a.csv", "id\n1\n")
     path = deployment_file(
-        tmp_path / "deployments", model=tmp_path / "model", code=tmp_path / "code", inputs=tmp_path / "in",
+        tmp_path / "deployments",
+        model=tmp_path / "model",
+        code=tmp_path / "code",
+        inputs=tmp_path / "in",
         # A generous run() limit: this checks where the lines go, not how fast (no race with the clock).
         settings={"worker_mode": worker_mode, "retry_settings": {"max_retries": 0, "timeout": 900}},
     )

@@ -94,12 +94,20 @@ def test_the_serving_contract_in_warm_mode_pings_once_per_worker_and_gives_the_s
     airflow_db, iris_example: Path, serving_image: str, tmp_path: Path, monkeypatch, capfd
 ) -> None:
     transform = {
-        "SplitType": "Line", "ContentType": "text/csv", "Accept": "text/csv", "AssembleWith": "Line",
+        "SplitType": "Line",
+        "ContentType": "text/csv",
+        "Accept": "text/csv",
+        "AssembleWith": "Line",
         "BatchStrategy": "MultiRecord",
         "DataProcessing": {"InputFilter": "$[1:]", "JoinSource": "Input", "OutputFilter": "$[0,-1]"},
     }
-    common = {"model": iris_example / "model" / "iris-classifier.tar.gz", "image": serving_image,
-              "inputs": iris_example / "data-serve", "pattern": "*.csv", "transform": transform}
+    common = {
+        "model": iris_example / "model" / "iris-classifier.tar.gz",
+        "image": serving_image,
+        "inputs": iris_example / "data-serve",
+        "pattern": "*.csv",
+        "transform": transform,
+    }
     path = serve_endpoint(
         tmp_path,
         "iris-warm",
@@ -150,6 +158,7 @@ def run(mini_batch):
     return pd.concat(rows, ignore_index=True)[["file", "id"]].assign(host=socket.gethostname())
 """
 
+
 def _stage(tmp_path: Path, script: str, settings: dict, endpoint: str, resources: dict | None = None):
 
     model = tmp_path / "model"
@@ -157,8 +166,13 @@ def _stage(tmp_path: Path, script: str, settings: dict, endpoint: str, resources
     write(tmp_path / "code" / "score.py", script)
     deployments = tmp_path / "deployments"
     yaml_path = deployment_file(
-        deployments, model=model, code=tmp_path / "code", inputs=REPO / "include" / "examples" / "iris" / "data",
-        endpoint=endpoint, settings={"worker_mode": "warm", **settings}, resources=resources,
+        deployments,
+        model=model,
+        code=tmp_path / "code",
+        inputs=REPO / "include" / "examples" / "iris" / "data",
+        endpoint=endpoint,
+        settings={"worker_mode": "warm", **settings},
+        resources=resources,
     )
     dags = tmp_path / "dags"
     dags.mkdir()
@@ -184,7 +198,10 @@ def test_a_worker_killed_mid_mini_batch_fails_only_it_and_its_retry_gets_a_healt
     from batchscore.localairflow import LocalAirflow
 
     model, deployment, dags, env = _stage(
-        tmp_path, KILLABLE_SCRIPT, {"mini_batch_size": 3, "retry_settings": {"max_retries": 1}}, "killable",
+        tmp_path,
+        KILLABLE_SCRIPT,
+        {"mini_batch_size": 3, "retry_settings": {"max_retries": 1}},
+        "killable",
         resources={"instance_count": 2},
     )
     killed: list[str] = []
@@ -230,13 +247,14 @@ def test_a_worker_killed_mid_mini_batch_fails_only_it_and_its_retry_gets_a_healt
 
 
 @pytest.mark.scheduler
-def test_teardown_after_failures_and_a_rerun_from_the_rest_api_after_the_run_ended(
-    iris_example: Path, tmp_path: Path
-) -> None:
+def test_teardown_after_failures_and_a_rerun_from_the_rest_api_after_the_run_ended(iris_example: Path, tmp_path: Path) -> None:
     from batchscore.localairflow import LocalAirflow
 
     model, deployment, dags, env = _stage(
-        tmp_path, FLAKY_SCRIPT, {"mini_batch_size": 5, "mini_batch_error_threshold": 0}, "flaky-warm",
+        tmp_path,
+        FLAKY_SCRIPT,
+        {"mini_batch_size": 5, "mini_batch_error_threshold": 0},
+        "flaky-warm",
         resources={"instance_count": 2},
     )
     with LocalAirflow(tmp_path / "airflow", dags, env=env) as airflow:
@@ -272,9 +290,7 @@ def test_teardown_after_failures_and_a_rerun_from_the_rest_api_after_the_run_end
     assert worker_containers("flaky-warm", deployment.name, run_id) == []
 
 
-def test_a_warm_workers_gpu_lease_lives_exactly_as_long_as_its_container(
-    scoring_image: str, tmp_path: Path, monkeypatch
-) -> None:
+def test_a_warm_workers_gpu_lease_lives_exactly_as_long_as_its_container(scoring_image: str, tmp_path: Path, monkeypatch) -> None:
     """No GPU here: the host's GPUs are named by BATCHSCORE_GPUS and never reach Docker (mocked)."""
     import time
 
@@ -286,14 +302,17 @@ def test_a_warm_workers_gpu_lease_lives_exactly_as_long_as_its_container(
     write(tmp_path / "code" / "score.py", COUNTING_SCRIPT)
     (tmp_path / "in").mkdir()
     spec = load(
-        deployment_file(tmp_path / "yaml", model=tmp_path / "code", code=tmp_path / "code", inputs=tmp_path / "in",
-                        resources={"gpus": 1})
+        deployment_file(
+            tmp_path / "yaml", model=tmp_path / "code", code=tmp_path / "code", inputs=tmp_path / "in", resources={"gpus": 1}
+        )
     ).deployments[0]
     names = [f"batchscore-test-gpu-holder-{k}-{tmp_path.name[-8:]}" for k in range(3)]
     holders = []
     try:
         for name in names[:2]:
-            subprocess.run(["docker", "run", "-d", "--name", name, scoring_image, "sleep", "120"], check=True, capture_output=True)
+            subprocess.run(
+                ["docker", "run", "-d", "--name", name, scoring_image, "sleep", "120"], check=True, capture_output=True
+            )
         leases = [lease_for_worker(spec, name, name) for name in names[:2]]
         holders = [holder for _, _, holder in leases]
         ids = [requests[0]["DeviceIDs"] for requests, _, _ in leases]
@@ -303,7 +322,9 @@ def test_a_warm_workers_gpu_lease_lives_exactly_as_long_as_its_container(
 
         subprocess.run(["docker", "rm", "-f", names[0]], check=True, capture_output=True)
         holders[0].wait(timeout=15)  # the holder notices and lets go
-        subprocess.run(["docker", "run", "-d", "--name", names[2], scoring_image, "sleep", "120"], check=True, capture_output=True)
+        subprocess.run(
+            ["docker", "run", "-d", "--name", names[2], scoring_image, "sleep", "120"], check=True, capture_output=True
+        )
         requests, _, holder = lease_for_worker(spec, names[2], names[2])
         holders.append(holder)
         assert requests[0]["DeviceIDs"] == ids[0]  # the freed GPU, not the one still held
@@ -425,7 +446,10 @@ def test_a_serving_container_that_exits_at_start_fails_start_workers_at_once_and
     path = serve_endpoint(
         tmp_path,
         "serve-dies-warm",
-        [_dies_at_start(tmp_path, iris_example, serving_test_image, name, code, after, "warm") for name, (code, after) in cases.items()]
+        [
+            _dies_at_start(tmp_path, iris_example, serving_test_image, name, code, after, "warm")
+            for name, (code, after) in cases.items()
+        ]
         + [_dies_at_start(tmp_path, iris_example, serving_test_image, "cold-exit3", 3, 0, "per_mini_batch")],
     )
     from tests.test_serving_contract import status_of
@@ -451,7 +475,10 @@ def test_a_serving_container_that_exits_at_start_fails_start_workers_at_once_and
         "its last log lines:\nFAULT_EXIT_AT_START: exiting with code 3 before serving"
     )
     left = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", "label=batchscore.endpoint=serve-dies-warm"], capture_output=True, text=True, check=True
+        ["docker", "ps", "-aq", "--filter", "label=batchscore.endpoint=serve-dies-warm"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert left.stdout.split() == []
 
@@ -462,8 +489,8 @@ def test_a_serving_container_gone_before_its_client_starts_leaves_a_clear_error_
 ) -> None:
     # Made certain, not left to timing: the serving container has exited before the client is
     # created, so Docker refuses to start a client in its network namespace.
-    from batchscore.plan import plan_run, run_layout
     from batchscore.engine import docker_client
+    from batchscore.plan import plan_run, run_layout
     from batchscore.scoring.workers import WarmWorkerError, WarmWorkers
     from tests.helpers import load
 
@@ -473,7 +500,9 @@ def test_a_serving_container_gone_before_its_client_starts_leaves_a_clear_error_
             assert serving_id is not None and self.cli.wait(serving_id)["StatusCode"] == 3
             return serving_id
 
-    path = serve_endpoint(tmp_path, "serve-gone-first", [_dies_at_start(tmp_path, iris_example, serving_test_image, "gone", 3, 0, "warm")])
+    path = serve_endpoint(
+        tmp_path, "serve-gone-first", [_dies_at_start(tmp_path, iris_example, serving_test_image, "gone", 3, 0, "warm")]
+    )
     d = load(path).deployments[0]
     plan_run("serve-gone-first", d, "run-gone")
     pool = ServingGoneFirst(docker_client(), d, "serve-gone-first", "run-gone", run_layout(d, "run-gone"), model_dir=d.model.path)
@@ -493,9 +522,9 @@ def test_a_serving_container_gone_before_its_client_starts_leaves_a_clear_error_
 def test_a_ready_worker_whose_serving_container_died_is_replaced_before_it_gets_a_mini_batch(
     airflow_db, serving_test_image: str, iris_example: Path, tmp_path: Path, capfd
 ) -> None:
+    from batchscore.engine import docker_client
     from batchscore.operators.score import ScoreOperator
     from batchscore.plan import mini_batch_refs, plan_run, run_layout
-    from batchscore.engine import docker_client
     from batchscore.scoring.workers import WarmWorkers
     from tests.helpers import inputs, load
     from tests.test_serving_contract import ECHO

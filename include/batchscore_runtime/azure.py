@@ -26,8 +26,6 @@ is reported so and ends the process with exit code 1, with the script's tracebac
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import inspect
 import logging
 import os
 import shutil
@@ -37,8 +35,7 @@ import time
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Callable
+from typing import Callable
 
 from batchscore_runtime.formats import (
     ErrorInfo,
@@ -47,19 +44,17 @@ from batchscore_runtime.formats import (
     MiniBatch,
     MiniBatchDir,
     MiniBatchStatus,
-    atomic_path,
     now_iso,
     read_mini_batch_file,
 )
+from batchscore_runtime.processes import Sweeper
+from batchscore_runtime.scoring_script import ScoringScriptError, write_table
 from batchscore_runtime.slices import sliced_inputs
+from batchscore_runtime.workers import MiniBatchFailed, WorkerTask, run_workers, split_evenly, worker_gpus
 
 log = logging.getLogger("batchscore")
 
 EXIT_FAILED = 1
-
-
-class ScoringScriptError(Exception):
-    """The scoring script broke the contract (cannot be imported, no run(), bad return value)."""
 
 
 class InputFileMissingError(FileNotFoundError):
@@ -70,30 +65,7 @@ class InputFileMissingError(FileNotFoundError):
         self.file = file
 
 
-# --------------------------------------------------------------------------- script
-
-
-def load_scoring_script(path: Path) -> ModuleType:
-    """Import the user's scoring script the way Azure does: its folder first on sys.path."""
-    if not path.is_file():
-        raise ScoringScriptError(f"scoring script {path} does not exist")
-    code_dir = str(path.parent)
-    if code_dir not in sys.path:
-        sys.path.insert(0, code_dir)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    if spec is None or spec.loader is None:
-        raise ScoringScriptError(f"cannot import scoring script {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise ScoringScriptError(
-            f"importing scoring script {path.name} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    if not callable(getattr(module, "run", None)):
-        raise ScoringScriptError(f"scoring script {path.name} defines no run(mini_batch) function")
-    return module
+# --------------------------------------------------------------------------- inputs
 
 
 def refused_item(f: InputFile) -> ItemError:
@@ -175,105 +147,6 @@ def resolve_inputs(mini_batch: MiniBatch, input_root: Path) -> list[str | None]:
     return paths
 
 
-# --------------------------------------------------------------------------- results
-
-
-def to_table(result: Any):
-    """Turn what run() returned into an Arrow table, keeping column names and row order."""
-    import pandas as pd
-    import pyarrow as pa
-
-    if result is None:
-        raise ScoringScriptError(
-            "run() returned None; it must return a list or a pandas DataFrame "
-            "with one element per successful input"
-        )
-    if inspect.isgenerator(result) or isinstance(result, (map, filter)):
-        result = list(result)
-    if isinstance(result, pd.Series):
-        result = result.to_frame(name=result.name if result.name is not None else "result")
-    if not isinstance(result, pd.DataFrame):
-        if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):
-            raise ScoringScriptError(
-                f"run() returned a {type(result).__name__}; it must return a list or a pandas DataFrame"
-            )
-        items = list(result)
-        if items and all(isinstance(i, pd.DataFrame) for i in items):
-            result = pd.concat(items, ignore_index=True)
-        elif items and all(isinstance(i, dict) for i in items):
-            result = pd.DataFrame.from_records(items)
-        else:
-            result = pd.DataFrame({"result": pd.Series(items, dtype=object if items else None)})
-    df = result.reset_index(drop=True)
-    df.columns = [str(c) for c in df.columns]
-    try:
-        return pa.Table.from_pandas(df, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        converted = []
-        for col in df.columns:
-            try:
-                pa.array(df[col], from_pandas=True)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-                df[col] = df[col].map(lambda v: None if v is None else str(v))
-                converted.append(col)
-        log.warning("column(s) %s hold mixed or complex objects; they are written as text", ", ".join(converted))
-        return pa.Table.from_pandas(df, preserve_index=False)
-
-
-def write_table(table, path: Path) -> None:
-    """Write ``table`` to ``path`` as parquet, atomically."""
-    import pyarrow.parquet as pq
-
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-#: Column names that usually hold the input file a result row belongs to; tried first.
-_FILE_COLUMN_HINTS = ("file", "filename", "file_name", "path", "filepath", "file_path", "source", "input", "result")
-
-
-def count_failed_items(table, paths: list[str], rel_paths: list[str]) -> tuple[int, list[ItemError]]:
-    """Azure's item accounting for one ``run()`` call, and which files failed when that can be told.
-
-    Every returned element is one successful item, so ``len(paths) - rows`` items failed
-    (never fewer than 0). When a text column of the result names input files (the input list
-    itself, or a ``file`` column) and exactly that many files are not named in it, those are
-    the failed files; otherwise the failures are reported without a file.
-    """
-    import pyarrow as pa
-
-    failed = max(0, len(paths) - table.num_rows)
-    if not failed:
-        return 0, []
-    if table.num_rows == 0:  # nothing returned: every file failed, and which ones is known
-        return failed, [ItemError(rel, "NoResult", "run() returned no results for this mini-batch") for rel in rel_paths]
-    keys: dict[str, int] = {}
-    for i, (p, rel) in enumerate(zip(paths, rel_paths)):
-        for key in (p, rel, os.path.basename(p)):
-            keys.setdefault(key, i)
-    names = sorted(
-        (n for n in table.column_names if pa.types.is_string(table.schema.field(n).type)
-         or pa.types.is_large_string(table.schema.field(n).type)),
-        key=lambda n: (n.lower() not in _FILE_COLUMN_HINTS, table.column_names.index(n)),
-    )
-    for name in names:
-        values = [v for v in table.column(name).to_pylist() if v is not None]
-        if values and all(v in keys for v in values):
-            named = {keys[v] for v in values}
-            missing = [i for i in range(len(paths)) if i not in named]
-            if len(missing) == failed:
-                return failed, [
-                    ItemError(rel_paths[i], "NoResult", f"run() returned no result for this file (column {name!r} does not name it)")
-                    for i in missing
-                ]
-            break
-    message = (
-        f"run() returned {table.num_rows} results for {len(paths)} files; which files failed cannot be told "
-        "(return a column naming each row's input file to find out)"
-    )
-    return failed, [ItemError(None, "NoResult", message) for _ in range(failed)]
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -323,9 +196,6 @@ def score_mini_batch(
 
 def _fresh_processes(tasks: list, timeout: float, init_timeout: float) -> list:
     """The default runner: fresh worker processes, and in a container nothing of them left once they end."""
-    from batchscore_runtime.processes import Sweeper
-    from batchscore_runtime.workers import run_workers
-
     # As the container's PID 1, every process the script left (orphans come to PID 1) is ended
     # before the report is written; elsewhere (tests, benchmarks) this process's other children are not ours.
     sweeper = Sweeper(tasks[0].mini_batch) if os.getpid() == 1 else None
@@ -355,8 +225,6 @@ def _score_files(
     on_outputs: Callable[[Path], None] | None = None,
     refused: list[ItemError] | None = None,
 ) -> MiniBatchStatus:
-    from batchscore_runtime.workers import WorkerTask, split_evenly, worker_gpus
-
     refused = refused or []  # files of the mini-batch not in ``paths``: failed items, never opened
 
     t0 = time.monotonic()
@@ -385,9 +253,7 @@ def _score_files(
             script=str(script_path),
             paths=[p for p, _ in part],
             rel_paths=[r for _, r in part],
-            result_file=(
-                str(out.path / f"result-{token}-part{k}.parquet") if options.output_action == "append_row" else None
-            ),
+            result_file=(str(out.path / f"result-{token}-part{k}.parquet") if options.output_action == "append_row" else None),
             outputs_dir=str(outputs),
             log_level=options.log_level,
             cuda_visible_devices=worker_gpus(k, len(parts), options.gpu_count),
@@ -456,9 +322,7 @@ def _join_parts(out: MiniBatchDir, parts: list[Path]) -> str:
         table = pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         described = "; ".join(f"worker {k + 1}: {t.schema.to_string(show_schema_metadata=False)}" for k, t in enumerate(tables))
-        raise ScoringScriptError(
-            f"the worker processes' run() results have incompatible columns ({exc}): {described}"
-        ) from None
+        raise ScoringScriptError(f"the worker processes' run() results have incompatible columns ({exc}): {described}") from None
     write_table(table, out.path / name)
     for p in parts:
         p.unlink(missing_ok=True)
@@ -514,8 +378,6 @@ def score_and_commit(
     try:
         status = score_mini_batch(mini_batch, input_root, script_path, out, options, runner=runner, on_outputs=on_outputs)
     except Exception as exc:  # every failure is recorded, then reported through the exit code
-        from batchscore_runtime.workers import MiniBatchFailed
-
         sys.stdout.flush()
         if isinstance(exc, MiniBatchFailed):
             error = exc.info  # the worker printed the script's traceback already
@@ -543,7 +405,9 @@ def score_and_commit(
         )
         log.error("%s failed: %s", mini_batch.id, error.one_line())
         return EXIT_FAILED
-    log.info("%s succeeded: %d rows in %s, reported for the orchestrator to take in", mini_batch.id, status.rows, status.result_file)
+    log.info(
+        "%s succeeded: %d rows in %s, reported for the orchestrator to take in", mini_batch.id, status.rows, status.result_file
+    )
     return 0
 
 

@@ -11,8 +11,9 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def read_regular_file(path: Path | str, limit: int, *, dir_fd: int | None = None) -> bytes:

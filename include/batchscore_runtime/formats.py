@@ -455,17 +455,19 @@ class Summary:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Summary:
         check_version({"version": FORMAT_VERSION, **data}, "summary")
-        return cls(**{
-            **_known(cls, data),
-            "warm_workers": [_flat(WarmWorkerInfo, w) for w in data["warm_workers"]],
-            "input": _flat(InputInfo, data["input"]),
-            "mini_batches": _flat(MiniBatchCounts, data["mini_batches"]),
-            "items": _flat(ItemCounts, data["items"]),
-            "custom_outputs": CustomOutputs.from_json(data["custom_outputs"]),
-            "thresholds": {name: _flat(ThresholdResult, t) for name, t in data["thresholds"].items()},
-            "durations": _flat(Durations, data["durations"]),
-            "failures": [_flat(MiniBatchFailure, f) for f in data["failures"]],
-        })
+        return cls(
+            **{
+                **_known(cls, data),
+                "warm_workers": [_flat(WarmWorkerInfo, w) for w in data["warm_workers"]],
+                "input": _flat(InputInfo, data["input"]),
+                "mini_batches": _flat(MiniBatchCounts, data["mini_batches"]),
+                "items": _flat(ItemCounts, data["items"]),
+                "custom_outputs": CustomOutputs.from_json(data["custom_outputs"]),
+                "thresholds": {name: _flat(ThresholdResult, t) for name, t in data["thresholds"].items()},
+                "durations": _flat(Durations, data["durations"]),
+                "failures": [_flat(MiniBatchFailure, f) for f in data["failures"]],
+            }
+        )
 
     @staticmethod
     def read(path: Path) -> Summary | None:
@@ -531,7 +533,9 @@ class WorkerState:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            return WorkerState(worker=Path(path).parent.name, state=WorkerState.FAILED, error=ErrorInfo("InvalidState", f"{path}: {exc}"))
+            return WorkerState(
+                worker=Path(path).parent.name, state=WorkerState.FAILED, error=ErrorInfo("InvalidState", f"{path}: {exc}")
+            )
         try:
             state = WorkerState.from_json(data)
             if not isinstance(state.state, str) or not isinstance(state.mini_batches, list):
@@ -539,7 +543,9 @@ class WorkerState:
             float(state.init_seconds or 0.0)
             return state
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            return WorkerState(worker=Path(path).parent.name, state=WorkerState.FAILED, error=ErrorInfo("InvalidState", f"{path}: {exc}"))
+            return WorkerState(
+                worker=Path(path).parent.name, state=WorkerState.FAILED, error=ErrorInfo("InvalidState", f"{path}: {exc}")
+            )
 
 
 @dataclass(frozen=True)
@@ -603,7 +609,10 @@ class MiniBatchDir:
         if owner is not None and owner != status.attempt:
             logging.getLogger(__name__).warning(
                 "%s: try %d does not commit its %s result: try %d of this mini-batch has taken over",
-                mini_batch_id(self.index), status.attempt, status.state, owner,
+                mini_batch_id(self.index),
+                status.attempt,
+                status.state,
+                owner,
             )
             return False
         write_json_atomic(self.status_file, status.to_json())

@@ -75,9 +75,7 @@ def check_version(data: dict[str, Any], what: str) -> None:
     """Refuse ``data`` (a record read from a file) unless it has this batchscore's format version."""
     version = data.get("version")
     if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{what} file has format version {version!r}, this batchscore reads version {FORMAT_VERSION}"
-        )
+        raise ValueError(f"{what} file has format version {version!r}, this batchscore reads version {FORMAT_VERSION}")
 
 
 class ContainerPaths:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Set as AbstractSet
 
 log = logging.getLogger("batchscore")
 
@@ -45,7 +46,7 @@ class Sweeper:
         tree = _processes()
         self.own = {pid for pid in tree if _descends(pid, os.getpid(), tree)}
 
-    def sweep(self, mini_batch: str, keep: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
+    def sweep(self, mini_batch: str, keep: AbstractSet[int] = frozenset()) -> list[int]:
         """Kill what ``mini_batch`` left running; returns the pids killed."""
         t0 = time.monotonic()
         killed: list[int] = []
@@ -53,7 +54,8 @@ class Sweeper:
         for _ in range(self.ROUNDS):
             tree = _processes()
             strays = [
-                pid for pid, (_ppid, state) in tree.items()
+                pid
+                for pid, (_ppid, state) in tree.items()
                 if pid != me and pid not in self.own and pid not in keep and state not in "ZX" and _descends(pid, me, tree)
             ]
             if not strays:
@@ -72,7 +74,11 @@ class Sweeper:
         if killed:
             log.warning(
                 "%s: killed %d process(es) that %s left running (pids %s) in %.0f ms: no process of a mini-batch outlives it",
-                self.worker, len(set(killed)), mini_batch, ", ".join(str(p) for p in sorted(set(killed))), (time.monotonic() - t0) * 1000,
+                self.worker,
+                len(set(killed)),
+                mini_batch,
+                ", ".join(str(p) for p in sorted(set(killed))),
+                (time.monotonic() - t0) * 1000,
             )
         return sorted(set(killed))
 

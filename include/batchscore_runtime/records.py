@@ -101,7 +101,9 @@ def split_recordio(data: bytes) -> list[bytes]:
     while pos < len(data):
         record = len(records) + 1
         if len(data) - pos < 8:
-            raise corrupt(f"truncated RecordIO record {record} at byte {pos}: {len(data) - pos} bytes left, a header needs 8", record)
+            raise corrupt(
+                f"truncated RecordIO record {record} at byte {pos}: {len(data) - pos} bytes left, a header needs 8", record
+            )
         magic, lrecord = _U32.unpack_from(data, pos)[0], _U32.unpack_from(data, pos + 4)[0]
         if magic != RECORDIO_MAGIC:
             raise corrupt(f"bad RecordIO magic 0x{magic:08x} at byte {pos} (expected 0x{RECORDIO_MAGIC:08x})", record)
@@ -152,7 +154,9 @@ def split_tfrecord(data: bytes) -> list[bytes]:
         (length,) = _U64.unpack(header)
         (length_crc,) = _U32.unpack_from(data, pos + 8)
         if length_crc != masked_crc32c(header):
-            raise corrupt(f"TFRecord {record} at byte {pos}: the length's CRC does not match (not a TFRecord file, or corrupt)", record)
+            raise corrupt(
+                f"TFRecord {record} at byte {pos}: the length's CRC does not match (not a TFRecord file, or corrupt)", record
+            )
         end = pos + 12 + length + 4
         if end > len(data):
             raise corrupt(

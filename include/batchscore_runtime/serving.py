@@ -37,7 +37,7 @@ import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from batchscore_runtime.azure import refused_item, resolve_inputs
@@ -283,7 +283,9 @@ def resolve_parameters(config: TransformConfig, container: dict[str, Any]) -> Ex
             resolved[key], sources[key] = container[key], "container"
         else:
             resolved[key], sources[key] = default, "default"
-    return ExecutionParameters(resolved["MaxConcurrentTransforms"], resolved["BatchStrategy"], resolved["MaxPayloadInMB"], sources)
+    return ExecutionParameters(
+        resolved["MaxConcurrentTransforms"], resolved["BatchStrategy"], resolved["MaxPayloadInMB"], sources
+    )
 
 
 def check_config(config: TransformConfig) -> DataProcessing | None:
@@ -296,14 +298,14 @@ def check_config(config: TransformConfig) -> DataProcessing | None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    for key, value in (
+    for key, setting in (
         ("MaxConcurrentTransforms", config.max_concurrent_transforms),
         ("BatchStrategy", config.batch_strategy),
         ("MaxPayloadInMB", config.max_payload_mb),
     ):
-        problem = None if value is None else _valid_parameter(key, value)
+        problem = None if setting is None else _valid_parameter(key, setting)
         if problem:
-            raise ValueError(f"the job's {key} {value!r} {problem}")
+            raise ValueError(f"the job's {key} {setting!r} {problem}")
     if config.invocation_timeout <= 0 or config.invocation_max_retries < 0 or config.startup_timeout <= 0:
         raise ValueError(
             "the invocation timeout and the startup timeout must be positive and the retries 0 or more, got "
@@ -396,8 +398,9 @@ class MiniBatchScorer:
 
         def finished(future: Future) -> None:
             slots.release()
-            if not future.cancelled() and future.exception() is not None:
-                crashed.append(future.exception())
+            error = None if future.cancelled() else future.exception()
+            if error is not None:
+                crashed.append(error)
 
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="invocations")
         try:
@@ -506,7 +509,7 @@ class MiniBatchScorer:
         else:
             log.error("%s: FAILED: %s: %s", job.rel, job.error.type, job.error.message)
 
-    def _assemble(self, job: FileJob, fh) -> None:
+    def _assemble(self, job: FileJob, fh: BinaryIO) -> None:
         """The responses in record order: as they are, one line each (``AssembleWith Line``), or one line per record."""
         processing = self.processing
         for payload, body in zip(job.payloads, job.results):
@@ -550,8 +553,14 @@ def score_mini_batch(run: Attempt, input_root: Path, config: TransformConfig, ur
     located = resolve_inputs(mini_batch, input_root)  # a symbolic link: its checked target; refused: None
     outputs = out.new_outputs_dir()
     client = ServingClient(url)
-    log.info("%s: %d files, %d bytes, try %d; waiting for the serving container at %s",
-             mini_batch.id, len(rel_paths), mini_batch.bytes, run.attempt, url)
+    log.info(
+        "%s: %d files, %d bytes, try %d; waiting for the serving container at %s",
+        mini_batch.id,
+        len(rel_paths),
+        mini_batch.bytes,
+        run.attempt,
+        url,
+    )
     ping_seconds = wait_until_healthy(client, config.startup_timeout)
     run.init_seconds = round(ping_seconds if run.worker_init_seconds is None else run.worker_init_seconds, 3)
     params = resolve_parameters(config, container_parameters(client))
@@ -638,7 +647,13 @@ def score_and_commit(run: Attempt, input_root: Path, transform: str | TransformC
             file=getattr(exc, "file", None),
         )
     else:
-        log.info("%s succeeded: %d records, %d .out file(s) in %s", mini_batch.id, status.rows, status.custom_outputs, status.outputs_dir)
+        log.info(
+            "%s succeeded: %d records, %d .out file(s) in %s",
+            mini_batch.id,
+            status.rows,
+            status.custom_outputs,
+            status.outputs_dir,
+        )
         return 0
     out.commit(
         MiniBatchStatus(

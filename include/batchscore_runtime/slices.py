@@ -16,8 +16,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from batchscore_runtime.formats import FilePart, InputFile, MiniBatch
 

@@ -16,9 +16,9 @@ orchestrator's task log) as well as to the container's log, writes the mini-batc
 and report into the sub-folder of its scratch folder that the orchestrator named, exactly as
 the one-shot runtimes do, ends every process the mini-batch left running
 (:mod:`batchscore_runtime.processes`), and ends with the exit code. The orchestrator then
-checks and commits the result; the worker never sees a result folder. Its state (``starting``, ``ready``, ``failed``, ``stopped``, the
-``init()`` time, the mini-batches scored) is in ``state.json`` of its folder, for the
-orchestrator to read.
+checks and commits the result; the worker never sees a result folder. Its state (``starting``,
+``ready``, ``failed``, ``stopped``, the ``init()`` time, the mini-batches scored) is in
+``state.json`` of its folder, for the orchestrator to read.
 
 A worker process that dies or runs past ``retry_settings.timeout`` fails only its mini-batch;
 the daemon starts a new one (a new ``init()``) before it takes the next. The daemon stops on
@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from batchscore_runtime.formats import (
+    WORKER_STATE_FILE,
     ContainerPaths,
     ErrorInfo,
     MiniBatchDir,
-    WORKER_STATE_FILE,
     TransformConfig,
     WorkerState,
     now_iso,
@@ -84,6 +84,8 @@ class Tee:
 
     def line(self, text: str) -> None:
         with self._lock:
+            if self._out is None:  # no standard output at all (never so in a container)
+                return
             try:
                 self._out.write(text + "\n")
                 self._out.flush()
@@ -194,6 +196,7 @@ class AzurePool:
             self.processes[k], self.conns[k] = process, parent
         for k in slots:
             conn, process = self.conns[k], self.processes[k]
+            assert conn is not None  # started just above
             remaining = self.args.init_timeout - (time.monotonic() - started)
             try:
                 if not conn.poll(max(0.0, remaining)):
@@ -228,10 +231,10 @@ class AzurePool:
         workers = []
         now = time.monotonic()
         for k, task in enumerate(tasks):
-            self.conns[k].send(task)  # type: ignore[union-attr]
-            workers.append(
-                _Worker(task, self.processes[k], self.conns[k], now, phase="run", run_started=now, index_of=_index_of(task))
-            )
+            conn = self.conns[k]
+            assert conn is not None  # every process runs: start() or heal() came first
+            conn.send(task)
+            workers.append(_Worker(task, self.processes[k], conn, now, phase="run", run_started=now, index_of=_index_of(task)))
         try:
             return supervise(
                 workers,
@@ -262,9 +265,10 @@ class AzurePool:
 
     def stop(self) -> None:
         for k in range(self.size):
-            if self.conns[k] is not None:
+            conn = self.conns[k]
+            if conn is not None:
                 try:
-                    self.conns[k].send(None)  # type: ignore[union-attr]
+                    conn.send(None)
                 except OSError:
                     pass
             self._discard(k)
@@ -343,7 +347,7 @@ class ServeClient:
         pass
 
     def score(self, mini_batch_file: Path, output: Path, attempt: int, sweep: Callable[[], None] = lambda: None) -> int:
-        """Send one mini-batch to the serving container (no user code runs in this container: ``sweep`` is the daemon's, after)."""
+        """Send one mini-batch to the serving container; no user code runs here, so ``sweep`` is left to the daemon."""
         from batchscore_runtime.serving import Attempt, ServingClient, score_and_commit, wait_until_healthy
 
         mini_batch = read_mini_batch_file(mini_batch_file)
@@ -379,7 +383,9 @@ class Daemon:
         self.tee = Tee()
         self.backend: Any = AzurePool(args, self.tee) if args.contract == "azure" else ServeClient(args, self.tee)
         self.state_dir = Path(args.state_dir)
-        self.state = WorkerState(worker=args.worker, state=WorkerState.STARTING, started_at=now_iso(), processes=getattr(self.backend, "size", 1))
+        self.state = WorkerState(
+            worker=args.worker, state=WorkerState.STARTING, started_at=now_iso(), processes=getattr(self.backend, "size", 1)
+        )
         self.lock = threading.Lock()
         self.busy = False
         self.last_work = time.monotonic()
@@ -422,7 +428,9 @@ class Daemon:
         try:
             self.backend.start()
         except Exception as exc:  # noqa: BLE001 - reported in the state file, which the orchestrator reads
-            info = getattr(exc, "info", None) or ErrorInfo(type=type(exc).__name__, message=str(exc).strip(), traceback=traceback.format_exc())
+            info = getattr(exc, "info", None) or ErrorInfo(
+                type=type(exc).__name__, message=str(exc).strip(), traceback=traceback.format_exc()
+            )
             log.error("%s could not get ready: %s", self.args.worker, info.one_line())
             self._set(state=WorkerState.FAILED, error=info)
             self._stop(1)
@@ -489,7 +497,10 @@ class Daemon:
         if self.args.contract == "serve":
             if not self.backend.healthy:
                 log.error("%s: the serving container stopped answering during %s; this worker stops", self.args.worker, name)
-                self._set(state=WorkerState.STOPPED, error=ErrorInfo(type="ServingContainerGone", message="the serving container stopped answering /ping"))
+                self._set(
+                    state=WorkerState.STOPPED,
+                    error=ErrorInfo(type="ServingContainerGone", message="the serving container stopped answering /ping"),
+                )
                 self._stop(1)
             return
         if not self.backend.broken():

@@ -23,11 +23,13 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
+from batchscore_runtime import scoring_script
 from batchscore_runtime.formats import ErrorInfo, ItemError
 
 log = logging.getLogger("batchscore")
@@ -137,7 +139,7 @@ class _Progress:
             if i + 1 > self.opened:
                 self._send("opened", i + 1)
 
-    def count(self, items):
+    def count(self, items: Iterable[Any]) -> Iterator[Any]:
         """Pass a generator's items through, counting rows (a DataFrame's rows, else 1 each)."""
         for item in items:
             self.rows += len(item) if hasattr(item, "columns") and hasattr(item, "__len__") else 1
@@ -176,10 +178,8 @@ def _setup_process(name: str, log_level: str, outputs_dir: str | None, cuda_visi
 
 def _load_and_init(script_path: str, first: bool) -> tuple[Any, float]:
     """Import the scoring script and call its ``init()``; returns the module and the seconds it took."""
-    from batchscore_runtime import azure
-
     t0 = time.monotonic()
-    script = azure.load_scoring_script(Path(script_path))
+    script = scoring_script.load_scoring_script(Path(script_path))
     init = getattr(script, "init", None)
     if callable(init):
         init()
@@ -197,17 +197,15 @@ def _load_and_init(script_path: str, first: bool) -> tuple[Any, float]:
 
 def _score_task(script: Any, task: WorkerTask, conn: Connection, init_seconds: float, progress: _Progress) -> None:
     """Call ``run()`` on the task's files, write what it returned and report it (raises what run() raises)."""
-    from batchscore_runtime import azure
-
     t1 = time.monotonic()
     result = script.run(list(task.paths))
     if inspect.isgenerator(result):
         result = list(progress.count(result))
-    table = azure.to_table(result)
+    table = scoring_script.to_table(result)
     run_seconds = time.monotonic() - t1
-    failed, item_errors = azure.count_failed_items(table, task.paths, task.rel_paths)
+    failed, item_errors = scoring_script.count_failed_items(table, task.paths, task.rel_paths)
     if task.result_file is not None:
-        azure.write_table(table, Path(task.result_file))
+        scoring_script.write_table(table, Path(task.result_file))
     rate = table.num_rows / run_seconds if run_seconds > 0 else float("inf")
     log.info(
         "run() returned %d rows for %d files in %.2f s (%.1f rows/s)%s",
@@ -335,7 +333,7 @@ def _file_of(exc: BaseException, task: WorkerTask, progress: _Progress) -> str |
     this also finds files opened from C (pyarrow). Otherwise the file run() opened last (the
     audit hook). None when neither points at one of the files.
     """
-    index_of = {}
+    index_of: dict[str | bytes, int] = {}
     for i, p in enumerate(task.paths):
         index_of.setdefault(p, i)
         index_of.setdefault(os.path.realpath(p), i)
@@ -348,11 +346,11 @@ def _file_of(exc: BaseException, task: WorkerTask, progress: _Progress) -> str |
         for value in values:
             if isinstance(value, (str, os.PathLike)):
                 try:
-                    i = index_of.get(os.fspath(value))
+                    found = index_of.get(os.fspath(value))
                 except TypeError:
                     continue
-                if i is not None:
-                    return task.rel_paths[i]
+                if found is not None:
+                    return task.rel_paths[found]
     if progress.last_opened is not None:
         return task.rel_paths[progress.last_opened]
     return None
@@ -462,7 +460,7 @@ def supervise(
     while any(w.phase != "done" for w in workers):
         pending = {w.conn: w for w in workers if w.phase != "done"}
         for conn in wait(list(pending), timeout=POLL_SECONDS):
-            w = pending[conn]
+            w = pending[cast(Connection, conn)]  # wait() returns some of the connections it was given
             try:
                 _receive(w, oom_baseline, persistent=persistent)
             except MiniBatchFailed as exc:
@@ -490,14 +488,10 @@ def supervise(
         since = now - last_report
         rows = [w.result.rows if w.result else w.rows for w in workers]
         progress = (opened, tuple(rows))
-        if running and (
-            (progress != last_progress and since >= PROGRESS_EVERY_SECONDS) or since >= HEARTBEAT_EVERY_SECONDS
-        ):
+        if running and ((progress != last_progress and since >= PROGRESS_EVERY_SECONDS) or since >= HEARTBEAT_EVERY_SECONDS):
             elapsed = now - min(w.run_started for w in running)
             counted = [r for r in rows if r is not None]
-            rows_text = (
-                f", {sum(counted)} rows so far ({sum(counted) / elapsed:.1f} rows/s)" if counted and elapsed > 0 else ""
-            )
+            rows_text = f", {sum(counted)} rows so far ({sum(counted) / elapsed:.1f} rows/s)" if counted and elapsed > 0 else ""
             report(
                 f"{tasks[0].mini_batch}: {opened} of {total_files} files opened by run() so far{rows_text}, "
                 f"{sum(w.phase == 'done' for w in workers)} of {len(workers)} worker(s) done, "
@@ -507,7 +501,9 @@ def supervise(
     failures = [w.failure for w in workers if w.failure is not None]
     if failures:
         raise failures[0]
-    return [w.result for w in workers]  # type: ignore[misc]
+    results = [w.result for w in workers if w.result is not None]
+    assert len(results) == len(workers)  # done, and none failed: each has its result
+    return results
 
 
 def _cgroup_value(files: tuple[str, ...], key: str | None = None) -> int | None:
@@ -537,7 +533,7 @@ def memory_limit() -> int | None:
     return limit if limit is not None and limit < 1 << 60 else None
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

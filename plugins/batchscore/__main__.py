@@ -87,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
                     label = ti.get("rendered_map_index") or ti["task_id"]
                     print(f"\nFailed: {ti['task_id']} {label}", file=sys.stderr)
                     log = airflow.task_log(
-                        args.dag_id, run_id, ti["task_id"], map_index=ti.get("map_index", -1),
+                        args.dag_id,
+                        run_id,
+                        ti["task_id"],
+                        map_index=ti.get("map_index", -1),
                         try_number=max(1, ti.get("try_number") or 1),
                     )
                     print("\n".join(log.splitlines()[-15:]), file=sys.stderr)
@@ -101,9 +104,11 @@ def run(args: argparse.Namespace) -> int:
         layout = run_layout(deployment, run_id)
         summary = layout.read_summary()
         if summary is not None:
-            print(f"  {deployment.name}: {summary.status}, {summary.rows} rows, "
-                  f"{summary.mini_batches.succeeded}/{summary.mini_batches.total} mini-batches, "
-                  f"{summary.items.failed} failed items")
+            print(
+                f"  {deployment.name}: {summary.status}, {summary.rows} rows, "
+                f"{summary.mini_batches.succeeded}/{summary.mini_batches.total} mini-batches, "
+                f"{summary.items.failed} failed items"
+            )
             own = ".out files" if summary.contract == "serve" else "custom outputs"
             print(f"    output:  {summary.output or f'(summary_only: {own} in the run folder)'}")
             print(f"    summary: {layout.summary_file}")
@@ -121,7 +126,9 @@ def _saying_what_stops() -> Iterator[None]:
     try:
         yield
     except shutdown.Interrupted:
-        shutdown.say(f"{shutdown.signal_name()}: stopping Airflow and the run's containers (a second signal kills them at once) ...")
+        shutdown.say(
+            f"{shutdown.signal_name()}: stopping Airflow and the run's containers (a second signal kills them at once) ..."
+        )
         raise
 
 
@@ -134,6 +141,7 @@ def check(args: argparse.Namespace) -> int:
             print(f"FAIL {loaded.error}")
         else:
             endpoint = loaded.endpoint
+            assert endpoint is not None, "a file that loaded has its endpoint"
             print(f"ok   {loaded.path}: endpoint {endpoint.dag_id}, {len(endpoint.deployments)} deployment(s)")
     return 1 if failed else 0
 

@@ -30,7 +30,8 @@ from docker.types import DeviceRequest, Mount
 import batchscore_runtime.formats
 from batchscore import hostpaths, security
 from batchscore.errors import ScoringError
-from batchscore.spec import DeploymentSpec, memory_bytes
+from batchscore.spec.deployment import DeploymentSpec
+from batchscore.spec.resources import memory_bytes
 from batchscore_runtime.formats import ContainerPaths, RunLayout, TransformConfig, mini_batch_id
 
 #: batchscore's runtime package on this host, mounted read-only into every container that runs it.
@@ -314,7 +315,14 @@ def scoring_container(
 
 
 def serving_client(
-    spec: DeploymentSpec, layout: RunLayout, index: int, attempt: int, *, user: str | None, labels: dict[str, str], serving_id: str
+    spec: DeploymentSpec,
+    layout: RunLayout,
+    index: int,
+    attempt: int,
+    *,
+    user: str | None,
+    labels: dict[str, str],
+    serving_id: str,
 ) -> Container:
     """The client that sends mini-batch ``index``'s records to the serving container ``serving_id``, in its network namespace.
 
@@ -337,7 +345,12 @@ def serving_client(
 
 
 def serving_container(
-    spec: DeploymentSpec, model_dir: Path, *, labels: dict[str, str], devices: list[DeviceRequest] | None = None, warm: bool = False
+    spec: DeploymentSpec,
+    model_dir: Path,
+    *,
+    labels: dict[str, str],
+    devices: list[DeviceRequest] | None = None,
+    warm: bool = False,
 ) -> Container:
     """The deployment's serving container, ``IMAGE serve``: the model folder read-only at ``/opt/ml/model``.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import docker
+import docker.utils
 
 
 def docker_client() -> Any:

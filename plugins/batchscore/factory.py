@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from batchscore.spec import AssetSchedule, EndpointSpec, key_line, load_endpoint
 
 log = logging.getLogger(__name__)
 
-START_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
+START_DATE = datetime(2024, 1, 1, tzinfo=UTC)
 YAML_SUFFIXES = (".yaml", ".yml")
 INVALID_DAG_ID = "batchscore_invalid_deployments"
 
@@ -36,13 +36,13 @@ INVALID_DAG_ID = "batchscore_invalid_deployments"
 def build_dag(endpoint: EndpointSpec) -> DAG:
     """The DAG of one endpoint: per deployment, a task group ``plan → score[mapped] → merge``.
 
-With warm workers (``settings.worker_mode: warm``) the scoring tasks sit between a setup task
-that starts the run's worker containers and a teardown task that removes them:
-``plan → start_workers → score[mapped] → stop_workers``, and ``score → merge``.
+    With warm workers (``settings.worker_mode: warm``) the scoring tasks sit between a setup task
+    that starts the run's worker containers and a teardown task that removes them:
+    ``plan → start_workers → score[mapped] → stop_workers``, and ``score → merge``.
 
-    Runs start on the YAML's schedule (cron, preset or assets), or by hand with the DAG's params
-    (the trigger form); each deployment's merge task updates its output asset (see
-    :mod:`batchscore.schedule` and :mod:`batchscore.run_params`).
+        Runs start on the YAML's schedule (cron, preset or assets), or by hand with the DAG's params
+        (the trigger form); each deployment's merge task updates its output asset (see
+        :mod:`batchscore.schedule` and :mod:`batchscore.run_params`).
     """
     with DAG(
         dag_id=endpoint.dag_id,
@@ -56,7 +56,7 @@ that starts the run's worker containers and a teardown task that removes them:
         default_args={"owner": "batchscore"},
     ) as dag:
         for deployment in endpoint.deployments:
-            common = {
+            common: dict[str, Any] = {
                 "endpoint_name": endpoint.endpoint_name,
                 "deployment": deployment.model_dump(mode="json", by_alias=True),
             }
@@ -65,7 +65,7 @@ that starts the run's worker containers and a teardown task that removes them:
                 warm = deployment.settings.worker_mode == "warm"
                 resources = deployment.resources
                 # Only the tasks that talk to the scoring hosts' Docker engine follow the deployment's queue.
-                queue = {"queue": resources.queue} if resources.queue else {}
+                queue: dict[str, Any] = {"queue": resources.queue} if resources.queue else {}
                 pool = {"pool": resources.pool, "pool_slots": resources.pool_slots} if resources.pool else {}
                 score = ScoreOperator.partial(
                     task_id="score",
@@ -77,9 +77,7 @@ that starts the run's worker containers and a teardown task that removes them:
                     map_index_template="{{ task.mini_batch['label'] }}",
                     **common,
                 ).expand(mini_batch=plan.output)
-                merge = MergeOperator(
-                    task_id="merge", outlets=[output_asset(endpoint.endpoint_name, deployment.name)], **common
-                )
+                merge = MergeOperator(task_id="merge", outlets=[output_asset(endpoint.endpoint_name, deployment.name)], **common)
                 score >> merge
                 if warm:
                     # Setup and teardown: Airflow runs the teardown whatever happened to the
@@ -100,7 +98,7 @@ def _doc(endpoint: EndpointSpec) -> str:
             (
                 f"- image `{d.environment.image}`, script `{d.code_configuration.scoring_script}`"
                 if d.code_configuration is not None
-                else f"- serving image `{d.environment.image}` (`IMAGE serve`), SplitType {d.transform.SplitType}"
+                else f"- serving image `{d.environment.image}` (`IMAGE serve`), SplitType {d.transform and d.transform.SplitType}"
             ),
             f"- input `{d.input.path}` (`{d.input.pattern}`), "
             + (
@@ -138,6 +136,8 @@ class _InvalidDeployments(DAG):
     Airflow validates every DAG a file defines before adding it; a DAG that fails validation
     becomes an import error of that file, while the file's other DAGs still load.
     """
+
+    batchscore_error: InvalidDeploymentFilesError
 
     def validate(self) -> None:  # noqa: D102 - see the class docstring
         raise self.batchscore_error
@@ -244,8 +244,7 @@ def _check_unique(
                 SpecIssue(
                     key_line(path, ("endpoint_name",)),
                     "endpoint_name",
-                    f"endpoint {endpoint.dag_id!r} is already defined in "
-                    f"{_at(other, key_line(other, ('endpoint_name',)))}",
+                    f"endpoint {endpoint.dag_id!r} is already defined in {_at(other, key_line(other, ('endpoint_name',)))}",
                 )
             ],
         )

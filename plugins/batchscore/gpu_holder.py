@@ -24,7 +24,7 @@ from batchscore.containers import device_requests
 from batchscore.engine import docker_client
 from batchscore.errors import GpuUnavailableError
 from batchscore.gpus import lease_gpus
-from batchscore.spec import DeploymentSpec
+from batchscore.spec.deployment import DeploymentSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,17 @@ def lease_for_worker(spec: DeploymentSpec, container: str, label: str, log: Any 
         gpus = resources.gpus
         return device_requests(gpus), (gpus if isinstance(gpus, int) else None if gpus == "all" else len(gpus)), None
     holder = subprocess.Popen(
-        [sys.executable, "-m", "batchscore.gpu_holder", "--gpus", json.dumps(resources.gpus),
-         "--container", container, "--label", label],
+        [
+            sys.executable,
+            "-m",
+            "batchscore.gpu_holder",
+            "--gpus",
+            json.dumps(resources.gpus),
+            "--container",
+            container,
+            "--label",
+            label,
+        ],
         stdout=subprocess.PIPE,
         start_new_session=True,  # not killed with the task: it lives as long as the container
         text=True,
@@ -59,7 +68,7 @@ def lease_for_worker(spec: DeploymentSpec, container: str, label: str, log: Any 
     answer = json.loads(line) if line.strip() else {"error": f"the GPU holder exited with code {holder.wait()}"}
     if "error" in answer:
         raise GpuUnavailableError(f"worker container {container}: {answer['error']}")
-    ids = answer["ids"]
+    ids = [str(i) for i in answer["ids"]]
     log.info("Worker container %s gets GPU(s) %s, held until it is gone (holder pid %d)", container, ",".join(ids), holder.pid)
     return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])], len(ids), holder
 
@@ -106,7 +115,9 @@ def sys_stdout_close() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m batchscore.gpu_holder``: see :func:`lease_for_worker`."""
-    parser = argparse.ArgumentParser(prog="python -m batchscore.gpu_holder", description="hold a GPU lease while a worker container lives")
+    parser = argparse.ArgumentParser(
+        prog="python -m batchscore.gpu_holder", description="hold a GPU lease while a worker container lives"
+    )
     parser.add_argument("--gpus", required=True, help="resources.gpus as JSON")
     parser.add_argument("--container", required=True)
     parser.add_argument("--label", required=True)

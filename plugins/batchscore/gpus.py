@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from docker.types import DeviceRequest
 
@@ -51,7 +51,7 @@ WAIT_LOG_INTERVAL_S = 60.0
 CAPABILITIES = [["gpu"]]
 
 #: ``resources.gpus``: 0, a count, ``"all"``, or device ids.
-Gpus = Union[int, Literal["all"], Sequence[str]]
+Gpus = int | Literal["all"] | Sequence[str]
 
 _LOG = logging.getLogger(__name__)
 _ASK: Any = object()  # inventory not given: ask gpu_inventory(), and only when it is needed
@@ -61,7 +61,7 @@ _ASK: Any = object()  # inventory not given: ask gpu_inventory(), and only when 
 class GpuAssignment:
     """What one scoring container gets.
 
-    ``device_requests`` go to Docker (``DockerOperator(device_requests=...)``); ``device_ids``
+    ``device_requests`` go to Docker (the container's host config); ``device_ids``
     are the GPUs it is pinned to (``[]`` for none, ``None`` when Docker picks them, which only
     happens with ``share_gpus``); ``count`` is how many GPUs the container will see (``None``
     when unknown: a shared ``all`` on a host whose GPUs are not known).
@@ -111,8 +111,7 @@ def lock_path(lock_dir: str | os.PathLike[str], gpu_id: str) -> Path:
     """The lock file of one GPU id; characters other than letters, digits, ``.`` and ``-``
     are escaped (``_2f`` for ``/`` of MIG ids), so every id gets a file name of its own."""
     safe = "".join(
-        chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in ".-") else f"_{b:02x}"
-        for b in gpu_id.encode("utf-8")
+        chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in ".-") else f"_{b:02x}" for b in gpu_id.encode("utf-8")
     )
     return Path(lock_dir) / f"gpu-{safe}.lock"
 
@@ -210,9 +209,7 @@ def _shared(gpus: int | Literal["all"] | list[str], inventory: Any) -> GpuAssign
         return GpuAssignment([DeviceRequest(device_ids=list(gpus), capabilities=CAPABILITIES)], list(gpus), len(gpus))
     if gpus == "all":
         known = gpu_inventory() if inventory is _ASK else inventory
-        return GpuAssignment(
-            [DeviceRequest(count=-1, capabilities=CAPABILITIES)], None, None if known is None else len(known)
-        )
+        return GpuAssignment([DeviceRequest(count=-1, capabilities=CAPABILITIES)], None, None if known is None else len(known))
     return GpuAssignment([DeviceRequest(count=gpus, capabilities=CAPABILITIES)], None, gpus)
 
 

@@ -147,7 +147,11 @@ def _expected_host(worker_path: PurePosixPath, mounts: Sequence[ContainerMount])
 
 def suggestion(mounts: Sequence[ContainerMount]) -> str:
     """A ``BATCHSCORE_HOST_PATHS`` value that matches the container's bind mounts of folders."""
-    pairs = [f"{m.destination}={m.source}" for m in mounts if m.source != m.destination and str(m.destination) != "/var/run/docker.sock"]
+    pairs = [
+        f"{m.destination}={m.source}"
+        for m in mounts
+        if m.source != m.destination and str(m.destination) != "/var/run/docker.sock"
+    ]
     return ",".join(sorted(pairs))
 
 
@@ -162,6 +166,7 @@ def check(mappings: Sequence[PathMapping], mounts: Sequence[ContainerMount] | No
         if mounts is None:
             continue
         expected = _expected_host(m.worker, mounts)
+        assert container is not None, "mounts are known only for a known container"
         if expected is None:
             raise HostPathError(
                 f"{HOST_PATHS_ENV} maps {m.worker} to {m.host}, but in this worker's container ({container[:12]}) "
@@ -185,8 +190,11 @@ def _context(value: str, container: str | None) -> tuple[tuple[PathMapping, ...]
         except Exception as exc:  # noqa: BLE001 - no engine to ask: the check below is skipped, not the job
             log.warning("Cannot ask the Docker engine about this worker's own container %s: %s", container[:12], exc)
         if mounts is None:
-            log.info("This worker runs in a container the Docker engine does not know (a remote engine?): "
-                     "%s is not checked against its mounts", HOST_PATHS_ENV)
+            log.info(
+                "This worker runs in a container the Docker engine does not know (a remote engine?): "
+                "%s is not checked against its mounts",
+                HOST_PATHS_ENV,
+            )
     check(mappings, mounts, container)
     if mappings:
         log.info("Bind-mount sources are mapped to the Docker host with %s=%s", HOST_PATHS_ENV, ",".join(map(str, mappings)))
@@ -225,9 +233,7 @@ def for_docker(mounts: list[Mount]) -> list[Mount]:
     translated = []
     for m in mounts:
         if m.get("Type") == "bind":
-            m = Mount(
-                target=m["Target"], source=host_path(m["Source"], mappings), type="bind", read_only=bool(m.get("ReadOnly"))
-            )
+            m = Mount(target=m["Target"], source=host_path(m["Source"], mappings), type="bind", read_only=bool(m.get("ReadOnly")))
         translated.append(m)
     return translated
 

@@ -41,7 +41,15 @@ from pathlib import Path
 from typing import Any
 
 from batchscore.errors import ScoringError
-from batchscore_runtime.formats import ErrorInfo, ItemError, MiniBatchDir, MiniBatchStatus, mini_batch_id, now_iso, read_regular_file
+from batchscore_runtime.formats import (
+    ErrorInfo,
+    ItemError,
+    MiniBatchDir,
+    MiniBatchStatus,
+    mini_batch_id,
+    now_iso,
+    read_regular_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +114,7 @@ class Intake:
     committed: bool  # False: a later try had claimed the mini-batch, and nothing was committed
 
 
-def take_in(
-    scratch_parent: Path, name: str, result_dir: MiniBatchDir, expected: Expected, *, log: Any = log
-) -> Intake | None:
+def take_in(scratch_parent: Path, name: str, result_dir: MiniBatchDir, expected: Expected, *, log: Any = log) -> Intake | None:
     """Check, copy and commit the attempt whose container wrote into ``scratch_parent/name``.
 
     ``scratch_parent`` is a folder the orchestrator made and no container can replace (the
@@ -225,12 +231,20 @@ def _parse(raw: bytes, expected: Expected) -> MiniBatchStatus:
         ("init_seconds", _is_seconds(report.init_seconds)),
         ("run_seconds", _is_seconds(report.run_seconds)),
         ("item_errors", isinstance(report.item_errors, list) and len(report.item_errors) <= max(files, 1) * 2),
-        ("result_file", report.result_file is None or (isinstance(report.result_file, str) and bool(_RESULT_NAME.match(report.result_file)))),
-        ("outputs_dir", report.outputs_dir is None or (isinstance(report.outputs_dir, str) and bool(_OUTPUTS_NAME.match(report.outputs_dir)))),
+        (
+            "result_file",
+            report.result_file is None or (isinstance(report.result_file, str) and bool(_RESULT_NAME.match(report.result_file))),
+        ),
+        (
+            "outputs_dir",
+            report.outputs_dir is None or (isinstance(report.outputs_dir, str) and bool(_OUTPUTS_NAME.match(report.outputs_dir))),
+        ),
     ]
     for key, ok in checks:
         if not ok:
-            raise _rejected(expected, f"its report's {key} is {_show(getattr(report, key))}, which is not possible for this mini-batch")
+            raise _rejected(
+                expected, f"its report's {key} is {_show(getattr(report, key))}, which is not possible for this mini-batch"
+            )
     if report.succeeded and expected.result_file is True and report.result_file is None:
         raise _rejected(expected, "its report says succeeded but names no result file")
     if expected.result_file is False and report.result_file is not None:
@@ -239,7 +253,9 @@ def _parse(raw: bytes, expected: Expected) -> MiniBatchStatus:
     item_errors = []
     for item in report.item_errors:
         if item.file is not None and (not isinstance(item.file, str) or item.file not in planned):
-            raise _rejected(expected, f"its report has an item error for {_show(item.file)}, which is not a file of this mini-batch")
+            raise _rejected(
+                expected, f"its report has an item error for {_show(item.file)}, which is not a file of this mini-batch"
+            )
         if item.record is not None and not (_is_int(item.record) and item.record >= 0):
             raise _rejected(expected, f"its report has an item error with record {_show(item.record)}")
         item_errors.append(ItemError(item.file, _text(item.type, 200), _text(item.message, MAX_TEXT), item.record))

@@ -44,9 +44,7 @@ def _runuser(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.getuid() == 0 else args
 
 
-def _stop_session(
-    proc: subprocess.Popen[bytes] | None, grace: float = 20, first: signal.Signals = signal.SIGTERM
-) -> bool:
+def _stop_session(proc: subprocess.Popen[bytes] | None, grace: float = 20, first: signal.Signals = signal.SIGTERM) -> bool:
     """Send ``first`` to the session that ``proc`` leads (started with ``start_new_session``), SIGKILL
     it after ``grace`` s or when the shutdown is forced; returns whether it was running."""
     if proc is None or proc.poll() is not None:
@@ -147,14 +145,25 @@ class Postgres(_Service):
         self.root.mkdir(parents=True, exist_ok=True)
         if os.getuid() == 0:
             shutil.chown(self.root, "postgres")
-        _run_in_session(
-            _runuser([_pg_bin("initdb"), "-D", str(self.data), "--auth=trust", "--username=airflow", "-E", "UTF8"])
-        )
+        _run_in_session(_runuser([_pg_bin("initdb"), "-D", str(self.data), "--auth=trust", "--username=airflow", "-E", "UTF8"]))
         log = open(self.root / "postgres.log", "ab")  # noqa: SIM115 - the server's for its lifetime
         self.proc = subprocess.Popen(
             _runuser(
-                [_pg_bin("postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.root),
-                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"]
+                [
+                    _pg_bin("postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.root),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "max_connections=200",
+                ]
             ),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -216,8 +225,19 @@ class Redis(_Service):
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "redis.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.root)],
+            [
+                server,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.root),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -27,10 +27,11 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -80,6 +81,12 @@ class Outcome:
     reason: str = ""  # why it has no result
 
     @property
+    def committed(self) -> MiniBatchStatus:
+        """The status a succeeded mini-batch committed (only those are asked)."""
+        assert self.status is not None, f"{self.id} succeeded, so it has a status"
+        return self.status
+
+    @property
     def id(self) -> str:
         return self.entry.id
 
@@ -123,7 +130,7 @@ def collect_outcomes(layout: RunLayout, plan: Plan) -> list[Outcome]:
         elif not status.succeeded:
             err = status.error
             outcomes.append(Outcome(entry, FAILED, status, reason=err.one_line() if err else "failed"))
-        elif status.result_file and not mb_dir.result_path(status).is_file():
+        elif (result := mb_dir.result_path(status)) is not None and not result.is_file():
             outcomes.append(Outcome(entry, MISSING, status, reason=f"its status names {status.result_file}, which is gone"))
         else:
             outcomes.append(Outcome(entry, SUCCEEDED, status, mb_dir.result_path(status) if status.result_file else None))
@@ -136,8 +143,8 @@ def failed_items(layout: RunLayout, outcomes: Iterable[Outcome]) -> list[FailedI
     items: list[FailedItem] = []
     for o in outcomes:
         if o.state == SUCCEEDED:
-            named = [FailedItem(o.id, e.file or "", e.type, e.message, e.record) for e in o.status.item_errors]
-            unnamed = o.status.failed_items - len(named)  # the status's count is the one that counts
+            named = [FailedItem(o.id, e.file or "", e.type, e.message, e.record) for e in o.committed.item_errors]
+            unnamed = o.committed.failed_items - len(named)  # the status's count is the one that counts
             items += named + [FailedItem(o.id, "", "NoResult", "run() returned fewer results than files")] * unnamed
             continue
         culprit = None
@@ -156,9 +163,14 @@ def failed_items(layout: RunLayout, outcomes: Iterable[Outcome]) -> list[FailedI
             if f in refused:
                 items.append(FailedItem(o.id, f, InputFile.REFUSED, refused[f]))
             elif culprit and culprit in files:  # say which file it was raised on, on the other files' lines
-                items.append(FailedItem(
-                    o.id, f, error_type, message if f == culprit else f"{message} (raised on {culprit}; failed with its mini-batch)"
-                ))
+                items.append(
+                    FailedItem(
+                        o.id,
+                        f,
+                        error_type,
+                        message if f == culprit else f"{message} (raised on {culprit}; failed with its mini-batch)",
+                    )
+                )
             else:
                 items.append(FailedItem(o.id, f, error_type, message))
     return items
@@ -211,9 +223,7 @@ def _as_json_text(column: pa.Array) -> pa.Array:
 
 def _text_schema(schema: pa.Schema) -> pa.Schema:
     """``schema`` with nested columns (dicts, lists: structs, lists, maps) as text, for CSV, which cannot hold them."""
-    return pa.schema(
-        [pa.field(f.name, pa.string()) if _is_nested(f.type) else f for f in schema], metadata=schema.metadata
-    )
+    return pa.schema([pa.field(f.name, pa.string()) if _is_nested(f.type) else f for f in schema], metadata=schema.metadata)
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
@@ -266,7 +276,7 @@ class _AzureTextWriter:
         self._fh.close()
 
 
-def _open_writer(path: Path, suffix: str, schema: pa.Schema, layout: str):
+def _open_writer(path: Path, suffix: str, schema: pa.Schema, layout: str) -> Any:
     if layout == "azure":
         return _AzureTextWriter(path)
     if suffix == ".csv":
@@ -343,7 +353,7 @@ def write_serving_output(path: Path, layout: RunLayout, done: Iterable[Outcome])
     joined = 0
     with atomic_path(path) as tmp, open(tmp, "wb") as sink:
         for o in done:
-            outputs = layout.mini_batch_dir(o.entry.index).outputs_path(o.status)
+            outputs = layout.mini_batch_dir(o.entry.index).outputs_path(o.committed)
             if outputs is None:
                 continue
             for f in layout.read_mini_batch(o.entry.index).files:
@@ -416,7 +426,7 @@ def write_ledger(path: Path, outcomes: Iterable[Outcome]) -> None:
             o.state,
             s.attempt if s else "",
             s.rows if s and o.state == SUCCEEDED else "",
-            s.failed_items if o.state == SUCCEEDED else o.entry.files,
+            o.committed.failed_items if o.state == SUCCEEDED else o.entry.files,
             "" if seconds is None else seconds,
             s.init_seconds if s and o.state == SUCCEEDED else "",
             s.run_seconds if s and o.state == SUCCEEDED else "",
@@ -447,9 +457,9 @@ def collect_custom_outputs(layout: RunLayout, outcomes: Iterable[Outcome], reser
     renamed: list[RenamedOutput] = []
     taken = {r.lower() for r in reserved}
     for o in outcomes:
-        if o.state != SUCCEEDED or not o.status.outputs_dir:
+        if o.state != SUCCEEDED or not o.committed.outputs_dir:
             continue
-        source_dir = layout.mini_batch_dir(o.entry.index).outputs_path(o.status)
+        source_dir = layout.mini_batch_dir(o.entry.index).outputs_path(o.committed)
         if source_dir is None or not source_dir.is_dir():
             continue
         for source in sorted(p for p in source_dir.rglob("*") if p.is_file()):
@@ -535,7 +545,7 @@ def write_job_output(run: MergeInput, done: list[Outcome]) -> JobOutput:
     path = run.layout.root / settings.output_file_name
     if run.deployment.contract == "serve":
         write_serving_output(path, run.layout, done)
-        return JobOutput(path, sum(o.status.rows for o in done))
+        return JobOutput(path, sum(o.committed.rows for o in done))
     try:
         return JobOutput(path, write_output(path, [o.result for o in done if o.result], settings.output_layout))
     except MergeError as exc:
@@ -566,7 +576,7 @@ def build_summary(
     plan, settings = run.plan, run.settings
     done = [o for o in outcomes if o.state == SUCCEEDED]
     not_done = [o for o in outcomes if o.state != SUCCEEDED]
-    statuses = [o.status for o in done]
+    statuses = [o.committed for o in done]
     returned = sum(s.rows for s in statuses)
     started = min((s.started_at for s in statuses if s.started_at), default="")
     finished = max((s.finished_at for s in statuses if s.finished_at), default="")

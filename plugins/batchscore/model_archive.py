@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from batchscore.errors import PlanError
-from batchscore.spec import DeploymentSpec
+from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import RunLayout
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: The task log's budget: a burst, then a steady rate (lines), and a cap on one line's length.
 BURST_LINES = 2000
@@ -85,7 +86,11 @@ class OutputLog:
             self._refilled = now
             if self._tokens >= 1.0:
                 self._tokens -= 1.0
-                shown = text if len(text) <= MAX_LINE_CHARS else text[:MAX_LINE_CHARS] + f" [... {len(text) - MAX_LINE_CHARS} more characters]"
+                shown = (
+                    text
+                    if len(text) <= MAX_LINE_CHARS
+                    else text[:MAX_LINE_CHARS] + f" [... {len(text) - MAX_LINE_CHARS} more characters]"
+                )
             else:
                 shown = None
                 self.dropped_lines += 1
@@ -111,7 +116,10 @@ class OutputLog:
         """For an error message: how much output was left out of the task log and where it all is; '' if none."""
         if not self.dropped_lines:
             return ""
-        return f"{self.dropped_lines} line(s) ({_size(self.dropped_bytes)}) of its output were left out of the task log; every line is in {self.path}"
+        return (
+            f"{self.dropped_lines} line(s) ({_size(self.dropped_bytes)}) of its output were left out of the task log; "
+            f"every line is in {self.path}"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -130,11 +138,11 @@ class OutputLog:
         self.close()
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB"):
         if n < 1024 or unit == "MiB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        n /= 1024
     return f"{n} bytes"
 
 

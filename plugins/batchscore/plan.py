@@ -7,21 +7,21 @@ changed since. ``plan.json`` is written last, so its presence means the plan is 
 
 from __future__ import annotations
 
-import bisect
 import fnmatch
 import logging
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from batchscore.errors import PlanError
-from batchscore.spec import DeploymentSpec
+from batchscore.partition import partition, partition_by_size
+from batchscore.spec.deployment import DeploymentSpec
 from batchscore.split import part_size, split_large_files
 from batchscore_runtime.formats import (
     InputFile,
-    MiniBatch,
     Plan,
     PlanEntry,
     RunLayout,
@@ -106,9 +106,11 @@ def _walk(root: str, real_root: str, work_root: str, pattern: str) -> Iterator[t
                 continue
             if not _inside(target, real_root):
                 if _is_folder(target):  # its type only (lstat of the resolved path); it is never listed
-                    yield "", target, sub_rel, (
-                        f"input folder {sub_rel} is a symbolic link to {target}, outside input.path "
-                        f"({root}); {ADVICE_FOLDER}"
+                    yield (
+                        "",
+                        target,
+                        sub_rel,
+                        (f"input folder {sub_rel} is a symbolic link to {target}, outside input.path ({root}); {ADVICE_FOLDER}"),
                     )
                 continue
             if _is_folder(target):
@@ -167,34 +169,54 @@ def _planned(text: str, rel: str, real_root: str, work_root: str, root: Path, ch
         return None
     if real is None or real == f"{real_root}/{rel}":
         if link:  # a link to itself resolves to its own path
-            return InputFile(rel, 0, st.st_mtime_ns, refused=(
-                f"input file {rel} is a symbolic link that leads back to itself (a loop of links); "
-                "fix or remove the link"
-            ))
+            return InputFile(
+                rel,
+                0,
+                st.st_mtime_ns,
+                refused=(
+                    f"input file {rel} is a symbolic link that leads back to itself (a loop of links); fix or remove the link"
+                ),
+            )
         return InputFile(path=rel, size=st.st_size, mtime_ns=st.st_mtime_ns)
     if _is_folder(real):  # a folder is never a file to score; the walk enters linked folders it may
         return None
     if not _inside(real, real_root):
-        return InputFile(rel, 0, st.st_mtime_ns, refused=(
-            f"input file {rel} is a symbolic link to {real}, outside input.path ({root}); {ADVICE_FILE}"
-        ))
+        return InputFile(
+            rel,
+            0,
+            st.st_mtime_ns,
+            refused=(f"input file {rel} is a symbolic link to {real}, outside input.path ({root}); {ADVICE_FILE}"),
+        )
     try:
         target = os.stat(real)  # inside the input folder: safe to look at
     except FileNotFoundError:
-        return InputFile(rel, 0, st.st_mtime_ns, refused=(
-            f"input file {rel} is a symbolic link to {real}, which does not exist (a dangling link); "
-            "fix or remove the link"
-        ))
+        return InputFile(
+            rel,
+            0,
+            st.st_mtime_ns,
+            refused=(
+                f"input file {rel} is a symbolic link to {real}, which does not exist (a dangling link); fix or remove the link"
+            ),
+        )
     except OSError as exc:  # a loop of links (ELOOP), or no permission
-        return InputFile(rel, 0, st.st_mtime_ns, refused=(
-            f"input file {rel} is a symbolic link to {real}, which cannot be read ({exc.strerror}); "
-            "fix or remove the link"
-        ))
+        return InputFile(
+            rel,
+            0,
+            st.st_mtime_ns,
+            refused=(
+                f"input file {rel} is a symbolic link to {real}, which cannot be read ({exc.strerror}); fix or remove the link"
+            ),
+        )
     if not stat.S_ISREG(target.st_mode):  # a pipe, socket or device: reading it could block or never end
-        return InputFile(rel, 0, st.st_mtime_ns, refused=(
-            f"input file {rel} is a symbolic link to {real}, which is not a regular file (a pipe, socket or "
-            "device); batchscore scores only regular files"
-        ))
+        return InputFile(
+            rel,
+            0,
+            st.st_mtime_ns,
+            refused=(
+                f"input file {rel} is a symbolic link to {real}, which is not a regular file (a pipe, socket or "
+                "device); batchscore scores only regular files"
+            ),
+        )
     return InputFile(rel, target.st_size, target.st_mtime_ns, target=real[len(real_root) + 1 :])
 
 
@@ -208,8 +230,7 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
     root = deployment.input.path
     if not root.is_dir():
         raise PlanError(
-            f"input folder {root} of deployment {deployment.name!r} does not exist or is not a folder "
-            "(key input.path)"
+            f"input folder {root} of deployment {deployment.name!r} does not exist or is not a folder (key input.path)"
         )
     real_root = os.path.realpath(root)
     work_root = os.path.realpath(deployment.output.path)
@@ -230,66 +251,23 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
         if rel in seen or rel.startswith(".") or "/." in rel:  # twice (**/**), hidden, or in a hidden folder
             continue
         seen.add(rel)
-        entry = InputFile(rel, 0, 0, refused=refusal) if refusal else _planned(
-            f"{base}/{rel}", rel, real_root, work_root, root, check_all
+        entry = (
+            InputFile(rel, 0, 0, refused=refusal)
+            if refusal
+            else _planned(f"{base}/{rel}", rel, real_root, work_root, root, check_all)
         )
         if entry is not None:
             found.append(entry)
     found.sort(key=lambda f: _natural_key(f.path))
-    refused = [f for f in found if f.refused]
-    if refused:
+    refusals = [f.refused for f in found if f.refused]
+    if refusals:
         log.warning(
             "%d symbolic link(s) in %s will not be scored (each a failed item): %s",
-            len(refused), root, "; ".join(f.refused for f in refused[:5]) + (" ..." if len(refused) > 5 else ""),
+            len(refusals),
+            root,
+            "; ".join(refusals[:5]) + (" ..." if len(refusals) > 5 else ""),
         )
     return found
-
-
-def partition(files: list[InputFile], mini_batch_size: int) -> list[MiniBatch]:
-    """Consecutive runs of ``mini_batch_size`` files (Azure's count-based mini-batches)."""
-    return [
-        MiniBatch(index=i, files=files[start : start + mini_batch_size])
-        for i, start in enumerate(range(0, len(files), mini_batch_size))
-    ]
-
-
-def _cuts(prefix: list[int], limit: int, max_files: int) -> list[int]:
-    """Greedy contiguous cuts: each run as long as it stays within ``limit`` bytes and
-    ``max_files`` files; a file bigger than ``limit`` makes a run of its own."""
-    n = len(prefix) - 1
-    cuts, start = [0], 0
-    while start < n:
-        end = bisect.bisect_right(prefix, prefix[start] + limit, lo=start + 1) - 1  # last index fitting
-        end = min(max(end, start + 1), start + max_files, n)
-        cuts.append(end)
-        start = end
-    return cuts
-
-
-def partition_by_size(files: list[InputFile], target_bytes: int, max_files: int) -> list[MiniBatch]:
-    """Contiguous mini-batches of about ``target_bytes`` each, balanced, in input order.
-
-    As many mini-batches as cutting greedily at ``target_bytes`` gives (at most
-    ``max_files`` files each; a bigger file alone), then the smallest byte limit that still
-    gives that many, so the bytes are spread evenly instead of leaving a small remainder.
-    Deterministic: the same files always give the same mini-batches.
-    """
-    if not files:
-        return []
-    prefix = [0]
-    for f in files:
-        prefix.append(prefix[-1] + f.size)
-    count = len(_cuts(prefix, target_bytes, max_files)) - 1
-    hi = max(target_bytes, 1)
-    lo = min(max(1, -(-prefix[-1] // count)), hi)  # no limit below the mean can keep that count
-    while lo < hi:  # smallest limit that needs no more mini-batches than the target gave
-        mid = (lo + hi) // 2
-        if len(_cuts(prefix, mid, max_files)) - 1 <= count:
-            hi = mid
-        else:
-            lo = mid + 1
-    cuts = _cuts(prefix, lo, max_files)
-    return [MiniBatch(index=i, files=files[a:b]) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
 
 
 def mini_batch_refs(plan: Plan) -> list[dict[str, Any]]:
@@ -314,9 +292,7 @@ def _unwritable(deployment: DeploymentSpec, layout: RunLayout, exc: OSError) -> 
     )
 
 
-def plan_run(
-    endpoint_name: str, deployment: DeploymentSpec, run_id: str, *, max_mini_batches: int | None = None
-) -> Plan:
+def plan_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str, *, max_mini_batches: int | None = None) -> Plan:
     """Return the run's plan, making and persisting it on the first call."""
     layout = run_layout(deployment, run_id)
     try:
@@ -345,6 +321,7 @@ def plan_run(
             files = split_large_files(files, deployment.input.path, part_size(settings.mini_batch_bytes))
         mini_batches = partition_by_size(files, settings.mini_batch_bytes, settings.max_files_per_mini_batch)
     else:
+        assert isinstance(size, int)  # not a size (mini_batch_bytes): a number of files
         mini_batches = partition(files, size)
     if max_mini_batches is not None and len(mini_batches) > max_mini_batches:
         raise PlanError(

@@ -61,8 +61,7 @@ def dag_params(endpoint: EndpointSpec) -> dict[str, Param]:
             title="Output folder",
             description=(
                 (
-                    "Absolute path; each deployment writes this run to "
-                    "<output folder>/<deployment name>/<run id>/. "
+                    "Absolute path; each deployment writes this run to <output folder>/<deployment name>/<run id>/. "
                     if several
                     else "Absolute path; this run writes to <output folder>/<run id>/. "
                 )
@@ -101,9 +100,7 @@ def _unknown(keys: list[str]) -> str:
     )
 
 
-def apply_run_params(
-    spec: DeploymentSpec, params: Mapping[str, Any], *, several_deployments: bool
-) -> DeploymentSpec:
+def apply_run_params(spec: DeploymentSpec, params: Mapping[str, Any], *, several_deployments: bool) -> DeploymentSpec:
     """The deployment as a run with ``params`` sees it; ``spec`` itself when no param is set.
 
     ``params`` is the run's ``context["params"]``: the DAG's params, with the run's conf applied

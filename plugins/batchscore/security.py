@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from batchscore.errors import ContainerSecurityError, SecretUnavailableError
-from batchscore.spec import Resources, SecretRef, memory_bytes
+from batchscore.errors import ContainerSecurityError
+from batchscore.spec.resources import Resources, memory_bytes
 
 #: Environment variable: the ``uid:gid`` (or ``uid``) scoring containers run as when the Airflow
 #: worker runs as root. Unset: :data:`DEFAULT_CONTAINER_USER`. Where the worker is not root, the
@@ -119,7 +119,7 @@ def check_mounts(mounts: Iterable[Any]) -> None:
 
 
 def _target(mount: Any) -> str:
-    return mount.get("Target") if isinstance(mount, dict) else getattr(mount, "target", "?")
+    return str(mount.get("Target") if isinstance(mount, dict) else getattr(mount, "target", "?"))
 
 
 def lockdown(full: bool = True) -> dict[str, Any]:
@@ -142,47 +142,6 @@ def host_config_options(resources: Resources) -> dict[str, Any]:
     return options
 
 
-def resolve_secrets(refs: dict[str, SecretRef]) -> dict[str, str]:
-    """The values of ``settings.secret_environment``, read from Airflow (task SDK) and masked in logs."""
-    if not refs:
-        return {}
-    from airflow.sdk import BaseHook, Variable
-    from airflow.sdk.log import mask_secret
-
-    values: dict[str, str] = {}
-    for name, ref in refs.items():
-        try:
-            if ref.variable is not None:
-                value = Variable.get(ref.variable)
-            else:
-                value = _connection_field(BaseHook.get_connection(ref.connection), ref.field or "password")
-        except SecretUnavailableError as exc:
-            raise SecretUnavailableError(f"settings.secret_environment.{name}: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - Airflow raises several types; the message holds no value
-            raise SecretUnavailableError(
-                f"settings.secret_environment.{name}: cannot read {ref.describe()} ({type(exc).__name__}); "
-                "create it in Airflow (Admin > Variables / Connections, the CLI, or a secrets backend)"
-            ) from None
-        if value is None or value == "":
-            raise SecretUnavailableError(f"settings.secret_environment.{name}: {ref.describe()} is empty")
-        value = str(value)
-        mask_secret(value, name=name)  # redacted wherever it would appear in the task log
-        values[name] = value
-    return values
-
-
-def _connection_field(conn: Any, field: str) -> Any:
-    if field == "uri":
-        return conn.get_uri()
-    if field.startswith("extra."):
-        key = field.removeprefix("extra.")
-        extra = conn.extra_dejson
-        if key not in extra:
-            raise SecretUnavailableError(f"connection {conn.conn_id!r} has no extra {key!r}")
-        return extra[key]
-    return getattr(conn, field)
-
-
 def redact(text: Any, secrets: Iterable[str]) -> Any:
     """``text`` with every secret value in it replaced by ``***`` (anything but a string as it is)."""
     if isinstance(text, str):
@@ -195,7 +154,7 @@ def redact(text: Any, secrets: Iterable[str]) -> Any:
 class RedactingLogger:
     """A logger that replaces secret values in messages and their arguments by ``***``.
 
-    Airflow's own masker (fed by :func:`resolve_secrets`) redacts the task log in the task
+    Airflow's own masker (fed by :func:`batchscore.secret_environment.resolve_secrets`) redacts the task log in the task
     supervisor; this catches the container's output before it gets there, so it holds also
     where no supervisor runs (``dag.test()``, tests) and for scripts that print their secrets.
     """

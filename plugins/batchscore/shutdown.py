@@ -190,9 +190,10 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def _docker() -> Any:
-    import docker
+    from docker import APIClient
+    from docker.utils import kwargs_from_env
 
-    return docker.APIClient(**docker.utils.kwargs_from_env(), version="auto")
+    return APIClient(**kwargs_from_env(), version="auto")
 
 
 def remove_containers(containers: list[dict[str, Any]], cli: Any = None) -> list[str]:

@@ -24,6 +24,7 @@ import logging
 import time
 from pathlib import Path
 
+from batchscore.partition import partition_by_size
 from batchscore_runtime.formats import FilePart, InputFile
 
 log = logging.getLogger(__name__)
@@ -95,17 +96,13 @@ def _text_parts(f: InputFile, path: Path, target: int, csv: bool) -> list[InputF
         return [f]
     n = len(bounds) - 1
     return [
-        dataclasses.replace(
-            f, size=header_end + end - start, part=FilePart(k, n, FilePart.BYTES, start, end, header_end, f.size)
-        )
+        dataclasses.replace(f, size=header_end + end - start, part=FilePart(k, n, FilePart.BYTES, start, end, header_end, f.size))
         for k, (start, end) in enumerate(zip(bounds, bounds[1:]))
     ]
 
 
 def _parquet_parts(f: InputFile, path: Path, target: int) -> list[InputFile]:
     import pyarrow.parquet as pq
-
-    from batchscore.plan import partition_by_size
 
     try:
         metadata = pq.ParquetFile(path).metadata
@@ -125,9 +122,7 @@ def _parquet_parts(f: InputFile, path: Path, target: int) -> list[InputFile]:
     for k, group in enumerate(groups):
         last = first + len(group.files)
         size = sum(sizes[first:last])
-        out.append(
-            dataclasses.replace(f, size=size, part=FilePart(k, len(groups), FilePart.ROW_GROUPS, first, last, 0, f.size))
-        )
+        out.append(dataclasses.replace(f, size=size, part=FilePart(k, len(groups), FilePart.ROW_GROUPS, first, last, 0, f.size)))
         first = last
     return out
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docker.test_build_images import dockerfile_instructions, docker, last_line, needs_docker
+from tests.docker.test_build_images import docker, dockerfile_instructions, last_line, needs_docker
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "docker" / "build-images.sh"
@@ -37,18 +37,22 @@ BUILT_RE = re.compile(r"^airflow image (\S+) built \((sha256:[0-9a-f]{64})\)$")
 UP_TO_DATE = "airflow image {} is up to date"
 
 
-def run_script(*args: str, image: str = IMAGE, script: Path = SCRIPT, timeout: float = 1500,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    *args: str, image: str = IMAGE, script: Path = SCRIPT, timeout: float = 1500, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", str(script), *args], cwd=script.parents[1], capture_output=True, text=True,
-        timeout=timeout, env=dict(os.environ, IMAGE=image, **(env or {})),
+        ["bash", str(script), *args],
+        cwd=script.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, IMAGE=image, **(env or {})),
     )
 
 
 def in_image(code: str, *docker_args: str, image: str = IMAGE) -> str:
     """Runs python -c CODE in the image as its default user (50000), offline; its last stdout line."""
-    out = docker("run", "--rm", "--network", "none", *docker_args, "--entrypoint", "python",
-                 image, "-c", code)
+    out = docker("run", "--rm", "--network", "none", *docker_args, "--entrypoint", "python", image, "-c", code)
     return last_line(out)
 
 
@@ -78,8 +82,7 @@ def project_files(root: Path) -> set[str]:
             parts = rel.parts
             if "__pycache__" in parts or path.suffix == ".pyc" or not path.is_file():
                 continue
-            if parts[:2] == ("include", "examples") and len(parts) > 3 \
-                    and (parts[3] == "model" or parts[3].startswith("data")):
+            if parts[:2] == ("include", "examples") and len(parts) > 3 and (parts[3] == "model" or parts[3].startswith("data")):
                 continue
             out.add(rel.as_posix())
     return out
@@ -165,14 +168,23 @@ def test_image_config_user_and_writable_airflow_home(built):
     assert env["PYTHONUNBUFFERED"] == "1" and env["LANG"] == "C.UTF-8"
     assert "AIRFLOW__CORE__PLUGINS_FOLDER" not in env
 
-    out = docker("run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c",
-                 "id; echo ~; stat -c '%u:%g %a %n' /opt/airflow /opt/airflow/logs /opt/airflow/plugins"
-                 " /home/airflow; airflow config get-value core plugins_folder").splitlines()
+    out = docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--entrypoint",
+        "sh",
+        IMAGE,
+        "-c",
+        "id; echo ~; stat -c '%u:%g %a %n' /opt/airflow /opt/airflow/logs /opt/airflow/plugins"
+        " /home/airflow; airflow config get-value core plugins_folder",
+    ).splitlines()
     assert out[0] == "uid=50000(airflow) gid=0(root) groups=0(root)", out
     assert out[1] == "/home/airflow"
     for line in out[2:6]:
         owner, mode, path = line.split()
-        assert owner == "50000:0" and int(mode, 8) & 0o070 == 0o070, line   # group-writable
+        assert owner == "50000:0" and int(mode, 8) & 0o070 == 0o070, line  # group-writable
     assert out[6] == "/opt/airflow/plugins"
 
 
@@ -202,15 +214,26 @@ def test_packages_are_the_locked_ones_and_the_project_comes_from_opt_batchscore(
 @needs_docker
 @pytest.mark.docker
 def test_project_copy_has_the_code_but_not_the_generated_example_files(built):
-    listed = docker("run", "--rm", "--network", "none", "--entrypoint", "find", IMAGE,
-                    PROJECT, "-type", "f").split()
+    listed = docker("run", "--rm", "--network", "none", "--entrypoint", "find", IMAGE, PROJECT, "-type", "f").split()
     in_image_files = {p.removeprefix(PROJECT + "/") for p in listed}
     assert in_image_files == project_files(REPO)
     assert not any("__pycache__" in p or p.startswith(EXAMPLE_MODEL) for p in in_image_files)
     assert "dags/batchscore_deployments.py" in in_image_files
     # Read-only for the airflow user: the code is no place for state.
-    assert docker("run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c",
-                  f"test -w {PROJECT}/dags && echo writable || echo read-only").strip() == "read-only"
+    assert (
+        docker(
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--entrypoint",
+            "sh",
+            IMAGE,
+            "-c",
+            f"test -w {PROJECT}/dags && echo writable || echo read-only",
+        ).strip()
+        == "read-only"
+    )
 
 
 DAGBAG = (
@@ -233,15 +256,13 @@ def test_the_dag_file_parses_in_the_image(built, iris_example):
     want = sorted(host)
     assert "iris-batch" in want
 
-    mounted = json.loads(in_image(
-        DAGBAG, "-v", f"{iris_example / 'model'}:{PROJECT}/{EXAMPLE_MODEL}:ro"))
+    mounted = json.loads(in_image(DAGBAG, "-v", f"{iris_example / 'model'}:{PROJECT}/{EXAMPLE_MODEL}:ro"))
     assert mounted == {"dag_ids": want, "errors": {}}
 
     bare = json.loads(in_image(DAGBAG))
     assert list(bare["errors"]) == [f"{PROJECT}/dags/batchscore_deployments.py"]
     lines = bare["errors"][f"{PROJECT}/dags/batchscore_deployments.py"].splitlines()
-    assert lines and all(f"{PROJECT}/{EXAMPLE_MODEL}" in line and "does not exist" in line
-                         for line in lines), lines
+    assert lines and all(f"{PROJECT}/{EXAMPLE_MODEL}" in line and "does not exist" in line for line in lines), lines
 
 
 @needs_docker

@@ -45,7 +45,12 @@ def _docker_usable() -> bool:
     return probe.returncode == 0
 
 
-needs_docker = pytest.mark.skipif(not _docker_usable(), reason="no usable Docker engine")
+_NO_DOCKER = pytest.mark.skipif(not _docker_usable(), reason="no usable Docker engine")
+
+
+def needs_docker(test):
+    """A Docker test (marker ``docker``: not in ``make test-unit``), skipped where no engine answers."""
+    return pytest.mark.docker(_NO_DOCKER(test))
 
 
 def run_script(
@@ -54,7 +59,11 @@ def run_script(
     env = dict(os.environ, IMAGE=image, **(env or {}))
     return subprocess.run(
         ["bash", str(SCRIPT), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -175,8 +184,7 @@ def test_image_has_pinned_packages_and_runs_offline_as_scorer(built):
         " 'scikit-learn': sklearn.__version__}))"
     )
     # As the orchestrator runs it: another user, no network.
-    out = docker("run", "--rm", "--network", "none", "--user", "1000:1000",
-                 IMAGE, "python3", "-c", code)
+    out = docker("run", "--rm", "--network", "none", "--user", "1000:1000", IMAGE, "python3", "-c", code)
     versions = json.loads(last_line(out))
     want = pins()
     assert versions == {name: want[name] for name in versions}
@@ -187,7 +195,7 @@ def test_image_metadata_label_user_and_defaults(built):
     info = inspect(IMAGE)
     config = info["Config"]
     assert re.fullmatch(r"[0-9a-f]{64}", (config.get("Labels") or {}).get(HASH_LABEL, ""))
-    assert config.get("User", "") == ""          # root; the orchestrator passes --user
+    assert config.get("User", "") == ""  # root; the orchestrator passes --user
     assert not config.get("Entrypoint")
     assert config.get("WorkingDir") == "/tmp"
     env = dict(e.split("=", 1) for e in config.get("Env") or [])
@@ -198,8 +206,7 @@ def test_image_metadata_label_user_and_defaults(built):
     ident = docker("run", "--rm", IMAGE, "id", "scorer").strip()
     assert ident.startswith("uid=1000(scorer) gid=1000(scorer)"), ident
     assert docker("run", "--rm", IMAGE, "id", "-u").strip() == "0"
-    assert docker("run", "--rm", IMAGE, "python3", "-c",
-                  "import sys; print(sys.prefix)").strip() == "/opt/venv"
+    assert docker("run", "--rm", IMAGE, "python3", "-c", "import sys; print(sys.prefix)").strip() == "/opt/venv"
 
 
 @needs_docker
@@ -224,18 +231,16 @@ def test_cache_is_per_tag_and_concurrent_runs_build_once(built):
     env = dict(os.environ, IMAGE=other)
     try:
         procs = [
-            subprocess.Popen(["bash", str(SCRIPT)], cwd=REPO, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            subprocess.Popen(["bash", str(SCRIPT)], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for _ in range(2)
         ]
         results = [(p.wait(timeout=1500), *p.communicate()) for p in procs]
-        for rc, out, err in results:
+        for rc, _, err in results:
             assert rc == 0, err[-4000:]
         finals = sorted(last_line(out) for _, out, _ in results)
         assert BUILT_RE.match(finals[0]) and BUILT_RE.match(finals[0]).group(1) == other, finals
         assert finals[1] == f"scoring image {other} is up to date", finals
-        assert inspect(other)["Config"]["Labels"][HASH_LABEL] == \
-            inspect(IMAGE)["Config"]["Labels"][HASH_LABEL]
+        assert inspect(other)["Config"]["Labels"][HASH_LABEL] == inspect(IMAGE)["Config"]["Labels"][HASH_LABEL]
     finally:
         subprocess.run(["docker", "image", "rm", "-f", other], capture_output=True)
     cache = REPO / "docker" / ".cache"
@@ -246,10 +251,9 @@ def test_cache_is_per_tag_and_concurrent_runs_build_once(built):
 
 GPU_IMAGE = "batchscore-scoring:pytest-gpu"
 STANDIN_BASE = "batchscore-test/cuda-standin:latest"
-DEBIAN_BASE = "batchscore-base:bookworm"   # what build-images.sh makes without a registry
+DEBIAN_BASE = "batchscore-base:bookworm"  # what build-images.sh makes without a registry
 # Never reached: the test must not depend on (or wait for) the network.
-NO_DOWNLOAD = {"BATCHSCORE_PYTHON_URL": "http://127.0.0.1:9/python.tar.gz",
-               "BATCHSCORE_PYTHON_SHA256": "0" * 64}
+NO_DOWNLOAD = {"BATCHSCORE_PYTHON_URL": "http://127.0.0.1:9/python.tar.gz", "BATCHSCORE_PYTHON_SHA256": "0" * 64}
 
 
 def test_gpu_dockerfile_takes_a_cuda_runtime_base_and_sets_the_nvidia_environment():
@@ -284,19 +288,24 @@ def test_help_mentions_the_gpu_variant():
 def test_gpu_build_with_an_unpullable_base_fails_at_once_naming_the_build_argument():
     missing = "batchscore-test.invalid/cuda:12.4.1-runtime-ubuntu22.04"
     started = time.monotonic()
-    done = run_script("--gpu", image="batchscore-scoring:pytest-gpu-nobase", timeout=120,
-                      env={"CUDA_BASE_IMAGE": missing, "BATCHSCORE_PULL_TIMEOUT": "30", **NO_DOWNLOAD})
+    done = run_script(
+        "--gpu",
+        image="batchscore-scoring:pytest-gpu-nobase",
+        timeout=120,
+        env={"CUDA_BASE_IMAGE": missing, "BATCHSCORE_PULL_TIMEOUT": "30", **NO_DOWNLOAD},
+    )
     elapsed = time.monotonic() - started
     assert done.returncode != 0
     assert elapsed < 40, f"took {elapsed:.1f}s"
-    assert (f"[build-images] ERROR: cannot pull the GPU image's base {missing} "
-            "(build argument CUDA_BASE_IMAGE): ") in done.stderr
+    assert (f"[build-images] ERROR: cannot pull the GPU image's base {missing} (build argument CUDA_BASE_IMAGE): ") in done.stderr
     assert "set CUDA_BASE_IMAGE to one that is present" in done.stderr
     # It stopped before anything else: no download, no build.
     assert "python:" not in done.stderr and "wheels:" not in done.stderr
     assert "docker build" not in done.stderr
-    assert subprocess.run(["docker", "image", "inspect", "batchscore-scoring:pytest-gpu-nobase"],
-                          capture_output=True).returncode != 0
+    assert (
+        subprocess.run(["docker", "image", "inspect", "batchscore-scoring:pytest-gpu-nobase"], capture_output=True).returncode
+        != 0
+    )
 
 
 @needs_docker
@@ -305,12 +314,14 @@ def test_gpu_build_without_python_says_what_to_set(built, tmp_path):
     image = "batchscore-scoring:pytest-gpu-nopython"
     done = run_script("--gpu", image=image, timeout=120, env={**base, **NO_DOWNLOAD})
     assert done.returncode != 0
-    assert ("ERROR: cannot download Python 3.11 for the GPU image from "
-            "http://127.0.0.1:9/python.tar.gz: curl: (7)") in done.stderr
+    assert (
+        "ERROR: cannot download Python 3.11 for the GPU image from http://127.0.0.1:9/python.tar.gz: curl: (7)"
+    ) in done.stderr
     assert "set BATCHSCORE_PYTHON_TARBALL to\n  its path" in done.stderr
 
-    given = run_script("--gpu", image=image, timeout=120,
-                       env={**base, "BATCHSCORE_PYTHON_TARBALL": str(tmp_path / "nope.tar.gz")})
+    given = run_script(
+        "--gpu", image=image, timeout=120, env={**base, "BATCHSCORE_PYTHON_TARBALL": str(tmp_path / "nope.tar.gz")}
+    )
     assert given.returncode != 0
     assert f"ERROR: BATCHSCORE_PYTHON_TARBALL={tmp_path / 'nope.tar.gz'} is not a file" in given.stderr
 
@@ -319,8 +330,7 @@ def test_gpu_build_without_python_says_what_to_set(built, tmp_path):
     subprocess.run(["tar", "-czf", str(wrong), "-C", str(tmp_path), "python"], check=True)
     bad = run_script("--gpu", image=image, timeout=120, env={**base, "BATCHSCORE_PYTHON_TARBALL": str(wrong)})
     assert bad.returncode != 0
-    assert (f"ERROR: {wrong} is not a python-build-standalone install_only archive "
-            "(no python/bin/python3 in it)") in bad.stderr
+    assert (f"ERROR: {wrong} is not a python-build-standalone install_only archive (no python/bin/python3 in it)") in bad.stderr
     assert "docker build" not in bad.stderr
 
 
@@ -350,23 +360,33 @@ def gpu_standin(built, tmp_path_factory) -> tuple[subprocess.CompletedProcess, s
     """The GPU recipe built by `build-images.sh --gpu` on the stand-ins: (the run, the CPU
     image's id before it, the stand-in Python archive)."""
     if not image_present(DEBIAN_BASE):
-        pytest.skip(f"the stand-ins are made from {DEBIAN_BASE}, which build-images.sh makes only "
-                    "where no registry answers")
+        pytest.skip(f"the stand-ins are made from {DEBIAN_BASE}, which build-images.sh makes only where no registry answers")
     cpu_before = inspect(IMAGE)["Id"]
-    made = subprocess.run(["docker", "build", "-q", "-t", STANDIN_BASE, "-"], input=STANDIN_DOCKERFILE,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, DOCKER_BUILDKIT="0"))
+    made = subprocess.run(
+        ["docker", "build", "-q", "-t", STANDIN_BASE, "-"],
+        input=STANDIN_DOCKERFILE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, DOCKER_BUILDKIT="0"),
+    )
     assert made.returncode == 0, made.stderr
     tarball = tmp_path_factory.mktemp("python") / "cpython-3.11-standin.tar.gz"
     with tarball.open("wb") as out:
-        subprocess.run(["docker", "run", "--rm", "--network", "none", DEBIAN_BASE, "sh", "-c", STANDIN_PYTHON],
-                       stdout=out, check=True, timeout=120)
-    done = run_script("--gpu", image=GPU_IMAGE, env={
-        "CUDA_BASE_IMAGE": STANDIN_BASE, "BATCHSCORE_PYTHON_TARBALL": str(tarball), **NO_DOWNLOAD})
+        subprocess.run(
+            ["docker", "run", "--rm", "--network", "none", DEBIAN_BASE, "sh", "-c", STANDIN_PYTHON],
+            stdout=out,
+            check=True,
+            timeout=120,
+        )
+    done = run_script(
+        "--gpu", image=GPU_IMAGE, env={"CUDA_BASE_IMAGE": STANDIN_BASE, "BATCHSCORE_PYTHON_TARBALL": str(tarball), **NO_DOWNLOAD}
+    )
     assert done.returncode == 0, f"build-images.sh --gpu failed:\n{done.stdout}\n{done.stderr[-4000:]}"
     final = last_line(done.stdout)
-    assert (BUILT_RE.match(final) and BUILT_RE.match(final).group(1) == GPU_IMAGE) or \
-        final == f"scoring image {GPU_IMAGE} is up to date", final
+    assert (
+        BUILT_RE.match(final) and BUILT_RE.match(final).group(1) == GPU_IMAGE
+    ) or final == f"scoring image {GPU_IMAGE} is up to date", final
     return done, cpu_before, tarball
 
 
@@ -391,16 +411,33 @@ def test_gpu_recipe_builds_on_stand_ins_with_its_own_python_and_the_pinned_packa
 def test_gpu_image_sets_the_nvidia_environment_and_holds_no_driver(gpu_standin):
     config = inspect(GPU_IMAGE)["Config"]
     env = dict(e.split("=", 1) for e in config.get("Env") or [])
-    assert env["NVIDIA_VISIBLE_DEVICES"] == "void"     # the base said "all"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void"  # the base said "all"
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
-    assert env["CUDA_VERSION"] == "12.4.1"             # inherited from the base
+    assert env["CUDA_VERSION"] == "12.4.1"  # inherited from the base
     assert env["PATH"].startswith("/opt/venv/bin:")
     assert re.fullmatch(r"[0-9a-f]{64}", (config.get("Labels") or {}).get(HASH_LABEL, ""))
     assert config.get("User", "") == "" and not config.get("Entrypoint")
     assert config.get("WorkingDir") == "/tmp"
     assert docker("run", "--rm", GPU_IMAGE, "id", "scorer").startswith("uid=1000(scorer) gid=1000(scorer)")
-    found = docker("run", "--rm", GPU_IMAGE, "find", "/", "-xdev", "(", "-name", "libcuda.so*", "-o",
-                   "-name", "libnvidia-*.so*", "-o", "-name", "nvidia-smi", ")", "-print")
+    found = docker(
+        "run",
+        "--rm",
+        GPU_IMAGE,
+        "find",
+        "/",
+        "-xdev",
+        "(",
+        "-name",
+        "libcuda.so*",
+        "-o",
+        "-name",
+        "libnvidia-*.so*",
+        "-o",
+        "-name",
+        "nvidia-smi",
+        ")",
+        "-print",
+    )
     assert found.strip() == ""
 
 
@@ -409,8 +446,12 @@ def test_gpu_build_is_cached_and_leaves_the_cpu_image_alone(gpu_standin):
     _, cpu_before, tarball = gpu_standin
     before = inspect(GPU_IMAGE)["Id"]
     started = time.monotonic()
-    again = run_script("--gpu", image=GPU_IMAGE, timeout=120, env={
-        "CUDA_BASE_IMAGE": STANDIN_BASE, "BATCHSCORE_PYTHON_TARBALL": str(tarball), **NO_DOWNLOAD})
+    again = run_script(
+        "--gpu",
+        image=GPU_IMAGE,
+        timeout=120,
+        env={"CUDA_BASE_IMAGE": STANDIN_BASE, "BATCHSCORE_PYTHON_TARBALL": str(tarball), **NO_DOWNLOAD},
+    )
     assert again.returncode == 0, again.stderr
     assert last_line(again.stdout) == f"scoring image {GPU_IMAGE} is up to date"
     assert time.monotonic() - started < 15

@@ -113,9 +113,19 @@ def client(
     """Sends the requests from a container sharing the server's network; returns the answers."""
     spec = json.dumps({"wait": 30, "ready": ready, "concurrent": concurrent, "requests": requests})
     done = docker(
-        "run", "--rm", "--label", LABEL, "--network", f"container:{container}",
-        client_image, "python3", "-c", CLIENT, spec,
-        timeout=90, check=False,
+        "run",
+        "--rm",
+        "--label",
+        LABEL,
+        "--network",
+        f"container:{container}",
+        client_image,
+        "python3",
+        "-c",
+        CLIENT,
+        spec,
+        timeout=90,
+        check=False,
     )
     assert done.returncode == 0, f"client failed:\n{done.stderr}\nserver log:\n{logs(container)}"
     answer = json.loads(done.stdout)
@@ -177,8 +187,18 @@ def expected(scoring_image: str, model_dir: Path, csv_files) -> dict[int, tuple[
         "print(json.dumps({int(i): [str(m.classes_[q.argmax()]), float(q.max())] for i, q in zip(rows['id'], p)}))\n"
     )
     done = docker(
-        "run", "--rm", "--label", LABEL, "-v", f"{model_dir}:/m:ro",
-        "-v", f"{EXAMPLE / 'data-serve'}:/d:ro", scoring_image, "python3", "-c", script,
+        "run",
+        "--rm",
+        "--label",
+        LABEL,
+        "-v",
+        f"{model_dir}:/m:ro",
+        "-v",
+        f"{EXAMPLE / 'data-serve'}:/d:ro",
+        scoring_image,
+        "python3",
+        "-c",
+        script,
     )
     return {int(k): (v[0], v[1]) for k, v in json.loads(done.stdout).items()}
 
@@ -200,22 +220,29 @@ def test_example_serves_the_real_model(serving_image, scoring_image, model_dir, 
     jsonl_lists = "".join(json.dumps(json.loads(line)["features"]) + "\n" for line in jsonl_files[2])
     env = {"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "6"}
     with server(serving_image, model_dir, env) as container:
-        results = client(container, scoring_image, [
-            request("/ping"),
-            request("/execution-parameters"),
-            request("/invocations", without_id(csv_files[0]), "text/csv"),
-            request("/invocations", without_id(every_line), "text/csv; charset=utf-8"),
-            request("/invocations", "\n".join(jsonl_files[1]) + "\n", "application/jsonlines"),
-            request("/invocations", jsonl_lists, "application/x-jsonlines"),
-            request("/invocations", json.dumps({"instances": [json.loads(x)["features"] for x in jsonl_files[3]]}),
-                    "application/json"),
-            request("/invocations", "1,2,3,4\n", "text/plain"),
-            request("/invocations", "5.1,3.5,1.4,0.2\n5.1,3.5,x,0.2\n", "text/csv"),
-            request("/invocations", "5.1,3.5,1.4\n", "text/csv"),
-            request("/invocations", '{"features": [1, 2, 3, 4]}\n{"features": [1, 2]\n', "application/jsonlines"),
-            request("/invocations", "", "text/csv"),
-            request("/nowhere"),
-        ])
+        results = client(
+            container,
+            scoring_image,
+            [
+                request("/ping"),
+                request("/execution-parameters"),
+                request("/invocations", without_id(csv_files[0]), "text/csv"),
+                request("/invocations", without_id(every_line), "text/csv; charset=utf-8"),
+                request("/invocations", "\n".join(jsonl_files[1]) + "\n", "application/jsonlines"),
+                request("/invocations", jsonl_lists, "application/x-jsonlines"),
+                request(
+                    "/invocations",
+                    json.dumps({"instances": [json.loads(x)["features"] for x in jsonl_files[3]]}),
+                    "application/json",
+                ),
+                request("/invocations", "1,2,3,4\n", "text/plain"),
+                request("/invocations", "5.1,3.5,1.4,0.2\n5.1,3.5,x,0.2\n", "text/csv"),
+                request("/invocations", "5.1,3.5,1.4\n", "text/csv"),
+                request("/invocations", '{"features": [1, 2, 3, 4]}\n{"features": [1, 2]\n', "application/jsonlines"),
+                request("/invocations", "", "text/csv"),
+                request("/nowhere"),
+            ],
+        )
         log = logs(container)
 
     ping, params, csv0, csv_all, jsonl_objects, jsonl_plain, as_json, *errors = results
@@ -292,19 +319,26 @@ def test_fault_image_failures_and_formats(serving_test_image, scoring_image, mod
     }
     echo = "application/x-batchscore-echo"
     with server(serving_test_image, model_dir, env) as container:
-        results = client(container, scoring_image, [
-            request("/ping"),
-            request("/execution-parameters"),
-            *[request("/invocations", without_id(csv_files[0]), "text/csv")] * 3,
-            request("/invocations", "a boom b\n", echo),
-            request("/invocations", "a boom b\n", echo),
-            request("/invocations", "slowpoke\n", echo),
-            request("/invocations", "one\ntwo\nthree", echo),
-            request("/invocations", recordio(b"hello", b"", b"\xff\x00", b"two\nlines", split=(b"ab", b"cd")),
-                    "application/x-recordio"),
-            request("/invocations", recordio(b"hello")[:-4], "application/x-recordio"),
-            request("/invocations", tfrecord(b'{"id": 1}', b"", b"world"), "application/x-tfrecord"),
-        ])
+        results = client(
+            container,
+            scoring_image,
+            [
+                request("/ping"),
+                request("/execution-parameters"),
+                *[request("/invocations", without_id(csv_files[0]), "text/csv")] * 3,
+                request("/invocations", "a boom b\n", echo),
+                request("/invocations", "a boom b\n", echo),
+                request("/invocations", "slowpoke\n", echo),
+                request("/invocations", "one\ntwo\nthree", echo),
+                request(
+                    "/invocations",
+                    recordio(b"hello", b"", b"\xff\x00", b"two\nlines", split=(b"ab", b"cd")),
+                    "application/x-recordio",
+                ),
+                request("/invocations", recordio(b"hello")[:-4], "application/x-recordio"),
+                request("/invocations", tfrecord(b'{"id": 1}', b"", b"world"), "application/x-tfrecord"),
+            ],
+        )
         log = logs(container)
 
     ping, params, fail1, fail2, scored, boom1, boom2, slow, echoed, rio, bad_rio, tfr = results
@@ -335,8 +369,7 @@ def test_fault_image_never_healthy_and_concurrency(serving_test_image, scoring_i
     echo = "application/x-batchscore-echo"
     with server(serving_test_image, model_dir, env) as container:
         health = client(container, scoring_image, [request("/ping"), request("/execution-parameters")], ready="any")
-        together = client(container, scoring_image, [request("/invocations", "x\n", echo)] * 4,
-                          concurrent=True, ready="any")
+        together = client(container, scoring_image, [request("/invocations", "x\n", echo)] * 4, concurrent=True, ready="any")
     assert [r["status"] for r in health] == [503, 404]
     assert all(r["status"] == 200 for r in together), together
     answers = [dict(item.split("=") for item in r["body"].split()) for r in together]
@@ -348,10 +381,14 @@ def test_fault_image_never_healthy_and_concurrency(serving_test_image, scoring_i
 def test_fault_image_exit_match_kills_the_container(serving_test_image, scoring_image, model_dir):
     echo = "application/x-batchscore-echo"
     with server(serving_test_image, model_dir, {"FAULT_EXIT_MATCH": "poison"}) as container:
-        fine, poisoned = client(container, scoring_image, [
-            request("/invocations", "fine\n", echo),
-            request("/invocations", "poison\n", echo),
-        ])
+        fine, poisoned = client(
+            container,
+            scoring_image,
+            [
+                request("/invocations", "fine\n", echo),
+                request("/invocations", "poison\n", echo),
+            ],
+        )
         exit_code = docker("wait", container, timeout=30).stdout.strip()
         log = logs(container)
     assert fine["status"] == 200

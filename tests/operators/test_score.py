@@ -42,7 +42,7 @@ def test_a_gpu_request_on_a_host_without_gpus_fails_naming_the_setting(
     with pytest.raises(ScoringError) as info:
         op.execute({"run_id": "run-gpu"})
 
-    assert op.executor.gpus.device_requests == [DeviceRequest(device_ids=["0"], capabilities=[["gpu"]])]  # leased, pinned
+    assert op._executor.gpus.device_requests == [DeviceRequest(device_ids=["0"], capabilities=[["gpu"]])]  # leased, pinned
 
     assert str(info.value) == (
         "mb-00000: Docker cannot give the container the GPUs it asks for (resources.gpus: 1): could not select "
@@ -125,15 +125,13 @@ def test_a_container_left_running_by_an_earlier_try_is_removed_before_the_retry_
     d = endpoint.deployments[0]
     labels = {"batchscore.endpoint": endpoint.endpoint_name, "batchscore.deployment": d.name,
               "batchscore.run_id": "run-orphan", "batchscore.mini_batch": "mb-00000"}  # fmt: skip
-    orphan = subprocess.run(
-        ["docker", "run", "-d", "--network", "none", *(f"--label={k}={v}" for k, v in labels.items()), scoring_image, "sleep", "300"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    other = subprocess.run(  # another mini-batch's container of the same run stays
-        ["docker", "run", "-d", "--network", "none", *(f"--label={k}={v}" for k, v in {**labels, "batchscore.mini_batch": "mb-00001"}.items()),
-         scoring_image, "sleep", "300"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+
+    def sleeper(labels: dict[str, str]) -> str:
+        run = ["docker", "run", "-d", "--network", "none", *(f"--label={k}={v}" for k, v in labels.items())]
+        return subprocess.run([*run, scoring_image, "sleep", "300"], check=True, capture_output=True, text=True).stdout.strip()
+
+    orphan = sleeper(labels)
+    other = sleeper({**labels, "batchscore.mini_batch": "mb-00001"})  # another mini-batch's container of the same run stays
     try:
         op = planned_score_operator(endpoint, "run-orphan")
         assert op.execute({"run_id": "run-orphan", "ti": SimpleNamespace(try_number=2)})["rows"] == 1
@@ -144,3 +142,20 @@ def test_a_container_left_running_by_an_earlier_try_is_removed_before_the_retry_
         assert run_layout(d, "run-orphan").mini_batch_dir(0).read_status().attempt == 2
     finally:
         subprocess.run(["docker", "rm", "-f", orphan, other], capture_output=True)
+
+
+@pytest.mark.docker
+def test_an_image_that_is_not_on_the_docker_host_fails_the_mini_batch_naming_the_setting(deployment, airflow_db) -> None:
+    # No registry is ever used: a missing image is the user's to build or load, and the ledger shows the try.
+    endpoint = deployment(image="batchscore-no-such-image:1")
+    op = planned_score_operator(endpoint, "run-noimage")
+
+    with pytest.raises(ScoringError) as info:
+        op.execute({"run_id": "run-noimage"})
+
+    assert str(info.value).startswith(
+        "mb-00000 failed: ImageMissing: the image 'batchscore-no-such-image:1' (environment.image) is not on this Docker host: "
+    )
+    assert str(info.value).endswith("; build or load it there (docker load), no registry is used")
+    status = run_layout(endpoint.deployments[0], "run-noimage").mini_batch_dir(0).read_status()
+    assert (status.state, status.error.type) == ("failed", "ImageMissing")

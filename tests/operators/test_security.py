@@ -22,6 +22,7 @@ import pytest
 from docker.types import Mount
 
 from batchscore import security
+from batchscore.containers import scoring_container
 from batchscore.errors import (
     ContainerSecurityError,
     DeploymentSpecError,
@@ -29,10 +30,10 @@ from batchscore.errors import (
     ScoringError,
     SecretUnavailableError,
 )
-from batchscore.containers import scoring_container
 from batchscore.operators.score import ScoreOperator
 from batchscore.plan import run_layout
 from batchscore.run_params import apply_run_params
+from batchscore.secret_environment import resolve_secrets
 from batchscore.spec import SecretRef
 from tests.helpers import deployment_file, load, planned_score_operator, write
 
@@ -40,7 +41,7 @@ SECRET = "tok-9f3c1d7e-not-for-logs"
 SECRET_SHA = hashlib.sha256(SECRET.encode()).hexdigest()
 
 #: Waits in init() until the test has inspected the container, then reports what it can do.
-PROBE = '''
+PROBE = """
 import hashlib, json, os, socket, time
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def run(mini_batch):
         "secret_sha": hashlib.sha256(token.encode()).hexdigest() if token else None,
         "files": len(mini_batch),
     }])
-'''
+"""
 
 
 @pytest.fixture()
@@ -229,9 +230,7 @@ def test_network_memory_and_processes_follow_resources(make, scoring_image: str,
 
 
 @pytest.mark.docker
-def test_a_configured_container_user_is_used(
-    make, scoring_image: str, airflow_db, tmp_path: Path, monkeypatch
-) -> None:
+def test_a_configured_container_user_is_used(make, scoring_image: str, airflow_db, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(security.CONTAINER_USER_ENV, "1000:1000")  # the image's own `scorer`
     op = planned_score_operator(make(), "run-user")
 
@@ -242,9 +241,7 @@ def test_a_configured_container_user_is_used(
 
 
 @pytest.mark.docker
-def test_a_missing_secret_fails_the_mini_batch_before_any_container(
-    make, scoring_image: str, airflow_db, monkeypatch
-) -> None:
+def test_a_missing_secret_fails_the_mini_batch_before_any_container(make, scoring_image: str, airflow_db, monkeypatch) -> None:
     monkeypatch.delenv("AIRFLOW_VAR_BATCHSCORE_ABSENT", raising=False)
     endpoint = make(settings={"secret_environment": {"TOKEN": {"variable": "batchscore_absent"}}})
     op = planned_score_operator(endpoint, "run-nosecret")
@@ -277,14 +274,14 @@ def test_secrets_come_from_connection_fields(monkeypatch) -> None:
         "API_TOKEN": SecretRef(connection="scoring_api", field="extra.token"),
         "API_HOST": SecretRef(connection="scoring_api", field="host"),
     }
-    assert security.resolve_secrets(refs) == {
+    assert resolve_secrets(refs) == {
         "API_PASSWORD": "pw-1",
         "API_LOGIN": "svc",
         "API_TOKEN": "tk-2",
         "API_HOST": "api.example",
     }
     with pytest.raises(SecretUnavailableError, match=r"TOKEN: connection 'scoring_api' has no extra 'nope'"):
-        security.resolve_secrets({"TOKEN": SecretRef(connection="scoring_api", field="extra.nope")})
+        resolve_secrets({"TOKEN": SecretRef(connection="scoring_api", field="extra.nope")})
 
 
 @pytest.mark.parametrize(
@@ -413,8 +410,9 @@ def test_paths_outside_the_allowed_roots_are_refused(
     with pytest.raises(DeploymentSpecError) as info:
         load(path)
     allowed = f"{roots}, {tmp_path / 'yaml'}"
+    outside = tmp_path / "outside" if "out" not in key else tmp_path / "outside" / "out"
     assert str(info.value) == (
-        f"{path}:{line}: {key}: path {value!r} resolves to {tmp_path / 'outside' if 'out' not in key else tmp_path / 'outside' / 'out'}, "
+        f"{path}:{line}: {key}: path {value!r} resolves to {outside}, "
         f"outside the folders allowed by BATCHSCORE_ALLOWED_ROOTS ({allowed}){why}"
     )
 

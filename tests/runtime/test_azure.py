@@ -33,7 +33,17 @@ def job(tmp_path: Path):
     def run(script: str, *options: str) -> tuple[int, MiniBatchDir]:
         path = write(tmp_path / "code" / "score.py", script)
         code = main(
-            ["--mini-batch", str(mb_file), "--input-root", str(inputs), "--scoring-script", str(path), "--output", str(out.path), *options]
+            [
+                "--mini-batch",
+                str(mb_file),
+                "--input-root",
+                str(inputs),
+                "--scoring-script",
+                str(path),
+                "--output",
+                str(out.path),
+                *options,
+            ]
         )
         return code, out
 
@@ -337,7 +347,9 @@ def linked(tmp_path: Path):
         write_json_atomic(mb_file, MiniBatch(index=2, files=planned).to_json())
         out = MiniBatchDir(tmp_path / "out", 2)
         path = write(tmp_path / "code" / "score.py", script)
-        return main(["--mini-batch", str(mb_file), "--input-root", str(inputs), "--scoring-script", str(path), "--output", str(out.path)]), out
+        return main(
+            ["--mini-batch", str(mb_file), "--input-root", str(inputs), "--scoring-script", str(path), "--output", str(out.path)]
+        ), out
 
     run.inputs, run.files = inputs, files  # type: ignore[attr-defined]
     return run
@@ -382,9 +394,15 @@ def test_a_mini_batch_of_refused_links_only_never_calls_run(linked) -> None:
         (lambda b: b.write_text("id\n2\n3\n4\n"), "9 bytes"),
         (lambda b: b.unlink(), "gone"),
         (lambda b: (b.unlink(), b.symlink_to(b.parent.parent / "c.csv")), "a symbolic link"),
-        (lambda b: (b.rename(b.parent.parent / "moved.csv"), b.parent.rename(b.parent.parent / "real"),
-                    b.parent.symlink_to(b.parent.parent / "real"), (b.parent.parent / "moved.csv").rename(b)),
-         "reached through a symbolic link"),
+        (
+            lambda b: (
+                b.rename(b.parent.parent / "moved.csv"),
+                b.parent.rename(b.parent.parent / "real"),
+                b.parent.symlink_to(b.parent.parent / "real"),
+                (b.parent.parent / "moved.csv").rename(b),
+            ),
+            "reached through a symbolic link",
+        ),
     ],
     ids=["size", "gone", "now-a-link", "through-a-link"],
 )

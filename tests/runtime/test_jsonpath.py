@@ -83,8 +83,14 @@ def test_misses(expr: str, value, reason: str) -> None:
         ("id", "JSONPath 'id' must start with '$' (the record)"),
         ("", "JSONPath '' must start with '$' (the record)"),
         ("$..id", "JSONPath '$..id', character 2: recursive descent ('..') is not supported"),
-        ("$[?(@.a > 1)]", "JSONPath '$[?(@.a > 1)]', character 3: filter and script expressions ([?(...)], [(...)]) are not supported"),
-        ("$[(@.length-1)]", "JSONPath '$[(@.length-1)]', character 3: filter and script expressions ([?(...)], [(...)]) are not supported"),
+        (
+            "$[?(@.a > 1)]",
+            "JSONPath '$[?(@.a > 1)]', character 3: filter and script expressions ([?(...)], [(...)]) are not supported",
+        ),
+        (
+            "$[(@.length-1)]",
+            "JSONPath '$[(@.length-1)]', character 3: filter and script expressions ([?(...)], [(...)]) are not supported",
+        ),
         ("$[0:4:2]", "JSONPath '$[0:4:2]', character 6: slice steps ([a:b:c]) are not supported"),
         ("$[0", "JSONPath '$[0', character 2: '[' is never closed"),
         ("$['a]", "JSONPath \"$['a]\", character 5: the key's quote ' is never closed"),
@@ -150,7 +156,9 @@ def test_split_outputs() -> None:
 
 
 def processing(**settings) -> DataProcessing | None:
-    values = dict(content_type="text/csv", accept=None, split_type="Line", input_filter="$", output_filter="$", join_source="None")
+    values = dict(
+        content_type="text/csv", accept=None, split_type="Line", input_filter="$", output_filter="$", join_source="None"
+    )
     values.update(settings)
     return DataProcessing.from_settings(**values)
 
@@ -193,7 +201,9 @@ def test_json_join_puts_the_output_under_sagemaker_output() -> None:
 
 
 def test_csv_output_of_json_input_is_read_as_csv() -> None:
-    dp = processing(content_type="application/jsonlines", accept="text/csv", join_source="Input", output_filter="$['id','SageMakerOutput']")
+    dp = processing(
+        content_type="application/jsonlines", accept="text/csv", join_source="Input", output_filter="$['id','SageMakerOutput']"
+    )
     [output] = dp.outputs(b"0.5,yes\n", 1, 1, "record 1")
     assert dp.finish(b'{"id": "a", "x": 1}', output, 1) == b'{"id":"a","SageMakerOutput":["0.5","yes"]}'
 

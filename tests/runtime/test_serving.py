@@ -17,10 +17,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -214,10 +215,12 @@ def test_line_split_multi_record_writes_one_out_file_per_input(server: App, tmp_
     messages = [r.getMessage() for r in caplog.records]
     assert "the serving container is healthy after 0.0 s" in messages
     assert (
-        "the serving container does not implement /execution-parameters (HTTP 404); "
-        "using the job's settings, else the defaults"
+        "the serving container does not implement /execution-parameters (HTTP 404); using the job's settings, else the defaults"
     ) in messages
-    assert "mb-00003: MaxConcurrentTransforms 1 (default), BatchStrategy MULTI_RECORD (default), MaxPayloadInMB 6 (default)" in messages
+    assert (
+        "mb-00003: MaxConcurrentTransforms 1 (default), BatchStrategy MULTI_RECORD (default), MaxPayloadInMB 6 (default)"
+        in messages
+    )
     assert any(m.startswith("a.csv: 2 records in 1 payload -> a.csv.out (") for m in messages)
     assert any(m.startswith("mb-00003: 3 records of 3 files in ") and m.endswith("3 .out file(s)") for m in messages)
 
@@ -276,9 +279,7 @@ def test_binary_records_keep_their_framing(server: App, tmp_path: Path, split_ty
 
 def test_corrupt_binary_input_fails_its_file(server: App, tmp_path: Path) -> None:
     good = recordio(b"ok")
-    code, out = score(
-        tmp_path, server.url, {"bad.rec": good + b"\x00" * 8, "good.rec": good}, split_type="RecordIO"
-    )
+    code, out = score(tmp_path, server.url, {"bad.rec": good + b"\x00" * 8, "good.rec": good}, split_type="RecordIO")
     assert code == 0
     status = succeeded(out)
     assert status.item_errors == [
@@ -325,9 +326,7 @@ def test_concurrent_requests_keep_record_order(server: App, tmp_path: Path) -> N
 
     server.invoke = slow_first
     files = {"a.csv": lines(4), "b.csv": lines(4)}
-    code, out = score(
-        tmp_path, server.url, files, split_type="Line", batch_strategy="SINGLE_RECORD", max_concurrent_transforms=4
-    )
+    code, out = score(tmp_path, server.url, files, split_type="Line", batch_strategy="SINGLE_RECORD", max_concurrent_transforms=4)
     assert code == 0
     assert outputs(out) == {"a.csv.out": lines(4), "b.csv.out": lines(4)}
     assert server.max_in_flight >= 2
@@ -470,7 +469,10 @@ def test_the_containers_execution_parameters_apply_when_the_job_sets_none(server
     assert len(server.posts()) == 3
     assert succeeded(out).workers == 3
     messages = [r.getMessage() for r in caplog.records]
-    assert "mb-00003: MaxConcurrentTransforms 3 (container), BatchStrategy SINGLE_RECORD (container), MaxPayloadInMB 1 (container)" in messages
+    assert (
+        "mb-00003: MaxConcurrentTransforms 3 (container), BatchStrategy SINGLE_RECORD (container), MaxPayloadInMB 1 (container)"
+        in messages
+    )
 
 
 def test_the_jobs_settings_override_the_container(server: App, tmp_path: Path, caplog) -> None:
@@ -496,9 +498,12 @@ def test_bad_container_values_are_refused(server: App, tmp_path: Path, caplog) -
     assert len(server.posts()) == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        "refusing the serving container's MaxConcurrentTransforms = 0 from /execution-parameters: it must be 1 or more; using the default",
-        'refusing the serving container\'s BatchStrategy = "ALL" from /execution-parameters: it must be MULTI_RECORD or SINGLE_RECORD; using the default',
-        "refusing the serving container's MaxPayloadInMB = 500 from /execution-parameters: it must be 1 to 100; using the default",
+        "refusing the serving container's MaxConcurrentTransforms = 0 from /execution-parameters: "
+        "it must be 1 or more; using the default",
+        'refusing the serving container\'s BatchStrategy = "ALL" from /execution-parameters: '
+        "it must be MULTI_RECORD or SINGLE_RECORD; using the default",
+        "refusing the serving container's MaxPayloadInMB = 500 from /execution-parameters: "
+        "it must be 1 to 100; using the default",
     ]
     assert "mb-00003: MaxConcurrentTransforms 1 (default), BatchStrategy MULTI_RECORD (default), MaxPayloadInMB 6 (default)" in [
         r.getMessage() for r in caplog.records
@@ -598,9 +603,7 @@ def test_json_lines_input_filter_join_and_output_filter(server: App, tmp_path: P
 
 def test_an_output_count_that_does_not_match_fails_the_file(server: App, tmp_path: Path) -> None:
     server.invoke = lambda request, n: (200, b"only one\n")
-    code, out = score(
-        tmp_path, server.url, {"a.csv": lines(3)}, split_type="Line", content_type="text/csv", join_source="Input"
-    )
+    code, out = score(tmp_path, server.url, {"a.csv": lines(3)}, split_type="Line", content_type="text/csv", join_source="Input")
     assert code == 0
     assert succeeded(out).item_errors == [
         ItemError("a.csv", "OutputMismatch", "records 1-3: the response has 1 lines for 3 records", 1)
@@ -666,9 +669,7 @@ def test_runs_as_a_module(server: App, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- symbolic links
 
 
-def test_a_link_is_sent_from_its_target_under_its_own_name_and_a_refused_link_is_never_read(
-    server: App, tmp_path: Path
-) -> None:
+def test_a_link_is_sent_from_its_target_under_its_own_name_and_a_refused_link_is_never_read(server: App, tmp_path: Path) -> None:
     score(tmp_path, server.url, {"a.csv": b"1,2\n", "store/b.csv": b"3,4\n5,6\n", "c.csv": b"7,8\n"})  # the files
     inputs = tmp_path / "in"
     (inputs / "latest.csv").symlink_to(inputs / "store" / "b.csv")

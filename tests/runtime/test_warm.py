@@ -58,9 +58,25 @@ class Worker:
         self.state_dir = root / "state"
         self.state_dir.mkdir(exist_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "batchscore_runtime.warm", "daemon", "--contract", "azure", "--worker", "w1",
-             "--socket", self.socket, "--state-dir", str(self.state_dir), "--input-root", str(self.inputs),
-             "--scoring-script", str(self.code), *args],
+            [
+                sys.executable,
+                "-m",
+                "batchscore_runtime.warm",
+                "daemon",
+                "--contract",
+                "azure",
+                "--worker",
+                "w1",
+                "--socket",
+                self.socket,
+                "--state-dir",
+                str(self.state_dir),
+                "--input-root",
+                str(self.inputs),
+                "--scoring-script",
+                str(self.code),
+                *args,
+            ],
             env={**os.environ, "PYTHONPATH": str(RUNTIME), **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -177,9 +193,7 @@ def test_a_process_that_dies_fails_only_its_mini_batch_and_is_replaced_before_th
     w.wait_for(WorkerState.READY)
     code, out = w.submit(0, "die.csv")
     assert code == EXIT_FAILED
-    assert out.read_status().error.one_line() == (
-        "WorkerDied: worker 1/1 of mb-00000 exited with code 3 during run()"
-    )
+    assert out.read_status().error.one_line() == ("WorkerDied: worker 1/1 of mb-00000 exited with code 3 during run()")
     code, out = w.submit_when_free(1, "fine.csv")
     assert code == EXIT_OK and out.read_status().succeeded
     assert len(w.inits()) == 2  # the replacement called init() once more

@@ -82,7 +82,10 @@ def test_each_worker_runs_its_own_init_and_results_keep_input_order(job) -> None
         def run(mini_batch):
             return pd.DataFrame({"file": [os.path.basename(p) for p in mini_batch], "pid": pid, "gpu": gpu})
         """,
-        "--workers", "2", "--gpus", "2",
+        "--workers",
+        "2",
+        "--gpus",
+        "2",
     )
     assert code == 0
     result = rows(out)

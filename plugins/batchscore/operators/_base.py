@@ -17,6 +17,7 @@ class DeploymentMixin:
 
     endpoint_name: str
     deployment: dict[str, Any]
+    get_dag: Any  # BaseOperator's, which every class using the mixin derives from
 
     @cached_property
     def spec(self) -> DeploymentSpec:
@@ -24,8 +25,7 @@ class DeploymentMixin:
             return DeploymentSpec.model_validate(self.deployment)
         except ValidationError as exc:  # e.g. the model folder was deleted after the DAG was parsed
             raise BatchScoreError(
-                f"deployment {self.deployment.get('name')!r} of endpoint {self.endpoint_name!r} "
-                f"is no longer valid:\n{exc}"
+                f"deployment {self.deployment.get('name')!r} of endpoint {self.endpoint_name!r} is no longer valid:\n{exc}"
             ) from None
 
     def run_spec(self, context: Any) -> DeploymentSpec:

@@ -22,6 +22,7 @@ from batchscore.scoring import executor as executors
 from batchscore.scoring.attempt import Attempt
 from batchscore.scoring.contract import Contract
 from batchscore.scoring.executor import Executor
+from batchscore.secret_environment import resolve_secrets
 
 #: Pause before a failed mini-batch is retried (Azure retries at once; a short pause lets a
 #: transient cause, such as a busy Docker engine, pass).
@@ -53,7 +54,7 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
         self.endpoint_name = endpoint_name
         self.deployment = deployment
         self.mini_batch = mini_batch
-        self.executor: Executor | None = None
+        self._executor: Executor | None = None
 
     def execute(self, context: Any) -> dict[str, Any]:
         spec = self.run_spec(context)
@@ -68,25 +69,25 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
             log=self.log,
         )
         contract = Contract.create(spec)
-        self.executor = executors.create(attempt, docker_client(), self.log)
+        self._executor = executor = executors.create(attempt, docker_client(), self.log)
         attempt.prepare()
         # Read from Airflow now, on the worker; only the containers that need them get them, at
         # creation (neither rendered, serialized nor logged).
         try:
-            secrets = security.resolve_secrets(spec.settings.secret_environment)
+            secrets = resolve_secrets(spec.settings.secret_environment)
         except SecretUnavailableError as exc:
             raise attempt.failed("SecretUnavailable", str(exc)) from None
         if secrets:
             attempt.secret_values = tuple(secrets.values())
             attempt.log = security.RedactingLogger(self.log, attempt.secret_values)
-        status = self.executor.score(attempt, contract, secrets)
+        status = executor.score(attempt, contract, secrets)
         contract.report(status, attempt.log)
         result = {"mini_batch": status.id, "rows": status.rows, "failed_items": status.failed_items}
         return {**result, "worker": status.worker} if status.worker else result
 
     def on_kill(self) -> None:
-        if self.executor is not None:
-            self.executor.kill()
+        if self._executor is not None:
+            self._executor.kill()
 
 
 __all__ = ["RETRY_DELAY", "ScoreOperator"]

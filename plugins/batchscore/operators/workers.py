@@ -17,13 +17,13 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from batchscore import security
 from batchscore.engine import docker_client
 from batchscore.errors import PlanError
 from batchscore.model_archive import serving_model_dir
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import run_layout
 from batchscore.scoring.workers import CONTAINER_START_GRACE, WarmWorkerError, WarmWorkers
+from batchscore.secret_environment import resolve_secrets
 from batchscore.spec import DeploymentSpec
 from batchscore_runtime.formats import WorkerState
 
@@ -55,15 +55,13 @@ class StartWorkersOperator(_WorkersTask):
         if plan is None:
             raise PlanError(f"the plan of run {context['run_id']!r} is missing in {layout.work}; clear the plan task too")
         pending = [
-            e
-            for e in plan.mini_batches
-            if not ((s := layout.mini_batch_dir(e.index).read_status()) is not None and s.succeeded)
+            e for e in plan.mini_batches if not ((s := layout.mini_batch_dir(e.index).read_status()) is not None and s.succeeded)
         ]
         count = min(spec.resources.instance_count, len(pending))
         if count == 0:
             self.log.info("No mini-batch left to score: no worker started")
             return {"workers": []}
-        secrets = security.resolve_secrets(spec.settings.secret_environment)
+        secrets = resolve_secrets(spec.settings.secret_environment)
         pool = self._pool = _workers(spec, self.endpoint_name, context, self.log, secrets=secrets)
         pool.record_engine()
         self.log.info(
@@ -77,12 +75,12 @@ class StartWorkersOperator(_WorkersTask):
         failures: list[str] = []
         try:
             for k in range(count):
-                s = pool.slot(k)
-                if s.running and s.state is not None and s.state.state in (WorkerState.READY, WorkerState.STARTING):
-                    self.log.info("Warm worker %s is already running", s.name)
+                slot = pool.slot(k)
+                if slot.running and slot.state is not None and slot.state.state in (WorkerState.READY, WorkerState.STARTING):
+                    self.log.info("Warm worker %s is already running", slot.name)
                 else:
                     try:
-                        pool.replace(s)
+                        pool.replace(slot)
                     except WarmWorkerError as exc:  # e.g. its serving container died before the client could start
                         failures.append(str(exc))
                         continue
@@ -100,7 +98,7 @@ class StartWorkersOperator(_WorkersTask):
             raise WarmWorkerError("no warm worker got ready, so no mini-batch can be scored:\n" + "\n".join(failures))
         if failures:
             self.log.warning("%d of %d worker(s) ready; the mini-batches go to those", len(ready), count)
-        return {"workers": [s.name for s in ready], "init_seconds": {s.name: s.state.init_seconds for s in ready}}
+        return {"workers": [s.name for s in ready], "init_seconds": {s.name: s.state and s.state.init_seconds for s in ready}}
 
     _pool: WarmWorkers | None = None
 

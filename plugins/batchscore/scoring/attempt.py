@@ -18,7 +18,7 @@ from batchscore.errors import ScoringError
 from batchscore.intake import Expected, Intake, ResultRejected, remove_scratch, take_in
 from batchscore.output_log import OutputLog, log_file_name
 from batchscore.plan import run_layout
-from batchscore.spec import DeploymentSpec
+from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import (
     ErrorInfo,
     MiniBatchDir,
@@ -132,7 +132,9 @@ class Attempt:
         """The try's output file, and the task log's budget for the container's lines (:mod:`batchscore.output_log`)."""
         self.close_output()
         log = self.log
-        self.output = OutputLog(self.result_dir.path / log_file_name(self.attempt), lambda line: log.info("%s", line), redact=self.redact)
+        self.output = OutputLog(
+            self.result_dir.path / log_file_name(self.attempt), lambda line: log.info("%s", line), redact=self.redact
+        )
         return self.output
 
     def close_output(self) -> None:

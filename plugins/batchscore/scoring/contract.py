@@ -1,4 +1,4 @@
-"""What runs for a mini-batch, by contract: the containers, the time limits, how a death is explained and how a result is reported.
+"""What runs for a mini-batch, by contract: its containers, time limits, how a death is explained, how a result is reported.
 
 :meth:`Contract.create` picks the deployment's contract (``azure``: a scoring script run by
 batchscore's runtime; ``serve``: a SageMaker-style serving container and batchscore's client).
@@ -17,7 +17,7 @@ from batchscore import containers
 from batchscore.containers import Container
 from batchscore.model_archive import serving_model_dir
 from batchscore.scoring.attempt import Attempt
-from batchscore.spec import DeploymentSpec
+from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import MiniBatchStatus
 
 #: Time a scoring container gets beyond its runtime's own limits (container start, reading the
@@ -106,7 +106,8 @@ class ScriptContract(Contract):
         settings = self.spec.settings
         return (
             f"the scoring container ran past {backstop:g} s (settings.init_timeout {settings.init_timeout} + "
-            f"retry_settings.timeout {settings.retry_settings.timeout} + {CONTAINER_GRACE_SECONDS} s) without ending and was killed"
+            f"retry_settings.timeout {settings.retry_settings.timeout} + {CONTAINER_GRACE_SECONDS} s) "
+            "without ending and was killed"
         )
 
     def report(self, status: MiniBatchStatus, log: Any) -> None:

@@ -55,7 +55,9 @@ def create(attempt: Attempt, cli: Any, log: Any) -> Executor:
     )
     if spec.contract == "serve":
         raise ScoringError(f"{attempt.id}: {where}; set settings.worker_mode: per_mini_batch for this deployment")
-    log.warning("%s: %s; scoring it in a container of its own (settings.worker_mode: per_mini_batch does so always)", attempt.id, where)
+    log.warning(
+        "%s: %s; scoring it in a container of its own (settings.worker_mode: per_mini_batch does so always)", attempt.id, where
+    )
     return ContainerPerMiniBatch(cli, log)
 
 

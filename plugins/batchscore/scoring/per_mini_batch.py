@@ -20,6 +20,7 @@ import requests
 from docker.errors import APIError, NotFound
 
 from batchscore import security
+from batchscore.containers import ImageMissingError
 from batchscore.errors import ScoringError
 from batchscore.gpus import GpuAssignment, lease_gpus
 from batchscore.intake import remove_scratch
@@ -56,7 +57,10 @@ class _Server:
         self.exit = ServerExit(code, tail)
 
     def exited(self, settle: float = 0.0) -> ServerExit | None:
-        """How the serving container ended, asked now; ``settle``: seconds to give one that is going (Docker releases its network first)."""
+        """How the serving container ended, asked now.
+
+        ``settle``: seconds to give one that is going to say so (Docker releases its network first).
+        """
         deadline = time.monotonic() + settle
         while self.exit is None and not self.stopping:
             try:
@@ -141,6 +145,8 @@ class ContainerPerMiniBatch:
         backstop = contract.one_shot_backstop()
         try:
             code = self._run(attempt, contract, secrets, gpus, user, backstop)
+        except ImageMissingError as exc:
+            raise attempt.failed("ImageMissing", str(exc)) from None
         except _Timeout:
             assert isinstance(contract, ScriptContract) and backstop is not None
             raise attempt.failed("ContainerTimeout", contract.timeout_message(backstop) + attempt.dropped()) from None
@@ -171,7 +177,13 @@ class ContainerPerMiniBatch:
         return intake.status
 
     def _run(
-        self, attempt: Attempt, contract: Contract, secrets: dict[str, str], gpus: GpuAssignment, user: str, backstop: float | None
+        self,
+        attempt: Attempt,
+        contract: Contract,
+        secrets: dict[str, str],
+        gpus: GpuAssignment,
+        user: str,
+        backstop: float | None,
     ) -> int | None:
         """Run the try's containers until the scoring one ends; its exit code (None: it never started)."""
         server_id = None
@@ -188,7 +200,11 @@ class ContainerPerMiniBatch:
             _follow(self._attach(server_id), lambda line: attempt.line(f"serve | {line}"))
             self.cli.start(server_id)
         container = contract.one_shot(
-            attempt, user=user, devices=[] if server is not None else gpus.device_requests, gpu_count=gpus.count, server_id=server_id
+            attempt,
+            user=user,
+            devices=[] if server is not None else gpus.device_requests,
+            gpu_count=gpus.count,
+            server_id=server_id,
         )
         container_id = container.create(self.cli, secrets=secrets)
         self._containers.insert(0, container_id)
@@ -245,7 +261,9 @@ class ContainerPerMiniBatch:
         found = self.cli.containers(all=True, filters={"label": [f"{k}={v}" for k, v in attempt.labels().items()]})
         for c in found:
             name = (c.get("Names") or [c["Id"][:12]])[0].lstrip("/")
-            self.log.warning("%s: removing container %s of an earlier try (%s); its Airflow worker is gone", attempt.id, name, c.get("Status"))
+            self.log.warning(
+                "%s: removing container %s of an earlier try (%s); its Airflow worker is gone", attempt.id, name, c.get("Status")
+            )
             with contextlib.suppress(NotFound):
                 self.cli.remove_container(c["Id"], force=True)
 

@@ -142,7 +142,9 @@ class WarmWorkersExecutor:
             timer.daemon = True
             timer.start()
         try:
-            outcome = pool.submit(s.slot, mini_batch_file, output, attempt.attempt, lambda text: attempt.line(f"{s.name} | {text}"), accepted)
+            outcome = pool.submit(
+                s.slot, mini_batch_file, output, attempt.attempt, lambda text: attempt.line(f"{s.name} | {text}"), accepted
+            )
         finally:
             if timer is not None:
                 timer.cancel()

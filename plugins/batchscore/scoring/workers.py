@@ -38,7 +38,7 @@ from batchscore.engine import engine_identity
 from batchscore.errors import ScoringError
 from batchscore.gpu_holder import lease_for_worker, release
 from batchscore.intake import remove_scratch
-from batchscore.spec import DeploymentSpec
+from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import RunLayout, WorkerState, write_json_atomic
 from batchscore_runtime.warm import EXIT_LOST, EXIT_REFUSED, PREFIX, STATE_FILE
 
@@ -295,7 +295,9 @@ class WarmWorkers:
                 if s.ready:
                     ready.append(s)
                     pending.discard(k)
-                    self.log.info("Warm worker %s is ready: init() took %.2f s", s.name, s.state.init_seconds or 0.0)
+                    self.log.info(
+                        "Warm worker %s is ready: init() took %.2f s", s.name, (s.state and s.state.init_seconds) or 0.0
+                    )
                 elif not s.running:
                     failures.append(self.failure(s))
                     pending.discard(k)
@@ -322,7 +324,10 @@ class WarmWorkers:
         return sorted(ready, key=lambda s: s.slot), failures
 
     def failure(self, s: Slot) -> str:
-        """Why the worker of slot ``s`` is not running: its serving container's end, its state file's error, else its exit code and last log lines."""
+        """Why the worker of slot ``s`` is not running.
+
+        Its serving container's end, else its state file's error, else its exit code and last log lines.
+        """
         if self.spec.contract == "serve":
             death = self.serving_failure(s.slot, answered=s.answered)
             if death is not None:
@@ -332,7 +337,8 @@ class WarmWorkers:
         if s.container is None:
             return f"worker {s.name}: its container {self.container_name(s.slot)} is gone"
         code = s.container["State"].get("ExitCode")
-        return f"worker {s.name}: its container exited with code {code}{explain_exit(code, self._worker_memory)}; {self.log_tail(s.container['Id'])}"
+        why = explain_exit(code, self._worker_memory)
+        return f"worker {s.name}: its container exited with code {code}{why}; {self.log_tail(s.container['Id'])}"
 
     @property
     def _worker_memory(self) -> str | None:

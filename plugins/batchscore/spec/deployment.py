@@ -72,10 +72,7 @@ def image_reference_problem(ref: str) -> str | None:
     if ":" in rest.rpartition("/")[2]:
         name, _, tag = rest.rpartition(":")
         if not _TAG.fullmatch(tag):
-            return (
-                f"the tag {tag!r} must be 1 to 128 letters, digits, '_', '.' and '-', "
-                "and not start with '.' or '-'"
-            )
+            return f"the tag {tag!r} must be 1 to 128 letters, digits, '_', '.' and '-', and not start with '.' or '-'"
     if not name:
         return "the repository name is missing"
     if len(name) > MAX_IMAGE_NAME:
@@ -91,7 +88,9 @@ def image_reference_problem(ref: str) -> str | None:
         return None
     if all(_PATH_COMPONENT.fullmatch(c.lower()) for c in components):
         fixed = (
-            (f"{domain}/" if domain else "") + name.lower() + (f":{tag}" if tag is not None else "")
+            (f"{domain}/" if domain else "")
+            + name.lower()
+            + (f":{tag}" if tag is not None else "")
             + (f"@{digest}" if "@" in ref else "")
         )
         return f"repository names must be lowercase, and {name!r} is not (did you mean {fixed!r}?)"
@@ -114,8 +113,7 @@ class EnvironmentSpec(StrictModel):
 
     image: Annotated[str, AfterValidator(_image)] = Field(
         min_length=1,
-        description="A Docker image reference, [registry[:port]/]name[:tag][@sha256:digest]; "
-        "the name in lowercase.",
+        description="A Docker image reference, [registry[:port]/]name[:tag][@sha256:digest]; the name in lowercase.",
     )
 
 
@@ -239,14 +237,11 @@ class DeploymentSpec(StrictModel):
             )
         model = self.model.path
         if model.is_file() and not model.name.lower().endswith(MODEL_ARCHIVE_SUFFIXES):
-            raise ValueError(
-                f"model.path {model} must be a folder or a model archive (.tar.gz) for contract: serve"
-            )
+            raise ValueError(f"model.path {model} must be a folder or a model archive (.tar.gz) for contract: serve")
+        assert self.transform is not None  # set above for contract: serve
         overlap = set(self.transform.Environment) & set(self.settings.environment_variables)
         if overlap:
-            raise ValueError(
-                f"transform.Environment and settings.environment_variables both set {', '.join(sorted(overlap))}"
-            )
+            raise ValueError(f"transform.Environment and settings.environment_variables both set {', '.join(sorted(overlap))}")
         return self
 
     @model_validator(mode="after")

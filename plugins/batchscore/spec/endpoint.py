@@ -46,7 +46,9 @@ def upstream_asset(entry: str | AssetSpec) -> Asset:
 
     if isinstance(entry, str):
         return Asset(uri=entry) if "://" in entry else Asset(name=entry)
-    return Asset(name=entry.name, uri=entry.uri)
+    name, uri = entry.name or entry.uri, entry.uri or entry.name  # the model requires one of them
+    assert name is not None and uri is not None
+    return Asset(name=name, uri=uri)
 
 
 def _check_schedule(value: str) -> str:
@@ -56,8 +58,7 @@ def _check_schedule(value: str) -> str:
 
     if not croniter.is_valid(value):
         raise ValueError(
-            f"schedule {value!r} is neither a cron expression ('0 2 * * *') nor a preset "
-            f"({', '.join(SCHEDULE_PRESETS)})"
+            f"schedule {value!r} is neither a cron expression ('0 2 * * *') nor a preset ({', '.join(SCHEDULE_PRESETS)})"
         )
     return value
 
@@ -139,9 +140,7 @@ class AssetSchedule(StrictModel):
                 elif seen[key] == entry:
                     raise ValueError(f"asset {_shown(entry)} is listed twice")
                 else:
-                    raise ValueError(
-                        f"assets {_shown(seen[key])} and {_shown(entry)} are one asset to Airflow (both have {key})"
-                    )
+                    raise ValueError(f"assets {_shown(seen[key])} and {_shown(entry)} are one asset to Airflow (both have {key})")
         return assets
 
 
@@ -160,9 +159,7 @@ def _schedule_kind(value: Any) -> str:
 
 
 def _not_a_schedule(value: Any) -> None:
-    raise ValueError(
-        f"schedule must be a cron expression, a preset, or a mapping with 'assets', got {short(value)}"
-    )
+    raise ValueError(f"schedule must be a cron expression, a preset, or a mapping with 'assets', got {short(value)}")
 
 
 #: ``None`` (manual runs only), a cron expression or preset, or an :class:`AssetSchedule`.
@@ -174,8 +171,7 @@ Schedule = Annotated[
     Discriminator(_schedule_kind),
 ]
 SCHEDULE_DESCRIPTION = (
-    "A cron expression or preset, or {assets: [...]} to run when upstream Airflow assets are "
-    "updated; none for manual runs only."
+    "A cron expression or preset, or {assets: [...]} to run when upstream Airflow assets are updated; none for manual runs only."
 )
 
 

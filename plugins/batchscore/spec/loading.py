@@ -60,11 +60,7 @@ def load_endpoint(path: Path | str) -> EndpointSpec:
     if not isinstance(data, dict):
         raise DeploymentSpecError(
             path,
-            [
-                SpecIssue(
-                    node.start_mark.line + 1, None, f"the top level must be a mapping of keys, not {_kind(data)}"
-                )
-            ],
+            [SpecIssue(node.start_mark.line + 1, None, f"the top level must be a mapping of keys, not {_kind(data)}")],
         )
     lines, duplicates = _line_map(node)
     if duplicates:
@@ -82,6 +78,7 @@ def load_endpoint(path: Path | str) -> EndpointSpec:
     if booleans:
         raise DeploymentSpecError(path, booleans)
     endpoint = spec.to_endpoint(context) if isinstance(spec, DeploymentFile) else spec
+    assert isinstance(endpoint, EndpointSpec)
     endpoint._source = path
     return endpoint
 
@@ -160,9 +157,7 @@ def _line_map(node: yaml.Node | None) -> tuple[dict[tuple, int], list[SpecIssue]
                 key = key_node.value
                 line = key_node.start_mark.line + 1
                 if key in seen:
-                    duplicates.append(
-                        SpecIssue(line, dotted(path + (key,)), f"key appears twice (first on line {seen[key]})")
-                    )
+                    duplicates.append(SpecIssue(line, dotted(path + (key,)), f"key appears twice (first on line {seen[key]})"))
                 seen[key] = line
                 lines[path + (key,)] = line
                 walk(value_node, path + (key,))

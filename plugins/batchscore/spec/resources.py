@@ -27,7 +27,7 @@ def _gpus(value: Any) -> int | Literal["all"] | list[str]:
 MEMORY_PATTERN = r"^[0-9]+[bkmgBKMG]?$"
 MEMORY_UNITS = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 MIN_MEMORY = 6 * 1024**2  # Docker refuses less
-SIZE_SCHEMA = [
+SIZE_SCHEMA: list[Any] = [
     {"type": "string", "pattern": MEMORY_PATTERN},
     {"type": "integer", "minimum": MIN_MEMORY},
     {"type": "null"},
@@ -71,8 +71,7 @@ class Resources(StrictModel):
     )
     share_gpus: bool = Field(
         False,
-        description="Let concurrent scoring containers (and worker processes) share GPUs; "
-        "by default each gets GPUs of its own.",
+        description="Let concurrent scoring containers (and worker processes) share GPUs; by default each gets GPUs of its own.",
     )
     network: bool = Field(
         False,

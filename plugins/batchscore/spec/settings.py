@@ -88,9 +88,7 @@ def _mini_batch_size(value: Any) -> Any:
         if size_bytes(value) < 1:
             raise ValueError(f"must be more than 0 bytes, got {value!r}")
         return value.strip()
-    raise ValueError(
-        f"must be a number of files (10) or a size such as '64MB' or '1GiB', got {short(value)}"
-    )
+    raise ValueError(f"must be a number of files (10) or a size such as '64MB' or '1GiB', got {short(value)}")
 
 
 #: ``mini_batch_size``: a number of files, or a size (a string such as ``"64MB"``).
@@ -98,7 +96,7 @@ MiniBatchSize = Annotated[int | str, BeforeValidator(_mini_batch_size)]
 
 
 #: settings.worker_mode when the YAML does not say (see README, "Warm workers", for the measurements).
-DEFAULT_WORKER_MODE = "warm"
+DEFAULT_WORKER_MODE: Literal["warm", "per_mini_batch"] = "warm"
 
 
 class Settings(StrictModel):
@@ -131,9 +129,7 @@ class Settings(StrictModel):
         description="Worker processes in one scoring container, each with its own init(); "
         "a mini-batch's files are shared out among them.",
     )
-    error_threshold: int = Field(
-        -1, ge=-1, description="Failed items (files) allowed across the job; -1 allows any number."
-    )
+    error_threshold: int = Field(-1, ge=-1, description="Failed items (files) allowed across the job; -1 allows any number.")
     mini_batch_error_threshold: int = Field(
         -1, ge=-1, description="Failed mini-batches allowed across the job; -1 allows any number."
     )
@@ -150,9 +146,7 @@ class Settings(StrictModel):
         description="table: column names kept, in the format the file name says; "
         "azure: Azure's append_row text (no header, values separated by spaces).",
     )
-    output_file_name: str = Field(
-        "predictions.csv", description="The job's output file; its suffix picks the format."
-    )
+    output_file_name: str = Field("predictions.csv", description="The job's output file; its suffix picks the format.")
     retry_settings: RetrySettings = RetrySettings()
     init_timeout: PositiveInt = Field(
         600,
@@ -208,7 +202,5 @@ class Settings(StrictModel):
         layout = info.data.get("output_layout", "table")  # declared before output_file_name
         suffixes = AZURE_LAYOUT_SUFFIXES if layout == "azure" else OUTPUT_FORMATS
         if not value.lower().endswith(suffixes):
-            raise ValueError(
-                f"output_file_name {value!r} must end with one of {', '.join(suffixes)} (output_layout {layout})"
-            )
+            raise ValueError(f"output_file_name {value!r} must end with one of {', '.join(suffixes)} (output_layout {layout})")
         return value

@@ -96,9 +96,7 @@ class TransformSettings(StrictModel):
         "None", description="None: the responses of a file concatenated; Line: a newline after each."
     )
     client_config: ModelClientConfig = Field(default_factory=lambda: ModelClientConfig(), alias="ModelClientConfig")
-    Environment: dict[str, str] = Field(
-        default_factory=dict, description="Environment variables of the serving container."
-    )
+    Environment: dict[str, str] = Field(default_factory=dict, description="Environment variables of the serving container.")
     data_processing: DataProcessing = Field(default_factory=lambda: DataProcessing(), alias="DataProcessing")
 
     @field_validator("Environment")

@@ -89,7 +89,7 @@ class Response:
     records: int | None = None  # for the log line
 
     @classmethod
-    def text(cls, status: int, message: str, records: int | None = None) -> "Response":
+    def text(cls, status: int, message: str, records: int | None = None) -> Response:
         return cls(status, (message.rstrip("\n") + "\n").encode(), "text/plain; charset=utf-8", records)
 
 
@@ -225,9 +225,7 @@ class Handler(BaseHTTPRequestHandler):
         elif kind == JSON:
             body = json.dumps({"predictions": [label for label, _ in results]})
         else:
-            body = "".join(
-                json.dumps({"prediction": label, "probability": round(p, 4)}) + "\n" for label, p in results
-            )
+            body = "".join(json.dumps({"prediction": label, "probability": round(p, 4)}) + "\n" for label, p in results)
         return Response(200, body.encode(), kind, records=len(rows))
 
     # --- HTTP plumbing ---------------------------------------------------------------------
