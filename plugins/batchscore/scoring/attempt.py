@@ -54,6 +54,8 @@ class Attempt:
     secret_values: tuple[str, ...] = ()
     started: str = field(default_factory=now_iso)
     output: OutputLog | None = None
+    #: What the task log left out of the last closed output, for the error messages that follow it.
+    _dropped_summary: str = field(default="", init=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -141,6 +143,7 @@ class Attempt:
         output, self.output = self.output, None
         if output is not None:
             output.close()
+            self._dropped_summary = output.summary()
 
     def line(self, text: str) -> None:
         """One line of the container's output: all of it to the try's file, a rate-limited part to the task log."""
@@ -151,7 +154,7 @@ class Attempt:
 
     def dropped(self) -> str:
         """For an error message: how much of the container's output the task log left out, if any."""
-        summary = self.output.summary() if self.output is not None else ""
+        summary = self.output.summary() if self.output is not None else self._dropped_summary
         return f" ({summary})" if summary else ""
 
     def redact(self, text: str) -> str:
