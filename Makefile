@@ -68,8 +68,9 @@ typecheck: venv  ## mypy on batchscore and batchscore_runtime (configured in pyp
 # tests/conftest.py marks every test that uses an image fixture `docker`). Its tests mostly wait on
 # the processes they start, so more workers than cores still pay: UNIT_WORKERS=0 runs them in one process.
 UNIT_WORKERS ?= 4
-test-unit: venv  ## the tests that need neither Docker nor a running Airflow, in parallel (1-1.5 min on 2 cores)
-	$(BIN)/pytest -n $(UNIT_WORKERS) -m "not docker and not scheduler and not celery"
+UNIT_MARKERS := not docker and not scheduler and not celery and not s3 and not bench
+test-unit: venv  ## the tests that need no Docker, Airflow, S3 server nor benchmark run, in parallel (about a minute on 2 cores)
+	$(BIN)/pytest -n $(UNIT_WORKERS) -m "$(UNIT_MARKERS)"
 
 test: venv lint typecheck example images-airflow  ## lint, type check, then the test suite (what CI runs); the Celery tests need postgresql and redis-server (Debian packages)
 	$(BIN)/pytest

@@ -57,6 +57,7 @@ class Holder:
     def __init__(self, lock_dir: Path, gpus, *, label: str, share: bool = False, **extra):
         args = {"gpus": gpus, "share": share, "label": label, "lock_dir": str(lock_dir), "poll": POLL, **extra}
         self.label = label
+        self.said = ""  # log lines read before release() (waits())
         self.proc = subprocess.Popen(
             [sys.executable, "-c", HOLDER, json.dumps(args)],
             stdin=subprocess.PIPE,
@@ -75,12 +76,30 @@ class Holder:
         assert line, f"{self.label} ended without a lease:\n{self.proc.stderr.read()}"
         return json.loads(line)
 
+    def waits(self, timeout: float = 60.0) -> str:
+        """The holder's first log line, once it has one: it says it waits when every GPU it wants is held.
+
+        Read byte by byte from the pipe (no buffer that release() would miss); ``timeout`` only
+        bounds a holder that hangs, it is no race: the line comes whatever the load.
+        """
+        fd = self.proc.stderr.fileno()
+        line = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                assert sel.select(timeout), f"{self.label} said nothing within {timeout} s"
+                byte = os.read(fd, 1)
+                assert byte, f"{self.label} ended before it said anything"
+                line += byte
+        self.said += line.decode()
+        return line.decode().rstrip("\n")
+
     def release(self) -> str:
         """Let go of the lease; returns the holder's log."""
         out, err = self.proc.communicate("\n", timeout=10)
         assert self.proc.returncode == 0, err
         assert out.strip() == "released"
-        return err
+        return self.said + err
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -207,7 +226,8 @@ def test_concurrent_processes_get_different_gpus_and_a_third_waits_for_one(lock_
     assert got_a["count"] == got_b["count"] == 1
 
     c = holders(lock_dir, 1, label="c", inventory=inventory)
-    assert c.leased(timeout=1.0) is None, "a third lease got a GPU while both were held"
+    assert c.waits().startswith("waiting for 1 free GPU(s) of 0, 1 for c: ")  # both are held: it waits, holding none
+    assert c.leased(timeout=0) is None, "a third lease got a GPU while both were held"
     a.release()
     got_c = c.leased()
     assert got_c["device_ids"] == got_a["device_ids"]
@@ -229,7 +249,8 @@ def test_device_id_leases_exclude_each_other_all_or_nothing(lock_dir, holders):
     a = holders(lock_dir, ["1"], label="a")
     assert a.leased()["device_ids"] == ["1"]
     both = holders(lock_dir, ["0", "1"], label="both")
-    assert both.leased(timeout=1.0) is None
+    assert both.waits().startswith("waiting for GPUs 0, 1 for both: ")
+    assert both.leased(timeout=0) is None
     # While "both" waits for GPU 1 it holds no GPU: GPU 0 is free for anyone.
     with lease_gpus(1, False, label="c", inventory=["0", "1"], lock_dir=lock_dir, poll_seconds=POLL) as c:
         assert c.device_ids == ["0"]
@@ -263,7 +284,8 @@ def test_a_killed_holder_frees_its_gpus(lock_dir, holders):
     a = holders(lock_dir, "all", label="a", inventory=["0", "1"])
     assert a.leased()["device_ids"] == ["0", "1"]
     b = holders(lock_dir, 2, label="b", inventory=["0", "1"])
-    assert b.leased(timeout=1.0) is None
+    assert b.waits().startswith("waiting for 2 free GPU(s) of 0, 1 for b: ")
+    assert b.leased(timeout=0) is None
     a.kill()
     assert b.leased() == {"device_ids": ["0", "1"], "count": 2}
     b.release()

@@ -18,6 +18,7 @@ SKEW_FIGURES = {"count_skew", "size_skew", "split_size_skew", "largest_file_over
 PLANNING_FIGURES = {"plan_run_s", "raw_listing_s", "dagbag_0_s", "dagbag_s", "build_dags_s"}
 
 
+@pytest.mark.bench
 def test_the_quick_benchmarks_report_figures_checks_and_a_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "latest.json"
 
