@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from docker.errors import ImageNotFound, NotFound
+from docker.errors import NotFound
 from docker.types import DeviceRequest, Mount
 
 import batchscore_runtime.formats
@@ -166,7 +166,7 @@ class Container:
                 user=self.user,
                 name=name,
             )
-        except (ImageNotFound, NotFound) as exc:
+        except NotFound as exc:  # docker.errors.ImageNotFound is one
             if "image" not in str(exc.explanation or exc).lower():
                 raise
             raise ImageMissingError(
@@ -251,8 +251,8 @@ def _mini_batch_mounts(spec: DeploymentSpec, layout: RunLayout, index: int, atte
     )
 
 
-def _one_shot_command(module: str, index: int, attempt: int) -> list[str]:
-    del index  # the file list says which mini-batch it is
+def _one_shot_command(module: str, attempt: int) -> list[str]:
+    """The runtime ``module`` on the mounted file list (which says which mini-batch it is), try ``attempt``."""
     return [
         "python3",
         "-m",
@@ -288,7 +288,7 @@ def scoring_container(
     processes), None when unknown. Its only writable mount is the attempt's scratch folder.
     """
     settings = spec.settings
-    command = _one_shot_command("batchscore_runtime", index, attempt) + [
+    command = _one_shot_command("batchscore_runtime", attempt) + [
         "--log-level",
         settings.logging_level,
         "--init-timeout",
@@ -328,7 +328,7 @@ def serving_client(
 
     No GPUs, no memory limit (``resources.memory`` is the server's), no secrets, never the model.
     """
-    command = _one_shot_command("batchscore_runtime.serving", index, attempt)
+    command = _one_shot_command("batchscore_runtime.serving", attempt)
     command += [*_client_options(spec), "--log-level", spec.settings.logging_level]
     return Container(
         role=CLIENT,
