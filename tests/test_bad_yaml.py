@@ -176,7 +176,7 @@ CASES = [
     Case(
         "az-unknown-model-key",
         az(("  path: model", "  path: model\n  version: 3")),
-        ("6: model.version: unknown key 'version'; allowed keys here: name, path",),
+        ("6: model.version: unknown key 'version'; allowed keys here: connection, name, path",),
     ),
     Case(
         "az-unknown-code-configuration-key",
@@ -191,12 +191,12 @@ CASES = [
     Case(
         "az-unknown-input-key",
         az(('  pattern: "*.csv"', '  pattern: "*.csv"\n  type: uri_folder')),
-        ("14: input.type: unknown key 'type'; allowed keys here: path, pattern",),
+        ("14: input.type: unknown key 'type'; allowed keys here: connection, path, pattern",),
     ),
     Case(
         "az-unknown-output-key",
         az(("  path: out", "  path: out\n  format: csv")),
-        ("16: output.format: unknown key 'format'; allowed keys here: path",),
+        ("16: output.format: unknown key 'format'; allowed keys here: connection, path",),
     ),
     Case(
         "az-misspelt-settings-key",

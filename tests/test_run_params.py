@@ -22,7 +22,7 @@ from airflow.sdk import Asset
 
 from batchscore.errors import RunParamError
 from batchscore.localairflow import LocalAirflow, LocalAirflowError
-from batchscore.run_params import RUN_PARAMS, apply_run_params
+from batchscore.run_params import LOCATION_PATTERN, RUN_PARAMS, apply_run_params
 from batchscore.schedule import output_asset
 from batchscore_runtime.formats import Summary, run_key
 from tests.helpers import deployment_file, load, run_dag, write
@@ -70,15 +70,16 @@ def test_the_dag_has_the_trigger_forms_params_null_by_default(iris_example: Path
     assert dict(dag.params) == {"input_path": None, "output_path": None, "mini_batch_size": None}
     schemas = {name: dag.params.get_param(name).schema for name in RUN_PARAMS}
     assert schemas == {
-        "input_path": {"type": ["null", "string"], "minLength": 1, "pattern": "^/", "title": "Input folder"},
-        "output_path": {"type": ["null", "string"], "minLength": 1, "pattern": "^/", "title": "Output folder"},
+        "input_path": {"type": ["null", "string"], "minLength": 1, "pattern": LOCATION_PATTERN, "title": "Input folder"},
+        "output_path": {"type": ["null", "string"], "minLength": 1, "pattern": LOCATION_PATTERN, "title": "Output folder"},
         "mini_batch_size": {"type": ["null", "integer"], "minimum": 1, "title": "Files per mini-batch"},
     }
     descriptions = {name: dag.params.get_param(name).description for name in RUN_PARAMS}
     assert descriptions == {
-        "input_path": "Absolute path of a folder of input files, read with the YAML's input.pattern. "
+        "input_path": "Absolute path of a folder of input files, or a URI (s3://bucket/prefix/), read with the YAML's "
+        "input.pattern; a URI uses the YAML's input.connection, or the one it names (s3://conn_id@bucket/...). "
         f"Empty: the YAML's input.path ({iris_example / 'data'}).",
-        "output_path": "Absolute path; this run writes to <output folder>/<run id>/. "
+        "output_path": "Absolute path or URI (s3://bucket/prefix/); this run writes to <output folder>/<run id>/. "
         f"Empty: the YAML's output.path ({tmp_path / 'out'}).",
         "mini_batch_size": "A whole number, 1 or more. Empty: the YAML's settings.mini_batch_size (4).",
     }
@@ -95,7 +96,7 @@ def test_with_several_deployments_output_path_gets_a_folder_per_deployment(
     two_deployments(tmp_path, iris_example)
     dag = parse(tmp_path, monkeypatch).dags["pair"]
     assert dag.params.get_param("output_path").description == (
-        "Absolute path; each deployment writes this run to <output folder>/<deployment name>/<run id>/. "
+        "Absolute path or URI; each deployment writes this run to <output folder>/<deployment name>/<run id>/. "
         f"Empty: the YAML's output.path (left: {tmp_path / 'out-left'}; right: {tmp_path / 'out-right'})."
     )
     assert dag.params.get_param("mini_batch_size").description == (
@@ -146,10 +147,10 @@ def test_params_override_input_output_and_mini_batch_size(iris_example: Path, tm
     [
         ({"input_path": "{tmp}/nope"}, "run parameter input_path: folder '{tmp}/nope' does not exist"),
         ({"input_path": "{tmp}/a-file"}, "run parameter input_path: '{tmp}/a-file' is not a folder"),
-        ({"input_path": "data/in"}, "run parameter input_path must be an absolute path, got 'data/in'"),
-        ({"input_path": ""}, "run parameter input_path must be an absolute path, got ''"),
-        ({"input_path": 5}, "run parameter input_path must be a string (an absolute path), got 5"),
-        ({"output_path": "out"}, "run parameter output_path must be an absolute path, got 'out'"),
+        ({"input_path": "data/in"}, "run parameter input_path must be an absolute path or a URI, got 'data/in'"),
+        ({"input_path": ""}, "run parameter input_path must be an absolute path or a URI, got ''"),
+        ({"input_path": 5}, "run parameter input_path must be a string (an absolute path or a URI), got 5"),
+        ({"output_path": "out"}, "run parameter output_path must be an absolute path or a URI, got 'out'"),
         ({"output_path": "{tmp}/a-file"}, "run parameter output_path: '{tmp}/a-file' exists and is not a folder"),
         ({"mini_batch_size": 0}, "run parameter mini_batch_size must be a whole number, 1 or more, got 0"),
         ({"mini_batch_size": "4"}, "run parameter mini_batch_size must be a whole number, 1 or more, got '4'"),
@@ -419,7 +420,10 @@ def test_a_run_starts_once_both_upstream_assets_are_updated(scoring_image: str, 
     [
         ({"mini_batch_size": 0}, "Invalid input for param mini_batch_size: 0 is less than the minimum of 1"),
         ({"mini_batch_size": "4"}, "Invalid input for param mini_batch_size: '4' is not of type 'null', 'integer'"),
-        ({"input_path": "data/in"}, "Invalid input for param input_path: 'data/in' does not match '^/'"),
+        (
+            {"input_path": "data/in"},
+            "Invalid input for param input_path: 'data/in' does not match '^(/|[A-Za-z][A-Za-z0-9+.-]*://)'",
+        ),
         ({"output_path": 7}, "Invalid input for param output_path: 7 is not of type 'null', 'string'"),
     ],
 )

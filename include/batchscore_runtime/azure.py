@@ -71,7 +71,7 @@ class InputFileMissingError(FileNotFoundError):
 def refused_item(f: InputFile) -> ItemError:
     """The failed item of a file the plan refused to score (a symbolic link it will not follow)."""
     assert f.refused is not None
-    return ItemError(f.label, InputFile.REFUSED, f.refused)
+    return ItemError(f.label, f.refused_type or InputFile.REFUSED, f.refused)
 
 
 def _check_target(f: InputFile, mini_batch: MiniBatch, input_root: Path) -> str:

@@ -94,6 +94,11 @@ class InputFile:
     batchscore will not follow (dangling, leading outside the input folder, or to something that
     is not a regular file) is planned with ``refused``, the message saying why: the runtime
     never opens it and reports it as a failed item of its mini-batch.
+
+    On object storage (``input.path`` a URI) ``path`` is the object's key below the input prefix and
+    ``version`` the token the plan listed (ETag, generation or version id); the score task stages the
+    object into a local folder and reads it there at ``target``. An object that changed or was
+    deleted since the plan is not staged: it is ``refused``, with ``refused_type`` ``ObjectChanged``.
     """
 
     path: str  # relative to the input folder, POSIX separators
@@ -102,8 +107,11 @@ class InputFile:
     part: FilePart | None = None
     target: str | None = None  # a link's regular file inside the input folder, relative to it
     refused: str | None = None  # why a link is not scored (never opened)
+    version: str | None = None  # object storage: the plan's version token of the object
+    refused_type: str | None = None  # the error type of a refused item; None: REFUSED
 
-    REFUSED = "LinkRefused"  # the error type of a refused file's failed item
+    REFUSED = "LinkRefused"  # the error type of a refused file's failed item (a link)
+    OBJECT_CHANGED = "ObjectChanged"  # ... of an object changed or deleted since the plan
 
     @property
     def label(self) -> str:
@@ -124,6 +132,10 @@ class InputFile:
             data["target"] = self.target
         if self.refused is not None:
             data["refused"] = self.refused
+        if self.version is not None:
+            data["version"] = self.version
+        if self.refused_type is not None:
+            data["refused_type"] = self.refused_type
         return data
 
     @classmethod
@@ -136,6 +148,8 @@ class InputFile:
             part=FilePart(**part) if part else None,
             target=data.get("target"),
             refused=data.get("refused"),
+            version=data.get("version"),
+            refused_type=data.get("refused_type"),
         )
 
 

@@ -198,7 +198,7 @@ def _writable(target: str, source: Path) -> Mount:
 
 def _script_mounts(spec: DeploymentSpec) -> list[Mount]:
     """A scoring script's model (a folder, or a file inside the model folder) and its code folder, read-only."""
-    model = spec.model.path
+    model = spec.model.local
     target = ContainerPaths.MODEL if model.is_dir() else f"{ContainerPaths.MODEL}/{model.name}"
     assert spec.code_configuration is not None, "contract azure always has a scoring script"
     return [_read_only(target, model), _read_only(ContainerPaths.CODE, spec.code_configuration.code)]
@@ -244,7 +244,7 @@ def _mini_batch_mounts(spec: DeploymentSpec, layout: RunLayout, index: int, atte
         [
             runtime_mount(),
             *extra,
-            _read_only(ContainerPaths.INPUT, spec.input.path),
+            _read_only(ContainerPaths.INPUT, spec.input.local),
             _read_only(ContainerPaths.MINI_BATCH, layout.mini_batch_file(index)),
             _writable(ContainerPaths.OUTPUT, layout.attempt_scratch(index, attempt)),
         ]
@@ -403,7 +403,7 @@ def warm_worker(
     command += _script_options(spec, gpu_count or None) if script else _client_options(spec)
     mounts = [
         runtime_mount(),
-        _read_only(ContainerPaths.INPUT, spec.input.path),
+        _read_only(ContainerPaths.INPUT, spec.input.local),
         _read_only(ContainerPaths.MINI_BATCHES, layout.mini_batches_dir),
         _writable(ContainerPaths.SCRATCH, layout.worker_scratch(worker)),
         _writable(ContainerPaths.WORKER_STATE, layout.workers_dir / worker),

@@ -178,7 +178,7 @@ def load_folder(folder: Path | str) -> list[LoadedFile]:
         return [LoadedFile(folder, error=DeploymentSpecError(folder, [missing]))]
     results: list[LoadedFile] = []
     owners: dict[str, Path] = {}
-    outputs: dict[Path, tuple[Path, int, str]] = {}
+    outputs: dict[Path | str, tuple[Path, int, str]] = {}
     for path in find_yaml_files(folder):
         try:
             endpoint = load_endpoint(path)
@@ -233,7 +233,7 @@ def _output_line(path: Path, index: int) -> int | None:
 
 
 def _check_unique(
-    endpoint: EndpointSpec, path: Path, owners: dict[str, Path], outputs: dict[Path, tuple[Path, int, str]]
+    endpoint: EndpointSpec, path: Path, owners: dict[str, Path], outputs: dict[Path | str, tuple[Path, int, str]]
 ) -> None:
     """Two files must not define the same DAG id or write to the same output folder; both files are named."""
     if endpoint.dag_id in owners:

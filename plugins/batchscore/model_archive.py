@@ -28,7 +28,7 @@ def serving_model_dir(deployment: DeploymentSpec, layout: RunLayout) -> Path:
     Unpacking goes to a temporary folder renamed into place, so two tasks that unpack at the
     same time both end with one complete folder, and a crash never leaves a partial one.
     """
-    model = deployment.model.path
+    model = deployment.model.local
     if model.is_dir():
         return model
     target = layout.model_dir

@@ -12,14 +12,15 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from batchscore.errors import PlanError
 from batchscore.partition import partition, partition_by_size
 from batchscore.spec.deployment import DeploymentSpec
-from batchscore.split import part_size, split_large_files
+from batchscore.split import Opener, part_size, split_large_files
 from batchscore_runtime.formats import (
     InputFile,
     Plan,
@@ -34,8 +35,51 @@ log = logging.getLogger(__name__)
 
 
 def run_layout(deployment: DeploymentSpec, run_id: str) -> RunLayout:
-    """The run directory of ``run_id``: ``<output.path>/<run key>/``."""
-    return RunLayout(deployment.output.path / run_key(run_id))
+    """The run directory of ``run_id``: ``<output.path>/<run key>/`` (on object storage: its mirror on this host,
+    in the deployment :func:`batchscore.run_store.place` gives)."""
+    return RunLayout(deployment.output.local / run_key(run_id))
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """Where a plan's files come from: this host's input folder (:meth:`local`), or a prefix on object storage
+    (:func:`batchscore.object_input.source`).
+
+    :param where: the input for messages (a path, or a URI with its connection).
+    :param list_files: the matched files, in plan order.
+    :param root: the local folder a large file is read from to be cut; ``None`` on object storage.
+    :param opener: on object storage, opens a file for ranged reads (to cut it).
+    """
+
+    where: str
+    list_files: Callable[[], list[InputFile]]
+    root: Path | None = None
+    opener: Opener | None = None
+
+    @classmethod
+    def local(cls, deployment: DeploymentSpec) -> InputSource:
+        return cls(str(deployment.input.path), lambda: list_input_files(deployment), root=deployment.input.local)
+
+
+def pattern_matcher(pattern: str) -> Callable[[str], bool]:
+    """Whether a ``/``-separated relative name matches ``pattern`` as the local walk matches it: each segment a
+    glob within one folder, ``**`` any number of folders (none included), hidden names never."""
+    segments = [s for s in pattern.split("/") if s not in ("", ".")]
+    matchers = [None if s == "**" else re.compile(fnmatch.translate(s)).match for s in segments]
+
+    def match(parts: list[str], i: int) -> bool:
+        if i == len(matchers):
+            return not parts
+        m = matchers[i]
+        if m is None:  # **: this many folders, then the rest of the pattern
+            return any(match(parts[k:], i + 1) for k in range(len(parts)))
+        return bool(parts) and m(parts[0]) is not None and match(parts[1:], i + 1)
+
+    def matches(name: str) -> bool:
+        parts = name.split("/")
+        return not any(p.startswith(".") or not p for p in parts) and match(parts, 0)
+
+    return matches
 
 
 _DIGITS = re.compile(r"(\d+)")
@@ -227,13 +271,13 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
     inside the input folder is scored as that file, under the link's own name; any other is
     planned refused, a failed item of its mini-batch that nothing ever opens.
     """
-    root = deployment.input.path
+    root = deployment.input.local
     if not root.is_dir():
         raise PlanError(
             f"input folder {root} of deployment {deployment.name!r} does not exist or is not a folder (key input.path)"
         )
     real_root = os.path.realpath(root)
-    work_root = os.path.realpath(deployment.output.path)
+    work_root = os.path.realpath(deployment.output.local)
     # Our own outputs are never scored: a file is checked against the output folder only where
     # it can lie inside it: the output folder is inside the input folder, the file is a link, or
     # the pattern reaches into subfolders (one of which may be a link).
@@ -292,8 +336,19 @@ def _unwritable(deployment: DeploymentSpec, layout: RunLayout, exc: OSError) -> 
     )
 
 
-def plan_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str, *, max_mini_batches: int | None = None) -> Plan:
-    """Return the run's plan, making and persisting it on the first call."""
+def plan_run(
+    endpoint_name: str,
+    deployment: DeploymentSpec,
+    run_id: str,
+    *,
+    max_mini_batches: int | None = None,
+    source: InputSource | None = None,
+) -> Plan:
+    """Return the run's plan, making and persisting it on the first call.
+
+    :param source: where the files are; default: the deployment's local input folder.
+    """
+    source = source or InputSource.local(deployment)
     layout = run_layout(deployment, run_id)
     try:
         existing = layout.read_plan()
@@ -308,17 +363,17 @@ def plan_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str, *, max
         )
         return existing
 
-    files = list_input_files(deployment)
+    files = source.list_files()
     if not files:
         raise PlanError(
-            f"no input files match {deployment.input.pattern!r} in {deployment.input.path} "
+            f"no input files match {deployment.input.pattern!r} in {source.where} "
             f"(deployment {deployment.name!r}, keys input.path and input.pattern)"
         )
     settings = deployment.settings
     size = settings.mini_batch_size
     if settings.mini_batch_bytes is not None:
         if settings.split_large_files and deployment.contract == "azure":  # a serving container's .out is per file
-            files = split_large_files(files, deployment.input.path, part_size(settings.mini_batch_bytes))
+            files = split_large_files(files, source.root, part_size(settings.mini_batch_bytes), opener=source.opener)
         mini_batches = partition_by_size(files, settings.mini_batch_bytes, settings.max_files_per_mini_batch)
     else:
         assert isinstance(size, int)  # not a size (mini_batch_bytes): a number of files
@@ -338,7 +393,7 @@ def plan_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str, *, max
         endpoint=endpoint_name,
         deployment=deployment.name,
         run_id=run_id,
-        input_path=str(deployment.input.path),
+        input_path=source.where,
         pattern=deployment.input.pattern,
         mini_batch_size=size,
         created_at=now_iso(),
@@ -349,7 +404,7 @@ def plan_run(endpoint_name: str, deployment: DeploymentSpec, run_id: str, *, max
         "Planned %d files (%d bytes) from %s into %d mini-batches (mini_batch_size %s); plan in %s",
         plan.files,
         plan.bytes,
-        deployment.input.path,
+        source.where,
         len(mini_batches),
         size,
         layout.plan_file,

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from batchscore.errors import RunParamError
 from batchscore.spec import OUTPUT_OVERLAP_ADVICE, DeploymentSpec, EndpointSpec, output_overlap
+from batchscore.spec.paths import SUPPORTED_LOCATIONS, is_remote_location, uri_scheme
 
 INPUT_PATH = "input_path"
 OUTPUT_PATH = "output_path"
@@ -37,6 +38,10 @@ def _yaml_values(endpoint: EndpointSpec, value: Any) -> str:
     return "; ".join(f"{d.name}: {value(d)}" for d in endpoint.deployments)
 
 
+#: What the trigger form takes for a path: an absolute path, or a URI (``s3://...``, ``file:///...``).
+LOCATION_PATTERN = "^(/|[A-Za-z][A-Za-z0-9+.-]*://)"
+
+
 def dag_params(endpoint: EndpointSpec) -> dict[str, Param]:
     """The DAG's params: the trigger form's fields, each null ("as the YAML says") by default."""
     several = len(endpoint.deployments) > 1
@@ -46,10 +51,11 @@ def dag_params(endpoint: EndpointSpec) -> dict[str, Param]:
             None,
             type=["null", "string"],
             minLength=1,
-            pattern="^/",
+            pattern=LOCATION_PATTERN,
             title="Input folder",
             description=(
-                "Absolute path of a folder of input files, read with the YAML's input.pattern. "
+                "Absolute path of a folder of input files, or a URI (s3://bucket/prefix/), read with the YAML's "
+                "input.pattern; a URI uses the YAML's input.connection, or the one it names (s3://conn_id@bucket/...). "
                 f"Empty: the YAML's input.path ({_yaml_values(endpoint, lambda d: d.input.path)})." + each
             ),
         ),
@@ -57,13 +63,13 @@ def dag_params(endpoint: EndpointSpec) -> dict[str, Param]:
             None,
             type=["null", "string"],
             minLength=1,
-            pattern="^/",
+            pattern=LOCATION_PATTERN,
             title="Output folder",
             description=(
                 (
-                    "Absolute path; each deployment writes this run to <output folder>/<deployment name>/<run id>/. "
+                    "Absolute path or URI; each deployment writes this run to <output folder>/<deployment name>/<run id>/. "
                     if several
-                    else "Absolute path; this run writes to <output folder>/<run id>/. "
+                    else "Absolute path or URI (s3://bucket/prefix/); this run writes to <output folder>/<run id>/. "
                 )
                 + f"Empty: the YAML's output.path ({_yaml_values(endpoint, lambda d: d.output.path)})."
             ),
@@ -81,11 +87,18 @@ def dag_params(endpoint: EndpointSpec) -> dict[str, Param]:
     }
 
 
-def _absolute(name: str, value: Any) -> Path:
+def _absolute(name: str, value: Any) -> Path | str:
+    """An absolute local path (resolved), or a URI of object storage (kept as given; the spec checks its form)."""
     if not isinstance(value, str):
-        raise RunParamError(f"run parameter {name} must be a string (an absolute path), got {value!r}")
+        raise RunParamError(f"run parameter {name} must be a string (an absolute path or a URI), got {value!r}")
+    if is_remote_location(value):
+        return value
+    if uri_scheme(value) == "file":
+        value = value.split("://", 1)[1].removeprefix("localhost")
+    elif uri_scheme(value):
+        raise RunParamError(f"run parameter {name}: {value!r} has a scheme batchscore does not read; use {SUPPORTED_LOCATIONS}")
     if not PurePosixPath(value).is_absolute():
-        raise RunParamError(f"run parameter {name} must be an absolute path, got {value!r}")
+        raise RunParamError(f"run parameter {name} must be an absolute path or a URI, got {value!r}")
     return Path(value).resolve()
 
 
@@ -115,18 +128,25 @@ def apply_run_params(spec: DeploymentSpec, params: Mapping[str, Any], *, several
     changed = False
     if (value := params.get(INPUT_PATH)) is not None:
         folder = _absolute(INPUT_PATH, value)
-        if not folder.exists():
-            raise RunParamError(f"run parameter {INPUT_PATH}: folder {value!r} does not exist")
-        if not folder.is_dir():
-            raise RunParamError(f"run parameter {INPUT_PATH}: {value!r} is not a folder")
+        if isinstance(folder, Path):  # object storage: listed by the plan, which says when nothing is there
+            if not folder.exists():
+                raise RunParamError(f"run parameter {INPUT_PATH}: folder {value!r} does not exist")
+            if not folder.is_dir():
+                raise RunParamError(f"run parameter {INPUT_PATH}: {value!r} is not a folder")
         data["input"]["path"], changed = str(folder), True
+        if isinstance(folder, Path):
+            data["input"]["connection"] = None
     if (value := params.get(OUTPUT_PATH)) is not None:
         folder = _absolute(OUTPUT_PATH, value)
-        if several_deployments:
+        if isinstance(folder, str):
+            folder = f"{folder.rstrip('/')}/{spec.name}" if several_deployments else folder
+        elif several_deployments:
             folder = folder / spec.name
-        if folder.exists() and not folder.is_dir():
+        if isinstance(folder, Path) and folder.exists() and not folder.is_dir():
             raise RunParamError(f"run parameter {OUTPUT_PATH}: {str(folder)!r} exists and is not a folder")
         data["output"]["path"], changed = str(folder), True
+        if isinstance(folder, Path):
+            data["output"]["connection"] = None
     if (value := params.get(MINI_BATCH_SIZE)) is not None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RunParamError(f"run parameter {MINI_BATCH_SIZE} must be a whole number, 1 or more, got {value!r}")
@@ -134,7 +154,7 @@ def apply_run_params(spec: DeploymentSpec, params: Mapping[str, Any], *, several
     if not changed:
         return spec
     given = " and ".join(k for k in (INPUT_PATH, OUTPUT_PATH) if params.get(k) is not None)
-    clash = output_overlap(Path(data["input"]["path"]), Path(data["output"]["path"])) if given else None
+    clash = output_overlap(_location(data["input"]["path"]), _location(data["output"]["path"])) if given else None
     if clash:
         raise RunParamError(
             f"run parameter{'s' if ' and ' in given else ''} {given}: the output folder {clash} "
@@ -145,6 +165,10 @@ def apply_run_params(spec: DeploymentSpec, params: Mapping[str, Any], *, several
     except ValidationError as exc:  # an invariant of the YAML's schema that the params break
         set_ = {k: params[k] for k in RUN_PARAMS if params.get(k) is not None}
         raise RunParamError(f"run parameters {set_} do not fit deployment {spec.name!r}:\n{exc}") from None
+
+
+def _location(value: str) -> Path | str:
+    return value if is_remote_location(value) else Path(value)
 
 
 def deployment_names(dag: Any) -> list[str]:

@@ -19,21 +19,40 @@ plan checked (inside the input folder), never through the link; a refused link i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any, Union
 
 from batchscore.partition import partition_by_size
 from batchscore_runtime.formats import FilePart, InputFile
 
 log = logging.getLogger(__name__)
 
+#: Opens a planned file for reading, for files that are not on this host's disk (object storage): a seekable
+#: binary file whose reads are ranged requests. ``None``: the file at ``root / (target or path)``.
+Opener = Callable[[InputFile], IO[bytes]]
+Source = Union[Path, IO[bytes]]  # noqa: UP007
+
+
+@contextlib.contextmanager
+def _opened(source: Source) -> Iterator[IO[bytes]]:
+    if isinstance(source, Path):
+        with open(source, "rb") as fh:
+            yield fh
+    else:
+        source.seek(0)
+        yield source
+
+
 READ_CHUNK = 1 << 22
 SPLITTABLE = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
-def record_boundaries(path: Path, wanted: list[int], quoted: bool) -> list[int]:
+def record_boundaries(path: Source, wanted: list[int], quoted: bool) -> list[int]:
     """For each offset in ``wanted`` (ascending), the first record boundary at or after it.
 
     A boundary is the offset just after a newline that is outside quotes (``quoted``: CSV; a
@@ -44,7 +63,7 @@ def record_boundaries(path: Path, wanted: list[int], quoted: bool) -> list[int]:
     inside = False
     searching = False
     wi, pos = 0, 0
-    with open(path, "rb") as fh:
+    with _opened(path) as fh:
         while wi < len(wanted):
             chunk = fh.read(READ_CHUNK)
             if not chunk:
@@ -77,7 +96,7 @@ def record_boundaries(path: Path, wanted: list[int], quoted: bool) -> list[int]:
     return cuts
 
 
-def _text_parts(f: InputFile, path: Path, target: int, csv: bool) -> list[InputFile]:
+def _text_parts(f: InputFile, path: Source, target: int, csv: bool) -> list[InputFile]:
     header_end = 0
     if csv:
         found = record_boundaries(path, [0], quoted=True)
@@ -101,11 +120,12 @@ def _text_parts(f: InputFile, path: Path, target: int, csv: bool) -> list[InputF
     ]
 
 
-def _parquet_parts(f: InputFile, path: Path, target: int) -> list[InputFile]:
+def _parquet_parts(f: InputFile, path: Source, target: int) -> list[InputFile]:
     import pyarrow.parquet as pq
 
     try:
-        metadata = pq.ParquetFile(path).metadata
+        with _opened(path) as fh:
+            metadata = pq.ParquetFile(fh).metadata
     except Exception as exc:  # noqa: BLE001 - pyarrow's errors vary; the scoring script will meet it too
         log.warning("Not cutting %s: its Parquet metadata cannot be read (%s)", f.path, exc)
         return [f]
@@ -137,12 +157,14 @@ def part_size(target: int) -> int:
     return max(1, target // 2)
 
 
-def split_large_files(files: list[InputFile], root: Path, size: int) -> list[InputFile]:
+def split_large_files(files: list[InputFile], root: Path | None, size: int, *, opener: Opener | None = None) -> list[InputFile]:
     """``files`` with each CSV, JSON Lines or Parquet file bigger than ``size`` bytes cut into
     about equal parts of at most ``size`` bytes (as far as records and row groups allow).
 
     A symbolic link is read at its planned ``target`` (a regular file inside ``root``, found by
-    the plan) and its parts keep the link's name; a refused link is never read nor cut.
+    the plan) and its parts keep the link's name; a refused link is never read nor cut. With
+    ``opener`` (object storage), each file is read through it instead: ranged reads, where
+    Parquet needs only its footer.
     """
     out: list[InputFile] = []
     for f in files:
@@ -151,11 +173,16 @@ def split_large_files(files: list[InputFile], root: Path, size: int) -> list[Inp
             out.append(f)
             continue
         t0 = time.monotonic()
-        path = root / (f.target or f.path)
-        if kind == "parquet":
-            parts = _parquet_parts(f, path, size)
-        else:
-            parts = _text_parts(f, path, size, csv=kind == "csv")
+        with contextlib.ExitStack() as stack:
+            if opener is not None:
+                path: Any = stack.enter_context(opener(f))
+            else:
+                assert root is not None, "a local input folder or an opener"
+                path = root / (f.target or f.path)
+            if kind == "parquet":
+                parts = _parquet_parts(f, path, size)
+            else:
+                parts = _text_parts(f, path, size, csv=kind == "csv")
         if len(parts) > 1:
             log.info("Cut %s (%d bytes) into %d parts in %.2f s", f.path, f.size, len(parts), time.monotonic() - t0)
         out.extend(parts)

@@ -31,10 +31,11 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from airflow.sdk import Connection, ObjectStoragePath
@@ -62,6 +63,8 @@ LOCAL_SCHEMES = ("", "file", "local")
 _SUPPORTED = "s3://, gs://, abfs://, abfss://, file:// or a plain path"
 _SECRET_EXTRA_KEY = re.compile(r"secret|token|password|passwd|key|credential|sas|signature", re.IGNORECASE)
 _SCRUBBED = "***"
+T = TypeVar("T")
+_REPLAN = "rerun the job to plan it again"
 
 
 @dataclass(frozen=True)
@@ -296,7 +299,7 @@ def object_info(path: ObjectStoragePath) -> ObjectInfo:
         return ObjectInfo(uri=uri, name=PurePosixPath(path.path).name, size=size, version=version)
 
 
-def _check_version(path: ObjectStoragePath, expect_version: str | None) -> None:
+def check_version(path: ObjectStoragePath, expect_version: str | None) -> None:
     if expect_version is None:
         return
     try:
@@ -314,7 +317,7 @@ def read_range(path: ObjectStoragePath, start: int, length: int, expect_version:
     whole object. ``expect_version``: fail with :class:`ObjectChangedError` unless the object still has it."""
     if start < 0 or length < 0:
         raise ValueError(f"read_range needs start >= 0 and length >= 0, not {start} and {length}")
-    _check_version(path, expect_version)
+    check_version(path, expect_version)
     if length == 0:
         return b""
     with _translated(path, "read"):
@@ -328,7 +331,7 @@ def read_range(path: ObjectStoragePath, start: int, length: int, expect_version:
 
 def read_bytes(path: ObjectStoragePath, expect_version: str | None = None) -> bytes:
     """A whole (small) object: a status or a plan, not data."""
-    _check_version(path, expect_version)
+    check_version(path, expect_version)
     with _translated(path, "read"):
         return bytes(path.fs.cat_file(path.path))
 
@@ -355,15 +358,69 @@ def _replacing(target: Path) -> Iterator[Path]:
 
 def download(path: ObjectStoragePath, target: Path, expect_version: str | None = None) -> Path:
     """Copy an object to the local file ``target`` (its folder is made), which appears whole or not at all.
-    ``expect_version``: fail with :class:`ObjectChangedError` unless the object still has it."""
-    _check_version(path, expect_version)
+
+    ``expect_version``: fail with :class:`ObjectChangedError` unless the object still has that version once
+    its bytes are here (checked after the transfer, so a change during it is caught too), or when it is gone.
+    """
     target = Path(target)
-    with _translated(path, "download"), _replacing(target) as tmp:
-        if is_remote(path):
-            path.fs.get_file(path.path, str(tmp))
-        else:
-            shutil.copyfile(path.path, tmp)
+    with _replacing(target) as tmp:
+        try:
+            with _translated(path, "download"):
+                if is_remote(path):
+                    path.fs.get_file(path.path, str(tmp))
+                else:
+                    shutil.copyfile(path.path, tmp)
+        except StorageNotFoundError:
+            if expect_version is None:
+                raise
+            raise ObjectChangedError(
+                f"{display(path)} was deleted after it was planned; rerun the job to plan it again"
+            ) from None
+        check_version(path, expect_version)
     return target
+
+
+def delete(path: ObjectStoragePath) -> None:
+    """Remove one object (or local file); nothing to do when it is not there."""
+    with _translated(path, "delete"):
+        try:
+            if is_remote(path):
+                path.fs.rm_file(path.path)
+            else:
+                os.unlink(path.path)
+        except FileNotFoundError:
+            pass
+
+
+def exists(path: ObjectStoragePath) -> bool:
+    """Whether one object (or local file) is there now."""
+    try:
+        object_info(path)
+    except StorageNotFoundError:
+        return False
+    return True
+
+
+#: Transfers that fail for another reason than a missing object, a denied access or a changed version
+#: (a dropped connection, a 5xx, a timeout) are tried again this many times, after these pauses.
+RETRY_PAUSES = (0.5, 2.0, 5.0)
+
+
+def retrying(action: Callable[[], T], what: str, log: Any = None) -> T:
+    """``action()``, tried again after :data:`RETRY_PAUSES` when it raises a plain :class:`StorageError`
+    (a network failure); the last error is raised. ``what`` names the transfer in the log."""
+    for pause in (*RETRY_PAUSES, None):
+        try:
+            return action()
+        except (StorageNotFoundError, StorageAccessError, StorageConnectionError, ObjectChangedError):
+            raise
+        except StorageError as exc:
+            if pause is None:
+                raise
+            if log is not None:
+                log.warning("%s failed (%s); trying again in %.1f s", what, exc, pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 def upload(source: Path, path: ObjectStoragePath) -> None:

@@ -6,8 +6,10 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, TriggerRule
 
+from batchscore.errors import MergeError, ThresholdExceededError
 from batchscore.merge import merge_run
 from batchscore.operators._base import DeploymentMixin
+from batchscore.run_store import place
 
 
 class MergeOperator(DeploymentMixin, BaseOperator):
@@ -26,7 +28,22 @@ class MergeOperator(DeploymentMixin, BaseOperator):
         self.deployment = deployment
 
     def execute(self, context: Any) -> dict[str, Any]:
-        summary = merge_run(self.endpoint_name, self.run_spec(context), context["run_id"])
+        run_id = context["run_id"]
+        # A run folder on object storage: the committed results come into this host's mirror, the merge runs
+        # there, and its output, records and summary (last) go back (:mod:`batchscore.run_store`).
+        placement = place(self.run_spec(context), run_id, log_to=self.log)
+        placement.pull_results()
+        previous = placement.previous_collected()
+        if placement.remote_run is not None:
+            placement.layout.summary_file.unlink(missing_ok=True)  # only this merge's summary goes up
+        try:
+            summary = merge_run(self.endpoint_name, placement.spec, run_id)
+        except (ThresholdExceededError, MergeError) as exc:
+            if placement.remote_run is None or placement.layout.read_summary() is None:
+                raise
+            placement.push_merge(previous)  # the records of a failed job are kept, as on local disk
+            raise type(exc)(placement.on_remote(str(exc))) from None
+        summary = placement.push_merge(previous) or summary
         self.log.info("Output: %s (%d rows)", summary.output, summary.rows)
         # The output asset's event says where this run's output is (a run's conf may move it).
         outlet_events = context.get("outlet_events")

@@ -9,7 +9,8 @@ from airflow.sdk import BaseOperator
 
 from batchscore.model_archive import serving_model_dir
 from batchscore.operators._base import DeploymentMixin
-from batchscore.plan import mini_batch_refs, plan_run, run_layout
+from batchscore.plan import mini_batch_refs, plan_run
+from batchscore.run_store import place
 
 
 class PlanOperator(DeploymentMixin, BaseOperator):
@@ -27,8 +28,17 @@ class PlanOperator(DeploymentMixin, BaseOperator):
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
         max_map_length = conf.getint("core", "max_map_length", fallback=1024)
-        spec = self.run_spec(context)
-        plan = plan_run(self.endpoint_name, spec, context["run_id"], max_mini_batches=max_map_length)
-        if spec.contract == "serve":
-            serving_model_dir(spec, run_layout(spec, context["run_id"]))
+        run_id = context["run_id"]
+        original = self.run_spec(context)
+        # Inputs, model or run folder on object storage: the plan is made in this host's mirror of the run
+        # folder and uploaded, plan.json last (:mod:`batchscore.run_store`).
+        placement = place(original, run_id, fetch=original.contract == "serve", log_to=self.log)
+        existing = placement.pull_plan()
+        plan = plan_run(
+            self.endpoint_name, placement.spec, run_id, max_mini_batches=max_map_length, source=placement.input_source()
+        )
+        if existing is None:
+            placement.push_plan(plan)
+        if original.contract == "serve":
+            serving_model_dir(placement.spec, placement.layout)
         return mini_batch_refs(plan)

@@ -16,8 +16,9 @@ from airflow.sdk import BaseOperator
 
 from batchscore import security
 from batchscore.engine import docker_client
-from batchscore.errors import SecretUnavailableError
+from batchscore.errors import SecretUnavailableError, StorageError
 from batchscore.operators._base import DeploymentMixin
+from batchscore.run_store import place
 from batchscore.scoring import executor as executors
 from batchscore.scoring.attempt import Attempt
 from batchscore.scoring.contract import Contract
@@ -57,7 +58,10 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
         self._executor: Executor | None = None
 
     def execute(self, context: Any) -> dict[str, Any]:
-        spec = self.run_spec(context)
+        # On object storage: a deployment whose paths are local (staged inputs, the cached model, the run
+        # folder's mirror), and the transfers around the try (:mod:`batchscore.run_store`).
+        placement = place(self.run_spec(context), context["run_id"], fetch=True, log_to=self.log)
+        spec = placement.spec
         ti = context.get("ti")
         attempt = Attempt(
             spec=spec,
@@ -70,17 +74,27 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
         )
         contract = Contract.create(spec)
         self._executor = executor = executors.create(attempt, docker_client(), self.log)
+        placement.prepare_mini_batch(attempt.index, attempt.attempt)
         attempt.prepare()
-        # Read from Airflow now, on the worker; only the containers that need them get them, at
-        # creation (neither rendered, serialized nor logged).
         try:
-            secrets = resolve_secrets(spec.settings.secret_environment)
-        except SecretUnavailableError as exc:
-            raise attempt.failed("SecretUnavailable", str(exc)) from None
-        if secrets:
-            attempt.secret_values = tuple(secrets.values())
-            attempt.log = security.RedactingLogger(self.log, attempt.secret_values)
-        status = executor.score(attempt, contract, secrets)
+            try:
+                placement.stage_inputs(attempt.index, self.log)
+            except StorageError as exc:
+                raise attempt.failed("StorageError", str(exc)) from None
+            # Read from Airflow now, on the worker; only the containers that need them get them, at
+            # creation (neither rendered, serialized nor logged).
+            try:
+                secrets = resolve_secrets(spec.settings.secret_environment)
+            except SecretUnavailableError as exc:
+                raise attempt.failed("SecretUnavailable", str(exc)) from None
+            if secrets:
+                attempt.secret_values = tuple(secrets.values())
+                attempt.log = security.RedactingLogger(self.log, attempt.secret_values)
+            status = executor.score(attempt, contract, secrets)
+        except BaseException:
+            placement.finish_mini_batch(attempt.index, attempt.attempt, self.log, failing=True)
+            raise
+        placement.finish_mini_batch(attempt.index, attempt.attempt, self.log)
         contract.report(status, attempt.log)
         result = {"mini_batch": status.id, "rows": status.rows, "failed_items": status.failed_items}
         return {**result, "worker": status.worker} if status.worker else result

@@ -22,6 +22,7 @@ from batchscore.errors import PlanError
 from batchscore.model_archive import serving_model_dir
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import run_layout
+from batchscore.run_store import place
 from batchscore.scoring.workers import CONTAINER_START_GRACE, WarmWorkerError, WarmWorkers
 from batchscore.secret_environment import resolve_secrets
 from batchscore.spec import DeploymentSpec
@@ -49,9 +50,10 @@ class StartWorkersOperator(_WorkersTask):
     """Start the run's warm workers and wait until each is ready (``init()`` called once)."""
 
     def execute(self, context: Any) -> dict[str, Any]:
-        spec = self.run_spec(context)
-        layout = run_layout(spec, context["run_id"])
-        plan = layout.read_plan()
+        # On object storage: the workers mount this host's staging folder, model cache and run mirror.
+        placement = place(self.run_spec(context), context["run_id"], fetch=True, log_to=self.log)
+        spec, layout = placement.spec, placement.layout
+        plan = placement.pull_plan()
         if plan is None:
             raise PlanError(f"the plan of run {context['run_id']!r} is missing in {layout.work}; clear the plan task too")
         pending = [
@@ -112,7 +114,7 @@ class StopWorkersOperator(_WorkersTask):
     """Stop and remove every warm worker container of the run (the task group's teardown)."""
 
     def execute(self, context: Any) -> dict[str, Any]:
-        spec = self.run_spec(context)
+        spec = place(self.run_spec(context), context["run_id"], log_to=self.log).spec
         layout = run_layout(spec, context["run_id"])
         pool = WarmWorkers(docker_client(), spec, self.endpoint_name, context["run_id"], layout, log=self.log)
         if (elsewhere := pool.started_elsewhere()) is not None:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from batchscore.spec.base import Name, StrictModel
-from batchscore.spec.paths import OUTPUT_OVERLAP_ADVICE, ExistingDir, ExistingPath, ResolvedPath, output_overlap
+from batchscore.spec.paths import (
+    OUTPUT_OVERLAP_ADVICE,
+    ExistingDir,
+    ExistingLocation,
+    Location,
+    is_remote_location,
+    output_overlap,
+)
 from batchscore.spec.resources import Resources
 from batchscore.spec.settings import RetrySettings, Settings
 from batchscore.spec.transform import TransformSettings
@@ -19,11 +26,52 @@ from batchscore.spec.transform import TransformSettings
 MODEL_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 
 
-class ModelSpec(StrictModel):
-    """The model: a folder or a file, mounted read-only; the container finds it in AZUREML_MODEL_DIR."""
+class Located(StrictModel):
+    """A block whose ``path`` is a local path or a URI of object storage, read with an Airflow connection."""
 
-    path: ExistingPath
+    path: str | Path
+    connection: str | None = Field(
+        None,
+        min_length=1,
+        description="The Airflow connection for a URI of object storage (s3://, gs://, abfs://); default: the "
+        "scheme's default connection, as Airflow's ObjectStoragePath. Credentials live there, never in the YAML.",
+    )
+
+    @property
+    def remote(self) -> bool:
+        """Whether ``path`` is on object storage."""
+        return is_remote_location(self.path)
+
+    @property
+    def local(self) -> Path:
+        """``path`` as a local path. On object storage it has none: :mod:`batchscore.run_store` gives the
+        tasks a deployment whose paths are local copies (staged inputs, a cached model, a mirrored run folder)."""
+        if isinstance(self.path, Path):
+            return self.path
+        raise RuntimeError(f"{self.path} is on object storage: place the deployment first (batchscore.run_store.place)")
+
+    @model_validator(mode="after")
+    def _connection_for_uri(self) -> Located:
+        if self.connection is not None and not self.remote:
+            raise ValueError(
+                f"connection {self.connection!r} is for a URI of object storage (s3://, gs://, abfs://), "
+                f"but path is the local path {self.path}; remove connection or give a URI"
+            )
+        return self
+
+
+class ModelSpec(Located):
+    """The model: a folder or a file, mounted read-only; the container finds it in AZUREML_MODEL_DIR.
+    On object storage: a prefix (a folder) or one object (a file, such as SageMaker's model.tar.gz),
+    fetched once per worker host and cached by its version token."""
+
+    path: ExistingLocation
     name: str | None = Field(None, description="The model's name (informational, as in Azure's registry).")
+
+    @property
+    def is_archive(self) -> bool:
+        """Whether the model is one file named like an archive (``model.tar.gz``)."""
+        return str(self.path).lower().endswith(MODEL_ARCHIVE_SUFFIXES) and (self.remote or Path(self.path).is_file())
 
 
 class CodeConfiguration(StrictModel):
@@ -117,10 +165,11 @@ class EnvironmentSpec(StrictModel):
     )
 
 
-class InputSpec(StrictModel):
-    """Where the input files are: a folder and a glob pattern (``**/`` to include subfolders)."""
+class InputSpec(Located):
+    """Where the input files are: a folder (or a prefix on object storage) and a glob pattern (``**/`` to include
+    subfolders)."""
 
-    path: ResolvedPath
+    path: Location
     pattern: str = Field(
         "*",
         min_length=1,
@@ -143,10 +192,11 @@ class InputSpec(StrictModel):
         return value
 
 
-class OutputSpec(StrictModel):
-    """Where each run writes its output, summary and work files: ``<path>/<run id>/``."""
+class OutputSpec(Located):
+    """Where each run writes its output, summary and work files: ``<path>/<run id>/`` (a folder, or a prefix on
+    object storage, where the run's state lives too)."""
 
-    path: ResolvedPath
+    path: Location
 
 
 #: Settings of the Azure contract that mean nothing to a serving container, and what to use instead.
@@ -236,7 +286,7 @@ class DeploymentSpec(StrictModel):
                 "so the collected output cannot be .parquet; use .csv or .jsonl"
             )
         model = self.model.path
-        if model.is_file() and not model.name.lower().endswith(MODEL_ARCHIVE_SUFFIXES):
+        if isinstance(model, Path) and model.is_file() and not model.name.lower().endswith(MODEL_ARCHIVE_SUFFIXES):
             raise ValueError(f"model.path {model} must be a folder or a model archive (.tar.gz) for contract: serve")
         assert self.transform is not None  # set above for contract: serve
         overlap = set(self.transform.Environment) & set(self.settings.environment_variables)
