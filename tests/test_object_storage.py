@@ -29,7 +29,7 @@ from batchscore.split import split_large_files
 from batchscore.staging import stage_files
 from batchscore_runtime.formats import InputFile, MiniBatch, Summary, run_key
 from batchscore_runtime.slices import sliced_inputs
-from tests.helpers import deployment_file, load, run_dag
+from tests.helpers import deployment_file, load, run_dag, serve_endpoint
 
 pytestmark = pytest.mark.s3
 CONN = "s3_test"
@@ -294,3 +294,56 @@ def test_a_placed_deployment_has_local_paths_and_its_run_folder_on_s3(iris_examp
     assert placement.spec.input.local.is_dir() and not placement.spec.output.remote
     assert placement.where() == f"{s3['uri']}/output/iris/run-1 (connection '{CONN}')"
     assert place(spec, "run-1", fetch=True).spec.model.local == placement.spec.model.local  # cached by version
+
+
+@pytest.mark.docker
+def test_a_transform_job_with_model_tar_gz_on_s3_and_warm_workers_uploads_its_out_files(
+    airflow_db, serving_image: str, iris_example: Path, tmp_path: Path, s3, monkeypatch
+):
+    from tests.test_serving_contract import containers_left, expected_predictions
+
+    example = yaml.safe_load(Path("dags/deployments/iris-transform.yaml").read_text())
+    archive = iris_example / "model" / "iris-classifier.tar.gz"
+    storage.upload(archive, storage.location(f"{s3['uri']}/models/iris/model.tar.gz", CONN))  # SageMaker's ModelDataUrl
+    upload_tree(iris_example / "data-serve", f"{s3['uri']}/data/serve")
+    path = serve_endpoint(
+        tmp_path,
+        "s3-transform",
+        [
+            {
+                "name": "csv",
+                "model": archive,
+                "image": serving_image,
+                "inputs": iris_example / "data-serve",
+                "pattern": "*.csv",
+                "transform": example["transform"],
+                "settings": {
+                    "mini_batch_size": 5,
+                    "output_action": "append_row",
+                    "output_file_name": "predictions.csv",
+                    "worker_mode": "warm",
+                },
+            }
+        ],
+    )
+    doc = yaml.safe_load(path.read_text())
+    deployment = doc["deployments"][0]
+    deployment["model"] = {"path": f"{s3['uri']}/models/iris/model.tar.gz", "connection": CONN}
+    deployment["input"] = {"path": f"{s3['uri']}/data/serve", "pattern": "*.csv", "connection": CONN}
+    deployment["output"] = {"path": f"{s3['uri']}/output/serve", "connection": CONN}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    dag_run, _ = run_dag(path, monkeypatch)
+    assert dag_run.state == "success"
+    run_uri = f"{s3['uri']}/output/serve/{run_key(dag_run.run_id)}"
+    expected = expected_predictions(iris_example / "model" / "iris-classifier", iris_example / "data-serve")
+    assert read_object(f"{run_uri}/predictions.csv").decode().splitlines() == expected
+    outs = storage.list_objects(storage.location(run_uri, CONN))
+    assert sorted(o.name for o in outs if o.name.endswith(".out") and "/" not in o.name) == [f"iris-{n:03d}.csv.out" for n in range(15)]
+    assert read_object(f"{run_uri}/iris-000.csv.out").decode().splitlines() == expected[:10]
+    summary = Summary.from_json(json.loads(read_object(f"{run_uri}/summary.json")))
+    assert (summary.status, summary.rows, summary.custom_outputs.files) == (Summary.SUCCEEDED, 150, 15)
+    # The archive was fetched once into the host's cache; nothing is left running or staged.
+    assert len(list((tmp_path / "scratch").glob("models/*/*/model.tar.gz"))) == 1
+    assert [p for p in (tmp_path / "scratch").glob("runs/*/*/_batchscore/input/*")] == []
+    assert containers_left("s3-transform") == []
