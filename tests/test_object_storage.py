@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from batchscore import storage
-from batchscore.errors import DeploymentSpecError, PlanError, StorageAccessError, StorageConnectionError
+from batchscore.errors import DeploymentSpecError, PlanError, StorageAccessError, StorageConnectionError, StorageError
 from batchscore.operators.merge import MergeOperator
 from batchscore.operators.plan import PlanOperator
 from batchscore.operators.score import ScoreOperator
@@ -339,7 +339,9 @@ def test_a_transform_job_with_model_tar_gz_on_s3_and_warm_workers_uploads_its_ou
     expected = expected_predictions(iris_example / "model" / "iris-classifier", iris_example / "data-serve")
     assert read_object(f"{run_uri}/predictions.csv").decode().splitlines() == expected
     outs = storage.list_objects(storage.location(run_uri, CONN))
-    assert sorted(o.name for o in outs if o.name.endswith(".out") and "/" not in o.name) == [f"iris-{n:03d}.csv.out" for n in range(15)]
+    assert sorted(o.name for o in outs if o.name.endswith(".out") and "/" not in o.name) == [
+        f"iris-{n:03d}.csv.out" for n in range(15)
+    ]
     assert read_object(f"{run_uri}/iris-000.csv.out").decode().splitlines() == expected[:10]
     summary = Summary.from_json(json.loads(read_object(f"{run_uri}/summary.json")))
     assert (summary.status, summary.rows, summary.custom_outputs.files) == (Summary.SUCCEEDED, 150, 15)
@@ -347,3 +349,94 @@ def test_a_transform_job_with_model_tar_gz_on_s3_and_warm_workers_uploads_its_ou
     assert len(list((tmp_path / "scratch").glob("models/*/*/model.tar.gz"))) == 1
     assert [p for p in (tmp_path / "scratch").glob("runs/*/*/_batchscore/input/*")] == []
     assert containers_left("s3-transform") == []
+
+
+class FlakyProxy:
+    """A TCP proxy to the S3 server that resets the first ``drop`` connections it accepts (a network that fails
+    mid-job), then forwards; ``drop=None``: resets every connection (a network that stays down)."""
+
+    def __init__(self, port: int, drop: int | None):
+        import socket
+        import threading
+
+        self.target, self.drop, self.dropped = port, drop, 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+        import struct
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.drop is None or self.dropped < self.drop:
+                self.dropped += 1
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()  # RST
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: Any, b: Any) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+    def connection_json(self, server: Any, **extra: Any) -> str:
+        conn = server.connection()
+        conn["extra"] = {**conn["extra"], "endpoint_url": f"http://127.0.0.1:{self.port}", **extra}
+        return json.dumps(conn)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_network_that_fails_mid_staging_is_retried_and_one_that_stays_down_fails_clearly(tmp_path: Path, s3, monkeypatch):
+    from urllib.parse import urlsplit
+
+    local = tmp_path / "in"
+    local.mkdir()
+    for i in range(6):
+        (local / f"f-{i}.csv").write_text(f"id\n{i}\n")
+    upload_tree(local, f"{s3['uri']}/in")
+    port = urlsplit(s3["server"].endpoint_url).port
+    listed = storage.list_objects(storage.location(f"{s3['uri']}/in", CONN))
+    planned = [InputFile(o.name, o.size, 0, version=o.version) for o in listed]
+
+    flaky = FlakyProxy(port, drop=12)
+    monkeypatch.setenv("AIRFLOW_CONN_S3_FLAKY", flaky.connection_json(s3["server"]))
+    try:
+        staged = stage_files(storage.location(f"{s3['uri']}/in", "s3_flaky"), planned, tmp_path / "staged", threads=2)
+    finally:
+        flaky.close()
+    assert staged == planned and flaky.dropped == 12
+    assert sorted(p.read_text() for p in (tmp_path / "staged").iterdir()) == [f"id\n{i}\n" for i in range(6)]
+
+    down = FlakyProxy(port, drop=None)
+    # botocore's own retries off (the connection's config_kwargs), so that the test waits for ours only.
+    monkeypatch.setenv("AIRFLOW_CONN_S3_DOWN", down.connection_json(s3["server"], config_kwargs={"retries": {"max_attempts": 1}}))
+    monkeypatch.setattr(storage, "RETRY_PAUSES", (0.1, 0.1))
+    try:
+        with pytest.raises(StorageError) as info:
+            stage_files(storage.location(f"{s3['uri']}/in", "s3_down"), planned[:1], tmp_path / "down")
+    finally:
+        down.close()
+    assert str(info.value).startswith(f"cannot download {s3['uri']}/in/f-0.csv (connection 's3_down'): ")
+    assert str(info.value).endswith("; check the endpoint of the Airflow connection 's3_down' and the network, then retry")
+    assert list((tmp_path / "down").iterdir()) == []  # no half file
+    assert down.dropped >= 3  # tried again after each pause (s3fs may retry a connection of its own too)

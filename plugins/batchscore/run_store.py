@@ -312,10 +312,13 @@ class Placement:
                 f"{mini_batch_id(index)}: try {attempt} does not commit its result: try {owner} of this mini-batch has "
                 f"taken over (in {self.where()})"
             )
-        for path in _committed_files(result_dir, status, attempt):
+        pushed = _committed_files(result_dir, status, attempt)
+        for path in pushed:
             self._push(path)
         self._push(result_dir.status_file)  # the commit
         log_to.info("Committed %s (%s) to %s", mini_batch_id(index), status.state, self.where())
+        for path in pushed:  # the record is on object storage now: the host keeps no copy of the data
+            path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------ merge
 
@@ -376,7 +379,16 @@ class Placement:
         )
         summary.write(layout.summary_file)
         self._push(layout.summary_file)  # the merge's commit
+        log.info("Uploaded the output, %d other file(s) and summary.json (last) to %s", len(names), self.where())
+        self._drop_copies(names)
         return summary
+
+    def _drop_copies(self, names: list[str]) -> None:
+        """Remove the mirror's copies of the data once the run folder on object storage holds them."""
+        layout = self.layout
+        for name in names:
+            (layout.root / name).unlink(missing_ok=True)
+        shutil.rmtree(layout.results_dir, ignore_errors=True)
 
     def previous_collected(self) -> set[str]:
         return _collected(self.layout)
