@@ -142,6 +142,24 @@ def test_params_override_input_output_and_mini_batch_size(iris_example: Path, tm
     assert applied.settings.model_dump(exclude={"mini_batch_size"}) == spec.settings.model_dump(exclude={"mini_batch_size"})
 
 
+def test_params_may_be_uris_of_object_storage_and_keep_the_yamls_connection(iris_example: Path, tmp_path: Path) -> None:
+    spec = spec_of(tmp_path, iris_example)
+    on_s3 = spec.model_copy(update={"output": spec.output.model_copy(update={"path": "s3://bucket/out", "connection": "c"})})
+    applied = apply_run_params(
+        on_s3, {"input_path": "s3://bucket/in/", "output_path": "s3://bucket/other"}, several_deployments=False
+    )
+    assert (applied.input.path, applied.input.connection) == ("s3://bucket/in/", None)
+    assert (applied.output.path, applied.output.connection) == ("s3://bucket/other", "c")  # the YAML's connection
+    local = apply_run_params(on_s3, {"output_path": str(tmp_path / "o")}, several_deployments=False)
+    assert (local.output.path, local.output.connection) == (tmp_path / "o", None)  # a local path takes none
+    several = apply_run_params(spec, {"output_path": "s3://bucket/all/"}, several_deployments=True)
+    assert several.output.path == f"s3://bucket/all/{spec.name}"
+    with pytest.raises(RunParamError, match="the output folder s3://bucket/in/ is the input folder"):
+        apply_run_params(spec, {"input_path": "s3://bucket/in", "output_path": "s3://bucket/in/"}, several_deployments=False)
+    with pytest.raises(RunParamError, match=r"run parameter input_path: 'ftp://x/y' has a scheme batchscore does not read"):
+        apply_run_params(spec, {"input_path": "ftp://x/y"}, several_deployments=False)
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [

@@ -23,8 +23,8 @@ from pathlib import Path
 from batchscore import shutdown
 from batchscore.errors import BatchScoreError, DeploymentSpecError
 from batchscore.factory import find_yaml_files, load_folder
-from batchscore.plan import run_layout
 from batchscore.run_params import apply_run_params
+from batchscore.run_store import place
 from batchscore.spec import EndpointSpec, load_endpoint
 
 
@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
             deployment = apply_run_params(deployment, conf, several_deployments=len(endpoint.deployments) > 1)
         except BatchScoreError:
             pass  # the plan task refused the conf and said why above
-        layout = run_layout(deployment, run_id)
-        summary = layout.read_summary()
+        placement = place(deployment, run_id)  # the run folder may be on object storage
+        summary = placement.read_summary()
         if summary is not None:
             print(
                 f"  {deployment.name}: {summary.status}, {summary.rows} rows, "
@@ -111,12 +111,12 @@ def run(args: argparse.Namespace) -> int:
             )
             own = ".out files" if summary.contract == "serve" else "custom outputs"
             print(f"    output:  {summary.output or f'(summary_only: {own} in the run folder)'}")
-            print(f"    summary: {layout.summary_file}")
+            print(f"    summary: {placement.summary_location()}")
             print(f"    ledger:  {summary.ledger}")
             if summary.items.failed:
                 print(f"    errors:  {summary.errors}")
         else:
-            print(f"  {deployment.name}: no summary in {layout.root}")
+            print(f"  {deployment.name}: no summary in {placement.where()}")
     return 0 if state == "success" else 1
 
 

@@ -390,6 +390,22 @@ class Placement:
             (layout.root / name).unlink(missing_ok=True)
         shutil.rmtree(layout.results_dir, ignore_errors=True)
 
+    def summary_location(self) -> str:
+        """Where the run's ``summary.json`` is: a URI, or a path."""
+        if self.remote_run is None:
+            return str(self.layout.summary_file)
+        return f"{_uri(self.remote_run)}/{self.layout.summary_file.name}"
+
+    def read_summary(self) -> Summary | None:
+        """The run's committed summary, read where it lives; ``None`` before the first merge."""
+        if self.remote_run is None:
+            return self.layout.read_summary()
+        try:
+            data = storage.read_bytes(self._remote(self.layout.summary_file))
+        except StorageNotFoundError:
+            return None
+        return Summary.from_json(json.loads(data))
+
     def previous_collected(self) -> set[str]:
         return _collected(self.layout)
 
