@@ -90,7 +90,7 @@ def test_a_job_reads_and_writes_s3_and_its_output_is_exact(airflow_db, iris_exam
     assert (summary.rows, summary.input.files, summary.mini_batches.succeeded) == (150, 15, 4)
     assert summary.output == f"{run_uri}/predictions.csv"
     assert summary.run_folder == run_uri
-    assert summary.input.path == f"{s3['uri']}/data/iris (connection '{CONN}')"
+    assert summary.input.path == f"{s3['uri']}/data/iris/"
 
     predictions = pd.read_csv(io.BytesIO(read_object(f"{run_uri}/predictions.csv")))
     files = sorted((iris_example / "data").glob("*.csv"))

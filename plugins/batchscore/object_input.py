@@ -64,7 +64,9 @@ def source(deployment: DeploymentSpec) -> InputSource:
         handle: IO[bytes] = obj.fs.open(obj.path, "rb", block_size=READ_BLOCK)
         return handle
 
-    return InputSource(storage.display(prefix), lambda: list_objects(deployment), opener=opener)
+    return InputSource(
+        storage.display(prefix), lambda: list_objects(deployment), opener=opener, recorded=str(deployment.input.path)
+    )
 
 
 __all__ = ["input_location", "list_objects", "source"]

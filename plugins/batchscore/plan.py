@@ -49,12 +49,14 @@ class InputSource:
     :param list_files: the matched files, in plan order.
     :param root: the local folder a large file is read from to be cut; ``None`` on object storage.
     :param opener: on object storage, opens a file for ranged reads (to cut it).
+    :param recorded: what the plan (and the summary) record as the input: the URI; default ``where``.
     """
 
     where: str
     list_files: Callable[[], list[InputFile]]
     root: Path | None = None
     opener: Opener | None = None
+    recorded: str | None = None
 
     @classmethod
     def local(cls, deployment: DeploymentSpec) -> InputSource:
@@ -393,7 +395,7 @@ def plan_run(
         endpoint=endpoint_name,
         deployment=deployment.name,
         run_id=run_id,
-        input_path=source.where,
+        input_path=source.recorded or source.where,
         pattern=deployment.input.pattern,
         mini_batch_size=size,
         created_at=now_iso(),

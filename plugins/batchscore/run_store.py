@@ -49,6 +49,7 @@ from batchscore.output_log import log_file_name
 from batchscore.plan import InputSource, run_layout
 from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import (
+    InputFile,
     MiniBatchDir,
     MiniBatchStatus,
     Plan,
@@ -132,7 +133,8 @@ def fetch_model(deployment: DeploymentSpec, log_to: Any = log) -> Path:
         try:
             for o in objects:
                 obj = where if single else where / o.name
-                storage.retrying(functools.partial(storage.download, obj, tmp / o.name, o.version), f"fetching {o.uri}", log_to)
+                dest = staging.local_path(tmp, o.name, "model object")
+                storage.retrying(functools.partial(storage.download, obj, dest, o.version), f"fetching {o.uri}", log_to)
             for p in [tmp, *tmp.rglob("*")]:
                 p.chmod(0o755 if p.is_dir() else 0o644)
             (tmp / ".complete").write_text(json.dumps({"uri": _uri(where), "objects": len(objects)}))
@@ -265,6 +267,8 @@ class Placement:
         """Download the mini-batch's objects; rewrite its file list in the mirror to read the staged copies."""
         mini_batch_file = self.layout.mini_batch_file(index)
         planned = read_mini_batch_file(mini_batch_file)
+        # As planned: what an earlier try of this host staged (targets, refusals of changed objects) is checked anew.
+        planned = dataclasses.replace(planned, files=[_as_planned(f) for f in planned.files])
         target = self.staged_dir(index)
         shutil.rmtree(target, ignore_errors=True)
         source = object_input.input_location(self.original)
@@ -342,7 +346,7 @@ class Placement:
             assert status is not None
             remote_dir = self._remote(result_dir.path)
             for obj in storage.list_objects(remote_dir):
-                local = result_dir.path / obj.name
+                local = staging.local_path(result_dir.path, obj.name, "run folder object")
                 wanted = (
                     obj.name == status.result_file
                     or (status.outputs_dir and obj.name.startswith(status.outputs_dir + "/"))
@@ -414,6 +418,12 @@ class Placement:
         if self.remote_run is None:
             return message
         return message.replace(str(self.layout.root), _uri(self.remote_run))
+
+
+def _as_planned(f: InputFile) -> InputFile:
+    if f.refused_type == InputFile.OBJECT_CHANGED:
+        f = dataclasses.replace(f, refused=None, refused_type=None)
+    return dataclasses.replace(f, target=None) if f.target is not None else f
 
 
 def read_claim(path: ObjectStoragePath) -> int | None:

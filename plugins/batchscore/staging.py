@@ -23,7 +23,7 @@ import secrets
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import ObjectStoragePath
@@ -42,12 +42,20 @@ def _changed(f: InputFile, exc: ObjectChangedError) -> InputFile:
     return dataclasses.replace(f, refused=f"input object {f.path}: {exc}", refused_type=InputFile.OBJECT_CHANGED)
 
 
-def _inside(target: Path, rel: str) -> Path:
-    """``target / rel`` for a key the plan listed; a key that would lead out of ``target`` is refused."""
-    parts = PurePosixPath(rel).parts
-    if not parts or rel.startswith("/") or any(p in ("..", ".", "") for p in parts):
-        raise StorageError(f"input object {rel!r} has a key that is not a plain relative path; rename the object")
+def local_path(target: Path, rel: str, what: str = "input object") -> Path:
+    """``target / rel`` for a key listed on object storage; a key that would lead out of ``target`` (``..``, an
+    absolute or empty segment) is refused: nothing is ever written outside ``target``."""
+    parts = rel.split("/")
+    if not rel or any(p in ("..", ".", "") for p in parts) or "\0" in rel:
+        raise StorageError(f"{what} {rel!r} has a key that is not a plain relative path; rename the object")
     return target.joinpath(*parts)
+
+
+def _readable(target: Path) -> None:
+    """Staged files readable by the scoring container's user, whatever this process's umask."""
+    for path in [target, *target.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _ranges(f: InputFile, obj: ObjectStoragePath, reader: Any) -> list[tuple[int, int]]:
@@ -113,7 +121,7 @@ def _stage_one(source: ObjectStoragePath, files: list[InputFile], target: Path, 
     it was, or refused when the object changed. Network failures are tried again (:func:`storage.retrying`)."""
     first = files[0]
     obj = source / first.path
-    dest = _inside(target, first.path)
+    dest = local_path(target, first.path)
     try:
         if any(f.part is None for f in files):
             storage.retrying(lambda: storage.download(obj, dest, expect_version=first.version), f"staging {first.path}", log_to)
@@ -155,7 +163,8 @@ def stage_files(
         for path, job in jobs.items():
             for i, staged in zip(groups[path], job.result()):
                 out[i] = staged
+    _readable(target)
     return out
 
 
-__all__ = ["DEFAULT_THREADS", "stage_files"]
+__all__ = ["DEFAULT_THREADS", "local_path", "stage_files"]
