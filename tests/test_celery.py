@@ -1,27 +1,43 @@
-"""The example job on the CeleryExecutor: Postgres, Redis, a real scheduler and two Celery workers.
+"""The example job on the CeleryExecutor: Postgres, Redis, a real scheduler, two Celery workers that share no folder.
 
 What runs where (no image can be pulled here):
 * PostgreSQL and Redis: Debian's packages, as processes of this session (batchscore.localservices);
+* S3: the session's SeaweedFS (the ``s3_server`` fixture, on 127.0.0.1), with the bucket ``celery-job``:
+  the jobs' models, inputs and run folders (outputs, run state) are there and nowhere else;
 * api-server, scheduler and dag-processor: processes of this session (LocalAirflow);
-* Celery worker ``w1``: a process of this session, on the host, serving the queue ``default``;
+* Celery worker ``w1``: a process of this session, on the host, serving the queue ``default``; its scratch
+  folder (``BATCHSCORE_SCRATCH_DIR``: staged inputs, cached models, run mirrors) is ``<root>/scratch-w1``;
 * Celery worker ``w2``: a container of the compose stack's Airflow image (``batchscore-airflow``,
-  built here offline), with the Docker socket, on the host's network, serving ``default`` and
-  ``gpu``. It sees the project at ``/opt/batchscore`` and the job's folder at ``/data``, so its
-  scoring containers mount the right host folders only through ``BATCHSCORE_HOST_PATHS``.
+  built here offline), on the host's network, serving ``default`` and ``gpu``. It mounts what a worker
+  host needs and no data: the Docker socket, the project at ``/opt/batchscore``, the DAGs folder (the
+  YAML files and their scoring code) at ``/opt/airflow/dags``, Airflow's task-log folder (which the
+  api-server reads, as the host's worker writes it) and its own scratch folder, ``<root>/scratch-w2`` at
+  ``/var/lib/batchscore/scratch``. Its scoring containers are bind-mounted by the host's engine, so
+  those three folders are mapped with ``BATCHSCORE_HOST_PATHS``.
 
-The job's YAML files use paths relative to themselves, as the compose stack's do, so the host
-processes and the container read the same job at different paths. No GPU is needed: ``gpu`` is
-only the name of the queue that a GPU host's workers would serve.
+Both workers reach S3 through the Airflow connection ``celery_s3`` (``AIRFLOW_CONN_CELERY_S3``; the
+container is on the host's network, so 127.0.0.1 is the server). A mini-batch's inputs are staged into
+the scratch folder of the worker that scores it, the model is fetched once per worker, and each commits
+its results to the run folder on S3; the merge, on either worker, reads them back from there. The tests
+read every output from S3. No GPU is needed: ``gpu`` is only the name of the queue that a GPU host's
+workers would serve.
+
+Every deployment here has ``worker_mode: per_mini_batch``: a run's warm workers mount the scratch folder
+of the host that started them, and a score task on another Celery worker of the same Docker engine,
+whose scratch folder is another, finds them but never their state, so it waits for them forever.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +46,24 @@ import pytest
 import yaml
 
 from batchscore.localairflow import LocalAirflow, log_tail
-from batchscore.localservices import Postgres, Redis
+from batchscore.localservices import Postgres, Redis, SeaweedS3
 from batchscore_runtime.formats import Summary, run_key
 from tests.conftest import EXAMPLE, REPO
 from tests.helpers import write
 
-pytestmark = [pytest.mark.docker, pytest.mark.scheduler, pytest.mark.celery]
+pytestmark = [pytest.mark.docker, pytest.mark.scheduler, pytest.mark.celery, pytest.mark.s3]
 
 CONTAINER_WORKER = "batchscore-test-celery-w2"
 CONTAINER_HOSTNAME = "celery-w2"
 HEARTBEAT_TIMEOUT = 20  # s without a heartbeat before the scheduler fails a task whose worker died
 QUEUED_TIMEOUT = 60  # s a task may stay queued (taken by a worker that died before starting it) before it is sent again
+BUCKET = "celery-job"
+CONN = "celery_s3"
+# w2's own folders (the DAGs folder and its scratch folder), each mapped to the host's for its scoring containers.
+W2_DAGS = "/opt/airflow/dags"
+W2_SCRATCH = "/var/lib/batchscore/scratch"
+# Which cached model is the killable deployment's: an object of its model prefix by this name.
+KILLABLE_MODEL_FILE = "killable-model.txt"
 
 # The example's scoring script, slowed down on iris-007.csv until the test has killed the Celery
 # worker of that mini-batch (the marker "killed" next to the model); says where it runs.
@@ -63,78 +86,124 @@ def run(mini_batch):
 """
 
 
-def _example_yaml(job: Path) -> None:
-    """dags/deployments/iris-batch.yaml as shipped, its paths pointing into the job's folder."""
+@dataclass(frozen=True)
+class Stack:
+    """The running stack of the module's docstring."""
+
+    airflow: LocalAirflow
+    root: Path
+    s3: Any  # a boto3 S3 client of the server, signed as admin
+
+    def scratch(self, worker: str) -> Path:
+        """The scratch folder of Celery worker ``w1`` or ``w2``, on the host."""
+        return self.root / f"scratch-{worker}"
+
+    def read(self, key: str) -> bytes:
+        """An object of the bucket."""
+        return self.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+    def read_csv(self, key: str, **kwargs: Any) -> pd.DataFrame:
+        return pd.read_csv(io.BytesIO(self.read(key)), **kwargs)
+
+    def upload(self, folder: Path, prefix: str) -> None:
+        """Every file under ``folder``, as objects under ``prefix``."""
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            self.s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+def _blocks(endpoint: str, model: str) -> dict[str, Any]:
+    """A deployment's model, input and output on the bucket, and its code in the DAGs folder."""
+    return {
+        "model": {"path": f"s3://{BUCKET}/models/{model}/", "connection": CONN},
+        "code_configuration": {"code": f"../code/{endpoint}", "scoring_script": "score.py"},
+        "input": {"path": f"s3://{BUCKET}/data/iris/", "pattern": "*.csv", "connection": CONN},
+        "output": {"path": f"s3://{BUCKET}/output/{endpoint}/", "connection": CONN},
+    }
+
+
+def _example_yaml(dags: Path) -> None:
+    """dags/deployments/iris-batch.yaml as shipped, but on S3 and with a container per mini-batch."""
     doc = yaml.safe_load((REPO / "dags" / "deployments" / "iris-batch.yaml").read_text())
-    doc["model"]["path"] = "../../iris/model"
-    doc["code_configuration"]["code"] = "../../iris/code"
-    doc["input"]["path"] = "../../iris/data"
-    doc["output"]["path"] = "../../output/iris-batch"
-    (job / "dags" / "deployments" / "iris-batch.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    for key, block in _blocks("iris-batch", "iris").items():
+        doc[key] = {**doc[key], **block}
+    doc["settings"]["worker_mode"] = "per_mini_batch"  # see the module's docstring
+    shutil.copytree(EXAMPLE / "code", dags / "code" / "iris-batch")
+    (dags / "deployments" / "iris-batch.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def _test_yaml(
-    job: Path, endpoint: str, code: str, settings: dict[str, Any], resources: dict[str, Any], model: str | None = None
-) -> None:
+def _test_yaml(dags: Path, endpoint: str, code: str, settings: dict[str, Any], resources: dict[str, Any], model: str) -> None:
     doc = {
         "name": "test-deployment",
         "endpoint_name": endpoint,
-        "model": {"path": model or f"../../{endpoint}/model"},
-        "code_configuration": {"code": f"../../{endpoint}/code", "scoring_script": "score.py"},
+        **_blocks(endpoint, model),
         "environment": {"image": "batchscore-scoring:latest"},
-        "input": {"path": "../../iris/data", "pattern": "*.csv"},
-        "output": {"path": f"../../output/{endpoint}"},
-        "settings": settings,
+        "settings": {"worker_mode": "per_mini_batch", **settings},
         "resources": resources,
     }
-    (job / endpoint / "model").mkdir(parents=True)
-    write(job / endpoint / "code" / "score.py", code)
-    (job / "dags" / "deployments" / f"{endpoint}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    write(dags / "code" / endpoint / "score.py", code)
+    (dags / "deployments" / f"{endpoint}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def _stage(job: Path) -> None:
-    (job / "dags" / "deployments").mkdir(parents=True)
-    shutil.copy(REPO / "dags" / "batchscore_deployments.py", job / "dags")
-    for part in ("model", "code", "data"):
-        shutil.copytree(EXAMPLE / part, job / "iris" / part)
-    _example_yaml(job)
-    # Routed to the queue "gpu", which only w2 serves; one container per mini-batch this time.
+def _stage(root: Path, stack: Stack) -> Path:
+    """The DAGs folder (DAG file, YAML files, scoring code) on the host, and the jobs' data on S3; returns the folder."""
+    dags = root / "dags"
+    (dags / "deployments").mkdir(parents=True)
+    shutil.copy(REPO / "dags" / "batchscore_deployments.py", dags)
+    (dags / ".airflowignore").write_text("code/\n")  # scoring scripts, not DAG files
+    stack.upload(EXAMPLE / "model", "models/iris")
+    stack.upload(EXAMPLE / "data", "data/iris")
+    stack.s3.put_object(Bucket=BUCKET, Key=f"models/killable/{KILLABLE_MODEL_FILE}", Body=b"the killable script needs no model\n")
+    _example_yaml(dags)
+    # Routed to the queue "gpu", which only w2 serves.
     _test_yaml(
-        job,
+        dags,
         "routed",
         (EXAMPLE / "code" / "score.py").read_text(),
-        {"mini_batch_size": 5, "worker_mode": "per_mini_batch", "retry_settings": {"max_retries": 0}},
+        {"mini_batch_size": 5, "retry_settings": {"max_retries": 0}},
         {"instance_count": 2, "queue": "gpu"},
-        model="../../iris/model",
+        model="iris",
     )
     _test_yaml(
-        job, "killable", KILLABLE_SCRIPT, {"mini_batch_size": 3, "retry_settings": {"max_retries": 1}}, {"instance_count": 2}
+        dags,
+        "killable",
+        KILLABLE_SCRIPT,
+        {"mini_batch_size": 3, "retry_settings": {"max_retries": 1}},
+        {"instance_count": 2},
+        model="killable",
     )
-    job.chmod(0o755)
+    for p in [dags, *dags.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)  # the scoring containers' user reads the code
+    return dags
 
 
-def _container_env(airflow: LocalAirflow) -> list[str]:
-    """The stack's Airflow settings for the container worker, with its own paths."""
+def _container_env(airflow: LocalAirflow, host_paths: str) -> list[str]:
+    """The stack's Airflow settings for the container worker, with its own paths and scratch folder, and the connection."""
     own = {
         "AIRFLOW_HOME": "/opt/airflow",
-        "AIRFLOW__CORE__DAGS_FOLDER": "/data/dags",
+        "AIRFLOW__CORE__DAGS_FOLDER": W2_DAGS,
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": "/opt/airflow/logs",
         "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_STORAGE_PATH": "/opt/airflow/dag_bundles",
+        f"AIRFLOW_CONN_{CONN.upper()}": airflow.extra_env[f"AIRFLOW_CONN_{CONN.upper()}"],
+        "BATCHSCORE_SCRATCH_DIR": W2_SCRATCH,
+        "BATCHSCORE_HOST_PATHS": host_paths,
     }
     env = {k: v for k, v in airflow.child_env().items() if k.startswith("AIRFLOW__")} | own
     return [arg for k, v in sorted(env.items()) for arg in ("-e", f"{k}={v}")]
 
 
-def _start_container_worker(airflow: LocalAirflow, job: Path, image: str) -> None:
+def _start_container_worker(stack: Stack, image: str) -> None:
+    airflow, dags, scratch = stack.airflow, stack.airflow.dags_folder, stack.scratch("w2")
+    scratch.mkdir(exist_ok=True)
+    host_paths = f"/opt/batchscore={REPO},{W2_DAGS}={dags},{W2_SCRATCH}={scratch}"
     subprocess.run(["docker", "rm", "-f", CONTAINER_WORKER], capture_output=True)
     subprocess.run(
         [
             "docker", "run", "-d", "--name", CONTAINER_WORKER, "--network", "host", "--hostname", CONTAINER_HOSTNAME,
-            "--user", "0:0",  # the same user as the host's worker: both write the same run folders
+            "--user", "0:0",  # the Docker socket is root's here
             "-v", "/var/run/docker.sock:/var/run/docker.sock",
-            "-v", f"{REPO}:/opt/batchscore:ro", "-v", f"{job}:/data", "-v", f"{airflow.home / 'logs'}:/opt/airflow/logs",
-            "-e", f"BATCHSCORE_HOST_PATHS=/opt/batchscore={REPO},/data={job}",
-            *_container_env(airflow),
+            "-v", f"{REPO}:/opt/batchscore:ro", "-v", f"{dags}:{W2_DAGS}:ro",
+            "-v", f"{airflow.home / 'logs'}:/opt/airflow/logs", "-v", f"{scratch}:{W2_SCRATCH}",
+            *_container_env(airflow, host_paths),
             image, "celery", "worker", "--celery-hostname", "w2@%h", "--queues", "default,gpu", "--concurrency", "2",
         ],
         check=True, capture_output=True,
@@ -153,12 +222,21 @@ def _container_logs() -> str:
     return done.stdout + done.stderr
 
 
+def _container_mounts() -> set[str]:
+    """Where w2's container has its mounts."""
+    done = subprocess.run(
+        ["docker", "inspect", "-f", "{{json .Mounts}}", CONTAINER_WORKER], capture_output=True, text=True, check=True
+    )
+    return {m["Destination"] for m in json.loads(done.stdout)}
+
+
 @pytest.fixture(scope="module")
-def celery_stack(scoring_image: str, airflow_image: str, iris_example: Path, tmp_path_factory) -> Iterator[Any]:
-    """The stack of this module's docstring, with the job staged in its folder."""
+def celery_stack(
+    scoring_image: str, airflow_image: str, iris_example: Path, s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The stack of this module's docstring, with the jobs' data on S3 and their DAGs in the DAGs folder."""
     root = tmp_path_factory.mktemp("celery")
-    job = root / "job"
-    _stage(job)
+    s3_server.create_bucket(BUCKET)
     postgres, redis = Postgres(), Redis(root / "redis")
     env = {
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
@@ -171,8 +249,13 @@ def celery_stack(scoring_image: str, airflow_image: str, iris_example: Path, tmp
         # A task the killed worker had taken but not yet started stays queued until this (600 s by default).
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": str(QUEUED_TIMEOUT),
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "10",
+        f"AIRFLOW_CONN_{CONN.upper()}": s3_server.connection_json(),
+        # w1's (the host's other Airflow processes never score).
+        "BATCHSCORE_SCRATCH_DIR": str(root / "scratch-w1"),
     }
-    airflow = LocalAirflow(root / "airflow", job / "dags", env=env, parallelism=8)
+    airflow = LocalAirflow(root / "airflow", root / "dags", env=env, parallelism=8)
+    stack = Stack(airflow, root, s3_server.client())
+    _stage(root, stack)
 
     def show_logs() -> None:
         if (airflow.home / "logs").exists():
@@ -191,16 +274,17 @@ def celery_stack(scoring_image: str, airflow_image: str, iris_example: Path, tmp
         airflow.start()
         (airflow.home / "logs").chmod(0o777)
         airflow.start_celery_worker("w1", queues="default", concurrency=2)
-        _start_container_worker(airflow, job, airflow_image)
-        yield airflow, job
+        _start_container_worker(stack, airflow_image)
+        yield stack
 
 
 def _score_hosts(airflow: LocalAirflow, dag_id: str, run_id: str) -> dict[int, dict[str, Any]]:
     return {t["map_index"]: t for t in airflow.task_instances(dag_id, run_id) if t["task_id"].endswith(".score")}
 
 
-def _model_output(job: Path) -> pd.DataFrame:
-    """What the example's own script gives for all input files at once, computed in the scoring image."""
+def _model_output() -> pd.DataFrame:
+    """What the example's own script gives for all input files at once, computed in the scoring image from the
+    example's files on this host (the ones uploaded to S3)."""
     script = (
         "import glob, os, sys\n"
         "sys.path.insert(0, '/code'); os.environ['AZUREML_MODEL_DIR'] = '/model'\n"
@@ -209,18 +293,17 @@ def _model_output(job: Path) -> pd.DataFrame:
         "print(score.run(sorted(glob.glob('/data/*.csv'))).to_csv(index=False), end='')\n"
     )
     out = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "-v", f"{job / 'iris' / 'model'}:/model:ro",
-         "-v", f"{job / 'iris' / 'code'}:/code:ro", "-v", f"{job / 'iris' / 'data'}:/data:ro",
+        ["docker", "run", "--rm", "--network", "none", "-v", f"{EXAMPLE / 'model'}:/model:ro",
+         "-v", f"{EXAMPLE / 'code'}:/code:ro", "-v", f"{EXAMPLE / 'data'}:/data:ro",
          "batchscore-scoring:latest", "python3", "-c", script],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    from io import StringIO
-
-    return pd.read_csv(StringIO(out.stdout))
+    return pd.read_csv(io.StringIO(out.stdout))
 
 
-def test_the_example_job_runs_on_two_celery_workers_and_merges_exactly(celery_stack) -> None:
-    airflow, job = celery_stack
+def test_the_example_job_runs_on_two_celery_workers_that_share_no_folder_and_merges_exactly(celery_stack: Stack) -> None:
+    airflow = celery_stack.airflow
+    assert _container_mounts() == {"/var/run/docker.sock", "/opt/batchscore", W2_DAGS, "/opt/airflow/logs", W2_SCRATCH}
     airflow.wait_for_dag("iris-batch")
     run_id = airflow.trigger("iris-batch")
     assert airflow.wait_for_run("iris-batch", run_id, timeout=480) == "success"
@@ -229,15 +312,20 @@ def test_the_example_job_runs_on_two_celery_workers_and_merges_exactly(celery_st
     assert len(hosts) == 2, f"all mini-batches ran on {hosts}"  # the host's worker and the container's
     assert CONTAINER_HOSTNAME in hosts
 
-    run_dir = job / "output" / "iris-batch" / run_key(run_id)
-    merged = pd.read_csv(run_dir / "predictions.csv")
-    pd.testing.assert_frame_equal(merged, _model_output(job))  # every row once, in input order, as the model says
-    ledger = pd.read_csv(run_dir / "processed_mini-batches.csv", keep_default_na=False)
+    run = f"output/iris-batch/{run_key(run_id)}"
+    pd.testing.assert_frame_equal(
+        celery_stack.read_csv(f"{run}/predictions.csv"), _model_output()
+    )  # every row once, in input order
+    ledger = celery_stack.read_csv(f"{run}/processed_mini-batches.csv", keep_default_na=False)
     assert ledger["status"].tolist() == ["succeeded"] * 4 and ledger["attempts"].tolist() == [1] * 4
+    for worker in ("w1", "w2"):  # each fetched the model into its own scratch folder, and left no input there
+        scratch = celery_stack.scratch(worker)
+        assert list(scratch.glob("models/*/*/.complete")), f"{worker} fetched no model into {scratch}"
+        assert list(scratch.glob(f"runs/*/{run_key(run_id)}/_batchscore/input/*/*")) == []
 
 
-def test_a_deployment_with_a_queue_runs_only_on_the_workers_of_that_queue(celery_stack) -> None:
-    airflow, job = celery_stack
+def test_a_deployment_with_a_queue_runs_only_on_the_workers_of_that_queue(celery_stack: Stack) -> None:
+    airflow = celery_stack.airflow
     airflow.wait_for_dag("routed")
     run_id = airflow.trigger("routed")
     assert airflow.wait_for_run("routed", run_id, timeout=480) == "success"
@@ -248,33 +336,47 @@ def test_a_deployment_with_a_queue_runs_only_on_the_workers_of_that_queue(celery
     assert {t["hostname"] for t in scores.values()} == {CONTAINER_HOSTNAME}  # only w2 serves "gpu"
     assert {t["queue"] for t in scores.values()} == {"gpu"}
     assert tis["test-deployment.plan"]["queue"] == "default"  # planning needs no scoring host
-    run_dir = job / "output" / "routed" / run_key(run_id)
-    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "predictions.csv"), _model_output(job))
-    assert Summary.read(run_dir / "summary.json").mini_batches.succeeded == 3
+    run = f"output/routed/{run_key(run_id)}"
+    pd.testing.assert_frame_equal(celery_stack.read_csv(f"{run}/predictions.csv"), _model_output())
+    summary = Summary.from_json(json.loads(celery_stack.read(f"{run}/summary.json")))
+    assert summary.mini_batches.succeeded == 3
+    assert summary.output == f"s3://{BUCKET}/{run}/predictions.csv"
 
 
 def test_a_celery_worker_killed_mid_mini_batch_its_mini_batch_is_retried_elsewhere_and_counted_once(
-    celery_stack,
+    celery_stack: Stack,
 ) -> None:
-    airflow, job = celery_stack
+    """mb-00002 (iris-006..008) hangs until the marker ``killed`` is next to the model. Once the test has
+    killed the Celery worker scoring it, the marker is uploaded into the model's prefix on S3: the retry, on
+    the other worker, sees a new version of the model, fetches it with the marker, and goes through. The
+    hung container of the first try (the Docker engine's, so it outlives its Celery worker) mounts the
+    model cached in its worker's scratch folder: the marker is written into every cached copy of the
+    killable model on the host too, which lets it end (uncommitted: its task is gone).
+    """
+    airflow = celery_stack.airflow
     airflow.wait_for_dag("killable")
     run_id = airflow.trigger("killable")
-    run_dir = job / "output" / "killable" / run_key(run_id)
     killed: list[str] = []
 
+    def release_the_hung_container() -> None:
+        celery_stack.s3.put_object(Bucket=BUCKET, Key="models/killable/killed", Body=b"")
+        for worker in ("w1", "w2"):
+            for cached in celery_stack.scratch(worker).glob(f"models/*/*/{KILLABLE_MODEL_FILE}"):
+                (cached.parent / "killed").touch()
+
     def kill_the_slow_mini_batchs_worker() -> None:
+        slow = f"runs/*/{run_key(run_id)}/_batchscore/scratch/**/mb-00002.try-*/outputs-*/slow"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if any(
-                run_dir.glob("_batchscore/scratch/**/mb-00002.try-*/outputs-*/slow")
-            ):  # the container writes there while it scores
+            # The container writes there, in the scratch folder of its worker, while it scores.
+            if any(f for worker in ("w1", "w2") for f in celery_stack.scratch(worker).glob(slow)):
                 host = _score_hosts(airflow, "killable", run_id)[2]["hostname"]
                 if host == CONTAINER_HOSTNAME:
                     subprocess.run(["docker", "kill", CONTAINER_WORKER], check=True, capture_output=True)
                 else:
                     airflow.kill_component("celery-w1")
                 killed.append(host)
-                (job / "killable" / "model" / "killed").touch()
+                release_the_hung_container()
                 return
             time.sleep(0.2)
 
@@ -286,7 +388,7 @@ def test_a_celery_worker_killed_mid_mini_batch_its_mini_batch_is_retried_elsewhe
         killer.join(timeout=5)
         # The stack's other tests need both workers again.
         if killed == [CONTAINER_HOSTNAME]:
-            _start_container_worker(airflow, job, "batchscore-airflow:latest")
+            _start_container_worker(celery_stack, "batchscore-airflow:latest")
         elif killed:
             airflow.start_celery_worker("w1", queues="default", concurrency=2)
 
@@ -296,11 +398,12 @@ def test_a_celery_worker_killed_mid_mini_batch_its_mini_batch_is_retried_elsewhe
     assert scores[2]["hostname"] != killed[0]  # on the worker that was left
     assert all(scores[i]["try_number"] == 1 for i in (0, 1, 3, 4))
 
-    merged = pd.read_csv(run_dir / "predictions.csv")
-    files = sorted((job / "iris" / "data").glob("*.csv"))
+    run = f"output/killable/{run_key(run_id)}"
+    merged = celery_stack.read_csv(f"{run}/predictions.csv")
+    files = sorted((EXAMPLE / "data").glob("*.csv"))
     expected = pd.concat([pd.read_csv(f).assign(file=f.name) for f in files], ignore_index=True)[["file", "id"]]
     pd.testing.assert_frame_equal(merged[["file", "id"]], expected)  # every row once, in order
-    ledger = pd.read_csv(run_dir / "processed_mini-batches.csv", keep_default_na=False)
+    ledger = celery_stack.read_csv(f"{run}/processed_mini-batches.csv", keep_default_na=False)
     row = ledger[ledger["mini_batch"] == "mb-00002"].iloc[0]
     assert (row["status"], row["attempts"]) == ("succeeded", 2)
     assert len(ledger) == 5
