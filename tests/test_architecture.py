@@ -38,6 +38,7 @@ AIRFLOW_FREE = (
     "batchscore.gpu_holder",
     "batchscore.engine",
     "batchscore.security",
+    "batchscore.scratch",
     "batchscore.containers",
     "batchscore.scoring",
     "batchscore.scoring.attempt",

@@ -22,9 +22,10 @@ its results to the run folder on S3; the merge, on either worker, reads them bac
 read every output from S3. No GPU is needed: ``gpu`` is only the name of the queue that a GPU host's
 workers would serve.
 
-Every deployment here has ``worker_mode: per_mini_batch``: a run's warm workers mount the scratch folder
-of the host that started them, and a score task on another Celery worker of the same Docker engine,
-whose scratch folder is another, finds them but never their state, so it waits for them forever.
+The example and the killable job keep warm workers (``worker_mode: warm``): a run's warm workers mount
+the scratch folder of the Celery worker that started them, so a Celery worker of the same Docker engine
+with another scratch folder starts a pool of its own (named for its folder); the teardown removes every
+pool of the run (by the run's label).
 """
 
 from __future__ import annotations
@@ -122,11 +123,10 @@ def _blocks(endpoint: str, model: str) -> dict[str, Any]:
 
 
 def _example_yaml(dags: Path) -> None:
-    """dags/deployments/iris-batch.yaml as shipped, but on S3 and with a container per mini-batch."""
+    """dags/deployments/iris-batch.yaml as shipped (warm workers), but on S3."""
     doc = yaml.safe_load((REPO / "dags" / "deployments" / "iris-batch.yaml").read_text())
     for key, block in _blocks("iris-batch", "iris").items():
         doc[key] = {**doc[key], **block}
-    doc["settings"]["worker_mode"] = "per_mini_batch"  # see the module's docstring
     shutil.copytree(EXAMPLE / "code", dags / "code" / "iris-batch")
     (dags / "deployments" / "iris-batch.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
@@ -137,7 +137,7 @@ def _test_yaml(dags: Path, endpoint: str, code: str, settings: dict[str, Any], r
         "endpoint_name": endpoint,
         **_blocks(endpoint, model),
         "environment": {"image": "batchscore-scoring:latest"},
-        "settings": {"worker_mode": "per_mini_batch", **settings},
+        "settings": settings,
         "resources": resources,
     }
     write(dags / "code" / endpoint / "score.py", code)
@@ -159,7 +159,7 @@ def _stage(root: Path, stack: Stack) -> Path:
         dags,
         "routed",
         (EXAMPLE / "code" / "score.py").read_text(),
-        {"mini_batch_size": 5, "retry_settings": {"max_retries": 0}},
+        {"mini_batch_size": 5, "worker_mode": "per_mini_batch", "retry_settings": {"max_retries": 0}},
         {"instance_count": 2, "queue": "gpu"},
         model="iris",
     )

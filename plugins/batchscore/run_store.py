@@ -47,6 +47,7 @@ from batchscore import object_input, staging, storage
 from batchscore.errors import ScoringError, StorageError, StorageNotFoundError
 from batchscore.output_log import log_file_name
 from batchscore.plan import InputSource, run_layout
+from batchscore.scratch import SCRATCH_DIR_ENV, mirrors_root, scratch_root
 from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import (
     InputFile,
@@ -63,20 +64,8 @@ from batchscore_runtime.formats import (
 
 log = logging.getLogger(__name__)
 
-#: Environment variable: the worker host's folder for staged inputs, cached models and run mirrors.
-SCRATCH_DIR_ENV = "BATCHSCORE_SCRATCH_DIR"
 INPUT_DIR_NAME = "input"
 LOG_FILE_PREFIX = log_file_name(0).split("0", 1)[0]  # output-try-
-
-
-def scratch_root() -> Path:
-    """``BATCHSCORE_SCRATCH_DIR``, or ``<temp>/batchscore``; made when missing."""
-    raw = os.environ.get(SCRATCH_DIR_ENV, "").strip()
-    root = Path(raw).expanduser() if raw else Path(tempfile.gettempdir()) / "batchscore"
-    if not root.is_absolute():
-        raise StorageError(f"{SCRATCH_DIR_ENV} must be an absolute path, not {raw!r}")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def _digest(*parts: str) -> str:
@@ -467,7 +456,7 @@ def place(deployment: DeploymentSpec, run_id: str, *, fetch: bool = False, log_t
     remote_run = None
     if deployment.output.remote:
         where = storage.location(str(deployment.output.path), deployment.output.connection)
-        mirror = scratch_root() / "runs" / f"{deployment.name}-{_digest(_uri(where))}"
+        mirror = mirrors_root() / f"{deployment.name}-{_digest(_uri(where))}"
         update["output"] = deployment.output.model_copy(update={"path": mirror, "connection": None})
         remote_run = where / run_key(run_id)
     else:

@@ -1,7 +1,8 @@
 """The warm workers of one run on the Docker host: start them, find a free one, hand it a mini-batch, remove them.
 
 ``settings.worker_mode: warm`` gives each run of a deployment up to ``resources.instance_count``
-worker *slots*. Slot ``k`` is one container named ``batchscore-<run digest>-w<k>`` (for the
+worker *slots*. Slot ``k`` is one container named ``batchscore-<pool digest>-w<k>`` (the run's digest;
+for a run folder on object storage, mirrored per host folder, the run's and that folder's; for the
 serving contract, two: the serving container ``...-w<k>-serve`` and the client that shares its
 network), running :mod:`batchscore_runtime.warm`'s daemon. The name is the slot's lock: Docker
 refuses a second container of the same name, so two tasks that replace a dead worker at once
@@ -38,6 +39,7 @@ from batchscore.engine import engine_identity
 from batchscore.errors import ScoringError
 from batchscore.gpu_holder import lease_for_worker, release
 from batchscore.intake import remove_scratch
+from batchscore.scratch import is_mirror
 from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import RunLayout, WorkerState, write_json_atomic
 from batchscore_runtime.warm import EXIT_LOST, EXIT_REFUSED, PREFIX, STATE_FILE
@@ -54,9 +56,9 @@ class WarmWorkerError(ScoringError):
     """A warm worker could not be started or got lost; the message names it and says why."""
 
 
-def run_digest(endpoint_name: str, deployment: str, run_id: str) -> str:
+def run_digest(endpoint_name: str, deployment: str, run_id: str, *more: str) -> str:
     """12 hex digits naming one run of one deployment (container names allow few characters)."""
-    return hashlib.sha256(f"{endpoint_name}\0{deployment}\0{run_id}".encode()).hexdigest()[:12]
+    return hashlib.sha256("\0".join((endpoint_name, deployment, run_id, *more)).encode()).hexdigest()[:12]
 
 
 def slot_name(slot: int) -> str:
@@ -128,7 +130,10 @@ class WarmWorkers:
         self.model_dir = model_dir  # serving contract: the folder mounted at /opt/ml/model
         self.secrets = secrets or {}
         self.user = user or security.container_user()
-        self.digest = run_digest(endpoint_name, spec.name, run_id)
+        self.digest = run_digest(endpoint_name, spec.name, run_id)  # the run's: every pool of the run has it as a label
+        # A run folder on object storage is mirrored per host folder (BATCHSCORE_SCRATCH_DIR): Airflow workers that
+        # share an engine but not that folder each get a pool of their own, whose containers mount their folders.
+        self.pool = run_digest(endpoint_name, spec.name, run_id, str(layout.root)) if is_mirror(layout.root) else self.digest
         self._image = self.spec.environment.image  # the worker container's, once one is started
 
     # ------------------------------------------------------------------ names and state
@@ -138,7 +143,7 @@ class WarmWorkers:
         return self.spec.resources.instance_count
 
     def container_name(self, slot: int) -> str:
-        return f"batchscore-{self.digest}-{slot_name(slot)}"
+        return f"batchscore-{self.pool}-{slot_name(slot)}"
 
     def serving_name(self, slot: int) -> str:
         return f"{self.container_name(slot)}-serve"
