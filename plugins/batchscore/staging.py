@@ -124,7 +124,7 @@ def _stage_one(source: ObjectStoragePath, files: list[InputFile], target: Path, 
     dest = local_path(target, first.path)
     try:
         if any(f.part is None for f in files):
-            storage.retrying(lambda: storage.download(obj, dest, expect_version=first.version), f"staging {first.path}", log_to)
+            storage.retrying(lambda: storage.download(obj, dest, first.version, durable=False), f"staging {first.path}", log_to)
         else:
             storage.retrying(lambda: _stage_parts(obj, files, dest), f"staging {first.path}", log_to)
         os.utime(dest, ns=(first.mtime_ns, first.mtime_ns))

@@ -342,41 +342,85 @@ def _temporary_beside(target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _replacing(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it replaces ``target`` at once, else it is removed."""
+def _replacing(target: Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it replaces ``target`` at once, else it is removed.
+    ``durable``: flushed to disk first (a record); a disposable copy (staged input) is not."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_beside(target)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
-def download(path: ObjectStoragePath, target: Path, expect_version: str | None = None) -> Path:
+async def _s3_get_if(fs: Any, fs_path: str, target: str, expect_version: str) -> None:
+    """One GET of an S3 object that succeeds only for the expected version: ``If-Match`` on the ETag, or the
+    version id itself (a versioned bucket); S3 answers 412 (``PreconditionFailed``) when the ETag differs."""
+    bucket, key, _ = fs.split_path(fs_path)
+    kind, _, value = expect_version.partition(":")
+    condition = {"IfMatch": f'"{value}"'} if kind == "etag" else {"VersionId": value}
+    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **condition)
+    body = resp["Body"]
+    try:
+        with open(target, "wb") as out:
+            while chunk := await body.read(1 << 20):
+                out.write(chunk)
+    finally:
+        body.close()
+
+
+def _conditional_get(path: ObjectStoragePath, target: Path, expect_version: str) -> bool:
+    """Download ``path`` only if it still has ``expect_version``, in one request where the store allows it (S3);
+    False when it cannot (another store, another kind of token): the caller checks the version itself."""
+    if (path.protocol or "") not in ("s3", "s3a") or not expect_version.startswith(("etag:", "version:")):
+        return False
+    from fsspec.asyn import sync
+
+    fs = path.fs
+    try:
+        sync(fs.loop, _s3_get_if, fs, path.path, str(target), expect_version)
+    except Exception as exc:  # s3fs turns a 412 into an OSError; the botocore error is its cause
+        if "PreconditionFailed" in _detail(exc) or "precondition" in str(exc).lower():
+            raise ObjectChangedError(
+                f"{display(path)} changed after it was planned (version {expect_version}, now another); {_REPLAN}"
+            ) from None
+        if isinstance(exc, FileNotFoundError):
+            raise ObjectChangedError(f"{display(path)} was deleted after it was planned; {_REPLAN}") from None
+        raise
+    return True
+
+
+def download(path: ObjectStoragePath, target: Path, expect_version: str | None = None, *, durable: bool = True) -> Path:
     """Copy an object to the local file ``target`` (its folder is made), which appears whole or not at all.
 
     ``expect_version``: fail with :class:`ObjectChangedError` unless the object still has that version once
-    its bytes are here (checked after the transfer, so a change during it is caught too), or when it is gone.
+    its bytes are here, or when it is gone: on S3 one conditional GET (``If-Match``, or the version id); on
+    another store a check after the transfer, so a change during it is caught too. ``durable``: flush the
+    copy to disk before it appears (not for a disposable copy, such as a staged input).
     """
     target = Path(target)
-    with _replacing(target) as tmp:
+    with _replacing(target, durable) as tmp:
         try:
             with _translated(path, "download"):
-                if is_remote(path):
+                if expect_version is not None and _conditional_get(path, tmp, expect_version):
+                    return_checked = True
+                elif is_remote(path):
                     path.fs.get_file(path.path, str(tmp))
+                    return_checked = False
                 else:
                     shutil.copyfile(path.path, tmp)
+                    return_checked = False
         except StorageNotFoundError:
             if expect_version is None:
                 raise
-            raise ObjectChangedError(
-                f"{display(path)} was deleted after it was planned; rerun the job to plan it again"
-            ) from None
-        check_version(path, expect_version)
+            raise ObjectChangedError(f"{display(path)} was deleted after it was planned; {_REPLAN}") from None
+        if not return_checked:
+            check_version(path, expect_version)
     return target
 
 
