@@ -45,8 +45,8 @@ $(MODEL): $(IRIS)/train.py
 demo: venv example  ## run the example DAG on a real scheduler and print where its output is
 	$(BIN)/python -m batchscore run iris-batch --dags-folder dags --home .airflow
 
-demo-s3: venv example  ## the same example with model, input and output on a local S3 server (SeaweedFS); prints the s3:// output
-	$(BIN)/python -m batchscore demo-s3 --dags-folder dags --home .airflow-s3
+demo-s3: venv example  ## the example with model, input and output on a local S3 server (SeaweedFS); KEEP=1 keeps it up after
+	$(BIN)/python -m batchscore demo-s3 --dags-folder dags --home .airflow-s3 $(if $(KEEP),--keep)
 
 compose-env: .env  ## .env for docker-compose.yaml: your uid, the Docker socket's group, this folder, the data folder, secrets
 .env:

@@ -149,8 +149,8 @@ def demo_s3(args: argparse.Namespace) -> int:
             print(f"\n{demo.how_to_list()}", flush=True)
             demo.wait()
         else:
-            print(f"\nThe S3 server stops now (its data stays in {demo.server.root}); to look at the output while it runs: "
-                  "python -m batchscore demo-s3 --keep")  # fmt: skip
+            print("\nThe S3 server stops now. To keep it up after the run and look at the output: make demo-s3 KEEP=1 "
+                  "(python -m batchscore demo-s3 --keep)")  # fmt: skip
     return status
 
 

@@ -17,7 +17,8 @@ runs the example on a local Airflow (api-server, scheduler, dag-processor) as ``
 Leaving the block (a return, an error, Ctrl-C, SIGTERM or SIGHUP: :mod:`batchscore.shutdown`) restores the
 environment and stops the S3 server; a signal's one-line report names it (``stopped SeaweedFS``).
 :meth:`S3Demo.describe_output` lists what the run wrote to the bucket; with ``--keep`` the server stays up
-until a signal, and ``s3.env`` (mode 0600) holds what the AWS CLI or boto3 need to look at it.
+until a signal, and ``s3.env`` (mode 0600) holds what the AWS CLI or boto3 need to look at it; that signal is
+the expected end, so the exit status is then the run's.
 """
 
 from __future__ import annotations
