@@ -13,10 +13,10 @@ IRIS   := include/examples/iris
 MODEL  := $(IRIS)/model/iris-classifier/model.joblib
 
 .DEFAULT_GOAL := help
-.PHONY: help venv images images-gpu images-airflow images-serve example demo compose-env lint typecheck test-unit test bench schema lock clean
+.PHONY: help venv images images-gpu images-airflow images-serve example demo demo-s3 compose-env lint typecheck test-unit test bench schema lock clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 venv: $(VENV)/.installed  ## the virtual environment with the pinned Airflow side and the pinned dev tools (ruff, mypy)
 $(VENV)/.installed: requirements.lock requirements-dev.txt pyproject.toml
@@ -44,6 +44,9 @@ $(MODEL): $(IRIS)/train.py
 
 demo: venv example  ## run the example DAG on a real scheduler and print where its output is
 	$(BIN)/python -m batchscore run iris-batch --dags-folder dags --home .airflow
+
+demo-s3: venv example  ## the example with model, input and output on a local S3 server (SeaweedFS); KEEP=1 keeps it up after
+	$(BIN)/python -m batchscore demo-s3 --dags-folder dags --home .airflow-s3 $(if $(KEEP),--keep)
 
 compose-env: .env  ## .env for docker-compose.yaml: your uid, the Docker socket's group, this folder, the data folder, secrets
 .env:
@@ -87,5 +90,5 @@ lock:  ## re-pin requirements.lock from requirements.in
 	(echo "# Pinned dependency tree of the Airflow side (generated from requirements.in by \`make lock\`)."; \
 	 /tmp/batchscore-lock/bin/pip freeze | sort -f) > requirements.lock
 
-clean:  ## remove the venv, the demo's Airflow home and outputs, and the example's model and data
-	rm -rf $(VENV) .airflow var $(IRIS)/model $(IRIS)/data $(IRIS)/data-serve $(IRIS)/data-serve-jsonl
+clean:  ## remove the venv, the demos' Airflow homes and outputs, and the example's model and data
+	rm -rf $(VENV) .airflow .airflow-s3 var $(IRIS)/model $(IRIS)/data $(IRIS)/data-serve $(IRIS)/data-serve-jsonl

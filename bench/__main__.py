@@ -22,11 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from batchscore import shutdown
-from bench import celery, intake, merge, orchestration, planning, runtime, scale, skew, warm
+from bench import celery, intake, merge, orchestration, planning, runtime, scale, skew, storage, warm
 from bench.common import CONTAINER_LABEL, Result, machine, remove_containers, report, table, write_json
 
 #: In the order they run: the quick ones first.
-BENCHMARKS = {m.NAME: m for m in (skew, planning, merge, intake, runtime, orchestration, warm, celery, scale)}
+BENCHMARKS = {m.NAME: m for m in (skew, planning, merge, intake, runtime, orchestration, storage, warm, celery, scale)}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 

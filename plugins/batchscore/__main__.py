@@ -1,6 +1,7 @@
 """``python -m batchscore``: run a deployment's DAG on a local Airflow, or check YAML files.
 
     python -m batchscore run iris-batch          # api-server + scheduler + dag-processor, one run
+    python -m batchscore demo-s3                 # the same on a local S3 server (batchscore.demo_s3)
     python -m batchscore check dags/deployments  # load YAML files exactly as the DAG file does
 
 SIGINT (Ctrl-C), SIGTERM and SIGHUP stop ``run`` cleanly (:mod:`batchscore.shutdown`): the Airflow
@@ -132,6 +133,27 @@ def _saying_what_stops() -> Iterator[None]:
         raise
 
 
+def demo_s3(args: argparse.Namespace) -> int:
+    """``run`` of the iris example with its model, inputs and output on a local S3 server (:mod:`batchscore.demo_s3`)."""
+    from batchscore.demo_s3 import s3_demo
+
+    home = Path(args.home).resolve()
+    source = Path(args.dags_folder) / "deployments" / f"{args.dag_id}.yaml"
+    if not source.is_file():
+        raise SystemExit(f"no deployment YAML {source}: run demo-s3 from the project's folder, or give --dags-folder")
+    with s3_demo(home, source) as demo:
+        status = run(argparse.Namespace(**{**vars(args), "home": str(home / "airflow"), "conf": None}))
+        print(f"\n{demo.describe_output()}")
+        if args.keep:
+            demo.write_env_file()
+            print(f"\n{demo.how_to_list()}", flush=True)
+            demo.wait()
+        else:
+            print("\nThe S3 server stops now. To keep it up after the run and look at the output: make demo-s3 KEEP=1 "
+                  "(python -m batchscore demo-s3 --keep)")  # fmt: skip
+    return status
+
+
 def check(args: argparse.Namespace) -> int:
     """Load the folder exactly as the DAG file does (:func:`batchscore.factory.load_folder`); print each file."""
     failed = 0
@@ -161,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         help="after a signal, how long Airflow's processes get to end before they are killed (default 20)",
     )  # fmt: skip
     p_run.set_defaults(func=run)
+    p_demo = sub.add_parser("demo-s3", help="run the iris example with its model, input and output on a local S3 server")
+    p_demo.add_argument("--dags-folder", default="dags")
+    p_demo.add_argument("--home", default=".airflow-s3", help="the demo's folder: the S3 server's data, the YAML, Airflow's home")
+    p_demo.add_argument("--timeout", type=float, default=1800)
+    p_demo.add_argument("--stop-grace", type=float, default=20, metavar="SECONDS", help="as for run")
+    p_demo.add_argument("--keep", action="store_true", help="keep the S3 server up after the run, until Ctrl-C")
+    p_demo.set_defaults(func=demo_s3, dag_id="iris-batch")
     p_check = sub.add_parser("check", help="validate the deployment YAML files of a folder")
     p_check.add_argument("folder", nargs="?", default="dags/deployments")
     p_check.set_defaults(func=check)

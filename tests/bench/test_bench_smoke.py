@@ -16,6 +16,7 @@ from bench.common import Check
 
 SKEW_FIGURES = {"count_skew", "size_skew", "split_size_skew", "largest_file_over_mean"}
 PLANNING_FIGURES = {"plan_run_s", "raw_listing_s", "dagbag_0_s", "dagbag_s", "build_dags_s"}
+STORAGE_RATES = {f"{size}_{what}_mb_s" for size in ("small", "large") for what in ("stage", "s3fs", "boto3")}
 
 
 @pytest.mark.bench
@@ -41,6 +42,24 @@ def test_the_quick_benchmarks_report_figures_checks_and_a_table(tmp_path: Path, 
             assert check["verdict"] == "met" if check["met"] else check["verdict"].startswith("missed by ")
     printed = capsys.readouterr().out
     assert "benchmark | figure" in printed and "size-aware skew, large files split (simulated)" in printed
+
+
+@pytest.mark.bench
+@pytest.mark.s3
+def test_the_storage_benchmark_stages_from_its_own_s3_server_beside_direct_downloads(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+
+    assert main(["storage", "--small", "--output", str(out)]) == 0  # --small: staging only, no scheduler
+
+    storage = json.loads(out.read_text())["benchmarks"]["storage"]
+    assert {"small_objects", "large_objects", *STORAGE_RATES} <= storage["figures"].keys()
+    assert all(storage["figures"][rate]["value"] > 0 for rate in STORAGE_RATES)
+    assert [c["figure"] for c in storage["checks"]] == [
+        "stage_files / fastest direct download, 8 x 64 KiB",
+        "stage_files / fastest direct download, 2 x 1 MiB",
+    ]
+    assert all(c["value"] > 0 and c["op"] == ">=" for c in storage["checks"])
+    assert [n.split(" ", 1)[0] for n in storage["notes"]] == ["small", "large"]  # the samples, no failure
 
 
 @pytest.mark.parametrize(
