@@ -151,6 +151,8 @@ def test_an_object_changed_after_the_plan_fails_that_item_alone_and_a_rerun_of_t
     assert "was deleted after it was planned" in errors["message"][1]
     ledger = pd.read_csv(io.BytesIO(read_object(f"{run_uri}/processed_mini-batches.csv")))
     assert ledger.set_index("mini_batch").loc["mb-00000", "attempts"] == 2  # counted once, the last try
+    # Each try's whole output is kept in the run folder, beside the result it committed.
+    assert b"mb-00000" in read_object(f"{run_uri}/_batchscore/results/mb-00000/output-try-2.log")
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,6 @@ from batchscore_runtime.formats import (
 log = logging.getLogger(__name__)
 
 INPUT_DIR_NAME = "input"
-LOG_FILE_PREFIX = log_file_name(0).split("0", 1)[0]  # output-try-
 
 
 def _digest(*parts: str) -> str:
@@ -202,8 +202,7 @@ class Placement:
             plan_file.unlink(missing_ok=True)
             return None
         plan = Plan.from_json(json.loads(tmp.read_text(encoding="utf-8")))
-        for entry in plan.mini_batches:
-            self._pull(layout.mini_batch_file(entry.index))
+        _in_parallel(self._pull, [layout.mini_batch_file(e.index) for e in plan.mini_batches])
         os.replace(tmp, plan_file)  # last, as the plan writes it
         return plan
 
@@ -220,8 +219,7 @@ class Placement:
         if self.remote_run is None:
             return
         layout = self.layout
-        for entry in plan.mini_batches:
-            self._push(layout.mini_batch_file(entry.index))
+        _in_parallel(self._push, [layout.mini_batch_file(e.index) for e in plan.mini_batches])
         self._push(layout.plan_file)
         log.info("Run folder: %s", self.where())
 
@@ -306,9 +304,8 @@ class Placement:
                 f"taken over (in {self.where()})"
             )
         pushed = _committed_files(result_dir, status, attempt)
-        for path in pushed:
-            self._push(path)
-        self._push(result_dir.status_file)  # the commit
+        _in_parallel(self._push, pushed)
+        self._push(result_dir.status_file)  # the commit, once everything it names is there
         log_to.info("Committed %s (%s) to %s", mini_batch_id(index), status.state, self.where())
         for path in pushed:  # the record is on object storage now: the host keeps no copy of the data
             path.unlink(missing_ok=True)
@@ -326,23 +323,25 @@ class Placement:
             return  # open_run says the plan is missing
         layout = self.layout
         self._pull(layout.collected_file)
-        for entry in plan.mini_batches:
-            result_dir = layout.mini_batch_dir(entry.index)
-            result_dir.path.mkdir(parents=True, exist_ok=True)
-            if not self._pull(result_dir.status_file):
-                continue
-            status = result_dir.read_status()
-            assert status is not None
-            remote_dir = self._remote(result_dir.path)
-            for obj in storage.list_objects(remote_dir):
-                local = staging.local_path(result_dir.path, obj.name, "run folder object")
-                wanted = (
-                    obj.name == status.result_file
-                    or (status.outputs_dir and obj.name.startswith(status.outputs_dir + "/"))
-                    or obj.name.startswith(LOG_FILE_PREFIX)
-                )
-                if wanted and not (local.is_file() and local.stat().st_size == obj.size):
-                    self._pull(local)
+        _in_parallel(self._pull_committed, [layout.mini_batch_dir(e.index) for e in plan.mini_batches])
+
+    def _pull_committed(self, result_dir: MiniBatchDir) -> None:
+        """One mini-batch's committed status and the result and custom outputs it names (the merge reads those)."""
+        result_dir.path.mkdir(parents=True, exist_ok=True)
+        if not self._pull(result_dir.status_file):
+            return
+        status = result_dir.read_status()
+        assert status is not None
+        wanted: list[Path] = []
+        if status.result_file:
+            wanted.append(staging.local_path(result_dir.path, status.result_file, "result file"))
+        if status.outputs_dir:
+            outputs = self._remote(result_dir.path / status.outputs_dir)
+            for obj in storage.list_objects(outputs):
+                wanted.append(staging.local_path(result_dir.path / status.outputs_dir, obj.name, "custom output"))
+        for local in wanted:
+            if not local.is_file():  # a result's name is new for every try: one here is that result
+                self._pull(local)
 
     def push_merge(self, previous_collected: set[str] | None = None) -> Summary | None:
         """Upload the merge's output, records and custom outputs, then ``summary.json`` (with the URIs of
@@ -357,11 +356,8 @@ class Placement:
         names = [layout.ledger_file.name, layout.errors_file.name, *sorted(collected)]
         if summary.output:
             names.insert(0, Path(summary.output).name)
-        for name in names:
-            if (layout.root / name).is_file():
-                self._push(layout.root / name)
-        if layout.collected_file.is_file():
-            self._push(layout.collected_file)
+        files = [layout.root / name for name in names]
+        _in_parallel(self._push, [f for f in [*files, layout.collected_file] if f.is_file()])
         root = _uri(self.remote_run)
         summary = dataclasses.replace(
             summary,
@@ -409,6 +405,21 @@ class Placement:
         return message.replace(str(self.layout.root), _uri(self.remote_run))
 
 
+#: Transfers of one task at once (small objects: the round trips, not the bandwidth, are the cost).
+PARALLEL_TRANSFERS = 8
+
+
+def _in_parallel(transfer: Any, items: list[Any]) -> None:
+    """``transfer(item)`` for every item, :data:`PARALLEL_TRANSFERS` at once; the first error is raised."""
+    if len(items) <= 1:
+        for item in items:
+            transfer(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_TRANSFERS, len(items)), thread_name_prefix="transfer") as pool:
+        for _ in pool.map(transfer, items):
+            pass
+
+
 def _as_planned(f: InputFile) -> InputFile:
     if f.refused_type == InputFile.OBJECT_CHANGED:
         f = dataclasses.replace(f, refused=None, refused_type=None)
@@ -433,7 +444,9 @@ def _committed_files(result_dir: MiniBatchDir, status: MiniBatchStatus, attempt:
     outputs = result_dir.outputs_path(status)
     if outputs is not None and outputs.is_dir():
         files += sorted(p for p in outputs.rglob("*") if p.is_file() and not p.is_symlink())
-    files += sorted(p for p in result_dir.path.glob(f"output-{attempt}*") if p.is_file())
+    log_file = result_dir.path / log_file_name(attempt)  # the container's whole output, secrets redacted
+    if log_file.is_file():
+        files.append(log_file)
     return files
 
 
