@@ -26,7 +26,7 @@ from batchscore.plan import pattern_matcher
 from batchscore.run_store import place
 from batchscore.spec import load_endpoint
 from batchscore.split import split_large_files
-from batchscore.staging import stage_files
+from batchscore.staging import local_path, stage_files
 from batchscore_runtime.formats import InputFile, MiniBatch, Summary, run_key
 from batchscore_runtime.slices import sliced_inputs
 from tests.helpers import deployment_file, load, run_dag, serve_endpoint
@@ -442,3 +442,11 @@ def test_a_network_that_fails_mid_staging_is_retried_and_one_that_stays_down_fai
     assert str(info.value).endswith("; check the endpoint of the Airflow connection 's3_down' and the network, then retry")
     assert list((tmp_path / "down").iterdir()) == []  # no half file
     assert down.dropped >= 3  # tried again after each pause (s3fs may retry a connection of its own too)
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", ""])
+def test_a_key_never_leads_out_of_the_folder_it_is_copied_to(tmp_path: Path, key: str):
+    with pytest.raises(StorageError) as info:
+        local_path(tmp_path, key, "run folder object")
+    assert str(info.value) == f"run folder object {key!r} has a key that is not a plain relative path; rename the object"
+    assert local_path(tmp_path, "a/b.csv") == tmp_path / "a" / "b.csv"

@@ -336,9 +336,9 @@ class Placement:
         if status.result_file:
             wanted.append(staging.local_path(result_dir.path, status.result_file, "result file"))
         if status.outputs_dir:
-            outputs = self._remote(result_dir.path / status.outputs_dir)
-            for obj in storage.list_objects(outputs):
-                wanted.append(staging.local_path(result_dir.path / status.outputs_dir, obj.name, "custom output"))
+            folder = staging.local_path(result_dir.path, status.outputs_dir, "custom outputs folder")
+            for obj in storage.list_objects(self._remote(folder)):
+                wanted.append(staging.local_path(folder, obj.name, "custom output"))
         for local in wanted:
             if not local.is_file():  # a result's name is new for every try: one here is that result
                 self._pull(local)
