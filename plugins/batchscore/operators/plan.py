@@ -33,7 +33,7 @@ class PlanOperator(DeploymentMixin, BaseOperator):
         # Inputs, model or run folder on object storage: the plan is made in this host's mirror of the run
         # folder and uploaded, plan.json last (:mod:`batchscore.run_store`).
         placement = place(original, run_id, fetch=original.contract == "serve", log_to=self.log)
-        existing = placement.pull_plan()
+        existing = placement.pull_plan() if placement.remote_run is not None else None  # local: plan_run reads it
         plan = plan_run(
             self.endpoint_name, placement.spec, run_id, max_mini_batches=max_map_length, source=placement.input_source()
         )
