@@ -181,13 +181,10 @@ class Placement:
 
     def _pull(self, local: Path) -> bool:
         """Download the run folder's object for ``local``; False (and ``local`` removed) when there is none."""
-        source = self._remote(local)
-        try:
-            storage.retrying(lambda: storage.download(source, local), f"downloading {local.name}")
-        except StorageNotFoundError:
-            local.unlink(missing_ok=True)
-            return False
-        return True
+        if self._pull_as(local, local):
+            return True
+        local.unlink(missing_ok=True)
+        return False
 
     # ------------------------------------------------------------------------------------------ plan
 
@@ -207,6 +204,7 @@ class Placement:
         return plan
 
     def _pull_as(self, local: Path, as_file: Path) -> bool:
+        """Download the run folder's object for ``local`` into ``as_file``; False when there is none."""
         source = self._remote(local)
         try:
             storage.retrying(lambda: storage.download(source, as_file), f"downloading {local.name}")
@@ -314,8 +312,8 @@ class Placement:
 
     def pull_results(self) -> None:
         """Into the mirror: the plan, each mini-batch's committed status and what it names (result, custom
-        outputs, output logs); a mini-batch with no status there has none here either. Files already here
-        under the same name are not fetched again (a result's name is new for every try)."""
+        outputs); a mini-batch with no status there has none here either. Files already here under the same
+        name are not fetched again (a result's name is new for every try). Output logs stay on object storage."""
         if self.remote_run is None:
             return
         plan = self.pull_plan()
