@@ -97,7 +97,7 @@ def _mini_batch_size(value: Any) -> Any:
 MiniBatchSize = Annotated[int | str, BeforeValidator(_mini_batch_size)]
 
 
-#: settings.worker_mode when the YAML does not say (see README, "Warm workers", for the measurements).
+#: settings.worker_mode when the YAML does not say (see docs/concepts/warm-workers.md for the measurements).
 DEFAULT_WORKER_MODE: Literal["warm", "per_mini_batch"] = "warm"
 
 
@@ -156,7 +156,7 @@ class Settings(StrictModel):
     )
     output_layout: Literal["table", "azure"] = Field(
         "table",
-        description="table: column names kept, in the format the file name says; "
+        description="batchscore's own: table: column names kept, in the format the file name says; "
         "azure: Azure's append_row text exactly (no header, values separated by a space; .csv or .txt). "
         "Refused for contract serve.",
     )
@@ -170,8 +170,8 @@ class Settings(StrictModel):
     )
     init_timeout: PositiveInt = Field(
         600,
-        description="Seconds a scoring container may take to start and run init() before it is killed "
-        "(contract serve: to answer GET /ping with 200).",
+        description="batchscore's own: seconds a scoring container may take to start and run init() before it is "
+        "killed (contract serve: to answer GET /ping with 200).",
     )
     worker_mode: Literal["warm", "per_mini_batch"] = Field(
         DEFAULT_WORKER_MODE,
