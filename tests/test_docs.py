@@ -74,6 +74,18 @@ def test_a_table_per_object_with_type_default_allowed_values_and_description() -
     assert "| `mode` | string | `warm` | `warm`, `cold` | `warm`. |" in page
 
 
+def test_a_definition_that_is_not_an_object_is_a_sentence_of_its_allowed_values() -> None:
+    schema = {
+        "$defs": {
+            "EndpointSpec": {"properties": {"mode": {"$ref": "#/$defs/Mode", "description": "How."}}},
+            "Mode": {"type": "string", "enum": ["warm", "cold"], "description": "A worker mode."},
+        }
+    }
+    page = render(schema)
+    assert "| `mode` | [Mode](#mode) | none |  | How. |" in page
+    assert "## Mode\n\nUnder `mode`.\n\nA worker mode.\n\nA string: `warm`, `cold`.\n" in page
+
+
 def test_the_reference_has_a_row_for_every_key_of_every_object() -> None:
     schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
     sections = dict(re.findall(r"^## (\w+)\n(.*?)(?=^## |\Z)", render(schema), flags=re.M | re.S))

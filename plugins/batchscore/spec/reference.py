@@ -197,6 +197,11 @@ def render(schema: dict[str, Any]) -> str:
             out.append("Under " + ", ".join(f"`{p}`" for p in places[name]) + ".\n")
         if definition.get("description"):
             out.append(definition["description"].replace("``", "`").strip() + "\n")
+        if "properties" not in definition:  # not an object: an enumeration or a constrained value
+            out.append(
+                f"A {_type(definition) or 'value'}" + (f": {_allowed(definition)}" if _allowed(definition) else "") + ".\n"
+            )
+            continue
         required = set(definition.get("required", []))
         out.append("| key | type | default | allowed values | description |")
         out.append("|---|---|---|---|---|")
