@@ -1,4 +1,4 @@
-"""One Airflow DAG per deployment YAML in dags/deployments/ (README: "Deployment YAML").
+"""One Airflow DAG per deployment YAML in dags/deployments/ (docs/deployment-yaml.md).
 
 Set BATCHSCORE_DEPLOYMENTS_DIR to read the YAML files from another folder.
 """

@@ -169,7 +169,7 @@ CASES = [
         AZURE + "compute: azureml:cpu-cluster\n",
         (
             "23: compute: unknown key 'compute'; Azure's compute cluster is an Airflow queue here: set resources.queue to a "
-            "queue that the Celery workers of those machines serve (README: Running on several workers)",
+            "queue that the Celery workers of those machines serve (docs/operations/compose-celery.md)",
         ),
     ),
     Case("ep-misspelt-top-key", ep(("schedule:", "schedul:")), ("2: schedul: unknown key 'schedul'; did you mean 'schedule'?",)),

@@ -193,7 +193,7 @@ def test_a_run_survives_the_scheduler_being_stopped_and_started_again(iris_examp
         if state == "failed":
             # Airflow 3.3.2: a mapped instance that gets SIGTERM while it is still being prepared
             # calls on_kill() on the MappedOperator, which has none, and fails with no retry. Only
-            # that may fail here; "Clear failed", as README says, then completes the run.
+            # that may fail here; "Clear failed", as docs/concepts/reruns.md says, then completes the run.
             failed = [t for t in airflow.task_instances("restart", run_id) if t["state"] == "failed"]
             killed = [t for t in failed if t["task_id"].endswith("score")]
             assert killed and all(

@@ -320,7 +320,7 @@ def test_azures_compute_key_says_that_a_cluster_is_an_airflow_queue_here(folder:
     path = write(folder / "x.yaml", AZURE + "compute: azureml:gpu-cluster\n")
     assert error_of(path) == (
         f"{path}:15: compute: unknown key 'compute'; Azure's compute cluster is an Airflow queue here: set "
-        "resources.queue to a queue that the Celery workers of those machines serve (README: Running on several workers)"
+        "resources.queue to a queue that the Celery workers of those machines serve (docs/operations/compose-celery.md)"
     )
 
 

@@ -65,7 +65,11 @@ class ModelSpec(Located):
     On object storage: a prefix (a folder) or one object (a file, such as SageMaker's model.tar.gz),
     fetched once per worker host and cached by its version token."""
 
-    path: ExistingLocation
+    path: ExistingLocation = Field(
+        description="Model folder or file, mounted read-only; AZUREML_MODEL_DIR in the container (contract serve: "
+        "a folder or a model.tar.gz, at /opt/ml/model, unpacked once per run). Relative to the YAML file's folder, "
+        "or a URI of object storage (s3://, gs://, abfs://, file://) with `connection`.",
+    )
     name: str | None = Field(None, description="The model's name (informational, as in Azure's registry).")
 
     @property
@@ -77,7 +81,7 @@ class ModelSpec(Located):
 class CodeConfiguration(StrictModel):
     """The folder with the scoring script, mounted read-only."""
 
-    code: ExistingDir
+    code: ExistingDir = Field(description="Folder of the scoring code, mounted read-only; relative to the YAML file's folder.")
     scoring_script: str = Field(description="File name of the scoring script, relative to `code`.")
 
     @field_validator("scoring_script")
@@ -161,7 +165,9 @@ class EnvironmentSpec(StrictModel):
 
     image: Annotated[str, AfterValidator(_image)] = Field(
         min_length=1,
-        description="A Docker image reference, [registry[:port]/]name[:tag][@sha256:digest]; the name in lowercase.",
+        description="The scoring image (Python 3.9+, pandas and pyarrow) or the serving image, on the Docker host "
+        "(no registry needed): a Docker image reference, [registry[:port]/]name[:tag][@sha256:digest]; the name in "
+        "lowercase.",
     )
 
 
@@ -169,11 +175,16 @@ class InputSpec(Located):
     """Where the input files are: a folder (or a prefix on object storage) and a glob pattern (``**/`` to include
     subfolders)."""
 
-    path: Location
+    path: Location = Field(
+        description="Folder of the input files, mounted read-only (relative to the YAML file's folder), or a prefix "
+        "on object storage (s3://, gs://, abfs://) with `connection`. The trigger form's input_path replaces it "
+        "for one run."
+    )
     pattern: str = Field(
         "*",
         min_length=1,
-        description="A glob matched inside `path` ('*.csv', '**/*.csv'); no '..' and not absolute.",
+        description="A glob matched inside `path` ('*.csv'; '**/*.csv' includes subfolders); hidden files are "
+        "skipped; no '..' and not absolute. Symbolic links are followed only inside `path` (see Deployment YAML).",
     )
 
     @field_validator("pattern")
@@ -196,7 +207,12 @@ class OutputSpec(Located):
     """Where each run writes its output, summary and work files: ``<path>/<run id>/`` (a folder, or a prefix on
     object storage, where the run's state lives too)."""
 
-    path: Location
+    path: Location = Field(
+        description="Each run writes to `<path>/<run id>/`. Never the input folder or a folder holding it (a "
+        "subfolder of input.path is fine: files inside the output folder are never read as input). Relative to "
+        "the YAML file's folder, or a URI of object storage with `connection`. The trigger form's output_path "
+        "replaces it for one run."
+    )
 
 
 #: Settings of the Azure contract that mean nothing to a serving container, and what to use instead.
@@ -212,9 +228,16 @@ SERVE_SETTING_DEFAULTS = {"error_threshold": 0, "output_action": "summary_only"}
 class DeploymentSpec(StrictModel):
     """One deployment: a model, its scoring code (or serving image), an input and an output."""
 
-    name: Name
-    description: str | None = None
-    tags: dict[str, str] = Field(default_factory=dict)
+    name: Name = Field(description="The deployment: a task group of the endpoint's DAG, unique within the endpoint.")
+    description: str | None = Field(
+        None,
+        description="Shown in Airflow as the task group's tooltip (in Azure's deployment file, also as the DAG's description).",
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="Airflow tags, shown as key:value. Azure's deployment file: the DAG's tags; a deployment "
+        "inside `deployments:` has none of its own (tag the endpoint).",
+    )
     contract: Literal["azure", "serve"] = Field(
         "azure",
         description="azure: an Azure ML scoring script (init/run) in code_configuration; serve: a SageMaker "
@@ -232,8 +255,11 @@ class DeploymentSpec(StrictModel):
         validate_default=True,
         description="contract serve: SageMaker batch transform's settings, with its names and defaults.",
     )
-    settings: Settings = Settings()
-    resources: Resources = Resources()
+    settings: Settings = Field(Settings(), description="Batch settings with Azure's names and defaults, and batchscore's own.")
+    resources: Resources = Field(
+        Resources(),
+        description="Instances, GPUs, memory, network, queue and pool of the scoring containers.",
+    )
 
     @field_validator("code_configuration")
     @classmethod

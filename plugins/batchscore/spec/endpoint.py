@@ -171,19 +171,24 @@ Schedule = Annotated[
     Discriminator(_schedule_kind),
 ]
 SCHEDULE_DESCRIPTION = (
-    "A cron expression or preset, or {assets: [...]} to run when upstream Airflow assets are updated; none for manual runs only."
+    "A cron expression ('0 2 * * *') or preset ('@daily', ...), or {assets: [...]} to run when upstream Airflow "
+    "assets are updated; none for manual runs only."
 )
+ENDPOINT_NAME_DESCRIPTION = "The DAG id; no two YAML files may share one."
+SCHEMA_DESCRIPTION = "The schema the file follows (Azure's or include/schema/deployment.schema.json); not read."
 
 
 class EndpointSpec(StrictModel):
     """An endpoint: one Airflow DAG; each deployment is a task group plan → score → merge."""
 
-    schema_: str | None = Field(None, alias="$schema")
-    endpoint_name: Name = Field(description="The DAG id.")
-    description: str | None = None
+    schema_: str | None = Field(None, alias="$schema", description=SCHEMA_DESCRIPTION)
+    endpoint_name: Name = Field(description=ENDPOINT_NAME_DESCRIPTION)
+    description: str | None = Field(None, description="The DAG's description, shown in Airflow.")
     schedule: Schedule = Field(None, description=SCHEDULE_DESCRIPTION)
-    tags: dict[str, str] = Field(default_factory=dict)
-    deployments: list[DeploymentSpec] = Field(min_length=1)
+    tags: dict[str, str] = Field(default_factory=dict, description="The DAG's tags, shown in Airflow as key:value.")
+    deployments: list[DeploymentSpec] = Field(
+        min_length=1, description="The deployments, each a task group plan → score → merge of the DAG."
+    )
     _source: Path | None = PrivateAttr(None)
 
     @field_validator("deployments")
@@ -212,9 +217,9 @@ class EndpointSpec(StrictModel):
 class DeploymentFile(DeploymentSpec):
     """Azure's deployment YAML: one deployment, with its endpoint's name and schedule."""
 
-    schema_: str | None = Field(None, alias="$schema")
-    endpoint_name: Name = Field(description="The DAG id.")
-    type: Literal["model"] = "model"
+    schema_: str | None = Field(None, alias="$schema", description=SCHEMA_DESCRIPTION)
+    endpoint_name: Name = Field(description=ENDPOINT_NAME_DESCRIPTION)
+    type: Literal["model"] = Field("model", description="Azure's `type: model`, accepted as it is.")
     schedule: Schedule = Field(None, description=SCHEDULE_DESCRIPTION)
 
     def to_endpoint(self, context: dict[str, Any]) -> EndpointSpec:

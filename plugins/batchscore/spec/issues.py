@@ -17,7 +17,7 @@ from batchscore.spec.base import short
 #: Keys of Azure's deployment YAML that batchscore spells otherwise, and how (top level only).
 KEY_HINTS = {
     "compute": "Azure's compute cluster is an Airflow queue here: set resources.queue to a queue that "
-    "the Celery workers of those machines serve (README: Running on several workers)",
+    "the Celery workers of those machines serve (docs/operations/compose-celery.md)",
 }
 
 

@@ -57,10 +57,16 @@ def _memory(value: str | None) -> str | None:
 class Resources(StrictModel):
     """What one run may use, and what its scoring containers may reach."""
 
-    instance_count: PositiveInt = Field(1, description="Mini-batches of one run scored at the same time.")
+    instance_count: PositiveInt = Field(
+        1,
+        description="Mini-batches of one run scored at the same time (Airflow's max_active_tis_per_dagrun); "
+        "warm workers: the run's worker containers.",
+    )
     gpus: Annotated[Any, AfterValidator(_gpus)] = Field(
         0,
-        description="GPUs per scoring container: a count, 'all', or a list of device ids.",
+        description="GPUs per scoring container: a count, 'all', or a list of device ids (indexes or UUIDs). Each "
+        "container (warm: each worker, for the run) leases its GPUs exclusively unless share_gpus; counts and "
+        "'all' need BATCHSCORE_GPUS or nvidia-smi on the worker.",
         json_schema_extra={
             "anyOf": [
                 {"type": "integer", "minimum": 0},
@@ -71,7 +77,8 @@ class Resources(StrictModel):
     )
     share_gpus: bool = Field(
         False,
-        description="Let concurrent scoring containers (and worker processes) share GPUs; by default each gets GPUs of its own.",
+        description="Let concurrent scoring containers (and worker processes) share GPUs: nothing is locked and the "
+        "request goes to Docker as `docker run --gpus` sends it. By default each gets GPUs of its own.",
     )
     network: bool = Field(
         False,

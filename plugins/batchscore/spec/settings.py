@@ -17,10 +17,12 @@ AZURE_LAYOUT_SUFFIXES = (".csv", ".txt")
 class RetrySettings(StrictModel):
     """Retries and time limits of a mini-batch (Azure's ``retry_settings``)."""
 
-    max_retries: int = Field(3, ge=0, le=100, description="Retries of a failed or timed-out mini-batch.")
+    max_retries: int = Field(3, ge=0, le=100, description="Retries of a failed or timed-out mini-batch, 5 s apart.")
     timeout: PositiveInt = Field(
         30,
-        description="Seconds one run() call may take; past it the worker is killed and the mini-batch retried.",
+        description="Seconds one run() call may take; past it the worker is killed (SIGKILL) and the mini-batch "
+        "retried. init() does not count (init_timeout). Refused for contract serve (use "
+        "transform.ModelClientConfig).",
     )
 
 
@@ -95,7 +97,7 @@ def _mini_batch_size(value: Any) -> Any:
 MiniBatchSize = Annotated[int | str, BeforeValidator(_mini_batch_size)]
 
 
-#: settings.worker_mode when the YAML does not say (see README, "Warm workers", for the measurements).
+#: settings.worker_mode when the YAML does not say (see docs/concepts/warm-workers.md for the measurements).
 DEFAULT_WORKER_MODE: Literal["warm", "per_mini_batch"] = "warm"
 
 
@@ -105,7 +107,10 @@ class Settings(StrictModel):
     mini_batch_size: MiniBatchSize = Field(
         10,
         description="Files per mini-batch (a whole number), or batchscore's size mode: a size such as "
-        "'64MB' or '1GiB', and mini-batches are then balanced by bytes, keeping input order.",
+        "'64MB' or '1GiB': mini-batches are then cut by bytes, in input order, with the heaviest as light as "
+        "that number of mini-batches allows; a large CSV, JSON Lines or Parquet file is cut into parts "
+        "(split_large_files), any other file bigger than the size is a mini-batch of its own. The trigger "
+        "form's mini_batch_size replaces it for one run.",
         json_schema_extra={
             "anyOf": [
                 {"type": "integer", "minimum": 1},
@@ -127,9 +132,15 @@ class Settings(StrictModel):
         ge=1,
         le=64,
         description="Worker processes in one scoring container, each with its own init(); "
-        "a mini-batch's files are shared out among them.",
+        "a mini-batch's files are shared out among them in contiguous parts, and their results put back in "
+        "input order. Refused for contract serve (use transform.MaxConcurrentTransforms).",
     )
-    error_threshold: int = Field(-1, ge=-1, description="Failed items (files) allowed across the job; -1 allows any number.")
+    error_threshold: int = Field(
+        -1,
+        ge=-1,
+        description="Failed items (files) allowed across the job; -1 allows any number. Contract serve: default 0, "
+        "as SageMaker fails a job when a file fails.",
+    )
     mini_batch_error_threshold: int = Field(
         -1, ge=-1, description="Failed mini-batches allowed across the job; -1 allows any number."
     )
@@ -139,18 +150,28 @@ class Settings(StrictModel):
     output_action: Literal["append_row", "summary_only"] = Field(
         "append_row",
         description="append_row: what run() returns is written to output_file_name; "
-        "summary_only: it is only counted (scripts that write their own files).",
+        "summary_only: it is only counted (scripts that write their own files). Contract serve: default "
+        "summary_only (the .out files are the output; append_row also joins them, in input order, into "
+        "output_file_name).",
     )
     output_layout: Literal["table", "azure"] = Field(
         "table",
-        description="table: column names kept, in the format the file name says; "
-        "azure: Azure's append_row text (no header, values separated by spaces).",
+        description="batchscore's own: table: column names kept, in the format the file name says; "
+        "azure: Azure's append_row text exactly (no header, values separated by a space; .csv or .txt). "
+        "Refused for contract serve.",
     )
-    output_file_name: str = Field("predictions.csv", description="The job's output file; its suffix picks the format.")
-    retry_settings: RetrySettings = RetrySettings()
+    output_file_name: str = Field(
+        "predictions.csv",
+        description="The job's output file, a plain file name; its suffix picks the format: .csv (with a header), "
+        ".parquet, .jsonl (output_layout azure: .csv or .txt).",
+    )
+    retry_settings: RetrySettings = Field(
+        RetrySettings(), description="Retries and time limit of a mini-batch's run() (Azure's retry_settings)."
+    )
     init_timeout: PositiveInt = Field(
         600,
-        description="Seconds a scoring container may take to start and run init() before it is killed.",
+        description="batchscore's own: seconds a scoring container may take to start and run init() before it is "
+        "killed (contract serve: to answer GET /ping with 200).",
     )
     worker_mode: Literal["warm", "per_mini_batch"] = Field(
         DEFAULT_WORKER_MODE,
@@ -163,7 +184,9 @@ class Settings(StrictModel):
         description="batchscore's own, warm workers: seconds a worker waits without a mini-batch before it "
         "stops on its own (a safety net: the run's teardown task removes the workers).",
     )
-    logging_level: Literal["debug", "info", "warning"] = "info"
+    logging_level: Literal["debug", "info", "warning"] = Field(
+        "info", description="The runtime's log level; the scoring script's logging follows it."
+    )
     environment_variables: dict[str, str] = Field(
         default_factory=dict,
         description="Plain environment variables of the scoring process. They are shown in Airflow's UI and "

@@ -50,15 +50,23 @@ class ModelClientConfig(StrictModel):
 
     InvocationsTimeoutInSeconds: int = Field(600, ge=1, le=3600, description="Seconds one request may take.")
     InvocationsMaxRetries: int = Field(
-        3, ge=0, le=3, description="Retries of a failed request (connection error, timeout, 5xx, 408, 429)."
+        3,
+        ge=0,
+        le=3,
+        description="Retries of a failed request (connection error, timeout, 5xx, 408, 429); other 4xx are not retried.",
     )
 
 
 class DataProcessing(StrictModel):
     """Filters and join of CSV or JSON records (SageMaker's ``DataProcessing``); needs SplitType Line."""
 
-    InputFilter: JsonPath = Field("$", description="JSONPath selecting what of each input record is sent.")
-    OutputFilter: JsonPath = Field("$", description="JSONPath selecting what of each (joined) output record is kept.")
+    InputFilter: JsonPath = Field(
+        "$",
+        description="JSONPath selecting what of each input record is sent: a CSV record is the array of its "
+        "fields ('$[1:]' drops the first column), a JSON record its value ('$.features'). The subset: $, .name, "
+        "['a','b'], [i], [i,j], [a:b] with negative indexes, and *.",
+    )
+    OutputFilter: JsonPath = Field("$", description="JSONPath selecting what of each (joined) output record is kept ('$[0,-1]').")
     JoinSource: Annotated[Literal["None", "Input"], NoneString] = Field(
         "None",
         description="Input: join each output to its input record (CSV: input columns, then the output's; "
@@ -74,30 +82,47 @@ class TransformSettings(StrictModel):
     """SageMaker batch transform's settings for ``contract: serve``, with SageMaker's names and defaults."""
 
     SplitType: Annotated[Literal["None", "Line", "RecordIO", "TFRecord"], NoneString] = Field(
-        "None", description="None: a whole file is one request; Line, RecordIO, TFRecord: records."
+        "None",
+        description="None: a whole file is one request; Line: one record per line (blank lines skipped); "
+        "RecordIO (MXNet framing) and TFRecord (framing kept, the length's CRC checked).",
     )
     BatchStrategy: Annotated[Literal["MultiRecord", "SingleRecord"] | None, BeforeValidator(_batch_strategy)] = Field(
         None,
         description="MultiRecord: as many records per request as fit in MaxPayloadInMB; SingleRecord: one. "
-        "Unset: the container's /execution-parameters answer, else MultiRecord.",
+        "Unset: the container's /execution-parameters answer, else MultiRecord. MULTI_RECORD and SINGLE_RECORD "
+        "are accepted too.",
     )
     MaxPayloadInMB: int | None = Field(
-        None, ge=1, le=100, description="Largest request body in MB. Unset: the container's answer, else 6."
+        None,
+        ge=1,
+        le=100,
+        description="Largest request body in MiB; a record bigger than that fails its file. Unset: the "
+        "container's answer, else 6.",
     )
     MaxConcurrentTransforms: int | None = Field(
         None, ge=1, le=256, description="Requests in flight to one container. Unset: the container's answer, else 1."
     )
     CompressionType: Annotated[Literal["None", "Gzip"], NoneString] = Field(
-        "None", description="Gzip: the input files are gzip-compressed."
+        "None",
+        description="Gzip: the input files are gunzipped first (x.csv.gz gives x.csv.gz.out).",
     )
     ContentType: str | None = Field(None, min_length=1, description="Content-Type of the requests.")
     Accept: str | None = Field(None, min_length=1, description="Accept header of the requests.")
     AssembleWith: Annotated[Literal["None", "Line"], NoneString] = Field(
-        "None", description="None: the responses of a file concatenated; Line: a newline after each."
+        "None",
+        description="None: a file's responses concatenated as bytes; Line: a newline after each response that lacks one.",
     )
-    client_config: ModelClientConfig = Field(default_factory=lambda: ModelClientConfig(), alias="ModelClientConfig")
+    client_config: ModelClientConfig = Field(
+        default_factory=lambda: ModelClientConfig(),
+        alias="ModelClientConfig",
+        description="Time limit and retries of one /invocations request.",
+    )
     Environment: dict[str, str] = Field(default_factory=dict, description="Environment variables of the serving container.")
-    data_processing: DataProcessing = Field(default_factory=lambda: DataProcessing(), alias="DataProcessing")
+    data_processing: DataProcessing = Field(
+        default_factory=lambda: DataProcessing(),
+        alias="DataProcessing",
+        description="JSONPath filters and the join of each record; needs SplitType Line and a CSV or JSON Lines ContentType.",
+    )
 
     @field_validator("Environment")
     @classmethod
