@@ -174,7 +174,9 @@ def import_transform_job(args: argparse.Namespace) -> int:
     from batchscore import import_sagemaker
 
     output = Path(args.output) if args.output else None
-    return import_sagemaker.main(Path(args.request), Path(args.model) if args.model else None, output, args.connection, sys.stderr)
+    return import_sagemaker.main(
+        Path(args.request), Path(args.model) if args.model else None, output, args.connection, sys.stderr
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -243,6 +243,7 @@ def import_transform_job(request: Path, model: Path | None = None, *, connection
     tout = job.sub("TransformOutput", required=True)
     assert tout is not None
     output = tout.uri("S3OutputPath")
+    assert output is not None  # required
     doc_output = {"path": output, **located}
     out.origin["output"] = (job.path, tout.name("S3OutputPath"))
     out.mapped.append(
@@ -280,9 +281,7 @@ def import_transform_job(request: Path, model: Path | None = None, *, connection
         out.origin["transform.MaxPayloadInMB"] = (job.path, "MaxPayloadInMB")
     concurrent = job.get("MaxConcurrentTransforms", int)
     if concurrent == 0:
-        out.mapped.append(
-            Note("MaxConcurrentTransforms", "0 means unset, as in SageMaker: the container's answer, else 1")
-        )
+        out.mapped.append(Note("MaxConcurrentTransforms", "0 means unset, as in SageMaker: the container's answer, else 1"))
     elif concurrent is not None:
         transform["MaxConcurrentTransforms"] = concurrent
         out.origin["transform.MaxConcurrentTransforms"] = (job.path, "MaxConcurrentTransforms")
@@ -353,9 +352,7 @@ def import_transform_job(request: Path, model: Path | None = None, *, connection
     return out
 
 
-def _model(
-    out: Imported, path: Path, job: tuple[Path, str], environment: dict[str, str], tags: dict[str, str]
-) -> dict[str, str]:
+def _model(out: Imported, path: Path, job: tuple[Path, str], environment: dict[str, str], tags: dict[str, str]) -> dict[str, str]:
     """The image and model path of a ``CreateModel`` request; its environment and tags go into those given."""
     model = _Fields(path, read_request(path, "CreateModel"), api="CreateModel")
     request, model_name = job
@@ -429,8 +426,7 @@ def _model(
     if url is None:
         raise primary.error(
             "ModelDataUrl",
-            "missing: batchscore needs model.path; an image that holds its model still needs one (an empty "
-            "model.tar.gz will do)",
+            "missing: batchscore needs model.path; an image that holds its model still needs one (an empty model.tar.gz will do)",
         )
     out.origin["model.path"] = (path, primary.name("ModelDataUrl" if source is None else "ModelDataSource"))
     _environment(out, primary, environment, label=note)
@@ -493,22 +489,31 @@ def _input(out: Imported, name: str, uri: str) -> dict[str, str]:
     """``input.path`` and ``input.pattern`` of an ``S3Prefix`` URI, which SageMaker reads as a key name prefix."""
     if uri.endswith("/"):
         out.mapped.append(
-            Note(name, f'input.path {uri} with input.pattern "**/*": every object under the prefix, at any depth '
-                 "(names starting with a dot are skipped)")  # fmt: skip
+            Note(
+                name,
+                f'input.path {uri} with input.pattern "**/*": every object under the prefix, at any depth '
+                "(names starting with a dot are skipped)",
+            )  # fmt: skip
         )
         return {"path": uri, "pattern": "**/*"}
     parent, _, last = uri.rpartition("/")
     if "." in last:  # a file name: the object itself, and any other whose name starts the same
         pattern = glob.escape(last) + "*"
         out.mapped.append(
-            Note(name, f"input.path {parent}/ with input.pattern {pattern!r}: the objects directly under {parent}/ whose "
-                 f"names start with {last!r}; SageMaker would also read objects in folders whose names start so")  # fmt: skip
+            Note(
+                name,
+                f"input.path {parent}/ with input.pattern {pattern!r}: the objects directly under {parent}/ whose "
+                f"names start with {last!r}; SageMaker would also read objects in folders whose names start so",
+            )  # fmt: skip
         )
         return {"path": parent + "/", "pattern": pattern}
     out.mapped.append(
-        Note(name, f'input.path {uri}/ with input.pattern "**/*": the folder {last}/, at any depth; SageMaker would '
-             f"also read keys that merely start with {last!r} ({last}.csv, {last}-2/...): if you meant those, set "
-             f"input.path to {parent}/ and input.pattern to '{glob.escape(last)}*'")  # fmt: skip
+        Note(
+            name,
+            f'input.path {uri}/ with input.pattern "**/*": the folder {last}/, at any depth; SageMaker would '
+            f"also read keys that merely start with {last!r} ({last}.csv, {last}-2/...): if you meant those, set "
+            f"input.path to {parent}/ and input.pattern to '{glob.escape(last)}*'",
+        )  # fmt: skip
     )
     return {"path": uri + "/", "pattern": "**/*"}
 
@@ -528,9 +533,12 @@ def _instance_type(out: Imported, resources: _Fields, instance_type: str) -> int
         else:
             said = str(count)
         out.mapped.append(
-            Note(name, f"{instance_type} has NVIDIA GPUs: resources.gpus: {said}, leased on the worker host for each "
-                 "serving container; its vCPUs and memory are not carried (the container shares the host; "
-                 "resources.memory sets a limit)")  # fmt: skip
+            Note(
+                name,
+                f"{instance_type} has NVIDIA GPUs: resources.gpus: {said}, leased on the worker host for each "
+                "serving container; its vCPUs and memory are not carried (the container shares the host; "
+                "resources.memory sets a limit)",
+            )  # fmt: skip
         )
         out.origin["resources.gpus"] = (resources.path, name)
         return count
@@ -571,8 +579,11 @@ def _environment(out: Imported, fields: _Fields, environment: dict[str, str], la
         environment.setdefault(key, value)
         if value.lower().startswith(("s3://", "https://")):
             out.mapped.append(
-                Note(f"{name}.{key}", f"names {value}: the serving container has no network and no AWS credentials, "
-                     "so it cannot fetch it; put what it points at in the image or the model archive")  # fmt: skip
+                Note(
+                    f"{name}.{key}",
+                    f"names {value}: the serving container has no network and no AWS credentials, "
+                    "so it cannot fetch it; put what it points at in the image or the model archive",
+                )  # fmt: skip
             )
 
 
@@ -584,7 +595,7 @@ def _tags(out: Imported, fields: _Fields, tags: dict[str, str], *, override: boo
     out.origin.setdefault("tags", (fields.path, fields.name("Tags")))
     for i, tag in enumerate(given):
         if not (isinstance(tag, dict) and isinstance(tag.get("Key"), str) and isinstance(tag.get("Value", ""), str)):
-            raise fields.error("Tags", f"[{i}] must be {{\"Key\": ..., \"Value\": ...}} with strings, got {short(tag)}")
+            raise fields.error("Tags", f'[{i}] must be {{"Key": ..., "Value": ...}} with strings, got {short(tag)}')
         if override or tag["Key"] not in tags:
             tags[tag["Key"]] = tag.get("Value", "")
 
