@@ -39,6 +39,7 @@ import yaml
 from batchscore.errors import DeploymentSpecError, RequestImportError
 from batchscore.import_sagemaker import Note, import_transform_job, main
 from batchscore.spec import load_endpoint
+from tests.test_object_storage import s3  # noqa: F401 - the fixture: a bucket on the session's S3 server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -550,3 +551,64 @@ def test_invalid_json_exits_with_2_and_writes_nothing(tmp_path: Path) -> None:
         "JSON (aws sagemaker create-transform-job --generate-cli-skeleton shows its form)\n"
     )
     assert list(tmp_path.iterdir()) == [job]
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.s3
+@pytest.mark.docker
+def test_an_imported_job_runs_unchanged_on_s3_and_writes_sagemaker_s_out_files(
+    airflow_db,
+    serving_image: str,
+    iris_example: Path,
+    tmp_path: Path,
+    s3,
+    monkeypatch,  # noqa: F811 - the fixture
+) -> None:
+    from batchscore import storage
+    from batchscore_runtime.formats import Summary, run_key
+    from tests.helpers import run_dag
+    from tests.test_object_storage import CONN, read_object, upload_tree
+    from tests.test_serving_contract import containers_left, expected_predictions
+
+    bucket = s3["uri"]
+    archive = iris_example / "model" / "iris-classifier.tar.gz"
+    storage.upload(archive, storage.location(f"{bucket}/models/iris/model.tar.gz", CONN))
+    upload_tree(iris_example / "data-serve", f"{bucket}/transform-input")  # headerless id,features CSV
+    job = {
+        "TransformJobName": "iris-transform-job",
+        "ModelName": "iris-model",
+        "BatchStrategy": "MultiRecord",
+        "TransformInput": {
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"{bucket}/transform-input/"}},
+            "ContentType": "text/csv",
+            "SplitType": "Line",
+        },
+        "TransformOutput": {"S3OutputPath": f"{bucket}/transform-output/", "Accept": "text/csv", "AssembleWith": "Line"},
+        "TransformResources": {"InstanceType": "ml.m5.xlarge", "InstanceCount": 2},
+        "DataProcessing": {"InputFilter": "$[1:]", "JoinSource": "Input", "OutputFilter": "$[0,-1]"},
+    }
+    model = {
+        "ModelName": "iris-model",
+        "PrimaryContainer": {"Image": serving_image, "ModelDataUrl": f"{bucket}/models/iris/model.tar.gz"},
+        "ExecutionRoleArn": "arn:aws:iam::111122223333:role/SageMakerExecution",
+    }
+    job_path, model_path = requests(tmp_path, job, model)
+    out = tmp_path / "deployments" / "iris.yaml"
+    result = cli(str(job_path), "--model", str(model_path), "-o", str(out), "--connection", CONN, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    dag_run, _ = run_dag(out, monkeypatch)  # the YAML as written, not edited
+
+    assert dag_run.state == "success"
+    run_uri = f"{bucket}/transform-output/{run_key(dag_run.run_id)}"
+    expected = expected_predictions(iris_example / "model" / "iris-classifier", iris_example / "data-serve")
+    objects = storage.list_objects(storage.location(run_uri, CONN))
+    outs = sorted(o.name for o in objects if o.name.endswith(".out") and "/" not in o.name)  # not the work files
+    assert outs == [f"iris-{n:03d}.csv.out" for n in range(15)]
+    joined = [line for name in outs for line in read_object(f"{run_uri}/{name}").decode().splitlines()]
+    assert joined == expected  # id,prediction per input row, as SageMaker's join and filter give
+    summary = Summary.from_json(json.loads(read_object(f"{run_uri}/summary.json")))
+    assert (summary.status, summary.rows, summary.custom_outputs.files) == (Summary.SUCCEEDED, 150, 15)
+    assert containers_left("iris-transform-job") == []
