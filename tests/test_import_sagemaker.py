@@ -28,6 +28,7 @@ import copy
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -563,8 +564,8 @@ def test_an_imported_job_runs_unchanged_on_s3_and_writes_sagemaker_s_out_files(
     serving_image: str,
     iris_example: Path,
     tmp_path: Path,
-    s3,
-    monkeypatch,  # noqa: F811 - the fixture
+    s3,  # noqa: F811 - the fixture imported above
+    monkeypatch,
 ) -> None:
     from batchscore import storage
     from batchscore_runtime.formats import Summary, run_key
@@ -612,3 +613,17 @@ def test_an_imported_job_runs_unchanged_on_s3_and_writes_sagemaker_s_out_files(
     summary = Summary.from_json(json.loads(read_object(f"{run_uri}/summary.json")))
     assert (summary.status, summary.rows, summary.custom_outputs.files) == (Summary.SUCCEEDED, 150, 15)
     assert containers_left("iris-transform-job") == []
+
+
+def test_the_guide_s_before_and_after_is_what_the_command_writes(tmp_path: Path) -> None:
+    guide = (REPO / "docs" / "migrate-sagemaker.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```(json|yaml)\n(.*?)```", guide, flags=re.S)
+    job_text, model_text = (text for kind, text in blocks if kind == "json")
+    (yaml_text,) = (text for kind, text in blocks if kind == "yaml")
+    assert (json.loads(job_text), json.loads(model_text)) == (JOB, MODEL)
+    write_json(tmp_path / "job.json", JOB), write_json(tmp_path / "model.json", MODEL)
+
+    result = cli("job.json", "--model", "model.json", "--connection", "data_s3", "-o", "churn.yaml", cwd=tmp_path)
+
+    assert result.returncode == 0
+    assert (tmp_path / "churn.yaml").read_text(encoding="utf-8") == yaml_text
