@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from batchscore.errors import DeploymentSpecError, RequestImportError
-from batchscore.import_sagemaker import Note, import_transform_job, main
+from batchscore.import_sagemaker import Note, check_loads, import_transform_job, main
 from batchscore.spec import load_endpoint
 from tests.test_object_storage import s3  # noqa: F401 - the fixture: a bucket on the session's S3 server
 
@@ -530,10 +530,7 @@ def test_what_cannot_be_imported_is_refused_naming_the_file_and_the_field(
     job_path = write_json(tmp_path / "job.json", job)
     model_path = write_json(tmp_path / "model.json", model) if model is not None else None
     with pytest.raises(RequestImportError) as info:
-        imported = import_transform_job(job_path, model_path)
-        from batchscore.import_sagemaker import check_loads
-
-        check_loads(imported, imported.checkable_text(), tmp_path)
+        check_loads(import_transform_job(job_path, model_path))
     assert str(info.value) == message.format(job=job_path, model=model_path)
     status, stdout, stderr = run_main(job_path, model_path)
     assert (status, stdout, stderr) == (2, "", f"error: {message.format(job=job_path, model=model_path)}\n")

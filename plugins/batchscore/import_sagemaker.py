@@ -77,6 +77,7 @@ class Imported:
     """The deployment YAML made from a request: its document, and the fields mapped, not carried, or left to fill."""
 
     document: dict[str, Any]
+    request: Path
     sources: list[str]
     mapped: list[Note] = field(default_factory=list)
     not_carried: list[Note] = field(default_factory=list)
@@ -201,7 +202,7 @@ def import_transform_job(request: Path, model: Path | None = None, *, connection
     job = _Fields(Path(request), read_request(request, "CreateTransformJob"))
     sources = [f"CreateTransformJob request: {request}"]
     doc: dict[str, Any] = {}
-    out = Imported(doc, sources)
+    out = Imported(doc, job.path, sources)
     job_name = job.get("TransformJobName", str, required=True)
     model_name = job.get("ModelName", str, required=True)
     doc["name"] = model_name
@@ -612,14 +613,14 @@ def _rest(out: Imported, *objects: _Fields, label: str = "") -> None:
             out.not_carried.append(Note(f"{label}{fields.name(key)}", reason))
 
 
-def check_loads(imported: Imported, yaml_text: str, folder: Path) -> None:
-    """Load the YAML with batchscore's loader; a problem is told as the request field it came from.
+def check_loads(imported: Imported) -> None:
+    """Load the YAML (placeholders filled) with batchscore's loader; a problem is told as the request field it came from.
 
     :raises RequestImportError: the YAML does not load (e.g. a value the serving contract refuses).
     """
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".import-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="batchscore-import-") as tmp:  # every path in it is a URI
         path = Path(tmp) / "deployment.yaml"
-        path.write_text(yaml_text, encoding="utf-8")
+        path.write_text(imported.checkable_text(), encoding="utf-8")
         try:
             load_endpoint(path)
         except DeploymentSpecError as exc:
@@ -634,9 +635,7 @@ def _explain(imported: Imported, key: str | None, message: str) -> str:
             if best is None or len(yaml_key) > len(best):
                 best = yaml_key
     if best is None:
-        return f"{imported.sources[0].split(': ', 1)[1]}: the deployment YAML made from it does not load: " + (
-            f"{key}: {message}" if key else message
-        )
+        return f"{imported.request}: the deployment YAML made from it does not load: " + (f"{key}: {message}" if key else message)
     path, name = imported.origin[best]
     return f"{path}: {name}: {message} (YAML key {key})"
 
@@ -646,9 +645,7 @@ def main(request: Path, model: Path | None, output: Path | None, connection: str
     try:
         imported = import_transform_job(request, model, connection=connection)
         text = imported.yaml_text()
-        folder = output.parent if output is not None else Path(tempfile.gettempdir())
-        folder.mkdir(parents=True, exist_ok=True)
-        check_loads(imported, imported.checkable_text(), folder)
+        check_loads(imported)
     except RequestImportError as exc:
         print(f"error: {exc}", file=stderr)
         return 2
@@ -657,6 +654,7 @@ def main(request: Path, model: Path | None, output: Path | None, connection: str
     if output is None:
         sys.stdout.write(text)
         return 0
+    output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
     partial.write_text(text, encoding="utf-8")
     os.replace(partial, output)
