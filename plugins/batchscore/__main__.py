@@ -3,6 +3,7 @@
     python -m batchscore run iris-batch          # api-server + scheduler + dag-processor, one run
     python -m batchscore demo-s3                 # the same on a local S3 server (batchscore.demo_s3)
     python -m batchscore check dags/deployments  # load YAML files exactly as the DAG file does
+    python -m batchscore import-transform-job job.json --model model.json -o job.yaml  # from SageMaker
 
 SIGINT (Ctrl-C), SIGTERM and SIGHUP stop ``run`` cleanly (:mod:`batchscore.shutdown`): the Airflow
 components and every process they started, then every container of the run (warm workers,
@@ -168,6 +169,16 @@ def check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def import_transform_job(args: argparse.Namespace) -> int:
+    """A deployment YAML from SageMaker's CreateTransformJob (and CreateModel) request (:mod:`batchscore.import_sagemaker`)."""
+    from batchscore import import_sagemaker
+
+    output = Path(args.output) if args.output else None
+    return import_sagemaker.main(
+        Path(args.request), Path(args.model) if args.model else None, output, args.connection, sys.stderr
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     shutdown.install()  # first thing: a signal from now on stops what was started, and says so
     parser = argparse.ArgumentParser(prog="python -m batchscore", description=__doc__.splitlines()[0])
@@ -193,6 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     p_check = sub.add_parser("check", help="validate the deployment YAML files of a folder")
     p_check.add_argument("folder", nargs="?", default="dags/deployments")
     p_check.set_defaults(func=check)
+    p_import = sub.add_parser(
+        "import-transform-job",
+        help="write a deployment YAML from a SageMaker CreateTransformJob request (and its CreateModel request)",
+        description="Write a deployment YAML (contract: serve) from a SageMaker CreateTransformJob request; list "
+        "every field not carried over, with the reason, on stderr and at the top of the YAML. Exit status 2 when "
+        "a file cannot be imported.",
+    )
+    p_import.add_argument("request", help="the CreateTransformJob request, as JSON (or describe-transform-job's answer)")
+    p_import.add_argument("--model", metavar="CREATE_MODEL.json", help="the CreateModel request of the job's ModelName")
+    p_import.add_argument("-o", "--output", metavar="OUT.yaml", help="where to write the YAML (default: stdout)")
+    p_import.add_argument("--connection", metavar="CONN_ID", help="the Airflow connection for the s3:// URIs")
+    p_import.set_defaults(func=import_transform_job)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -61,6 +61,11 @@ class InvalidDeploymentFilesError(BatchScoreError):
         super().__init__("\n".join(str(e) for e in self.errors))
 
 
+class RequestImportError(BatchScoreError):
+    """A SageMaker request (``CreateTransformJob`` or ``CreateModel`` JSON) cannot be turned into a deployment YAML;
+    the message names the file and the field, and says what to do."""
+
+
 class RunParamError(BatchScoreError):
     """A run's parameter (trigger form or ``conf``) cannot be applied; the message names it and its value."""
 
