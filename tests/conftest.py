@@ -24,12 +24,14 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from batchscore import shutdown
 from batchscore.localservices import SeaweedS3
+from tests.helpers import S3_CONN
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "include" / "examples" / "iris"
@@ -119,6 +121,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """
     with SeaweedS3(tmp_path_factory.mktemp("s3-server")) as server:
         yield server
+
+
+@pytest.fixture()
+def s3(s3_server, tmp_path: Path, monkeypatch, request) -> dict[str, Any]:
+    """A fresh bucket on :func:`s3_server`, the connection ``s3_test`` to it, and a scratch folder of the test's own."""
+    bucket = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    s3_server.create_bucket(bucket)
+    monkeypatch.setenv(f"AIRFLOW_CONN_{S3_CONN.upper()}", s3_server.connection_json())
+    monkeypatch.setenv("BATCHSCORE_SCRATCH_DIR", str(tmp_path / "scratch"))
+    return {"bucket": bucket, "server": s3_server, "uri": f"s3://{bucket}"}
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,9 @@ import yaml
 
 from batchscore.spec import EndpointSpec, load_endpoint
 
+#: The Airflow connection id the ``s3`` fixture (tests/conftest.py) sets up for the test's bucket.
+S3_CONN = "s3_test"
+
 
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,3 +124,18 @@ def inputs(folder: Path, files: dict[str, bytes]) -> Path:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
     return folder
+
+
+def upload_tree(folder: Path, uri: str) -> None:
+    """Upload every file under ``folder`` to ``uri`` through the ``s3`` fixture's connection."""
+    from batchscore import storage  # imports Airflow: not before conftest has set AIRFLOW_HOME
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        storage.upload(path, storage.location(f"{uri}/{path.relative_to(folder).as_posix()}", S3_CONN))
+
+
+def read_object(uri: str) -> bytes:
+    """The object at ``uri``, read through the ``s3`` fixture's connection."""
+    from batchscore import storage  # imports Airflow: not before conftest has set AIRFLOW_HOME
+
+    return storage.read_bytes(storage.location(uri, S3_CONN))

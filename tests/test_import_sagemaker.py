@@ -40,7 +40,7 @@ import yaml
 from batchscore.errors import DeploymentSpecError, RequestImportError
 from batchscore.import_sagemaker import Note, check_loads, import_transform_job, main
 from batchscore.spec import load_endpoint
-from tests.test_object_storage import s3  # noqa: F401 - the fixture: a bucket on the session's S3 server
+from tests.helpers import S3_CONN, read_object, upload_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -567,12 +567,11 @@ def test_an_imported_job_runs_unchanged_on_s3_and_writes_sagemaker_s_out_files(
     from batchscore import storage
     from batchscore_runtime.formats import Summary, run_key
     from tests.helpers import run_dag
-    from tests.test_object_storage import CONN, read_object, upload_tree
     from tests.test_serving_contract import containers_left, expected_predictions
 
     bucket = s3["uri"]
     archive = iris_example / "model" / "iris-classifier.tar.gz"
-    storage.upload(archive, storage.location(f"{bucket}/models/iris/model.tar.gz", CONN))
+    storage.upload(archive, storage.location(f"{bucket}/models/iris/model.tar.gz", S3_CONN))
     upload_tree(iris_example / "data-serve", f"{bucket}/transform-input")  # headerless id,features CSV
     job = {
         "TransformJobName": "iris-transform-job",
@@ -594,7 +593,7 @@ def test_an_imported_job_runs_unchanged_on_s3_and_writes_sagemaker_s_out_files(
     }
     job_path, model_path = requests(tmp_path, job, model)
     out = tmp_path / "deployments" / "iris.yaml"
-    result = cli(str(job_path), "--model", str(model_path), "-o", str(out), "--connection", CONN, cwd=tmp_path)
+    result = cli(str(job_path), "--model", str(model_path), "-o", str(out), "--connection", S3_CONN, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
     dag_run, _ = run_dag(out, monkeypatch)  # the YAML as written, not edited
@@ -602,7 +601,7 @@ def test_an_imported_job_runs_unchanged_on_s3_and_writes_sagemaker_s_out_files(
     assert dag_run.state == "success"
     run_uri = f"{bucket}/transform-output/{run_key(dag_run.run_id)}"
     expected = expected_predictions(iris_example / "model" / "iris-classifier", iris_example / "data-serve")
-    objects = storage.list_objects(storage.location(run_uri, CONN))
+    objects = storage.list_objects(storage.location(run_uri, S3_CONN))
     outs = sorted(o.name for o in objects if o.name.endswith(".out") and "/" not in o.name)  # not the work files
     assert outs == [f"iris-{n:03d}.csv.out" for n in range(15)]
     joined = [line for name in outs for line in read_object(f"{run_uri}/{name}").decode().splitlines()]

@@ -29,29 +29,10 @@ from batchscore.split import split_large_files
 from batchscore.staging import local_path, stage_files
 from batchscore_runtime.formats import InputFile, MiniBatch, Summary, run_key
 from batchscore_runtime.slices import sliced_inputs
-from tests.helpers import deployment_file, load, run_dag, serve_endpoint
+from tests.helpers import S3_CONN, deployment_file, load, read_object, run_dag, serve_endpoint, upload_tree
 
 pytestmark = pytest.mark.s3
-CONN = "s3_test"
-
-
-@pytest.fixture()
-def s3(s3_server, tmp_path: Path, monkeypatch, request) -> dict[str, Any]:
-    """A fresh bucket, the connection ``s3_test`` to it, and a scratch folder of the test's own."""
-    bucket = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
-    s3_server.create_bucket(bucket)
-    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN.upper()}", s3_server.connection_json())
-    monkeypatch.setenv("BATCHSCORE_SCRATCH_DIR", str(tmp_path / "scratch"))
-    return {"bucket": bucket, "server": s3_server, "uri": f"s3://{bucket}"}
-
-
-def upload_tree(folder: Path, uri: str) -> None:
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        storage.upload(path, storage.location(f"{uri}/{path.relative_to(folder).as_posix()}", CONN))
-
-
-def read_object(uri: str) -> bytes:
-    return storage.read_bytes(storage.location(uri, CONN))
+CONN = S3_CONN
 
 
 def s3_deployment(tmp_path: Path, iris_example: Path, s3: dict[str, Any], **blocks: Any) -> Path:
