@@ -13,7 +13,7 @@ IRIS   := include/examples/iris
 MODEL  := $(IRIS)/model/iris-classifier/model.joblib
 
 .DEFAULT_GOAL := help
-.PHONY: help venv images images-gpu images-airflow images-serve example demo demo-s3 compose-env lint typecheck docs test-unit test bench schema lock clean
+.PHONY: help venv images images-gpu images-airflow images-serve example demo demo-s3 compose-env lint typecheck docs test-unit test bench bench-peers schema lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -86,6 +86,12 @@ test: venv lint typecheck docs example images-airflow  ## lint, type check, the 
 
 bench: venv example  ## the benchmarks of issue 6 (bench/README.md), not part of test; some: make bench ONLY="merge skew"
 	$(BIN)/python -m bench $(ONLY)
+
+# Ray Data and scikit-learn go into the venv here only (pinned in bench/requirements-peers.txt, constrained
+# by the lock so no Airflow pin moves): nothing else needs them. ARGS: e.g. ARGS="--files 100 --rows 5000", ARGS=--quick.
+bench-peers: venv images  ## batchscore against a plain loop and Ray Data on one job (issue 18); installs Ray Data into the venv
+	$(BIN)/pip install --quiet --disable-pip-version-check -r bench/requirements-peers.txt -c requirements.lock
+	$(BIN)/python -m bench peers $(ARGS)
 
 schema: venv  ## regenerate the JSON schema of the deployment YAML and the docs' YAML reference made from it
 	$(BIN)/python -m batchscore.spec > include/schema/deployment.schema.json

@@ -73,3 +73,11 @@ def test_the_storage_benchmark_stages_from_its_own_s3_server_beside_direct_downl
 )
 def test_a_verdict_says_by_how_much_a_target_was_missed(value: float, op: str, target: float, verdict: str) -> None:
     assert Check("ratio", value, op, target).verdict == verdict
+
+
+def test_a_benchmark_option_is_refused_when_no_selected_benchmark_takes_it(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["skew", "--rows", "3"])
+
+    assert stopped.value.code == 2
+    assert "python -m bench: error: --rows applies to none of the selected benchmarks (skew)" in capsys.readouterr().err
