@@ -27,7 +27,8 @@ from batchscore.run_store import place
 from batchscore.spec import load_endpoint
 from batchscore.split import split_large_files
 from batchscore.staging import local_path, stage_files
-from batchscore.ui.folders import XCOM_KEY
+from batchscore.ui.folders import XCOM_KEY, reader
+from batchscore.ui.report import build
 from batchscore_runtime.formats import InputFile, MiniBatch, Summary, run_key
 from batchscore_runtime.slices import sliced_inputs
 from tests.helpers import deployment_file, load, run_dag, serve_endpoint
@@ -159,6 +160,22 @@ def test_an_object_changed_after_the_plan_fails_that_item_alone_and_a_rerun_of_t
     assert ledger.set_index("mini_batch").loc["mb-00000", "attempts"] == 2  # counted once, the last try
     # Each try's whole output is kept in the run folder, beside the result it committed.
     assert b"mb-00000" in read_object(f"{run_uri}/_batchscore/results/mb-00000/output-try-2.log")
+
+    # The UI's report of the run (batchscore.ui), read on the bucket where the plan task recorded the run folder.
+    recorded = plan_context["ti"].pushed[XCOM_KEY]
+    report = build("test-deployment", "test-deployment.score", reader(recorded["folder"], recorded["connection"]), [])
+    progress = report.progress
+    assert (report.phase, progress.mini_batches_succeeded, progress.items_failed, progress.rows) == ("merged", 3, 2, 130)
+    assert [(f.mini_batch, f.file, f.whole) for f in report.failures] == [
+        ("mb-00000", "iris-002.csv", False),
+        ("mb-00000", "iris-003.csv", False),
+    ]
+    assert report.records == {
+        "summary": "summary.json",
+        "ledger": "processed_mini-batches.csv",
+        "errors": "errors.csv",
+        "output": "predictions.csv",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ bad input

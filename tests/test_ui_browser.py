@@ -252,6 +252,18 @@ def test_the_tab_in_a_browser_shows_a_running_then_a_finished_run_and_its_clear_
         assert (summary["run_id"], summary["status"], summary["rows"]) == (run_id, "succeeded_with_failures", 100)
         shots.append(b.screenshot(tmp_path / "batch-scoring-finished.png"))
 
+        # The same page as Airflow's UI shows it: the DAG run's "Batch scoring" tab, in its frame.
+        b.open(f"{af.base_url}/dags/{quote(DAG_ID, safe='')}/runs/{quote(run_id, safe='')}/plugin/batchscore")
+        framed = (
+            "(() => { const f = document.querySelector('iframe[title=\"Batch scoring\"]');"
+            f' const e = f && f.contentDocument && f.contentDocument.querySelector(\'section[data-deployment="{DEPLOYMENT}"]'
+            ' [data-key="phase"]\'); return e ? e.textContent : null; })()'
+        )
+        assert b.wait_for(framed, timeout=90, what="the tab on Airflow's DAG-run page") == "merged"
+        shots.append(b.screenshot(tmp_path / "batch-scoring-tab-in-airflow.png"))
+        b.open(urls["page"])
+        b.wait_for(f"{shown('phase')} === 'merged'", what="the finished run's report, again")
+
         # The fix is in: the failure's button clears mb-00001 and the merge, through Airflow's REST API.
         before = _states(af, run_id)
         (stack["model"] / "fixed").touch()

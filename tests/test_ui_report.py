@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from batchscore.ui.report import TaskInstance, build, local_reader
+from batchscore.ui.report import TaskInstance, build, local_reader, records
 from batchscore_runtime.formats import ErrorInfo, ItemError, MiniBatchStatus, Plan, PlanEntry, RunLayout, write_json_atomic
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -104,3 +104,4 @@ def test_before_the_plan_there_is_nothing_to_count(tmp_path: Path) -> None:
     report = build("dep", "dep.score", local_reader(tmp_path / "nothing"), [])
     assert report.phase == "waiting" and report.message == "No plan yet: the plan task has not finished."
     assert report.progress.mini_batches_total == 0
+    assert records(local_reader(tmp_path)) == {"summary": None, "ledger": None, "errors": None, "output": None}

@@ -147,8 +147,7 @@ def record_file(dag_id: str, run_id: str, deployment: str, record: str, session:
     if where is None or storage.is_remote(where["folder"]):
         raise HTTPException(404, f"deployment {deployment!r} of run {run_id!r} has no run folder on this host")
     folder = where["folder"]
-    built = report.build(deployment, f"{deployment}.{SCORE_TASK}", folders.reader(folder), [])
-    name = built.records.get(record)
+    name = report.records(folders.reader(folder)).get(record)
     if not name:
         raise HTTPException(404, f"deployment {deployment!r} of run {run_id!r} has no {record} (yet): its merge writes it")
     path = folders.local_folder(folder) / name

@@ -220,11 +220,24 @@ def build(
             if summary.rows_per_second is not None:
                 report.progress.rows_per_second = summary.rows_per_second
             report.progress.eta_seconds = 0.0
-    for key, file_name in RECORD_FILES.items():
-        report.records[key] = file_name if report.phase == "merged" else None
-    output = report.summary and report.summary["output"]
-    report.records["output"] = output.replace("\\", "/").rsplit("/", 1)[-1] if output else None
+    report.records = _records(report.summary["output"] if report.summary else None, merged=report.phase == "merged")
     return report
+
+
+def _records(output: str | None, merged: bool) -> dict[str, str | None]:
+    """The record files' names in the run folder by key (``None``: not there before the merge)."""
+    names: dict[str, str | None] = {key: name if merged else None for key, name in RECORD_FILES.items()}
+    names["output"] = output.replace("\\", "/").rsplit("/", 1)[-1] if output else None
+    return names
+
+
+def records(read: FolderReader) -> dict[str, str | None]:
+    """The record files of a run folder by key (``output``, ``summary``, ``ledger``, ``errors``), from its summary
+    alone; ``None`` each before its first merge."""
+    summary_json = _json(read, RELATIVE.summary_file)
+    if summary_json is None:
+        return _records(None, merged=False)
+    return _records(Summary.from_json(summary_json).output, merged=True)
 
 
 def _count(report: DeploymentReport, plan: Plan, statuses: dict[int, MiniBatchStatus], tis: dict[int, TaskInstance]) -> None:
@@ -336,4 +349,4 @@ def local_reader(root: Path) -> FolderReader:
     return read
 
 
-__all__ = ["DeploymentReport", "FolderReader", "TaskInstance", "build", "local_reader"]
+__all__ = ["DeploymentReport", "FolderReader", "TaskInstance", "build", "local_reader", "records"]
