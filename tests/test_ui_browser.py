@@ -264,10 +264,29 @@ def test_the_tab_in_a_browser_shows_a_running_then_a_finished_run_and_its_clear_
         b.open(urls["page"])
         b.wait_for(f"{shown('phase')} === 'merged'", what="the finished run's report, again")
 
-        # The fix is in: the failure's button clears mb-00001 and the merge, through Airflow's REST API.
-        before = _states(af, run_id)
-        (stack["model"] / "fixed").touch()
         button = f"{section}.querySelector('button.clear[data-map-index=\"1\"]')"
+        before = _states(af, run_id)
+        # A viewer sees the run, but Airflow refuses them the clear: the button calls its API as the viewer.
+        b.set_cookie("_token", af.login("viewer", PASSWORDS["viewer"]), af.base_url)
+        b.open(urls["page"])
+        b.wait_for(f"{shown('phase')} === 'merged'", what="the finished run's report, as a viewer")
+        b.evaluate(f"{button}.click()")
+        b.evaluate(f"{button}.click()")
+        refused = b.wait_for(
+            f"{button}.parentElement.querySelector('.clear-result').textContent.startsWith('Not')", what="the refusal"
+        )
+        assert refused and b.evaluate(f"{button}.parentElement.querySelector('.clear-result').textContent") == (
+            "Not cleared (HTTP 403): Airflow refused: you may not clear this DAG's tasks"
+        )
+        assert {k: (t["state"], t["try_number"]) for k, t in _states(af, run_id).items()} == {
+            k: (t["state"], t["try_number"]) for k, t in before.items()
+        }  # nothing cleared
+
+        # The fix is in: as admin, the failure's button clears mb-00001 and the merge, through Airflow's REST API.
+        b.set_cookie("_token", af.token or "", af.base_url)
+        b.open(urls["page"])
+        b.wait_for(f"{shown('phase')} === 'merged'", what="the finished run's report, as admin")
+        (stack["model"] / "fixed").touch()
         b.evaluate(f"{button}.click()")  # asks to confirm
         assert b.evaluate(f"{button}.textContent") == "Confirm: clear and rerun"
         b.evaluate(f"{button}.click()")
