@@ -27,6 +27,8 @@ from batchscore.run_store import place
 from batchscore.spec import load_endpoint
 from batchscore.split import split_large_files
 from batchscore.staging import local_path, stage_files
+from batchscore.ui.folders import XCOM_KEY, reader
+from batchscore.ui.report import build
 from batchscore_runtime.formats import InputFile, MiniBatch, Summary, run_key
 from batchscore_runtime.slices import sliced_inputs
 from tests.helpers import S3_CONN, deployment_file, load, read_object, run_dag, serve_endpoint, upload_tree
@@ -94,7 +96,9 @@ def test_a_job_reads_and_writes_s3_and_its_output_is_exact(airflow_db, iris_exam
 def context(run_id: str, try_number: int = 1) -> dict[str, Any]:
     from types import SimpleNamespace
 
-    return {"run_id": run_id, "params": {}, "ti": SimpleNamespace(try_number=try_number)}
+    pushed: dict[str, Any] = {}  # the XComs the task pushed besides its return value
+    ti = SimpleNamespace(try_number=try_number, pushed=pushed, xcom_push=lambda key, value: pushed.__setitem__(key, value))
+    return {"run_id": run_id, "params": {}, "ti": ti}
 
 
 @pytest.mark.docker
@@ -104,8 +108,11 @@ def test_an_object_changed_after_the_plan_fails_that_item_alone_and_a_rerun_of_t
     path = s3_deployment(tmp_path, iris_example, s3, settings={"mini_batch_size": 5})
     d = load(path).deployments[0].model_dump(mode="json")
     run_id = "manual__changed"
-    refs = PlanOperator(task_id="plan", endpoint_name="test-endpoint", deployment=d).execute(context(run_id))
+    plan_context = context(run_id)
+    refs = PlanOperator(task_id="plan", endpoint_name="test-endpoint", deployment=d).execute(plan_context)
     assert [r["files"] for r in refs] == [5, 5, 5]
+    # Where the UI's report reads the run: the run folder on the bucket, with its connection.
+    assert plan_context["ti"].pushed == {XCOM_KEY: {"folder": f"{s3['uri']}/output/iris/{run_key(run_id)}", "connection": CONN}}
 
     changed = storage.location(f"{s3['uri']}/data/iris/iris-002.csv", CONN)
     storage.write_bytes(changed, b"id,sepal_length,sepal_width,petal_length,petal_width\n999,1,1,1,1\n")
@@ -134,6 +141,22 @@ def test_an_object_changed_after_the_plan_fails_that_item_alone_and_a_rerun_of_t
     assert ledger.set_index("mini_batch").loc["mb-00000", "attempts"] == 2  # counted once, the last try
     # Each try's whole output is kept in the run folder, beside the result it committed.
     assert b"mb-00000" in read_object(f"{run_uri}/_batchscore/results/mb-00000/output-try-2.log")
+
+    # The UI's report of the run (batchscore.ui), read on the bucket where the plan task recorded the run folder.
+    recorded = plan_context["ti"].pushed[XCOM_KEY]
+    report = build("test-deployment", "test-deployment.score", reader(recorded["folder"], recorded["connection"]), [])
+    progress = report.progress
+    assert (report.phase, progress.mini_batches_succeeded, progress.items_failed, progress.rows) == ("merged", 3, 2, 130)
+    assert [(f.mini_batch, f.file, f.whole) for f in report.failures] == [
+        ("mb-00000", "iris-002.csv", False),
+        ("mb-00000", "iris-003.csv", False),
+    ]
+    assert report.records == {
+        "summary": "summary.json",
+        "ledger": "processed_mini-batches.csv",
+        "errors": "errors.csv",
+        "output": "predictions.csv",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -39,6 +39,9 @@ class AirflowClient:
         self.started_at: datetime | None = None  # UTC; older runs and parses are an earlier session's
         self.runs: set[tuple[str, str]] = set()  # (dag_id, run_id) triggered or cleared through this object
         self._triggering: set[str] = set()  # dags whose trigger has not answered (yet)
+        #: A JWT sent as ``Authorization: Bearer`` with every call (:meth:`login`); ``None``: none, for an
+        #: api-server whose auth manager lets every request in (LocalAirflow's all-admins default).
+        self.token: str | None = None
 
     def _check_alive(self) -> None:
         """Raise :class:`LocalAirflowError` when the components behind the API are gone (a waiting
@@ -68,6 +71,8 @@ class AirflowClient:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url, data=data, method=method)
         req.add_header("Accept", "application/json")
+        if self.token is not None:
+            req.add_header("Authorization", f"Bearer {self.token}")
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
@@ -79,6 +84,10 @@ class AirflowClient:
         except (urllib.error.URLError, OSError) as e:
             raise LocalAirflowError(f"{method} {path}: {e}") from None
         return json.loads(raw) if raw else None
+
+    def login(self, username: str, password: str) -> str:
+        """A JWT of the auth manager for ``username`` (``POST /auth/token``); it is not kept (see :attr:`token`)."""
+        return self.api("POST", "/auth/token", {"username": username, "password": password})["access_token"]
 
     def get_dag(self, dag_id: str) -> dict | None:
         """Return the dag as the API shows it, or ``None`` if it is not (yet) known."""

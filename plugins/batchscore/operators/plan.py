@@ -11,6 +11,7 @@ from batchscore.model_archive import serving_model_dir
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import mini_batch_refs, plan_run
 from batchscore.run_store import place
+from batchscore.ui.folders import XCOM_KEY, record
 
 
 class PlanOperator(DeploymentMixin, BaseOperator):
@@ -33,6 +34,7 @@ class PlanOperator(DeploymentMixin, BaseOperator):
         # Inputs, model or run folder on object storage: the plan is made in this host's mirror of the run
         # folder and uploaded, plan.json last (:mod:`batchscore.run_store`).
         placement = place(original, run_id, fetch=original.contract == "serve", log_to=self.log)
+        context["ti"].xcom_push(key=XCOM_KEY, value=record(placement))  # where the UI's report reads the run
         existing = placement.pull_plan() if placement.remote_run is not None else None  # local: plan_run reads it
         plan = plan_run(
             self.endpoint_name, placement.spec, run_id, max_mini_batches=max_map_length, source=placement.input_source()
