@@ -14,7 +14,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from batchscore import security
+from batchscore import images, security
 from batchscore.engine import docker_client
 from batchscore.errors import SecretUnavailableError, StorageError
 from batchscore.operators._base import DeploymentMixin
@@ -61,7 +61,8 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
         # On object storage: a deployment whose paths are local (staged inputs, the cached model, the run
         # folder's mirror), and the transfers around the try (:mod:`batchscore.run_store`).
         placement = place(self.run_spec(context), context["run_id"], fetch=True, log_to=self.log)
-        spec = placement.spec
+        cli = docker_client()
+        spec = images.prepared(placement.spec, cli, self.log)  # an environment's conda file: its image, built once
         ti = context.get("ti")
         attempt = Attempt(
             spec=spec,
@@ -73,7 +74,7 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
             log=self.log,
         )
         contract = Contract.create(spec)
-        self._executor = executor = executors.create(attempt, docker_client(), self.log)
+        self._executor = executor = executors.create(attempt, cli, self.log)
         placement.prepare_mini_batch(attempt.index, attempt.attempt)
         attempt.prepare()
         try:

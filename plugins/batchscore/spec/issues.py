@@ -15,10 +15,7 @@ from batchscore.errors import SpecIssue
 from batchscore.spec.base import short
 
 #: Keys of Azure's deployment YAML that batchscore spells otherwise, and how (top level only).
-KEY_HINTS = {
-    "compute": "Azure's compute cluster is an Airflow queue here: set resources.queue to a queue that "
-    "the Celery workers of those machines serve (README: Running on several workers)",
-}
+KEY_HINTS: dict[str, str] = {}
 
 
 def booleans_for_numbers(model: type[BaseModel], data: Any, lines: dict[tuple, int]) -> list[SpecIssue]:
