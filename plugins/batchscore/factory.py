@@ -94,11 +94,18 @@ def _doc(endpoint: EndpointSpec) -> str:
     lines = [f"# {endpoint.endpoint_name}", "", f"Built by batchscore from `{endpoint.source}`.", ""]
     params = ", ".join(RUN_PARAMS)
     lines += [f"Starts: {_starts(endpoint)}. Trigger parameters ({params}) left empty keep the YAML's values.", ""]
+    required = [
+        p
+        for p, key in ((INPUT_PATH, "input"), (OUTPUT_PATH, "output"))
+        if any(getattr(d, key) is None for d in endpoint.deployments)
+    ]
+    if required:
+        lines += [f"Required with every run (the YAML leaves them to the run, as Azure's does): {', '.join(required)}.", ""]
     for d in endpoint.deployments:
         lines += [
             f"## {d.name}",
             (
-                f"- image {_image_doc(d)}, script `{d.code_configuration.scoring_script}`"
+                f"- script `{d.code_configuration.scoring_script}`, image {_image_doc(d)}"
                 if d.code_configuration is not None
                 else f"- serving image `{d.environment.image}` (`IMAGE serve`), SplitType {d.transform and d.transform.SplitType}"
             ),
@@ -136,7 +143,7 @@ def _image_doc(d: DeploymentSpec) -> str:
     if env.image is not None and env.image != env.build_base:
         what += f" (in place of Azure's base `{env.image}`)"
     if deps.ignored:
-        what += f"; ignored from the conda file: {', '.join(f'`{i}`' for i in deps.ignored)}"
+        what += f"; ignored from the conda file (no conda here): {', '.join(f'`{i}`' for i in deps.ignored)}"
     return what
 
 

@@ -41,6 +41,10 @@ def _package(spec: str) -> str:
     return re.split(r"[=<>!~ \[]", spec.split("::")[-1], maxsplit=1)[0].strip().lower()
 
 
+def _text(value: object) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def read_conda_file(path: Path) -> CondaDependencies:
     """The pip dependencies of the conda file at ``path``; ValueError naming the file and the entry otherwise."""
     try:
@@ -49,7 +53,7 @@ def read_conda_file(path: Path) -> CondaDependencies:
         raise ValueError(f"conda file {path} cannot be read: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"conda file {path} must be a mapping with a dependencies list")
-    ignored = [f"{key}: {data[key]}" for key in CONDA_ONLY_KEYS if key in data]
+    ignored = [f"{key}: {_text(data[key])}" for key in CONDA_ONLY_KEYS if key in data]
     unknown = sorted(set(data) - {*CONDA_ONLY_KEYS, "dependencies"})
     if unknown:
         raise ValueError(

@@ -244,11 +244,12 @@ class EnvironmentSpec(StrictModel):
             raise PydanticCustomError("missing", "Field required")  # reported with the other missing keys
         return value
 
-    @model_validator(mode="after")
-    def _conda_file_readable(self) -> EnvironmentSpec:
-        if self.conda_file is not None:
-            self.dependencies  # noqa: B018 - read now, so that a bad conda file is an error of the YAML
-        return self
+    @field_validator("conda_file")
+    @classmethod
+    def _conda_file_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_conda_file(value)  # now, so that a bad conda file is an error of the YAML, with its line
+        return value
 
     @property
     def dependencies(self) -> CondaDependencies | None:

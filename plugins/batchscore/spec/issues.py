@@ -15,7 +15,23 @@ from batchscore.errors import SpecIssue
 from batchscore.spec.base import short
 
 #: Keys of Azure's deployment YAML that batchscore spells otherwise, and how (top level only).
-KEY_HINTS: dict[str, str] = {}
+_LEGACY = (
+    "Azure's legacy layout (no type:) keeps settings at the top level; batchscore reads them under settings: "
+    "(as Azure does with type: model), so move it there"
+)
+KEY_HINTS: dict[str, str] = {
+    key: _LEGACY
+    for key in (
+        "mini_batch_size",
+        "max_concurrency_per_instance",
+        "output_action",
+        "output_file_name",
+        "retry_settings",
+        "error_threshold",
+        "logging_level",
+        "environment_variables",
+    )
+}
 
 
 def booleans_for_numbers(model: type[BaseModel], data: Any, lines: dict[tuple, int]) -> list[SpecIssue]:
