@@ -31,6 +31,7 @@ from batchscore.spec import load_endpoint
 from batchscore.spec.registry import sorted_versions
 from batchscore_runtime.formats import Summary, run_key
 from tests.helpers import run_dag, write
+from tests.test_object_storage import s3  # noqa: F401 - the fixture: a bucket and a connection to it
 
 #: deployment-torch/deployment.yml as published, with iris's names and the model as a registry reference.
 PUBLISHED = """\
@@ -467,3 +468,44 @@ def test_the_published_yaml_scores_the_iris_inputs_given_with_the_run(
     summary = Summary.read(run_dir / "summary.json")
     assert (summary.status, summary.rows, summary.input.files) == (Summary.SUCCEEDED, 150, 15)
     assert endpoint.deployments[0].model.path == reg / "iris-classifier" / "2"
+
+
+# --------------------------------------------------------------------------- a registry on object storage
+
+
+@pytest.mark.s3
+def test_latest_on_a_registry_on_object_storage_is_resolved_where_the_model_is_fetched(
+    s3,
+    iris_example: Path,
+    azure_folder: Path,
+    tmp_path: Path,
+    monkeypatch,
+    caplog,  # noqa: F811 - the fixture
+) -> None:
+    from batchscore.errors import StorageNotFoundError
+    from batchscore.run_store import check_registered_model, fetch_model
+    from tests.test_object_storage import CONN, upload_tree
+
+    local = registry(tmp_path / "registry-upload", iris_example / "model" / "iris-classifier")
+    upload_tree(local, f"{s3['uri']}/registry")
+    root = f"s3://{CONN}@{s3['bucket']}/registry"
+    monkeypatch.setenv("BATCHSCORE_MODEL_REGISTRY", root)
+    spec = load_endpoint(azure_folder / "deployment.yml").deployments[0]
+    log = logging.getLogger("test-registry")
+    with caplog.at_level(logging.INFO, logger="test-registry"):
+        folder = fetch_model(spec, log)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        ".complete",
+        "iris-classifier/model.joblib",
+        "iris-classifier/model.pkl",
+    ]
+    assert "Model azureml:iris-classifier@latest is version 10 (the highest of 1, 2, 10)" in caplog.messages
+
+    write(azure_folder / "deployment.yml", PUBLISHED.replace("iris-classifier@latest", "iris-clasifier@latest"))
+    missing = load_endpoint(azure_folder / "deployment.yml").deployments[0]
+    with pytest.raises(StorageNotFoundError) as info:
+        check_registered_model(missing, log)  # the plan task's check
+    assert str(info.value) == (
+        f"deployment 'iris-torch-dpl', key model: model 'azureml:iris-clasifier@latest': the registry {root} "
+        "(BATCHSCORE_MODEL_REGISTRY) has no model 'iris-clasifier'; did you mean 'iris-classifier'? it holds iris-classifier"
+    )

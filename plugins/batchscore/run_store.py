@@ -124,6 +124,23 @@ def fetch_model(deployment: DeploymentSpec, log_to: Any = log) -> Path:
     return wanted
 
 
+def check_registered_model(deployment: DeploymentSpec, log_to: Any = log) -> None:
+    """For ``model: azureml:<name>@latest`` on a registry on object storage: that the registry has a version of it.
+
+    The plan task calls it, so that a model the registry lacks fails the run there, naming the key and what the
+    registry holds, not in every score task after it. Lists the model's objects; downloads nothing.
+    """
+    model = deployment.model
+    if not model.latest_in_registry:
+        return
+    where = storage.location(str(model.path), model.connection)
+    try:
+        objects = storage.list_objects(where)
+    except StorageNotFoundError as exc:
+        raise StorageNotFoundError(f"{exc} (deployment {deployment.name!r}, key model)") from None
+    _latest_version(deployment, where, objects, log_to)
+
+
 def _latest_version(
     deployment: DeploymentSpec, where: ObjectStoragePath, objects: list[storage.ObjectInfo], log_to: Any
 ) -> tuple[ObjectStoragePath, list[storage.ObjectInfo]]:
@@ -501,4 +518,4 @@ def place(deployment: DeploymentSpec, run_id: str, *, fetch: bool = False, log_t
     return Placement(deployment.model_copy(update=update), deployment, run_id, remote_run)
 
 
-__all__ = ["SCRATCH_DIR_ENV", "Placement", "fetch_model", "place", "read_claim", "scratch_root"]
+__all__ = ["SCRATCH_DIR_ENV", "Placement", "check_registered_model", "fetch_model", "place", "read_claim", "scratch_root"]
