@@ -509,3 +509,23 @@ def test_latest_on_a_registry_on_object_storage_is_resolved_where_the_model_is_f
         f"deployment 'iris-torch-dpl', key model: model 'azureml:iris-clasifier@latest': the registry {root} "
         "(BATCHSCORE_MODEL_REGISTRY) has no model 'iris-clasifier'; did you mean 'iris-classifier'? it holds iris-classifier"
     )
+
+
+def test_azures_endpoint_file_beside_the_deployment_is_refused_saying_to_move_it(azure_folder: Path) -> None:
+    # Azure/azureml-examples, cli/endpoints/batch/deploy-models/mnist-classifier/endpoint.yml, as published.
+    path = write(
+        azure_folder / "endpoint.yml",
+        """\
+        $schema: https://azuremlschemas.azureedge.net/latest/batchEndpoint.schema.json
+        name: mnist-batch
+        description: A batch endpoint for scoring images from the MNIST dataset.
+        tags:
+          type: deep-learning
+        """,
+    )
+    assert error_of(path) == (
+        f"{path}:1: $schema: this is Azure's batch endpoint file (batchEndpoint.schema.json), not a deployment; "
+        "batchscore makes the endpoint (the DAG) from each deployment's endpoint_name, so move this file out of the "
+        "deployments folder"
+    )
+    assert [r.error is None for r in load_folder(azure_folder)] == [True, False]  # deployment.yml loads all the same
