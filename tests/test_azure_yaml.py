@@ -475,12 +475,12 @@ def test_the_published_yaml_scores_the_iris_inputs_given_with_the_run(
 
 @pytest.mark.s3
 def test_latest_on_a_registry_on_object_storage_is_resolved_where_the_model_is_fetched(
-    s3,
+    s3,  # noqa: F811 - the fixture of tests.test_object_storage, imported above
     iris_example: Path,
     azure_folder: Path,
     tmp_path: Path,
     monkeypatch,
-    caplog,  # noqa: F811 - the fixture
+    caplog,
 ) -> None:
     from batchscore.errors import StorageNotFoundError
     from batchscore.run_store import check_registered_model, fetch_model
