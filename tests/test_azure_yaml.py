@@ -529,3 +529,25 @@ def test_azures_endpoint_file_beside_the_deployment_is_refused_saying_to_move_it
         "deployments folder"
     )
     assert [r.error is None for r in load_folder(azure_folder)] == [True, False]  # deployment.yml loads all the same
+
+
+def test_an_image_that_cannot_be_built_fails_each_mini_batch_with_the_reason_in_the_summary(
+    airflow_db, iris_example: Path, azure_folder: Path, offline_wheels: Path, tmp_path: Path, monkeypatch
+) -> None:
+    reg = registry(tmp_path / "iris-registry", iris_example / "model" / "iris-classifier", ("1",))
+    monkeypatch.setenv("BATCHSCORE_MODEL_REGISTRY", str(reg))
+    write(azure_folder / "environment" / "conda.yaml", CONDA.format(requirement="bsazure==0.2"))  # no such wheel
+    text = PUBLISHED.replace("    max_retries: 3\n", "    max_retries: 0\n").replace(
+        "  logging_level: info\n", "  logging_level: info\n  worker_mode: per_mini_batch\n"
+    )
+    path = write(azure_folder / "deployment.yml", text)
+    output = tmp_path / "output"
+    dag_run, _ = run_dag(path, monkeypatch, {"input_path": str(iris_example / "data"), "output_path": str(output)})
+
+    summary = Summary.read(output / run_key(dag_run.run_id) / "summary.json")
+    assert [(f.mini_batch, f.reason) for f in summary.failures] == [("mb-00000", "failed"), ("mb-00001", "failed")]
+    conda = azure_folder / "environment" / "conda.yaml"
+    for failure in summary.failures:
+        assert failure.error.startswith(
+            f"ImageBuildError: pip could not download the wheels of the pip dependencies in {conda} (exit 1): "
+        )

@@ -62,10 +62,9 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
         # folder's mirror), and the transfers around the try (:mod:`batchscore.run_store`).
         placement = place(self.run_spec(context), context["run_id"], fetch=True, log_to=self.log)
         cli = docker_client()
-        spec = images.prepared(placement.spec, cli, self.log)  # an environment's conda file: its image, built once
         ti = context.get("ti")
         attempt = Attempt(
-            spec=spec,
+            spec=placement.spec,
             endpoint_name=self.endpoint_name,
             run_id=context["run_id"],
             index=int(self.mini_batch["index"]),
@@ -73,10 +72,16 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
             reference=dict(self.mini_batch),
             log=self.log,
         )
-        contract = Contract.create(spec)
-        self._executor = executor = executors.create(attempt, cli, self.log)
         placement.prepare_mini_batch(attempt.index, attempt.attempt)
         attempt.prepare()
+        try:  # an environment's conda file: its image, built once per Docker host (batchscore.images)
+            attempt.spec = spec = images.prepared(attempt.spec, cli, self.log)
+        except images.ImageBuildError as exc:
+            error = attempt.failed("ImageBuildError", str(exc))
+            placement.finish_mini_batch(attempt.index, attempt.attempt, self.log, failing=True)
+            raise error from None
+        contract = Contract.create(spec)
+        self._executor = executor = executors.create(attempt, cli, self.log)
         try:
             try:
                 placement.stage_inputs(attempt.index, self.log)
