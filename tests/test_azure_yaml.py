@@ -407,6 +407,10 @@ def test_the_conda_files_image_is_built_offline_once_and_holds_its_packages(
         assert again.environment.ready_image == tag
         messages = [r.getMessage() for r in caplog.records]
         assert sum(m.startswith("Built environment image") for m in messages) == 1
+        assert messages[0] == (
+            f"Ignored from the conda file {spec.environment.conda_file} (no conda here; the base's Python and pip): "
+            "name: mnist-env, channels: conda-forge, python=3.8.5, pip<22.0"
+        )
         assert messages[-1] == f"Environment image {tag} is on the Docker host already (conda file {spec.environment.conda_file})"
         shown = subprocess.run(
             ["docker", "run", "--rm", "--network", "none", tag, "python3", "-c", "import bsazure, pandas; print(bsazure.LABEL)"],

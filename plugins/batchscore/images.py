@@ -98,6 +98,12 @@ def prepared(spec: DeploymentSpec, cli: Any, log: Any) -> DeploymentSpec:
     if dependencies is None:
         return spec
     base = env.build_base
+    if dependencies.ignored:
+        log.info(
+            "Ignored from the conda file %s (no conda here; the base's Python and pip): %s",
+            env.conda_file,
+            ", ".join(dependencies.ignored),
+        )
     tag = ensure_image(cli, env, spec.name, base, dependencies.pip, log) if dependencies.pip else base
     if not dependencies.pip:
         log.info("The conda file %s has no pip dependencies: the containers run the base %s", env.conda_file, base)
