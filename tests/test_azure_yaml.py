@@ -555,3 +555,38 @@ def test_an_image_that_cannot_be_built_fails_each_mini_batch_with_the_reason_in_
         assert failure.error.startswith(
             f"ImageBuildError: pip could not download the wheels of the pip dependencies in {conda} (exit 1): "
         )
+
+
+@pytest.mark.parametrize(
+    ("image", "base"),
+    [
+        ("  image: mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu20.04:latest\n", "batchscore-scoring:gpu"),
+        ("", "batchscore-scoring:gpu"),
+        ("  image: team/python-base:3.11\n", "team/python-base:3.11"),
+    ],
+)
+def test_the_base_of_a_conda_files_image_is_the_scoring_image_unless_the_yaml_names_its_own(
+    azure_folder: Path, monkeypatch, image: str, base: str
+) -> None:
+    monkeypatch.setenv("BATCHSCORE_ENV_BASE_IMAGE", "batchscore-scoring:gpu")
+    text = PUBLISHED.replace("  image: mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu20.04:latest\n", image)
+    env = load_endpoint(write(azure_folder / "deployment.yml", text)).deployments[0].environment
+    assert env.build_base == base
+
+
+def test_a_serving_container_takes_no_conda_file(azure_folder: Path, tmp_path: Path) -> None:
+    (azure_folder / "model").mkdir()
+    path = write(
+        azure_folder / "serve.yml",
+        """\
+        name: iris-serve
+        endpoint_name: iris-transform
+        contract: serve
+        model: {path: model}
+        environment: {image: batchscore-iris-serve:latest, conda_file: environment/conda.yaml}
+        """,
+    )
+    assert error_of(path) == (
+        f"{path}:5: environment.conda_file: environment.conda_file is for contract: azure; a serving image brings its "
+        "own packages"
+    )
