@@ -78,7 +78,7 @@ def run_dag(yaml_path: Path, monkeypatch, run_conf: dict | None = None):
     except BaseException:  # Ctrl-C, a signal, pytest-timeout: the run's containers would run on
         from batchscore import shutdown
 
-        outputs = [d.output.path for d in endpoint.deployments]
+        outputs = [d.output.path for d in endpoint.deployments if d.output is not None]
         shutdown.remove_containers(shutdown.containers_mounting(outputs, label=f"batchscore.endpoint={endpoint.endpoint_name}"))
         raise
 

@@ -40,6 +40,7 @@ AIRFLOW_FREE = (
     "batchscore.security",
     "batchscore.scratch",
     "batchscore.containers",
+    "batchscore.images",
     "batchscore.scoring",
     "batchscore.scoring.attempt",
     "batchscore.scoring.contract",

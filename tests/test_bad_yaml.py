@@ -84,7 +84,7 @@ BOOLEAN = "(YAML reads true, false, yes, no, on and off as booleans)"
 NAME_RULE = "must start with a letter or digit and hold only letters, digits, '_' and '-' (at most 63 characters)"
 PRESETS = "@once, @continuous, @hourly, @daily, @midnight, @weekly, @monthly, @quarterly, @yearly, @annually"
 TOP_KEYS = (
-    "$schema, code_configuration, contract, description, endpoint_name, environment, input, model, name, "
+    "$schema, code_configuration, compute, contract, description, endpoint_name, environment, input, model, name, "
     "output, resources, schedule, settings, tags, transform, type"
 )
 
@@ -166,17 +166,20 @@ CASES = [
     ),
     Case(
         "az-compute-key",
-        AZURE + "compute: azureml:cpu-cluster\n",
+        AZURE + "compute: azureml:cpu cluster\n",
         (
-            "23: compute: unknown key 'compute'; Azure's compute cluster is an Airflow queue here: set resources.queue to a "
-            "queue that the Celery workers of those machines serve (docs/operations/compose-celery.md)",
+            "23: compute: compute 'azureml:cpu cluster' must be azureml:<name> (or <name>): letters, digits, '_' and '-', "
+            "as an Airflow queue",
         ),
     ),
     Case("ep-misspelt-top-key", ep(("schedule:", "schedul:")), ("2: schedul: unknown key 'schedul'; did you mean 'schedule'?",)),
     Case(
         "az-unknown-model-key",
-        az(("  path: model", "  path: model\n  version: 3")),
-        ("6: model.version: unknown key 'version'; allowed keys here: connection, name, path",),
+        az(("  path: model", "  path: model\n  version: 3\n  stage: production")),
+        (
+            "7: model.stage: unknown key 'stage'; allowed keys here: connection, description, name, path, reference, "
+            "tags, type, version",
+        ),
     ),
     Case(
         "az-unknown-code-configuration-key",
@@ -185,8 +188,8 @@ CASES = [
     ),
     Case(
         "az-unknown-environment-key",
-        az(("  image: scorer:1", "  image: scorer:1\n  conda_file: env.yml")),
-        ("11: environment.conda_file: unknown key 'conda_file'; allowed keys here: image",),
+        az(("  image: scorer:1", "  image: scorer:1\n  build: {path: docker}")),
+        ("11: environment.build: unknown key 'build'; allowed keys here: conda_file, description, image, name",),
     ),
     Case(
         "az-unknown-input-key",
@@ -243,9 +246,23 @@ CASES = [
         az(("environment:\n  image: scorer:1", "environment: {}")),
         ("9: environment.image: required key is missing",),
     ),
-    Case("az-missing-input", az(('input:\n  path: data\n  pattern: "*.csv"\n', "")), ("1: input: required key is missing",)),
+    Case(
+        "az-missing-input-scheduled",
+        az(('input:\n  path: data\n  pattern: "*.csv"\n', 'schedule: "@daily"\n')),
+        (
+            "11: schedule: schedule is set but input is not, and a scheduled run has no trigger form to give it: "
+            "add input.path, or remove schedule",
+        ),
+    ),
     Case("az-missing-input-path", az(("  path: data\n", "")), ("11: input.path: required key is missing",)),
-    Case("az-missing-output", az(("output:\n  path: out\n", "")), ("1: output: required key is missing",)),
+    Case(
+        "az-missing-output-scheduled",
+        az(("output:\n  path: out\n", 'schedule: "@daily"\n')),
+        (
+            "14: schedule: schedule is set but output is not, and a scheduled run has no trigger form to give it: "
+            "add output.path, or remove schedule",
+        ),
+    ),
     Case("az-missing-output-path", az(("output:\n  path: out", "output: {}")), ("14: output.path: required key is missing",)),
     Case(
         "ep-missing-deployments",

@@ -179,7 +179,7 @@ def test_misspelt_key_names_file_line_key_and_suggestion(folder: Path) -> None:
 def test_unknown_key_without_a_close_match_lists_the_allowed_keys(folder: Path) -> None:
     path = write(folder / "x.yaml", AZURE + "instance_type: Standard_DS3_v2\n")
     assert error_of(path) == (
-        f"{path}:15: instance_type: unknown key 'instance_type'; allowed keys here: $schema, code_configuration, "
+        f"{path}:15: instance_type: unknown key 'instance_type'; allowed keys here: $schema, code_configuration, compute, "
         "contract, description, endpoint_name, environment, input, model, name, output, resources, schedule, "
         "settings, tags, transform, type"
     )
@@ -218,8 +218,6 @@ def test_every_problem_is_reported_in_line_order(folder: Path) -> None:
         f"{path}:12: deployments[1].model: required key is missing",
         f"{path}:12: deployments[1].code_configuration: required key is missing",
         f"{path}:12: deployments[1].environment: required key is missing",
-        f"{path}:12: deployments[1].input: required key is missing",
-        f"{path}:12: deployments[1].output: required key is missing",
         f"{path}:13: deployments[1].modl: unknown key 'modl'; did you mean 'model'?",
     ]
 
@@ -314,14 +312,6 @@ def test_security_keys_are_read(folder: Path) -> None:
 def test_bad_security_resources_name_the_key(folder: Path, resources: str, expected: str) -> None:
     path = write(folder / "churn.yaml", AZURE + "resources:\n" + resources)
     assert error_of(path).split(": ", 1)[1] == expected
-
-
-def test_azures_compute_key_says_that_a_cluster_is_an_airflow_queue_here(folder: Path) -> None:
-    path = write(folder / "x.yaml", AZURE + "compute: azureml:gpu-cluster\n")
-    assert error_of(path) == (
-        f"{path}:15: compute: unknown key 'compute'; Azure's compute cluster is an Airflow queue here: set "
-        "resources.queue to a queue that the Celery workers of those machines serve (docs/operations/compose-celery.md)"
-    )
 
 
 def test_a_queue_and_a_pool_route_the_scoring_tasks_and_are_checked_like_names(folder: Path) -> None:

@@ -244,7 +244,7 @@ def _mini_batch_mounts(spec: DeploymentSpec, layout: RunLayout, index: int, atte
         [
             runtime_mount(),
             *extra,
-            _read_only(ContainerPaths.INPUT, spec.input.local),
+            _read_only(ContainerPaths.INPUT, spec.input_spec.local),
             _read_only(ContainerPaths.MINI_BATCH, layout.mini_batch_file(index)),
             _writable(ContainerPaths.OUTPUT, layout.attempt_scratch(index, attempt)),
         ]
@@ -298,7 +298,7 @@ def scoring_container(
     resources = spec.resources
     return Container(
         role=SCORING,
-        image=spec.environment.image,
+        image=spec.environment.ready_image,
         image_key="environment.image",
         command=command,
         mounts=_mini_batch_mounts(spec, layout, index, attempt, _script_mounts(spec)),
@@ -361,7 +361,7 @@ def serving_container(
     resources = spec.resources
     return Container(
         role=WARM_SERVING if warm else SERVING,
-        image=spec.environment.image,
+        image=spec.environment.ready_image,
         image_key="environment.image",
         command=["serve"],
         mounts=hostpaths.for_docker([_read_only(ContainerPaths.SERVING_MODEL, model_dir)]),
@@ -403,7 +403,7 @@ def warm_worker(
     command += _script_options(spec, gpu_count or None) if script else _client_options(spec)
     mounts = [
         runtime_mount(),
-        _read_only(ContainerPaths.INPUT, spec.input.local),
+        _read_only(ContainerPaths.INPUT, spec.input_spec.local),
         _read_only(ContainerPaths.MINI_BATCHES, layout.mini_batches_dir),
         _writable(ContainerPaths.SCRATCH, layout.worker_scratch(worker)),
         _writable(ContainerPaths.WORKER_STATE, layout.workers_dir / worker),
@@ -412,7 +412,7 @@ def warm_worker(
     environment = {"BATCHSCORE_WORKER": worker, **RUNTIME_ENVIRONMENT}
     return Container(
         role=WARM_WORKER,
-        image=spec.environment.image if script else client_image(),
+        image=spec.environment.ready_image if script else client_image(),
         image_key="environment.image" if script else CLIENT_IMAGE_ENV,
         command=command,
         mounts=hostpaths.for_docker(mounts),

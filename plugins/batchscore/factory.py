@@ -20,11 +20,12 @@ from typing import Any
 from airflow.sdk import DAG, TaskGroup
 
 from batchscore.errors import DeploymentSpecError, InvalidDeploymentFilesError, SpecIssue
+from batchscore.images import image_name
 from batchscore.operators import MergeOperator, PlanOperator, ScoreOperator, StartWorkersOperator, StopWorkersOperator
 from batchscore.operators.score import RETRY_DELAY
-from batchscore.run_params import RUN_PARAMS, dag_params
+from batchscore.run_params import INPUT_PATH, OUTPUT_PATH, RUN_PARAMS, dag_params
 from batchscore.schedule import airflow_schedule, output_asset
-from batchscore.spec import AssetSchedule, EndpointSpec, key_line, load_endpoint, upstream_asset
+from batchscore.spec import AssetSchedule, DeploymentSpec, EndpointSpec, key_line, load_endpoint, upstream_asset
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def build_dag(endpoint: EndpointSpec) -> DAG:
                 warm = deployment.settings.worker_mode == "warm"
                 resources = deployment.resources
                 # Only the tasks that talk to the scoring hosts' Docker engine follow the deployment's queue.
-                queue: dict[str, Any] = {"queue": resources.queue} if resources.queue else {}
+                # resources.queue, else Azure's compute: azureml:<name> as the queue <name>.
+                queue: dict[str, Any] = {"queue": deployment.queue} if deployment.queue else {}
                 pool = {"pool": resources.pool, "pool_slots": resources.pool_slots} if resources.pool else {}
                 score = ScoreOperator.partial(
                     task_id="score",
@@ -92,24 +94,36 @@ def _doc(endpoint: EndpointSpec) -> str:
     lines = [f"# {endpoint.endpoint_name}", "", f"Built by batchscore from `{endpoint.source}`.", ""]
     params = ", ".join(RUN_PARAMS)
     lines += [f"Starts: {_starts(endpoint)}. Trigger parameters ({params}) left empty keep the YAML's values.", ""]
+    required = [
+        p
+        for p, key in ((INPUT_PATH, "input"), (OUTPUT_PATH, "output"))
+        if any(getattr(d, key) is None for d in endpoint.deployments)
+    ]
+    if required:
+        lines += [f"Required with every run (the YAML leaves them to the run, as Azure's does): {', '.join(required)}.", ""]
     for d in endpoint.deployments:
         lines += [
             f"## {d.name}",
             (
-                f"- image `{d.environment.image}`, script `{d.code_configuration.scoring_script}`"
+                f"- script `{d.code_configuration.scoring_script}`, image {_image_doc(d)}"
                 if d.code_configuration is not None
                 else f"- serving image `{d.environment.image}` (`IMAGE serve`), SplitType {d.transform and d.transform.SplitType}"
             ),
-            f"- input `{d.input.path}` (`{d.input.pattern}`), "
+            *_azure_doc(d),
+            (
+                f"- input `{d.input.path}` (`{d.input.pattern}`), "
+                if d.input is not None
+                else f"- input: none in the YAML; each run gives it (run parameter `{INPUT_PATH}`, required), "
+            )
             + (
                 f"mini-batches of about {d.settings.mini_batch_size}"
                 if d.settings.mini_batch_bytes is not None
                 else f"{d.settings.mini_batch_size} files per mini-batch"
             ),
             (
-                f"- output `{d.output.path}/<run id>/{d.settings.output_file_name}` and `summary.json`"
+                f"- output `{_output_doc(d)}/<run id>/{d.settings.output_file_name}` and `summary.json`"
                 if d.settings.output_action == "append_row"
-                else f"- output in `{d.output.path}/<run id>/`: "
+                else f"- output in `{_output_doc(d)}/<run id>/`: "
                 + ("`<input file>.out` files" if d.contract == "serve" else "the script's own files")
                 + " and `summary.json`"
             ),
@@ -117,6 +131,38 @@ def _doc(endpoint: EndpointSpec) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _image_doc(d: DeploymentSpec) -> str:
+    env = d.environment
+    deps = env.dependencies
+    if deps is None:
+        return f"`{env.image}`"
+    what = f"`batchscore-env-{image_name(env, d.name)}:<hash>`, built on the scoring host from `{env.conda_file}` "
+    what += f"(pip: {', '.join(f'`{r}`' for r in deps.pip) or 'none'}) on `{env.build_base}`"
+    if env.image is not None and env.image != env.build_base:
+        what += f" (in place of Azure's base `{env.image}`)"
+    if deps.ignored:
+        what += f"; ignored from the conda file (no conda here): {', '.join(f'`{i}`' for i in deps.ignored)}"
+    return what
+
+
+def _azure_doc(d: DeploymentSpec) -> list[str]:
+    """Lines on what Azure's keys became: a registered model's version, the compute's queue."""
+    lines = []
+    if d.model.reference is not None:
+        version = "the highest version, resolved when fetched" if d.model.latest_in_registry else f"version {d.model.version}"
+        lines.append(f"- model `{d.model.reference}`: {version}, `{d.model.path}`")
+    if d.compute is not None:
+        if d.resources.queue is not None:
+            lines.append(f"- compute `{d.compute}`: not used; resources.queue `{d.resources.queue}` is set")
+        else:
+            lines.append(f"- compute `{d.compute}`: the scoring tasks run on the Airflow queue `{d.queue}`")
+    return lines
+
+
+def _output_doc(d: DeploymentSpec) -> str:
+    return str(d.output.path) if d.output is not None else f"<{OUTPUT_PATH}>"
 
 
 def _starts(endpoint: EndpointSpec) -> str:
@@ -189,7 +235,8 @@ def load_folder(folder: Path | str) -> list[LoadedFile]:
             continue
         owners[endpoint.dag_id] = path
         for i, d in enumerate(endpoint.deployments):
-            outputs[d.output.path] = (path, i, d.name)
+            if d.output is not None:  # an output given with each run is checked by that run
+                outputs[d.output.path] = (path, i, d.name)
         results.append(LoadedFile(path, endpoint=endpoint, dag=dag))
     return results
 
@@ -249,7 +296,7 @@ def _check_unique(
             ],
         )
     for i, d in enumerate(endpoint.deployments):
-        if d.output.path in outputs:
+        if d.output is not None and d.output.path in outputs:
             other, j, name = outputs[d.output.path]
             raise DeploymentSpecError(
                 path,

@@ -25,7 +25,7 @@ READ_BLOCK = 8 << 20
 
 def input_location(deployment: DeploymentSpec) -> ObjectStoragePath:
     """``input.path`` on object storage, with its connection (which must exist)."""
-    return storage.location(str(deployment.input.path), deployment.input.connection)
+    return storage.location(str(deployment.input_spec.path), deployment.input_spec.connection)
 
 
 def list_objects(deployment: DeploymentSpec) -> list[InputFile]:
@@ -39,10 +39,10 @@ def list_objects(deployment: DeploymentSpec) -> list[InputFile]:
         objects = storage.list_objects(prefix)
     except StorageNotFoundError as exc:
         raise PlanError(f"{exc} (deployment {deployment.name!r}, key input.path)") from None
-    matches = pattern_matcher(deployment.input.pattern)
+    matches = pattern_matcher(deployment.input_spec.pattern)
     output = None
-    if deployment.output.remote:
-        out = storage.location(str(deployment.output.path), deployment.output.connection)
+    if deployment.output_spec.remote:
+        out = storage.location(str(deployment.output_spec.path), deployment.output_spec.connection)
         output = f"{out.protocol}://{out.path}"
     found = []
     for obj in objects:
@@ -65,7 +65,7 @@ def source(deployment: DeploymentSpec) -> InputSource:
         return handle
 
     return InputSource(
-        storage.display(prefix), lambda: list_objects(deployment), opener=opener, recorded=str(deployment.input.path)
+        storage.display(prefix), lambda: list_objects(deployment), opener=opener, recorded=str(deployment.input_spec.path)
     )
 
 

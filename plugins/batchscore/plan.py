@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def run_layout(deployment: DeploymentSpec, run_id: str) -> RunLayout:
     """The run directory of ``run_id``: ``<output.path>/<run key>/`` (on object storage: its mirror on this host,
     in the deployment :func:`batchscore.run_store.place` gives)."""
-    return RunLayout(deployment.output.local / run_key(run_id))
+    return RunLayout(deployment.output_spec.local / run_key(run_id))
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class InputSource:
 
     @classmethod
     def local(cls, deployment: DeploymentSpec) -> InputSource:
-        return cls(str(deployment.input.path), lambda: list_input_files(deployment), root=deployment.input.local)
+        return cls(str(deployment.input_spec.path), lambda: list_input_files(deployment), root=deployment.input_spec.local)
 
 
 def pattern_matcher(pattern: str) -> Callable[[str], bool]:
@@ -273,17 +273,17 @@ def list_input_files(deployment: DeploymentSpec) -> list[InputFile]:
     inside the input folder is scored as that file, under the link's own name; any other is
     planned refused, a failed item of its mini-batch that nothing ever opens.
     """
-    root = deployment.input.local
+    root = deployment.input_spec.local
     if not root.is_dir():
         raise PlanError(
             f"input folder {root} of deployment {deployment.name!r} does not exist or is not a folder (key input.path)"
         )
     real_root = os.path.realpath(root)
-    work_root = os.path.realpath(deployment.output.local)
+    work_root = os.path.realpath(deployment.output_spec.local)
     # Our own outputs are never scored: a file is checked against the output folder only where
     # it can lie inside it: the output folder is inside the input folder, the file is a link, or
     # the pattern reaches into subfolders (one of which may be a link).
-    pattern = deployment.input.pattern
+    pattern = deployment.input_spec.pattern
     nested = "/" in pattern or "**" in pattern
     check_all = _inside(work_root, real_root) or nested
     base = str(root)
@@ -332,7 +332,7 @@ def mini_batch_refs(plan: Plan) -> list[dict[str, Any]]:
 def _unwritable(deployment: DeploymentSpec, layout: RunLayout, exc: OSError) -> PlanError:
     return PlanError(
         f"cannot write the run folder {layout.root} of deployment {deployment.name!r} (key output.path "
-        f"{deployment.output.path}): {exc.strerror or exc}"
+        f"{deployment.output_spec.path}): {exc.strerror or exc}"
         + (f": {exc.filename}" if exc.filename else "")
         + "; output.path must be a folder this Airflow worker can write"
     )
@@ -368,7 +368,7 @@ def plan_run(
     files = source.list_files()
     if not files:
         raise PlanError(
-            f"no input files match {deployment.input.pattern!r} in {source.where} "
+            f"no input files match {deployment.input_spec.pattern!r} in {source.where} "
             f"(deployment {deployment.name!r}, keys input.path and input.pattern)"
         )
     settings = deployment.settings
@@ -396,7 +396,7 @@ def plan_run(
         deployment=deployment.name,
         run_id=run_id,
         input_path=source.recorded or source.where,
-        pattern=deployment.input.pattern,
+        pattern=deployment.input_spec.pattern,
         mini_batch_size=size,
         created_at=now_iso(),
         mini_batches=[PlanEntry(index=mb.index, files=len(mb.files), bytes=mb.bytes) for mb in mini_batches],

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from batchscore.errors import RunParamError
 from batchscore.spec import OUTPUT_OVERLAP_ADVICE, DeploymentSpec, EndpointSpec, output_overlap
+from batchscore.spec.deployment import missing_location
 from batchscore.spec.paths import SUPPORTED_LOCATIONS, is_remote_location, uri_scheme
 
 INPUT_PATH = "input_path"
@@ -42,37 +43,49 @@ def _yaml_values(endpoint: EndpointSpec, value: Any) -> str:
 LOCATION_PATTERN = "^(/|[A-Za-z][A-Za-z0-9+.-]*://)"
 
 
+def _location_param(endpoint: EndpointSpec, key: str, title: str, what: str) -> Param:
+    """The trigger form's field of ``input`` or ``output``: optional ("as the YAML says") when every deployment's
+    YAML gives it, required (no default) when one leaves it to the run, as Azure's deployment YAML does."""
+    missing = [d.name for d in endpoint.deployments if getattr(d, key) is None]
+    if missing:
+        return Param(
+            type="string",
+            minLength=1,
+            pattern=LOCATION_PATTERN,
+            title=title,
+            description=f"{what} Required: the YAML of {', '.join(missing)} has no {key}.",
+        )
+    yaml_value = _yaml_values(endpoint, lambda d: getattr(d, key).path)
+    return Param(
+        None,
+        type=["null", "string"],
+        minLength=1,
+        pattern=LOCATION_PATTERN,
+        title=title,
+        description=f"{what} Empty: the YAML's {key}.path ({yaml_value}).",
+    )
+
+
 def dag_params(endpoint: EndpointSpec) -> dict[str, Param]:
-    """The DAG's params: the trigger form's fields, each null ("as the YAML says") by default."""
+    """The DAG's params: the trigger form's fields, each null ("as the YAML says") by default; ``input_path`` and
+    ``output_path`` required, with no default, for deployments whose YAML leaves them to the run."""
     several = len(endpoint.deployments) > 1
     each = " It applies to every deployment." if several else ""
     return {
-        INPUT_PATH: Param(
-            None,
-            type=["null", "string"],
-            minLength=1,
-            pattern=LOCATION_PATTERN,
-            title="Input folder",
-            description=(
-                "Absolute path of a folder of input files, or a URI (s3://bucket/prefix/), read with the YAML's "
-                "input.pattern; a URI uses the YAML's input.connection, or the one it names (s3://conn_id@bucket/...). "
-                f"Empty: the YAML's input.path ({_yaml_values(endpoint, lambda d: d.input.path)})." + each
-            ),
+        INPUT_PATH: _location_param(
+            endpoint,
+            "input",
+            "Input folder",
+            "Absolute path of a folder of input files, or a URI (s3://bucket/prefix/), read with the YAML's "
+            "input.pattern; a URI uses the YAML's input.connection, or the one it names (s3://conn_id@bucket/...)." + each,
         ),
-        OUTPUT_PATH: Param(
-            None,
-            type=["null", "string"],
-            minLength=1,
-            pattern=LOCATION_PATTERN,
-            title="Output folder",
-            description=(
-                (
-                    "Absolute path or URI; each deployment writes this run to <output folder>/<deployment name>/<run id>/. "
-                    if several
-                    else "Absolute path or URI (s3://bucket/prefix/); this run writes to <output folder>/<run id>/. "
-                )
-                + f"Empty: the YAML's output.path ({_yaml_values(endpoint, lambda d: d.output.path)})."
-            ),
+        OUTPUT_PATH: _location_param(
+            endpoint,
+            "output",
+            "Output folder",
+            "Absolute path or URI; each deployment writes this run to <output folder>/<deployment name>/<run id>/."
+            if several
+            else "Absolute path or URI (s3://bucket/prefix/); this run writes to <output folder>/<run id>/.",
         ),
         MINI_BATCH_SIZE: Param(
             None,
@@ -124,7 +137,12 @@ def apply_run_params(spec: DeploymentSpec, params: Mapping[str, Any], *, several
     unknown = sorted(k for k in params if k not in RUN_PARAMS)
     if unknown:
         raise RunParamError(_unknown(unknown))
+    for key, name in (("input", INPUT_PATH), ("output", OUTPUT_PATH)):
+        if getattr(spec, key) is None and params.get(name) is None:
+            raise RunParamError(missing_location(spec.name, key, name))
     data = spec.model_dump(mode="json", by_alias=True)
+    data["input"] = data["input"] or {}
+    data["output"] = data["output"] or {}
     changed = False
     if (value := params.get(INPUT_PATH)) is not None:
         folder = _absolute(INPUT_PATH, value)

@@ -26,9 +26,7 @@ that the Docker engine can mount (see :mod:`batchscore.hostpaths` for workers in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import json
@@ -36,7 +34,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +45,8 @@ from batchscore import object_input, staging, storage
 from batchscore.errors import ScoringError, StorageError, StorageNotFoundError
 from batchscore.output_log import log_file_name
 from batchscore.plan import InputSource, run_layout
-from batchscore.scratch import SCRATCH_DIR_ENV, mirrors_root, scratch_root
+from batchscore.scratch import SCRATCH_DIR_ENV, locked, mirrors_root, scratch_root
+from batchscore.spec import registry
 from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import (
     InputFile,
@@ -79,18 +77,6 @@ def _uri(path: ObjectStoragePath) -> str:
 # ---------------------------------------------------------------------------------------------- model
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (a lock file) for the processes of this host."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def fetch_model(deployment: DeploymentSpec, log_to: Any = log) -> Path:
     """The local copy of a model on object storage: fetched once per host and version, then reused.
 
@@ -105,6 +91,8 @@ def fetch_model(deployment: DeploymentSpec, log_to: Any = log) -> Path:
         objects = storage.list_objects(where)
     except StorageNotFoundError as exc:
         raise StorageNotFoundError(f"{exc} (deployment {deployment.name!r}, key model.path)") from None
+    if model.latest_in_registry:
+        where, objects = _latest_version(deployment, where, objects, log_to)
     if not objects:
         raise StorageNotFoundError(
             f"model.path {storage.display(where)} of deployment {deployment.name!r} holds no object; upload the model there"
@@ -115,7 +103,7 @@ def fetch_model(deployment: DeploymentSpec, log_to: Any = log) -> Path:
     wanted = folder / objects[0].name if single else folder
     if (folder / ".complete").is_file():
         return wanted
-    with _locked(folder.with_name(f"{key}.lock")):
+    with locked(folder.with_name(f"{key}.lock")):
         if (folder / ".complete").is_file():
             return wanted
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
@@ -134,6 +122,54 @@ def fetch_model(deployment: DeploymentSpec, log_to: Any = log) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     log_to.info("Fetched the model %s (%d objects) into %s", storage.display(where), len(objects), folder)
     return wanted
+
+
+def check_registered_model(deployment: DeploymentSpec, log_to: Any = log) -> None:
+    """For ``model: azureml:<name>@latest`` on a registry on object storage: that the registry has a version of it.
+
+    The plan task calls it, so that a model the registry lacks fails the run there, naming the key and what the
+    registry holds, not in every score task after it. Lists the model's objects; downloads nothing.
+    """
+    model = deployment.model
+    if not model.latest_in_registry:
+        return
+    where = storage.location(str(model.path), model.connection)
+    try:
+        objects = storage.list_objects(where)
+    except StorageNotFoundError as exc:
+        raise StorageNotFoundError(f"{exc} (deployment {deployment.name!r}, key model)") from None
+    _latest_version(deployment, where, objects, log_to)
+
+
+def _latest_version(
+    deployment: DeploymentSpec, where: ObjectStoragePath, objects: list[storage.ObjectInfo], log_to: Any
+) -> tuple[ObjectStoragePath, list[storage.ObjectInfo]]:
+    """The highest version of a registered model on object storage (``model: azureml:<name>@latest``), and its objects.
+
+    ``where`` is ``<registry>/<name>``; its versions are the first part of its objects' names. A registry
+    without that name is told with the names it holds, as when a local registry is read at load.
+    """
+    model = deployment.model
+    assert model.reference is not None
+    reference = registry.parse_reference(model.reference)
+    root = str(model.path).rstrip("/").rpartition("/")[0]
+    versions = {o.name.split("/", 1)[0] for o in objects if "/" in o.name}
+    names = [reference.name] if versions else []
+    if not versions:
+        try:
+            listed = storage.list_objects(storage.location(root, model.connection))
+        except StorageNotFoundError:
+            listed = []
+        names = sorted({o.name.split("/", 1)[0] for o in listed if "/" in o.name})
+    try:
+        version = registry.pick_version(reference, storage.mask_uri(root), names, versions)
+    except ValueError as exc:
+        raise StorageNotFoundError(f"deployment {deployment.name!r}, key model: {exc}") from None
+    log_to.info(
+        "Model %s is version %s (the highest of %s)", model.reference, version, ", ".join(registry.sorted_versions(versions))
+    )
+    prefix = f"{version}/"
+    return where / version, [dataclasses.replace(o, name=o.name[len(prefix) :]) for o in objects if o.name.startswith(prefix)]
 
 
 # ---------------------------------------------------------------------------------------------- placement
@@ -161,7 +197,7 @@ class Placement:
 
     @property
     def input_remote(self) -> bool:
-        return self.original.input.remote
+        return self.original.input_spec.remote
 
     def input_source(self) -> InputSource | None:
         """What the plan lists: ``None`` for a local input folder (the plan's own walk)."""
@@ -246,7 +282,7 @@ class Placement:
             self._stage(index, log_to)
 
     def staged_dir(self, index: int) -> Path:
-        return self.spec.input.local / mini_batch_id(index)
+        return self.spec.input_spec.local / mini_batch_id(index)
 
     def _stage(self, index: int, log_to: Any) -> None:
         """Download the mini-batch's objects; rewrite its file list in the mirror to read the staged copies."""
@@ -461,25 +497,25 @@ def place(deployment: DeploymentSpec, run_id: str, *, fetch: bool = False, log_t
     :param fetch: fetch a model on object storage now (score and warm-worker tasks; the plan needs it only for
         a serving archive, which it unpacks).
     """
-    if not (deployment.input.remote or deployment.model.remote or deployment.output.remote):
+    if not (deployment.input_spec.remote or deployment.model.remote or deployment.output_spec.remote):
         return Placement(deployment, deployment, run_id)
     update: dict[str, Any] = {}
     remote_run = None
-    if deployment.output.remote:
-        where = storage.location(str(deployment.output.path), deployment.output.connection)
+    if deployment.output_spec.remote:
+        where = storage.location(str(deployment.output_spec.path), deployment.output_spec.connection)
         mirror = mirrors_root() / f"{deployment.name}-{_digest(_uri(where))}"
-        update["output"] = deployment.output.model_copy(update={"path": mirror, "connection": None})
+        update["output"] = deployment.output_spec.model_copy(update={"path": mirror, "connection": None})
         remote_run = where / run_key(run_id)
     else:
-        mirror = deployment.output.local
-    if deployment.input.remote:
+        mirror = deployment.output_spec.local
+    if deployment.input_spec.remote:
         staged = RunLayout(mirror / run_key(run_id)).work / INPUT_DIR_NAME
         staged.mkdir(parents=True, exist_ok=True)
         staged.chmod(0o755)
-        update["input"] = deployment.input.model_copy(update={"path": staged, "connection": None})
+        update["input"] = deployment.input_spec.model_copy(update={"path": staged, "connection": None})
     if deployment.model.remote and fetch:
         update["model"] = deployment.model.model_copy(update={"path": fetch_model(deployment, log_to), "connection": None})
     return Placement(deployment.model_copy(update=update), deployment, run_id, remote_run)
 
 
-__all__ = ["SCRATCH_DIR_ENV", "Placement", "fetch_model", "place", "read_claim", "scratch_root"]
+__all__ = ["SCRATCH_DIR_ENV", "Placement", "check_registered_model", "fetch_model", "place", "read_claim", "scratch_root"]

@@ -4,8 +4,11 @@ pool (:mod:`batchscore.scoring.workers`) asks whether a run folder is such a mir
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from batchscore.errors import StorageError
@@ -35,4 +38,16 @@ def is_mirror(run_folder: Path) -> bool:
     return Path(run_folder).is_relative_to(mirrors_root())
 
 
-__all__ = ["SCRATCH_DIR_ENV", "is_mirror", "mirrors_root", "scratch_root"]
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (a lock file) for the processes of this host: one fetch or build at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+__all__ = ["SCRATCH_DIR_ENV", "is_mirror", "locked", "mirrors_root", "scratch_root"]

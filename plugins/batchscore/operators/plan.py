@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 from batchscore.model_archive import serving_model_dir
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import mini_batch_refs, plan_run
-from batchscore.run_store import place
+from batchscore.run_store import check_registered_model, place
 from batchscore.ui.folders import XCOM_KEY, record
 
 
@@ -31,6 +31,7 @@ class PlanOperator(DeploymentMixin, BaseOperator):
         max_map_length = conf.getint("core", "max_map_length", fallback=1024)
         run_id = context["run_id"]
         original = self.run_spec(context)
+        check_registered_model(original, self.log)  # azureml:<name>@latest on object storage: missing fails here
         # Inputs, model or run folder on object storage: the plan is made in this host's mirror of the run
         # folder and uploaded, plan.json last (:mod:`batchscore.run_store`).
         placement = place(original, run_id, fetch=original.contract == "serve", log_to=self.log)

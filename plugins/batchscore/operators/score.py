@@ -14,7 +14,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from batchscore import security
+from batchscore import images, security
 from batchscore.engine import docker_client
 from batchscore.errors import SecretUnavailableError, StorageError
 from batchscore.operators._base import DeploymentMixin
@@ -61,10 +61,10 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
         # On object storage: a deployment whose paths are local (staged inputs, the cached model, the run
         # folder's mirror), and the transfers around the try (:mod:`batchscore.run_store`).
         placement = place(self.run_spec(context), context["run_id"], fetch=True, log_to=self.log)
-        spec = placement.spec
+        cli = docker_client()
         ti = context.get("ti")
         attempt = Attempt(
-            spec=spec,
+            spec=placement.spec,
             endpoint_name=self.endpoint_name,
             run_id=context["run_id"],
             index=int(self.mini_batch["index"]),
@@ -72,10 +72,16 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
             reference=dict(self.mini_batch),
             log=self.log,
         )
-        contract = Contract.create(spec)
-        self._executor = executor = executors.create(attempt, docker_client(), self.log)
         placement.prepare_mini_batch(attempt.index, attempt.attempt)
         attempt.prepare()
+        try:  # an environment's conda file: its image, built once per Docker host (batchscore.images)
+            attempt.spec = spec = images.prepared(attempt.spec, cli, self.log)
+        except images.ImageBuildError as exc:
+            error = attempt.failed("ImageBuildError", str(exc))
+            placement.finish_mini_batch(attempt.index, attempt.attempt, self.log, failing=True)
+            raise error from None
+        contract = Contract.create(spec)
+        self._executor = executor = executors.create(attempt, cli, self.log)
         try:
             try:
                 placement.stage_inputs(attempt.index, self.log)

@@ -17,6 +17,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
+from batchscore import images
 from batchscore.engine import docker_client
 from batchscore.errors import PlanError
 from batchscore.model_archive import serving_model_dir
@@ -52,7 +53,7 @@ class StartWorkersOperator(_WorkersTask):
     def execute(self, context: Any) -> dict[str, Any]:
         # On object storage: the workers mount this host's staging folder, model cache and run mirror.
         placement = place(self.run_spec(context), context["run_id"], fetch=True, log_to=self.log)
-        spec, layout = placement.spec, placement.layout
+        spec, layout = images.prepared(placement.spec, docker_client(), self.log), placement.layout
         plan = placement.pull_plan()
         if plan is None:
             raise PlanError(f"the plan of run {context['run_id']!r} is missing in {layout.work}; clear the plan task too")

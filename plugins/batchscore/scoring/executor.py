@@ -51,7 +51,7 @@ def create(attempt: Attempt, cli: Any, log: Any) -> Executor:
     where = (
         f"the run's warm workers run on the Docker engine of host {theirs.get('name') or '?'}, which this "
         f"Airflow worker does not reach (it reaches host {ours['name']}'s): resources.queue "
-        f"{spec.resources.queue or '(the default queue)'} is served on more than one Docker host"
+        f"{spec.queue or '(the default queue)'} is served on more than one Docker host"
     )
     if spec.contract == "serve":
         raise ScoringError(f"{attempt.id}: {where}; set settings.worker_mode: per_mini_batch for this deployment")

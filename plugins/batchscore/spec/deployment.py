@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -9,15 +10,19 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from batchscore.errors import RunParamError
 from batchscore.spec.base import Name, StrictModel
+from batchscore.spec.conda import CondaDependencies, read_conda_file
 from batchscore.spec.paths import (
     OUTPUT_OVERLAP_ADVICE,
     ExistingDir,
     ExistingLocation,
+    ExistingPath,
     Location,
     is_remote_location,
     output_overlap,
 )
+from batchscore.spec.registry import LATEST, is_reference, reference_model
 from batchscore.spec.resources import Resources
 from batchscore.spec.settings import RetrySettings, Settings
 from batchscore.spec.transform import TransformSettings
@@ -71,6 +76,37 @@ class ModelSpec(Located):
         "or a URI of object storage (s3://, gs://, abfs://, file://) with `connection`.",
     )
     name: str | None = Field(None, description="The model's name (informational, as in Azure's registry).")
+    version: str | None = Field(
+        None,
+        description="The model's version (informational), or 'latest' for a reference to a registry on object "
+        "storage, resolved where the model is fetched.",
+    )
+    reference: str | None = Field(
+        None, description="The azureml:<name>@latest or azureml:<name>:<version> reference this model was resolved from."
+    )
+    description: str | None = None
+    type: str | None = Field(None, description="Azure's model type: custom_model (the default); others are refused.")
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("type")
+    @classmethod
+    def _custom_model(cls, value: str | None) -> str | None:
+        if value not in (None, "custom_model"):
+            raise ValueError(
+                f"model.type {value!r} is not supported: batchscore runs the scoring script of code_configuration, "
+                "and generates none for MLflow or Triton models; use type: custom_model (or leave it out) and a scoring script"
+            )
+        return value
+
+    @property
+    def latest_in_registry(self) -> bool:
+        """Whether ``path`` is a model's folder in a registry on object storage, its highest version to be taken."""
+        return self.reference is not None and self.version == LATEST and self.remote
 
     @property
     def is_archive(self) -> bool:
@@ -159,16 +195,84 @@ def _image(value: str) -> str:
     return value
 
 
+#: Environment variable: the image environments with a conda file are built on (default: the scoring image).
+ENV_BASE_IMAGE_ENV = "BATCHSCORE_ENV_BASE_IMAGE"
+DEFAULT_ENV_BASE_IMAGE = "batchscore-scoring:latest"
+#: Azure's own base images (``mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu20.04``): they cannot be pulled
+#: here and hold no Python; with a conda file batchscore's scoring base stands in for them.
+AZURE_BASE_IMAGES = "mcr.microsoft.com/azureml/"
+
+
+def env_base_image() -> str:
+    """The base of images built from a conda file: ``BATCHSCORE_ENV_BASE_IMAGE``, else the scoring image."""
+    return os.environ.get(ENV_BASE_IMAGE_ENV) or DEFAULT_ENV_BASE_IMAGE
+
+
 class EnvironmentSpec(StrictModel):
     """The container image: for ``contract: azure`` the scoring image (Python 3.9+, pandas and
-    pyarrow); for ``contract: serve`` the serving image, started as ``IMAGE serve``."""
+    pyarrow); for ``contract: serve`` the serving image, started as ``IMAGE serve``.
 
-    image: Annotated[str, AfterValidator(_image)] = Field(
-        min_length=1,
-        description="The scoring image (Python 3.9+, pandas and pyarrow) or the serving image, on the Docker host "
-        "(no registry needed): a Docker image reference, [registry[:port]/]name[:tag][@sha256:digest]; the name in "
-        "lowercase.",
+    Azure's ``{name, image, conda_file}``: the image is built from the conda file's pip dependencies on top
+    of ``image`` (an Azure base image, ``mcr.microsoft.com/azureml/...``, or none: batchscore's scoring
+    base), on the Docker host of the scoring tasks, before the first container (:mod:`batchscore.images`).
+    """
+
+    name: str | None = Field(None, description="The environment's name (Azure's); names the image built from conda_file.")
+    conda_file: ExistingPath | None = Field(
+        None,
+        description="Azure's conda file: an image is built with its pip dependencies (python and pip are the base's; "
+        "other conda packages are refused).",
     )
+    image: Annotated[str, Field(min_length=1), AfterValidator(_image)] | None = Field(
+        None,
+        validate_default=True,
+        description="A Docker image reference, [registry[:port]/]name[:tag][@sha256:digest]; the name in lowercase. "
+        "With conda_file: the base of the image built (an Azure base image means batchscore's scoring base).",
+    )
+    description: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_registry(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            raise ValueError(
+                f"environment {data!r} refers to Azure's environment registry, which batchscore does not have; "
+                "give environment.image, or environment.image and environment.conda_file"
+            )
+        return data
+
+    @field_validator("image")
+    @classmethod
+    def _image_or_conda(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("conda_file") is None and "conda_file" in info.data:
+            raise PydanticCustomError("missing", "Field required")  # reported with the other missing keys
+        return value
+
+    @field_validator("conda_file")
+    @classmethod
+    def _conda_file_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_conda_file(value)  # now, so that a bad conda file is an error of the YAML, with its line
+        return value
+
+    @property
+    def dependencies(self) -> CondaDependencies | None:
+        """The conda file's pip dependencies (read from the file), or ``None`` without a conda file."""
+        return read_conda_file(self.conda_file) if self.conda_file is not None else None
+
+    @property
+    def build_base(self) -> str:
+        """The image a conda file's dependencies are installed on."""
+        if self.image is None or self.image.startswith(AZURE_BASE_IMAGES):
+            return env_base_image()
+        return self.image
+
+    @property
+    def ready_image(self) -> str:
+        """The image containers run: ``image``; with a conda file, only once built (:func:`batchscore.images.prepared`)."""
+        if self.conda_file is not None or self.image is None:
+            raise RuntimeError("the environment's image is built from its conda file first (batchscore.images.prepared)")
+        return self.image
 
 
 class InputSpec(Located):
@@ -248,8 +352,17 @@ class DeploymentSpec(StrictModel):
         None, validate_default=True, description="contract azure (required): the scoring script."
     )
     environment: EnvironmentSpec
-    input: InputSpec
-    output: OutputSpec
+    input: InputSpec | None = Field(
+        None, description="Required unless given with each run (run parameter input_path), as Azure's invoke --input."
+    )
+    output: OutputSpec | None = Field(
+        None, description="Required unless given with each run (run parameter output_path), as Azure's invoke --output-path."
+    )
+    compute: str | None = Field(
+        None,
+        description="Azure's compute cluster, azureml:<name>: the scoring tasks' Airflow queue <name> "
+        "(resources.queue), unless resources.queue is set.",
+    )
     transform: TransformSettings | None = Field(
         None,
         validate_default=True,
@@ -260,6 +373,39 @@ class DeploymentSpec(StrictModel):
         Resources(),
         description="Instances, GPUs, memory, network, queue and pool of the scoring containers.",
     )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _registered_model(cls, value: Any) -> Any:
+        return reference_model(value) if is_reference(value) else value
+
+    @field_validator("compute")
+    @classmethod
+    def _compute_name(cls, value: str | None) -> str | None:
+        if value is not None and compute_queue(value) is None:
+            raise ValueError(
+                f"compute {value!r} must be azureml:<name> (or <name>): letters, digits, '_' and '-', as an Airflow queue"
+            )
+        return value
+
+    @property
+    def queue(self) -> str | None:
+        """The scoring tasks' Airflow queue: ``resources.queue``, else the one ``compute`` maps to, else none."""
+        return self.resources.queue or (compute_queue(self.compute) if self.compute else None)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """``input``: from the YAML, or from the run's parameter; raises when neither gave it."""
+        if self.input is None:
+            raise RunParamError(missing_location(self.name, "input", "input_path"))
+        return self.input
+
+    @property
+    def output_spec(self) -> OutputSpec:
+        """``output``: from the YAML, or from the run's parameter; raises when neither gave it."""
+        if self.output is None:
+            raise RunParamError(missing_location(self.name, "output", "output_path"))
+        return self.output
 
     @field_validator("code_configuration")
     @classmethod
@@ -311,6 +457,8 @@ class DeploymentSpec(StrictModel):
                 "settings.output_file_name: the .out files of a serving container are joined as text, "
                 "so the collected output cannot be .parquet; use .csv or .jsonl"
             )
+        if self.environment.conda_file is not None:
+            raise ValueError("environment.conda_file is for contract: azure; a serving image brings its own packages")
         model = self.model.path
         if isinstance(model, Path) and model.is_file() and not model.name.lower().endswith(MODEL_ARCHIVE_SUFFIXES):
             raise ValueError(f"model.path {model} must be a folder or a model archive (.tar.gz) for contract: serve")
@@ -322,6 +470,8 @@ class DeploymentSpec(StrictModel):
 
     @model_validator(mode="after")
     def _output_apart_from_input(self) -> DeploymentSpec:
+        if self.input is None or self.output is None:
+            return self
         clash = output_overlap(self.input.path, self.output.path)
         if clash:
             raise ValueError(f"output.path {clash}; {OUTPUT_OVERLAP_ADVICE}")
@@ -338,3 +488,21 @@ class DeploymentSpec(StrictModel):
                 "raise resources.gpus, or set resources.share_gpus: true"
             )
         return self
+
+
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+def compute_queue(compute: str) -> str | None:
+    """The Airflow queue Azure's ``compute: azureml:<name>`` maps to: ``<name>``; ``None`` when it cannot be a queue."""
+    name = compute.removeprefix("azureml:")
+    return name if _QUEUE_NAME.fullmatch(name) else None
+
+
+def missing_location(name: str, key: str, param: str) -> str:
+    """Why a run of deployment ``name`` cannot start: its YAML has no ``key`` and the run parameter ``param`` is unset."""
+    return (
+        f"run parameter {param} is required: deployment {name!r} has no {key} in its YAML (as Azure's, which "
+        f"takes it when a job is invoked); trigger the run with {param} set (the trigger form, or conf "
+        f'{{"{param}": "..."}}), or add {key}.path to the YAML'
+    )

@@ -198,11 +198,26 @@ class EndpointSpec(StrictModel):
             seen: dict[Any, str] = {}
             for d in deployments:
                 value = getattr(d, attr)
+                if value is None:  # an output given with each run: one folder per deployment below it
+                    continue
                 key = value.path if attr == "output" else value
                 if key in seen:
                     raise ValueError(f"deployments {seen[key]!r} and {d.name!r} have the same {what}: {key}")
                 seen[key] = d.name
         return deployments
+
+    @model_validator(mode="after")
+    def _scheduled_runs_have_locations(self) -> EndpointSpec:
+        if self.schedule is None:
+            return self
+        for i, d in enumerate(self.deployments):
+            for key in ("input", "output"):
+                if getattr(d, key) is None:
+                    raise ValueError(
+                        f"deployments[{i}] has no {key}, so each run must give it, but a scheduled run has no "
+                        f"trigger form: add {key}.path to the deployment, or remove schedule"
+                    )
+        return self
 
     @property
     def dag_id(self) -> str:
@@ -221,6 +236,16 @@ class DeploymentFile(DeploymentSpec):
     endpoint_name: Name = Field(description=ENDPOINT_NAME_DESCRIPTION)
     type: Literal["model"] = Field("model", description="Azure's `type: model`, accepted as it is.")
     schedule: Schedule = Field(None, description=SCHEDULE_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _scheduled_runs_have_locations(self) -> DeploymentFile:
+        for key in ("input", "output"):
+            if self.schedule is not None and getattr(self, key) is None:
+                raise ValueError(
+                    f"schedule is set but {key} is not, and a scheduled run has no trigger form to give it: "
+                    f"add {key}.path, or remove schedule"
+                )
+        return self
 
     def to_endpoint(self, context: dict[str, Any]) -> EndpointSpec:
         own = {"schema_", "endpoint_name", "type", "schedule"}

@@ -15,9 +15,22 @@ from batchscore.errors import SpecIssue
 from batchscore.spec.base import short
 
 #: Keys of Azure's deployment YAML that batchscore spells otherwise, and how (top level only).
-KEY_HINTS = {
-    "compute": "Azure's compute cluster is an Airflow queue here: set resources.queue to a queue that "
-    "the Celery workers of those machines serve (docs/operations/compose-celery.md)",
+_LEGACY = (
+    "Azure's legacy layout (no type:) keeps settings at the top level; batchscore reads them under settings: "
+    "(as Azure does with type: model), so move it there"
+)
+KEY_HINTS: dict[str, str] = {
+    key: _LEGACY
+    for key in (
+        "mini_batch_size",
+        "max_concurrency_per_instance",
+        "output_action",
+        "output_file_name",
+        "retry_settings",
+        "error_threshold",
+        "logging_level",
+        "environment_variables",
+    )
 }
 
 

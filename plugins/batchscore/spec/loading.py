@@ -12,6 +12,9 @@ from batchscore.errors import DeploymentSpecError, SpecIssue
 from batchscore.spec.endpoint import DeploymentFile, EndpointSpec
 from batchscore.spec.issues import booleans_for_numbers, dotted, validation_issues
 
+#: The ``$schema`` of Azure's batch *endpoint* YAML (``endpoint.yml``), which sits beside its deployments' folders.
+AZURE_ENDPOINT_SCHEMA = "batchEndpoint.schema.json"
+
 
 def load_endpoint(path: Path | str) -> EndpointSpec:
     """Load and validate one YAML file; raises :class:`DeploymentSpecError` naming file, line and key."""
@@ -66,6 +69,13 @@ def load_endpoint(path: Path | str) -> EndpointSpec:
     if duplicates:
         raise DeploymentSpecError(path, duplicates)
 
+    schema = data.get("$schema")
+    if isinstance(schema, str) and schema.rstrip("/").endswith(AZURE_ENDPOINT_SCHEMA):
+        message = (
+            f"this is Azure's batch endpoint file ({AZURE_ENDPOINT_SCHEMA}), not a deployment; batchscore makes the "
+            "endpoint (the DAG) from each deployment's endpoint_name, so move this file out of the deployments folder"
+        )
+        raise DeploymentSpecError(path, [SpecIssue(lines.get(("$schema",)), "$schema", message)])
     model = _layout(data)
     context = {"base_dir": path.parent.resolve()}
     booleans = booleans_for_numbers(model, data, lines)
