@@ -84,9 +84,9 @@ class ModelSpec(Located):
     reference: str | None = Field(
         None, description="The azureml:<name>@latest or azureml:<name>:<version> reference this model was resolved from."
     )
-    description: str | None = None
+    description: str | None = Field(None, description="The model's description (informational, as in Azure's registry).")
     type: str | None = Field(None, description="Azure's model type: custom_model (the default); others are refused.")
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict, description="The model's tags (informational, as in Azure's registry).")
 
     @field_validator("version", mode="before")
     @classmethod
@@ -229,7 +229,7 @@ class EnvironmentSpec(StrictModel):
         description="A Docker image reference, [registry[:port]/]name[:tag][@sha256:digest]; the name in lowercase. "
         "With conda_file: the base of the image built (an Azure base image means batchscore's scoring base).",
     )
-    description: str | None = None
+    description: str | None = Field(None, description="The environment's description (informational, as in Azure's YAML).")
 
     @model_validator(mode="before")
     @classmethod
