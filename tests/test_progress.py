@@ -33,10 +33,11 @@ def test_before_the_plan_there_is_no_total() -> None:
     assert progress_line(Progress(total=None), 12) == "mini-batches: planning ..."
 
 
-def test_nothing_finished_yet_has_no_eta_and_no_rate_at_zero_seconds() -> None:
-    assert progress_line(Progress(total=40, running=4, rows=0, failed_items=0), 0) == (
-        "mini-batches 0/40: 0 done, 0 failed, 4 running | 0 rows | ETA --"
-    )
+def test_nothing_finished_yet_has_no_eta_and_no_rate() -> None:
+    for elapsed in (0, 5):
+        assert progress_line(Progress(total=40, running=4, rows=0, failed_items=0), elapsed) == (
+            "mini-batches 0/40: 0 done, 0 failed, 4 running | 0 rows | ETA --"
+        )
 
 
 def test_rate_and_eta_extrapolate_what_finished() -> None:
@@ -88,6 +89,8 @@ def test_elsewhere_plain_lines_only_when_changed_and_not_too_often(monkeypatch: 
     display.show(Progress(total=4, done=1, running=3))  # changed, and time enough since the first: shown
     clock[0] += 1
     display.show(Progress(total=4, done=2, running=2))  # changed, but too soon: not shown
+    display.show(Progress(total=4, done=4))  # changed, too soon: not shown; but the scoring ended here
+    clock[0] += 30  # the merge runs: it is not the scoring's time
     display.show(Progress(total=4, done=4), final=True)  # the last one always
     assert "\r" not in out.getvalue()
     assert out.getvalue().splitlines() == [

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from batchscore.localairflow import LocalAirflow, LocalAirflowError
+from batchscore.progress import Progress, ProgressReader
 from batchscore.scoring.workers import run_digest
+from tests.helpers import load
 from tests.test_signals import WAIT_S, Command, still_running
 
 pytestmark = [pytest.mark.docker, pytest.mark.scheduler]
@@ -128,6 +130,12 @@ def test_run_keep_shows_plain_progress_lines_then_stays_up_until_sigterm(command
     assert re.search(r"\| took \d+(m\d\ds|s)$", progress[-1]), progress[-1]
     assert len(progress) == len(set(progress))  # one line only when something changed
     assert client.dag_run(cmd.endpoint, run_id)["state"] == "success"  # still up, and logged in
+    # The rows come from the run folder here; with none (object storage, no copy here), from the score tasks' XCom.
+    deployments = load(cmd.root / "deployments" / f"{cmd.endpoint}.yaml").deployments
+    reader = ProgressReader(client, cmd.endpoint, run_id, deployments)
+    assert reader.read() == Progress(total=2, done=2, failed=0, running=0, rows=2, failed_items=0)
+    reader.folders = dict.fromkeys(reader.folders)
+    assert reader.read() == Progress(total=2, done=2, failed=0, running=0, rows=2, failed_items=0)
     processes = cmd.processes()
 
     cmd.proc.send_signal(signal.SIGTERM)

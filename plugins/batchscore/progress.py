@@ -87,7 +87,7 @@ def progress_line(p: Progress, elapsed: float) -> str:
         if p.failed_items:
             items += f" ({p.failed_items:,} failed item{'' if p.failed_items == 1 else 's'})"
         parts.append(items)
-        if elapsed > 0:
+        if elapsed > 0 and p.rows:
             parts.append(f"{format_rate(p.rows / elapsed)} rows/s")
     if finished >= p.total:
         parts.append(f"took {format_duration(elapsed)}")
@@ -218,18 +218,24 @@ class ProgressDisplay:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.started: float | None = None  # monotonic time the scoring started (the first plan known)
+        self.ended: float | None = None  # and when its last mini-batch finished (the merge may still run)
         self._shown: Progress | None = None
         self._shown_at = 0.0
         self._width = 0  # of the line on the terminal, to blank what a shorter one leaves
 
     def elapsed(self, now: float) -> float:
-        return 0.0 if self.started is None else now - self.started
+        """Seconds the scoring has taken by ``now`` (a ``time.monotonic()``), or took."""
+        return 0.0 if self.started is None else (self.ended or now) - self.started
 
     def show(self, p: Progress, *, final: bool = False) -> None:
         """Show ``p`` (``final``: the last one, always shown, and the terminal line ends)."""
         now = time.monotonic()
         if self.started is None and p.total is not None:
             self.started = now
+        if p.total is not None and p.done + p.failed >= p.total:
+            self.ended = self.ended or now
+        else:
+            self.ended = None  # (a mini-batch cleared and rerun meanwhile)
         line = "  " + progress_line(p, self.elapsed(now))
         if self.tty:
             pad = " " * max(0, self._width - len(line))
