@@ -98,3 +98,11 @@ def test_elsewhere_plain_lines_only_when_changed_and_not_too_often(monkeypatch: 
         "  mini-batches 1/4: 1 done, 0 failed, 3 running | ETA 15s",
         "  mini-batches 4/4: 4 done, 0 failed, 0 running | took 6s",
     ]
+
+
+def test_elsewhere_the_last_line_is_not_repeated() -> None:
+    out = io.StringIO()
+    display = ProgressDisplay(out, tty=False)
+    display.show(Progress(total=1, done=1))
+    display.show(Progress(total=1, done=1), final=True)
+    assert out.getvalue() == "  mini-batches 1/1: 1 done, 0 failed, 0 running | took 0s\n"

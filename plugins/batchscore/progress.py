@@ -7,7 +7,7 @@ scored, rows/s and the ETA.
   storage has its mirror here, where the tasks of a local Airflow commit), else from the score tasks' XCom
   return values (``{"rows", "failed_items"}``) through the API, else none (only mini-batches are shown).
 * :class:`ProgressDisplay` shows it: on a terminal one line rewritten in place (``\\r``); otherwise a plain
-  line now and then (every :data:`PLAIN_EVERY_S` seconds at most, and only when something changed).
+  line now and then (every :data:`PLAIN_EVERY_S` seconds at most, and only when something changed), and the last one.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ class ProgressDisplay:
         return 0.0 if self.started is None else (self.ended or now) - self.started
 
     def show(self, p: Progress, *, final: bool = False) -> None:
-        """Show ``p`` (``final``: the last one, always shown, and the terminal line ends)."""
+        """Show ``p`` (``final``: the last one, shown unless it was just shown, and the terminal line ends)."""
         now = time.monotonic()
         if self.started is None and p.total is not None:
             self.started = now
@@ -241,7 +241,7 @@ class ProgressDisplay:
             pad = " " * max(0, self._width - len(line))
             self.stream.write("\r" + line + pad + ("\n" if final else ""))
             self._width = 0 if final else len(line)
-        elif final or (p != self._shown and now - self._shown_at >= PLAIN_EVERY_S):
+        elif p != self._shown and (final or now - self._shown_at >= PLAIN_EVERY_S):
             self.stream.write(line + "\n")
             self._shown, self._shown_at = p, now
         self.stream.flush()
