@@ -1,4 +1,5 @@
-# batchscore: `make demo` runs the example end to end; `make test` runs the suite (lint, type check and docs first);
+# batchscore: `make demo` runs the example end to end (`make up` leaves its Airflow up, for its UI); `make test` runs the
+# suite (lint, type check and docs first);
 # `make test-unit` the tests that need neither Docker nor a scheduler, for the edit-test loop.
 # Every target is safe to repeat: what was built before is reused.
 
@@ -13,7 +14,7 @@ IRIS   := include/examples/iris
 MODEL  := $(IRIS)/model/iris-classifier/model.joblib
 
 .DEFAULT_GOAL := help
-.PHONY: help venv images images-gpu images-airflow images-serve example demo demo-s3 compose-env lint typecheck docs test-unit test bench bench-peers schema lock clean
+.PHONY: help venv images images-gpu images-airflow images-serve example demo up demo-s3 compose-env lint typecheck docs test-unit test bench bench-peers schema lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -44,6 +45,9 @@ $(MODEL): $(IRIS)/train.py
 
 demo: venv example  ## run the example DAG on a real scheduler and print where its output is
 	$(BIN)/python -m batchscore run iris-batch --dags-folder dags --home .airflow
+
+up: venv example  ## the demo's Airflow (.airflow), left up: prints its URL and login; Ctrl-C stops it and removes its runs' containers
+	$(BIN)/python -m batchscore up --dags-folder dags --home .airflow
 
 demo-s3: venv example  ## the example with model, input and output on a local S3 server (SeaweedFS); KEEP=1 keeps it up after
 	$(BIN)/python -m batchscore demo-s3 --dags-folder dags --home .airflow-s3 $(if $(KEEP),--keep)

@@ -97,6 +97,26 @@ def test_child_env_is_hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == f"http://127.0.0.1:{af.port}/execution/"
 
 
+def test_a_stack_with_a_login_says_when_its_password_is_missing(tmp_path: Path) -> None:
+    af = LocalAirflow(tmp_path / "home", tmp_path / "dags", login=True)
+    env = af.child_env()
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "False"
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == "admin:admin"
+    file = tmp_path / "home" / "simple_auth_manager_passwords.json.generated"
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] == str(file)
+    without = LocalAirflow(tmp_path / "home", tmp_path / "dags").child_env()
+    assert without["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "True"
+    with pytest.raises(LocalAirflowError) as err:
+        af.login_password()
+    assert str(err.value) == (
+        f"local Airflow: no password of 'admin' in {file} ([Errno 2] No such file or directory: '{file}'); the api-server "
+        "writes it when it starts in this home: stop Airflow, delete the file if it is there, and start Airflow again"
+    )
+    file.parent.mkdir()
+    file.write_text('{"admin": "s3cret"}\n')
+    assert af.login_password() == "s3cret"
+
+
 def test_start_refuses_a_busy_port(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

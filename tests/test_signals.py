@@ -74,15 +74,19 @@ stubborn()
 
 
 class Command:
-    """``python -m batchscore run`` of a staged warm deployment, and what the test knows of it."""
+    """``python -m batchscore run`` of a staged warm deployment, and what the test knows of it.
 
-    def __init__(self, root: Path, *extra: str, stubborn: bool = False) -> None:
+    ``verb="up"`` starts ``python -m batchscore up`` on the same DAG folder instead (tests/test_up.py), and
+    ``script`` replaces the scoring script that blocks.
+    """
+
+    def __init__(self, root: Path, *extra: str, stubborn: bool = False, verb: str = "run", script: str | None = None) -> None:
         self.root = root
         self.endpoint = f"signals-{uuid.uuid4().hex[:8]}"
         self.mark = uuid.uuid4().hex
         self.seen: set[tuple[int, float]] = set()  # every process of the command the test saw
         (root / "model").mkdir()
-        write(root / "code" / "score.py", BLOCKING_SCRIPT)
+        write(root / "code" / "score.py", script or BLOCKING_SCRIPT)
         self.output = root / "output"
         yaml_path = deployment_file(
             root / "deployments", model=root / "model", code=root / "code",
@@ -106,7 +110,8 @@ class Command:
         self.log = root / "command.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "batchscore", "run", self.endpoint, "--dags-folder", str(self.dags),
+                [sys.executable, "-m", "batchscore", *([verb, self.endpoint] if verb == "run" else [verb]),
+                 "--dags-folder", str(self.dags),
                  "--home", str(root / "airflow"), *extra],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip

@@ -104,7 +104,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, iris_example: Path) -> Itera
     af = LocalAirflow(root / "airflow", dags, env=env)
     af.start()
     try:
-        af.token = af.login("admin", PASSWORDS["admin"])
+        af.login("admin", PASSWORDS["admin"])
         af.wait_for_dag(DAG_ID)
         run_id = af.trigger(DAG_ID)
         yield {"af": af, "run_id": run_id, "model": model}
@@ -161,8 +161,8 @@ def test_the_plugin_is_registered_by_its_entry_point_and_adds_a_dag_run_tab(stac
 def test_the_endpoints_enforce_airflows_auth_manager(stack: dict) -> None:
     af: LocalAirflow = stack["af"]
     urls = _urls(af, stack["run_id"])
-    viewer = af.login("viewer", PASSWORDS["viewer"])
-    outsider = af.login("outsider", PASSWORDS["outsider"])
+    viewer = af.fetch_token("viewer", PASSWORDS["viewer"])
+    outsider = af.fetch_token("outsider", PASSWORDS["outsider"])
     for what in ("page", "report", "summary"):
         assert _get(urls[what])[0] == 401, what  # no credential
         assert _get(urls[what], "not-a-jwt")[0] == 403, what  # a credential the auth manager refuses
@@ -267,7 +267,7 @@ def test_the_tab_in_a_browser_shows_a_running_then_a_finished_run_and_its_clear_
         button = f"{section}.querySelector('button.clear[data-map-index=\"1\"]')"
         before = _states(af, run_id)
         # A viewer sees the run, but Airflow refuses them the clear: the button calls its API as the viewer.
-        b.set_cookie("_token", af.login("viewer", PASSWORDS["viewer"]), af.base_url)
+        b.set_cookie("_token", af.fetch_token("viewer", PASSWORDS["viewer"]), af.base_url)
         b.open(urls["page"])
         b.wait_for(f"{shown('phase')} === 'merged'", what="the finished run's report, as a viewer")
         b.evaluate(f"{button}.click()")

@@ -1,6 +1,8 @@
 """``python -m batchscore``: run a deployment's DAG on a local Airflow, or check YAML files.
 
     python -m batchscore run iris-batch          # api-server + scheduler + dag-processor, one run
+    python -m batchscore run iris-batch --keep   # the same, and Airflow stays up after the run until Ctrl-C
+    python -m batchscore up                      # the same Airflow, left up (URL and login printed) until Ctrl-C
     python -m batchscore demo-s3                 # the same on a local S3 server (batchscore.demo_s3)
     python -m batchscore check dags/deployments  # load YAML files exactly as the DAG file does
     python -m batchscore import-transform-job job.json --model model.json -o job.yaml  # from SageMaker
@@ -9,6 +11,8 @@ SIGINT (Ctrl-C), SIGTERM and SIGHUP stop ``run`` cleanly (:mod:`batchscore.shutd
 components and every process they started, then every container of the run (warm workers,
 serving and scoring containers); one line says what was stopped, and the exit status is 128 + the
 signal's number (130 for Ctrl-C). A second signal during that shutdown kills what is left at once.
+``up`` and ``run --keep`` (:mod:`batchscore.local_up`) are meant to end by a signal: the same stop, and
+``up`` exits 0, ``run --keep`` with its run's status. ``run`` shows a progress line (:mod:`batchscore.progress`).
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batchscore import shutdown
 from batchscore.errors import BatchScoreError, DeploymentSpecError
 from batchscore.factory import find_yaml_files, load_folder
+from batchscore.progress import ProgressDisplay, ProgressReader
 from batchscore.run_params import apply_run_params
 from batchscore.run_store import place
-from batchscore.spec import EndpointSpec, load_endpoint
+from batchscore.spec import DeploymentSpec, EndpointSpec, load_endpoint
+
+if TYPE_CHECKING:
+    from batchscore.localairflow import LocalAirflow
 
 
 def _endpoint(deployments: Path, dag_id: str) -> EndpointSpec:
@@ -41,12 +50,16 @@ def _endpoint(deployments: Path, dag_id: str) -> EndpointSpec:
     raise SystemExit(f"no valid deployment YAML in {deployments} defines endpoint {dag_id!r}")
 
 
-def _progress(tis: list[dict]) -> str:
-    counts: dict[str, int] = {}
-    for ti in tis:
-        state = ti.get("state") or "not started"
-        counts[state] = counts.get(state, 0) + 1
-    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+def _deployments(endpoint: EndpointSpec, conf: dict) -> list[DeploymentSpec]:
+    """The endpoint's deployments as a run with ``conf`` sees them (its output folder, or the one its conf chose)."""
+    found = []
+    for deployment in endpoint.deployments:
+        try:
+            deployment = apply_run_params(deployment, conf, several_deployments=len(endpoint.deployments) > 1)
+        except BatchScoreError:
+            pass  # the plan task refuses the conf and says why
+        found.append(deployment)
+    return found
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     dags_folder = Path(args.dags_folder).resolve()
     deployments = Path(os.environ.get("BATCHSCORE_DEPLOYMENTS_DIR", dags_folder / "deployments"))
     endpoint = _endpoint(deployments, args.dag_id)
-    airflow = LocalAirflow(Path(args.home).resolve(), dags_folder, stop_grace=args.stop_grace)
+    conf = json.loads(args.conf) if args.conf else {}
+    keep = getattr(args, "keep", False)
+    airflow = LocalAirflow(Path(args.home).resolve(), dags_folder, stop_grace=args.stop_grace, login=keep)
     print(f"Starting Airflow (api-server, scheduler, dag-processor) in {airflow.home} ...", flush=True)
     # Leaving the block stops the components, every process they started and the run's containers.
     with airflow, _saying_what_stops():
@@ -67,42 +82,61 @@ def run(args: argparse.Namespace) -> int:
                 print(f"import error in {err.get('filename')}:\n{err.get('stack_trace')}", file=sys.stderr)
             print(exc, file=sys.stderr)
             return 1
-        run_id = airflow.trigger(args.dag_id, conf=json.loads(args.conf) if args.conf else None)
+        run_id = airflow.trigger(args.dag_id, conf=conf or None)
         print(f"Triggered run {run_id}", flush=True)
-        deadline = time.monotonic() + args.timeout
-        last = ""
+        state = _follow(airflow, args, run_id, ProgressReader(airflow, args.dag_id, run_id, _deployments(endpoint, conf)))
+        if state is None:
+            return 1
+        if state == "failed":
+            _show_failures(airflow, args.dag_id, run_id)
+        _show_summaries(args.dag_id, run_id, state, _deployments(endpoint, conf))
+        if keep:
+            from batchscore.local_up import keep_up
+
+            keep_up(airflow)
+    if shutdown.interrupted():  # --keep ended by a signal, as it is meant to
+        shutdown.say(shutdown.report())
+    return 0 if state == "success" else 1
+
+
+def _follow(airflow: LocalAirflow, args: argparse.Namespace, run_id: str, reader: ProgressReader) -> str | None:
+    """Show the progress line until the run ends; its final state, or ``None`` after ``--timeout``."""
+    display = ProgressDisplay()
+    deadline = time.monotonic() + args.timeout
+    try:
         while True:
             state = airflow.dag_run(args.dag_id, run_id)["state"]
-            line = _progress(airflow.task_instances(args.dag_id, run_id))
-            if line != last:
-                print(f"  {state}: {line}", flush=True)
-                last = line
+            progress = reader.read()
             if state in ("success", "failed"):
-                break
+                display.show(progress, final=True)
+                return state
+            display.show(progress)
             if time.monotonic() > deadline:
+                display.interrupt()
                 print(f"run {run_id} still {state} after {args.timeout} s", file=sys.stderr)
-                return 1
+                return None
             time.sleep(2)
-        if state == "failed":
-            for ti in airflow.task_instances(args.dag_id, run_id):
-                if ti.get("state") == "failed":
-                    label = ti.get("rendered_map_index") or ti["task_id"]
-                    print(f"\nFailed: {ti['task_id']} {label}", file=sys.stderr)
-                    log = airflow.task_log(
-                        args.dag_id,
-                        run_id,
-                        ti["task_id"],
-                        map_index=ti.get("map_index", -1),
-                        try_number=max(1, ti.get("try_number") or 1),
-                    )
-                    print("\n".join(log.splitlines()[-15:]), file=sys.stderr)
-    print(f"\nRun {run_id} of {args.dag_id}: {state}")
-    conf = json.loads(args.conf) if args.conf else {}
-    for deployment in endpoint.deployments:
-        try:  # where this run wrote: the YAML's output folder, or the one its conf chose
-            deployment = apply_run_params(deployment, conf, several_deployments=len(endpoint.deployments) > 1)
-        except BatchScoreError:
-            pass  # the plan task refused the conf and said why above
+    except BaseException:
+        display.interrupt()  # the terminal line ends before the stop says why
+        raise
+
+
+def _show_failures(airflow: LocalAirflow, dag_id: str, run_id: str) -> None:
+    """The last lines of the log of each failed task instance."""
+    for ti in airflow.task_instances(dag_id, run_id):
+        if ti.get("state") == "failed":
+            label = ti.get("rendered_map_index") or ti["task_id"]
+            print(f"\nFailed: {ti['task_id']} {label}", file=sys.stderr)
+            log = airflow.task_log(
+                dag_id, run_id, ti["task_id"], map_index=ti.get("map_index", -1), try_number=max(1, ti.get("try_number") or 1)
+            )
+            print("\n".join(log.splitlines()[-15:]), file=sys.stderr)
+
+
+def _show_summaries(dag_id: str, run_id: str, state: str, deployments: list[DeploymentSpec]) -> None:
+    """Where each deployment's output, summary, ledger and errors are."""
+    print(f"\nRun {run_id} of {dag_id}: {state}")
+    for deployment in deployments:
         placement = place(deployment, run_id)  # the run folder may be on object storage
         summary = placement.read_summary()
         if summary is not None:
@@ -118,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
             if summary.items.failed:
                 print(f"    errors:  {summary.errors}")
         else:
-            print(f"  {deployment.name}: no summary in {placement.where()}")
-    return 0 if state == "success" else 1
+            print(f"  {deployment.name}: no summary in {placement.where()}", flush=True)
 
 
 @contextlib.contextmanager
@@ -143,7 +176,7 @@ def demo_s3(args: argparse.Namespace) -> int:
     if not source.is_file():
         raise SystemExit(f"no deployment YAML {source}: run demo-s3 from the project's folder, or give --dags-folder")
     with s3_demo(home, source) as demo:
-        status = run(argparse.Namespace(**{**vars(args), "home": str(home / "airflow"), "conf": None}))
+        status = run(argparse.Namespace(**{**vars(args), "home": str(home / "airflow"), "conf": None, "keep": False}))
         print(f"\n{demo.describe_output()}")
         if args.keep:
             demo.write_env_file()
@@ -153,6 +186,12 @@ def demo_s3(args: argparse.Namespace) -> int:
             print("\nThe S3 server stops now. To keep it up after the run and look at the output: make demo-s3 KEEP=1 "
                   "(python -m batchscore demo-s3 --keep)")  # fmt: skip
     return status
+
+
+def _up(args: argparse.Namespace) -> int:
+    from batchscore.local_up import up
+
+    return up(args)
 
 
 def check(args: argparse.Namespace) -> int:
@@ -193,7 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         "--stop-grace", type=float, default=20, metavar="SECONDS",
         help="after a signal, how long Airflow's processes get to end before they are killed (default 20)",
     )  # fmt: skip
+    p_run.add_argument("--keep", action="store_true", help="leave Airflow up after the run, as `up` does, until Ctrl-C")
     p_run.set_defaults(func=run)
+    p_up = sub.add_parser("up", help="start the local Airflow of the demo and leave it up (URL and login printed) until Ctrl-C")
+    p_up.add_argument("--dags-folder", default="dags")
+    p_up.add_argument("--home", default=".airflow", help="AIRFLOW_HOME of the local Airflow (the demo's by default)")
+    p_up.add_argument("--port", type=int, help="the port of the UI and API on 127.0.0.1 (default: a free one)")
+    p_up.add_argument("--stop-grace", type=float, default=20, metavar="SECONDS", help="as for run")
+    p_up.set_defaults(func=_up)
     p_demo = sub.add_parser("demo-s3", help="run the iris example with its model, input and output on a local S3 server")
     p_demo.add_argument("--dags-folder", default="dags")
     p_demo.add_argument("--home", default=".airflow-s3", help="the demo's folder: the S3 server's data, the YAML, Airflow's home")

@@ -20,6 +20,8 @@ from typing import Any
 TERMINAL_RUN_STATES = ("success", "failed")
 #: Seconds between two looks at something being waited for.
 POLL_S = 1.0
+#: Where the simple auth manager hands out a token for a user name and password.
+TOKEN_PATH = "/auth/token"
 
 
 class LocalAirflowError(RuntimeError):
@@ -39,9 +41,8 @@ class AirflowClient:
         self.started_at: datetime | None = None  # UTC; older runs and parses are an earlier session's
         self.runs: set[tuple[str, str]] = set()  # (dag_id, run_id) triggered or cleared through this object
         self._triggering: set[str] = set()  # dags whose trigger has not answered (yet)
-        #: A JWT sent as ``Authorization: Bearer`` with every call (:meth:`login`); ``None``: none, for an
-        #: api-server whose auth manager lets every request in (LocalAirflow's all-admins default).
-        self.token: str | None = None
+        self._credentials: tuple[str, str] | None = None  # set by login()
+        self._token: str | None = None  # the bearer token of every call after login()
 
     def _check_alive(self) -> None:
         """Raise :class:`LocalAirflowError` when the components behind the API are gone (a waiting
@@ -69,25 +70,43 @@ class AirflowClient:
         if query:
             url += "?" + urllib.parse.urlencode(query, doseq=True)
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method)
-        req.add_header("Accept", "application/json")
-        if self.token is not None:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:2000]
-            raise LocalAirflowError(f"{method} {path}: HTTP {e.code}: {detail}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise LocalAirflowError(f"{method} {path}: {e}") from None
-        return json.loads(raw) if raw else None
+        for renewed in (False, True):
+            req = urllib.request.Request(url, data=data, method=method)
+            req.add_header("Accept", "application/json")
+            if data is not None:
+                req.add_header("Content-Type", "application/json")
+            if self._token is not None and path != TOKEN_PATH:
+                req.add_header("Authorization", f"Bearer {self._token}")
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    raw = resp.read()
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:2000]
+                if e.code == 401 and self._credentials is not None and path != TOKEN_PATH and not renewed:
+                    self.login(*self._credentials)  # the token expired: a new one, and the call once more
+                    continue
+                raise LocalAirflowError(f"{method} {path}: HTTP {e.code}: {detail}") from None
+            except (urllib.error.URLError, OSError) as e:
+                raise LocalAirflowError(f"{method} {path}: {e}") from None
+            return json.loads(raw) if raw else None
+        raise AssertionError("unreachable: the second try returns or raises")
 
-    def login(self, username: str, password: str) -> str:
-        """A JWT of the auth manager for ``username`` (``POST /auth/token``); it is not kept (see :attr:`token`)."""
-        return self.api("POST", "/auth/token", {"username": username, "password": password})["access_token"]
+    def login(self, username: str, password: str) -> None:
+        """Log in to an Airflow whose simple auth manager wants a password (``POST /auth/token``):
+        every later call sends the token, and a call refused with 401 (the token expired) logs in again."""
+        self._credentials = (username, password)
+        self._token = None
+        self._token = self.fetch_token(username, password)
+
+    @property
+    def token(self) -> str | None:
+        """The JWT every call sends as ``Authorization: Bearer`` since :meth:`login`; ``None`` before (an
+        api-server whose auth manager lets every request in, LocalAirflow's all-admins default)."""
+        return self._token
+
+    def fetch_token(self, username: str, password: str) -> str:
+        """A JWT of the auth manager for ``username`` (``POST /auth/token``), not kept: for a second user's calls."""
+        return self.api("POST", TOKEN_PATH, {"username": username, "password": password})["access_token"]
 
     def get_dag(self, dag_id: str) -> dict | None:
         """Return the dag as the API shows it, or ``None`` if it is not (yet) known."""
@@ -169,6 +188,19 @@ class AirflowClient:
             if self.started_at is None or utc_time(run.get("queued_at") or run["run_after"]) >= self.started_at
         ]  # fmt: skip
 
+    def adopt_runs(self) -> None:
+        """Add to :attr:`runs` the runs of every dag that this session may have started containers for: those
+        queued since the start (:attr:`started_at`), triggered or cleared from the UI too (a clear queues the run
+        anew), and those still queued or running (an earlier session's run that this scheduler goes on with)."""
+        since = {"updated_at_gte": self.started_at.isoformat()} if self.started_at is not None else {}
+        recent = self._paged("/api/v2/dags/~/dagRuns", "dag_runs", query=since)
+        live = self._paged("/api/v2/dags/~/dagRuns", "dag_runs", query={"state": ["queued", "running"]})
+        self.runs |= {
+            (run["dag_id"], run["dag_run_id"]) for run in recent + live
+            if run.get("state") in ("queued", "running") or self.started_at is None
+            or utc_time(run.get("queued_at") or run["run_after"]) >= self.started_at
+        }  # fmt: skip
+
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         """Return all task instances of a run, mapped ones included (one per ``map_index``)."""
         return self._paged(f"/api/v2/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances", "task_instances")
@@ -220,10 +252,10 @@ class AirflowClient:
             return content
         return "\n".join(_log_line(entry) for entry in content)
 
-    def _paged(self, path: str, key: str, page: int = 100) -> list[dict]:
+    def _paged(self, path: str, key: str, page: int = 100, query: dict[str, Any] | None = None) -> list[dict]:
         items: list[dict] = []
         while True:
-            resp = self.api("GET", path, query={"limit": page, "offset": len(items)})
+            resp = self.api("GET", path, query={**(query or {}), "limit": page, "offset": len(items)})
             chunk = resp[key]
             items.extend(chunk)
             if not chunk or len(items) >= resp.get("total_entries", 0):

@@ -36,7 +36,12 @@ interfaces; the api-server reads the task logs from ``logs/`` directly).
 
 Authentication: with ``[core] simple_auth_manager_all_admins = True`` the
 SimpleAuthManager installs a middleware that adds an admin JWT to every
-request, so the REST API needs no login or token.  The task runners talk to
+request, so the REST API needs no login or token.  A stack left up for a person
+(``login=True``: ``python -m batchscore up``, ``run --keep``) has one user instead,
+:data:`LOGIN_USER` (an admin), whose password the api-server generates on its first
+start into ``simple_auth_manager_passwords.json.generated`` in the home (readable by its
+owner only; kept, so the password stays the same across starts): :meth:`LocalAirflow.login_password`
+reads it, and the stack's own client logs in with it.  The task runners talk to
 the Execution API with JWTs minted by the scheduler, hence one
 ``[api_auth] jwt_secret`` shared by all components.
 
@@ -56,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import secrets
 import signal
@@ -87,6 +93,11 @@ _COMMANDS = {
 MARK_ENV = "BATCHSCORE_LOCAL_AIRFLOW"
 _LOG_TAIL_LINES = 40
 
+
+#: The one user of a stack started with ``login=True`` (an admin of the simple auth manager).
+LOGIN_USER = "admin"
+#: Where the api-server writes its password, in the home.
+PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
 
 #: ``[core] max_map_length`` of the local stack: mapped instances one task may expand to, so
 #: mini-batches one run may have (Airflow's default is 1024).
@@ -149,6 +160,8 @@ class LocalAirflow(AirflowClient):
     :param parallelism: ``[core] parallelism``, the most task instances
         running at once.
     :param stop_grace: seconds :meth:`stop` gives the processes to end before it kills them.
+    :param login: the UI and the API want a login (:data:`LOGIN_USER` and the password the api-server
+        generates, :meth:`login_password`) instead of making every request an admin's.
     """
 
     def __init__(
@@ -160,6 +173,7 @@ class LocalAirflow(AirflowClient):
         env: dict[str, str] | None = None,
         parallelism: int = 4,
         stop_grace: float = 20,
+        login: bool = False,
     ) -> None:
         self.home = Path(home).resolve()
         self.dags_folder = Path(dags_folder).resolve()
@@ -172,6 +186,7 @@ class LocalAirflow(AirflowClient):
         self._api_secret = secrets.token_urlsafe(32)
         self.mark = secrets.token_hex(8)  # MARK_ENV's value in this stack's processes
         self.stop_grace = stop_grace
+        self.wants_login = login
 
     # ------------------------------------------------------------------ setup
 
@@ -209,9 +224,28 @@ class LocalAirflow(AirflowClient):
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        if self.wants_login:
+            env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] = "False"
+            env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = f"{LOGIN_USER}:admin"
+            env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] = str(self.passwords_file)
         env.update(self.extra_env)
         env[MARK_ENV] = self.mark
         return env
+
+    @property
+    def passwords_file(self) -> Path:
+        """The simple auth manager's passwords (``{"admin": "..."}``), written by the api-server (``login=True``)."""
+        return self.home / PASSWORDS_FILE
+
+    def login_password(self) -> str:
+        """The password of :data:`LOGIN_USER` (``login=True``), which the api-server generated on its first start."""
+        try:
+            return json.loads(self.passwords_file.read_text())[LOGIN_USER]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LocalAirflowError(
+                f"local Airflow: no password of {LOGIN_USER!r} in {self.passwords_file} ({exc}); the api-server writes it "
+                "when it starts in this home: stop Airflow, delete the file if it is there, and start Airflow again"
+            ) from None
 
     def log_path(self, component: str) -> Path:
         """Return the file that receives a component's stdout and stderr."""
@@ -260,14 +294,23 @@ class LocalAirflow(AirflowClient):
         deadline = time.monotonic() + timeout
         self.dags_folder.mkdir(parents=True, exist_ok=True)
         self.migrate(timeout=timeout)
+        if self.wants_login:  # the api-server appends to it: its mode stays the owner's only
+            self.passwords_file.touch(mode=0o600)
+            self.passwords_file.chmod(0o600)
         started_at = self.started_at = datetime.now(UTC) - timedelta(seconds=1)
         try:
             for component in COMPONENTS:
                 self.procs[component] = self._spawn(component, _COMMANDS[component])
             self._wait_healthy(("scheduler", "dag_processor"), started_at, deadline, COMPONENTS)
+            if self.wants_login:
+                self.login(LOGIN_USER, self.login_password())
         except BaseException:
             self.stop()
             raise
+
+    def check_alive(self) -> None:
+        """Raise :class:`LocalAirflowError` with the tail of its log when a component has exited."""
+        self._check_alive()
 
     def _check_alive(self) -> None:
         """Raise :class:`LocalAirflowError` with the tail of its log when a component has exited."""
