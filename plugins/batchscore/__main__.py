@@ -18,12 +18,10 @@ signal's number (130 for Ctrl-C). A second signal during that shutdown kills wha
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     airflow = LocalAirflow(Path(args.home).resolve(), dags_folder, stop_grace=args.stop_grace, login=keep)
     print(f"Starting Airflow (api-server, scheduler, dag-processor) in {airflow.home} ...", flush=True)
     # Leaving the block stops the components, every process they started and the run's containers.
-    with airflow, _saying_what_stops():
+    with airflow, shutdown.saying_what_stops("Airflow and the run's containers"):
         print(f"Airflow is up at {airflow.base_url}; waiting for DAG {args.dag_id} to be parsed ...", flush=True)
         try:
             airflow.wait_for_dag(args.dag_id)
@@ -153,18 +151,6 @@ def _show_summaries(dag_id: str, run_id: str, state: str, deployments: list[Depl
                 print(f"    errors:  {summary.errors}")
         else:
             print(f"  {deployment.name}: no summary in {placement.where()}", flush=True)
-
-
-@contextlib.contextmanager
-def _saying_what_stops() -> Iterator[None]:
-    """After a signal, say what is about to stop: it may take the stop grace."""
-    try:
-        yield
-    except shutdown.Interrupted:
-        shutdown.say(
-            f"{shutdown.signal_name()}: stopping Airflow and the run's containers (a second signal kills them at once) ..."
-        )
-        raise
 
 
 def demo_s3(args: argparse.Namespace) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from batchscore import shutdown
@@ -54,25 +53,13 @@ def stay_up(airflow: LocalAirflow, poll: float = ADOPT_EVERY_S) -> None:
             airflow.adopt_runs()
 
 
-@contextlib.contextmanager
-def _saying_what_stops() -> Iterator[None]:
-    """After a signal, say what is about to stop: it may take the stop grace."""
-    try:
-        yield
-    except shutdown.Interrupted:
-        shutdown.say(
-            f"{shutdown.signal_name()}: stopping Airflow and the containers of its runs (a second signal kills them at once) ..."
-        )
-        raise
-
-
 def up(args: argparse.Namespace) -> int:
     """``python -m batchscore up``: start the local Airflow, say where it is and how to log in, wait for a signal."""
     airflow = LocalAirflow(Path(args.home).resolve(), Path(args.dags_folder).resolve(), port=args.port,
                            stop_grace=args.stop_grace, login=True)  # fmt: skip
     print(f"Starting Airflow (api-server, scheduler, dag-processor) in {airflow.home} ...", flush=True)
     try:
-        with airflow, _saying_what_stops():
+        with airflow, shutdown.saying_what_stops("Airflow and the containers of its runs"):
             print(banner(airflow), flush=True)
             stay_up(airflow)
     except shutdown.Interrupted:
@@ -88,7 +75,7 @@ def keep_up(airflow: LocalAirflow) -> None:
     """``run --keep``: after the run, keep its stack up as :func:`up` does, until a signal (which this returns on)."""
     print(f"\n{banner(airflow)}", flush=True)
     try:
-        with _saying_what_stops():
+        with shutdown.saying_what_stops("Airflow and the containers of its runs"):
             stay_up(airflow)
     except shutdown.Interrupted:
         return

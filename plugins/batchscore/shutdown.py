@@ -25,13 +25,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 __all__ = [
+    "saying_what_stops",
     "Interrupted", "containers_mounting", "end_gpu_holders", "forced", "install", "interrupted", "marked_processes", "note",
     "remove_containers", "remove_run_containers", "report", "say", "signal_name", "wait_unless_forced",
 ]  # fmt: skip
@@ -136,6 +137,16 @@ def say(line: str) -> None:
 
 
 # --------------------------------------------------------------------------- processes
+
+
+@contextlib.contextmanager
+def saying_what_stops(what: str) -> Iterator[None]:
+    """After a signal, say that ``what`` is about to stop (it may take the stop grace), then let it stop."""
+    try:
+        yield
+    except Interrupted:
+        say(f"{signal_name()}: stopping {what} (a second signal kills them at once) ...")
+        raise
 
 
 def marked_processes(name: str, value: str) -> list[psutil.Process]:
