@@ -32,9 +32,8 @@ from typing import Any
 import psutil
 
 __all__ = [
-    "saying_what_stops",
     "Interrupted", "containers_mounting", "end_gpu_holders", "forced", "install", "interrupted", "marked_processes", "note",
-    "remove_containers", "remove_run_containers", "report", "say", "signal_name", "wait_unless_forced",
+    "remove_containers", "remove_run_containers", "report", "say", "saying_what_stops", "signal_name", "wait_unless_forced",
 ]  # fmt: skip
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
