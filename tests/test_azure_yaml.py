@@ -30,8 +30,7 @@ from batchscore.run_params import apply_run_params
 from batchscore.spec import load_endpoint
 from batchscore.spec.registry import sorted_versions
 from batchscore_runtime.formats import Summary, run_key
-from tests.helpers import run_dag, write
-from tests.test_object_storage import s3  # noqa: F401 - the fixture: a bucket and a connection to it
+from tests.helpers import S3_CONN, run_dag, upload_tree, write
 
 #: deployment-torch/deployment.yml as published, with iris's names and the model as a registry reference.
 PUBLISHED = """\
@@ -479,7 +478,7 @@ def test_the_published_yaml_scores_the_iris_inputs_given_with_the_run(
 
 @pytest.mark.s3
 def test_latest_on_a_registry_on_object_storage_is_resolved_where_the_model_is_fetched(
-    s3,  # noqa: F811 - the fixture of tests.test_object_storage, imported above
+    s3,
     iris_example: Path,
     azure_folder: Path,
     tmp_path: Path,
@@ -488,11 +487,10 @@ def test_latest_on_a_registry_on_object_storage_is_resolved_where_the_model_is_f
 ) -> None:
     from batchscore.errors import StorageNotFoundError
     from batchscore.run_store import check_registered_model, fetch_model
-    from tests.test_object_storage import CONN, upload_tree
 
     local = registry(tmp_path / "registry-upload", iris_example / "model" / "iris-classifier")
     upload_tree(local, f"{s3['uri']}/registry")
-    root = f"s3://{CONN}@{s3['bucket']}/registry"
+    root = f"s3://{S3_CONN}@{s3['bucket']}/registry"
     monkeypatch.setenv("BATCHSCORE_MODEL_REGISTRY", root)
     spec = load_endpoint(azure_folder / "deployment.yml").deployments[0]
     log = logging.getLogger("test-registry")
