@@ -38,7 +38,8 @@ def build_dag(endpoint: EndpointSpec) -> DAG:
 
     With warm workers (``settings.worker_mode: warm``) the scoring tasks sit between a setup task
     that starts the run's worker containers and a teardown task that removes them:
-    ``plan → start_workers → score[mapped] → stop_workers``, and ``score → merge``.
+    ``start_workers → score[mapped] → stop_workers``, ``plan → score`` and ``score → merge``. The
+    workers start while the plan is written: they need the image, code and model, not the plan.
 
         Runs start on the YAML's schedule (cron, preset or assets), or by hand with the DAG's params
         (the trigger form); each deployment's merge task updates its output asset (see
@@ -81,10 +82,11 @@ def build_dag(endpoint: EndpointSpec) -> DAG:
                 score >> merge
                 if warm:
                     # Setup and teardown: Airflow runs the teardown whatever happened to the
-                    # scoring tasks, and clearing one mini-batch clears both with it.
+                    # scoring tasks (and to the plan), and clearing one mini-batch clears both with
+                    # it. The setup does not wait for the plan: the workers start while it is written.
                     start = StartWorkersOperator(task_id="start_workers", **queue, **common)
                     stop = StopWorkersOperator(task_id="stop_workers", **queue, **common)
-                    plan >> start >> score >> stop.as_teardown(setups=start)
+                    start >> score >> stop.as_teardown(setups=start)
     return dag
 
 

@@ -214,6 +214,8 @@ class WarmWorkers:
         """Start the worker of ``slot`` (and its serving container); False when another task already did."""
         state_dir = self.state_dir(slot)
         state_dir.mkdir(parents=True, exist_ok=True)
+        # Mounted read-only: it must exist (as this user's, for the plan to write into) before the plan does.
+        self.layout.mini_batches_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / STATE_FILE).unlink(missing_ok=True)
         security.make_writable_for(state_dir, self.user)
         # A fresh scratch folder: nothing a worker of this slot left there before is read.
