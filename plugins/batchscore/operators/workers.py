@@ -2,7 +2,8 @@
 
 * :class:`StartWorkersOperator` (the task group's setup task) starts the run's worker
   containers while the plan is written (it does not wait for the plan task), one per
-  ``resources.instance_count`` (on a rerun, fewer when fewer mini-batches are left), and waits until each has called ``init()`` once (serving contract: passed ``/ping`` once).
+  ``resources.instance_count`` (on a rerun, fewer when fewer mini-batches are left), and waits
+  until each has called ``init()`` once (serving contract: passed ``/ping`` once).
   When none gets ready it removes them itself: Airflow runs no teardown after a failed setup.
 * :class:`StopWorkersOperator` (the teardown task) stops and removes every worker container of
   the run, also when scoring tasks failed; Airflow runs it whatever happened upstream.
