@@ -74,7 +74,8 @@ def build_dag(endpoint: EndpointSpec) -> DAG:
                     **pool,
                     retries=deployment.settings.retry_settings.max_retries,
                     retry_delay=RETRY_DELAY,
-                    max_active_tis_per_dagrun=resources.instance_count,
+                    # Warm workers: each holds worker_queue_depth mini-batches, one scoring and the rest waiting.
+                    max_active_tis_per_dagrun=resources.instance_count * (deployment.settings.worker_queue_depth if warm else 1),
                     map_index_template="{{ task.mini_batch['label'] }}",
                     **common,
                 ).expand(mini_batch=plan.output)
