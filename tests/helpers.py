@@ -121,3 +121,16 @@ def inputs(folder: Path, files: dict[str, bytes]) -> Path:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
     return folder
+
+
+def assert_busy_sane(summary: Any, scored: int) -> None:
+    """A warm run's summary: each worker's busy seconds within its own span, ``scored`` mini-batches, a fraction in (0, 1]."""
+    from datetime import datetime
+
+    assert sum(len(w.mini_batches) for w in summary.warm_workers) == scored
+    for w in summary.warm_workers:
+        assert (w.busy_seconds > 0) == bool(w.mini_batches), w
+        if w.mini_batches:
+            span = (datetime.fromisoformat(w.last_ended_at) - datetime.fromisoformat(w.first_started_at)).total_seconds()
+            assert 0 < w.busy_seconds <= span + 0.01, w  # busy only between its first start and its last end
+    assert summary.busy_fraction is not None and 0 < summary.busy_fraction <= 1, summary.busy_fraction

@@ -47,6 +47,7 @@ AIRFLOW_FREE = (
     "batchscore.scoring.per_mini_batch",
     "batchscore.scoring.warm",
     "batchscore.scoring.workers",
+    "batchscore.busy",
 )
 #: What the runtime never imports: it runs in the user's image, which has none of them.
 RUNTIME_FORBIDDEN = ("airflow", "pydantic", "batchscore")

@@ -8,6 +8,7 @@ Airflow workers run them side by side.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import threading
@@ -22,8 +23,8 @@ import pytest
 from batchscore.run_store import place
 from batchscore.scoring.workers import run_digest
 from batchscore_runtime.formats import Summary, run_key
-from tests.helpers import deployment_file, load, run_dag, write
-from tests.test_object_storage import s3, s3_deployment  # noqa: F401 - s3 is a fixture
+from tests.helpers import assert_busy_sane, deployment_file, load, run_dag, write
+from tests.test_object_storage import read_object, s3, s3_deployment  # noqa: F401 - s3 is a fixture
 from tests.test_warm import COUNTING_SCRIPT, worker_containers
 
 pytestmark = pytest.mark.docker
@@ -220,6 +221,10 @@ def test_with_one_worker_and_depth_2_the_second_mini_batch_waits_in_its_queue_wi
     assert lines.index("w1 queued the mini-batch") < lines.index("w1 took the mini-batch after")
     assert not any("queued" in line for line in first.lines.lines + third.lines.lines)  # a free worker takes them at once
     assert summary_ref["status"] == "succeeded"
+    run_uri = f"{s3['uri']}/output/iris/{run_key(run_id)}"
+    summary = Summary.from_json(json.loads(read_object(f"{run_uri}/summary.json")))
+    assert [(w.worker, w.mini_batches) for w in summary.warm_workers] == [("w1", ["mb-00000", "mb-00001", "mb-00002"])]
+    assert_busy_sane(summary, scored=3)
 
 
 def test_a_task_killed_in_the_queue_leaves_the_worker_and_one_queued_when_the_worker_dies_goes_to_its_replacement(
@@ -274,6 +279,7 @@ def test_a_task_killed_in_the_queue_leaves_the_worker_and_one_queued_when_the_wo
     ]
     summary = Summary.read(run_dir / "summary.json")
     assert (summary.mini_batches.succeeded, summary.mini_batches.failed) == (1, 2)
+    assert_busy_sane(summary, scored=1)  # the replacement's: a new worker's state starts afresh
     assert summary_ref["status"] == summary.status
 
 

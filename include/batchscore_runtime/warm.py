@@ -21,7 +21,8 @@ and report into the sub-folder of its scratch folder that the orchestrator named
 the one-shot runtimes do, ends every process the mini-batch left running
 (:mod:`batchscore_runtime.processes`), and ends with the exit code. The orchestrator then
 checks and commits the result; the worker never sees a result folder. Its state (``starting``,
-``ready``, ``failed``, ``stopped``, the ``init()`` time, the mini-batches scored) is in
+``ready``, ``failed``, ``stopped``, the ``init()`` time, the mini-batches scored, the seconds spent
+scoring them and when the first started and the last ended) is in
 ``state.json`` of its folder, for the orchestrator to read.
 
 A worker process that dies or runs past ``retry_settings.timeout`` fails only its mini-batch;
@@ -57,12 +58,12 @@ from batchscore_runtime.formats import (
     ErrorInfo,
     MiniBatchDir,
     TransformConfig,
-    WorkerState,
     now_iso,
     read_mini_batch_file,
     write_json_atomic,
 )
 from batchscore_runtime.processes import Sweeper
+from batchscore_runtime.worker_state import WorkerState
 
 log = logging.getLogger("batchscore")
 #: What the queue does: in the container's log, not in the log of the mini-batch that scores meanwhile.
@@ -559,6 +560,7 @@ class Daemon:
         _send(conn, accepted)
         self.tee.attach(conn)
         log.info("%s: scoring %s (try %s)", self.args.worker, name, request.get("attempt"))
+        started, started_at = time.monotonic(), now_iso()
         try:
             output = Path(request["output"])  # a fresh sub-folder of this worker's scratch folder
             output.mkdir(parents=True, exist_ok=True)
@@ -571,7 +573,13 @@ class Daemon:
             self.sweeper.sweep(name, keep=self.backend.pids())
         finally:
             self.tee.attach(None)
-        self._set(mini_batches=[*self.state.mini_batches, name])
+        busy = time.monotonic() - started
+        self._set(
+            mini_batches=[*self.state.mini_batches, name],
+            busy_seconds=round(self.state.busy_seconds + busy, 3),
+            first_started_at=self.state.first_started_at or started_at,
+            last_ended_at=now_iso(),
+        )
         _send(conn, {"exit": code})
         self._after(name)
 

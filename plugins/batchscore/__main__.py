@@ -27,6 +27,7 @@ from batchscore.factory import find_yaml_files, load_folder
 from batchscore.run_params import apply_run_params
 from batchscore.run_store import place
 from batchscore.spec import EndpointSpec, load_endpoint
+from batchscore_runtime.formats import Summary
 
 
 def _endpoint(deployments: Path, dag_id: str) -> EndpointSpec:
@@ -111,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{summary.items.failed} failed items"
             )
             own = ".out files" if summary.contract == "serve" else "custom outputs"
+            if summary.busy_fraction is not None:
+                print(f"    busy:    {summary.busy_fraction:.0%} of the workers' time while scoring ({_busy(summary)})")
             print(f"    output:  {summary.output or f'(summary_only: {own} in the run folder)'}")
             print(f"    summary: {placement.summary_location()}")
             print(f"    ledger:  {summary.ledger}")
@@ -119,6 +122,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"  {deployment.name}: no summary in {placement.where()}")
     return 0 if state == "success" else 1
+
+
+def _busy(summary: Summary) -> str:
+    """Who was busy how long, for the busy fraction's line: each warm worker, or the containers together."""
+    if summary.warm_workers:
+        return ", ".join(
+            f"{w.worker} {w.busy_seconds:.1f} s on {len(w.mini_batches)} mini-batch(es)" for w in summary.warm_workers
+        )
+    return f"a container per mini-batch, {summary.durations.scoring_wall_seconds} s of scoring wall time"
 
 
 @contextlib.contextmanager

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from batchscore_runtime.formats import InputFile, MiniBatch, MiniBatchDir, WorkerState, write_json_atomic
+from batchscore_runtime.formats import InputFile, MiniBatch, MiniBatchDir, write_json_atomic
 from batchscore_runtime.warm import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, PREFIX, cancel, submit
+from batchscore_runtime.worker_state import WorkerState
 from tests.helpers import write
 
 RUNTIME = Path(__file__).resolve().parents[2] / "include"

@@ -26,7 +26,7 @@ from batchscore.run_store import place
 from batchscore.scoring.workers import CONTAINER_START_GRACE, WarmWorkerError, WarmWorkers
 from batchscore.secret_environment import resolve_secrets
 from batchscore.spec import DeploymentSpec
-from batchscore_runtime.formats import WorkerState
+from batchscore_runtime.worker_state import WorkerState
 
 
 def _workers(spec: DeploymentSpec, endpoint_name: str, context: Any, log: Any, **kwargs: Any) -> WarmWorkers:

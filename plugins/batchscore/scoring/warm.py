@@ -21,8 +21,9 @@ from batchscore.intake import remove_scratch
 from batchscore.scoring.attempt import Attempt
 from batchscore.scoring.contract import CONTAINER_GRACE_SECONDS, Contract
 from batchscore.scoring.workers import Outcome, Slot, WarmWorkerError, WarmWorkers, slot_name
-from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, WorkerState, attempt_folder_name
+from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, attempt_folder_name
 from batchscore_runtime.warm import EXIT_FAILED, EXIT_OK
+from batchscore_runtime.worker_state import WorkerState
 
 #: How often a mini-batch that waits for a free worker looks again, and how often it says so in its log.
 POLL_SECONDS = 0.5

@@ -41,8 +41,9 @@ from batchscore.gpu_holder import lease_for_worker, release
 from batchscore.intake import remove_scratch
 from batchscore.scratch import is_mirror
 from batchscore.spec.deployment import DeploymentSpec
-from batchscore_runtime.formats import RunLayout, WorkerState, write_json_atomic
+from batchscore_runtime.formats import RunLayout, write_json_atomic
 from batchscore_runtime.warm import EXIT_LOST, EXIT_REFUSED, PREFIX, STATE_FILE
+from batchscore_runtime.worker_state import WorkerState
 
 log = logging.getLogger(__name__)
 
