@@ -318,3 +318,35 @@ def test_with_depth_1_a_busy_worker_queues_nothing_and_the_task_waits_for_it(
 def _container_id(name: str) -> str | None:
     found = subprocess.run(["docker", "inspect", "--format", "{{.Id}}", name], capture_output=True, text=True)
     return found.stdout.strip() if found.returncode == 0 else None
+
+
+def test_a_queued_mini_batchs_time_limit_counts_from_when_the_worker_takes_it(
+    iris_example: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from batchscore.scoring import contract
+
+    monkeypatch.setattr(contract, "CONTAINER_GRACE_SECONDS", 0)  # the backstop: retry_settings.timeout itself
+    path, gate = _gated(tmp_path, iris_example, {"worker_queue_depth": 2, "retry_settings": {"max_retries": 0, "timeout": 120}})
+    d = load(path).deployments[0].model_dump(mode="json")
+    # The second task's own limit is 5 s (the run's workers are found by name, whatever the task's
+    # settings): it waits longer than that in the queue, then scores in far less.
+    short = {**d, "settings": {**d["settings"], "retry_settings": {"max_retries": 0, "timeout": 5}}}
+    run_id = "manual__backstop"
+    start, plan, merge, stop = _operators(d)
+    try:
+        start.execute(_context(run_id))
+        refs = plan.execute(_context(run_id))
+        first = _Task(d, refs[0], run_id)
+        first.wait_for("w1 took the mini-batch")
+        second = _Task(short, refs[1], run_id)
+        second.wait_for("w1 queued the mini-batch")
+        time.sleep(8)  # past the second one's 5 s, in the queue
+        gate.touch()
+        first.join()
+        second.join()
+    finally:
+        gate.touch()
+        stop.execute(_context(run_id))
+
+    assert (first.error, second.error) == (None, None)
+    assert not any("ran past" in line for line in first.lines.lines + second.lines.lines)
