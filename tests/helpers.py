@@ -139,3 +139,16 @@ def read_object(uri: str) -> bytes:
     from batchscore import storage  # imports Airflow: not before conftest has set AIRFLOW_HOME
 
     return storage.read_bytes(storage.location(uri, S3_CONN))
+
+
+def assert_busy_sane(summary: Any, scored: int) -> None:
+    """A warm run's summary: each worker's busy seconds within its own span, ``scored`` mini-batches, a fraction in (0, 1]."""
+    from datetime import datetime
+
+    assert sum(len(w.mini_batches) for w in summary.warm_workers) == scored
+    for w in summary.warm_workers:
+        assert (w.busy_seconds > 0) == bool(w.mini_batches), w
+        if w.mini_batches:
+            span = (datetime.fromisoformat(w.last_ended_at) - datetime.fromisoformat(w.first_started_at)).total_seconds()
+            assert 0 < w.busy_seconds <= span + 0.01, w  # busy only between its first start and its last end
+    assert summary.busy_fraction is not None and 0 < summary.busy_fraction <= 1, summary.busy_fraction

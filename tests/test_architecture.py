@@ -48,6 +48,7 @@ AIRFLOW_FREE = (
     "batchscore.scoring.per_mini_batch",
     "batchscore.scoring.warm",
     "batchscore.scoring.workers",
+    "batchscore.busy",
     "batchscore.ui.report",
 )
 #: What the runtime never imports: it runs in the user's image, which has none of them.

@@ -43,6 +43,7 @@ def test_example_scores_every_row_in_input_order(airflow_db, iris_example: Path,
     assert summary.input.files == 15
     assert summary.mini_batches == MiniBatchCounts(total=4, succeeded=4, failed=0, missing=0)
     assert summary.output == str(run_dir / "predictions.csv")
+    assert summary.warm_workers == [] and 0 < summary.busy_fraction <= 1  # from the statuses' start and end
 
     tis = {(ti.task_id, ti.map_index): ti for ti in dag_run.get_task_instances()}
     assert [tis[("test-deployment.score", i)].state for i in range(4)] == ["success"] * 4

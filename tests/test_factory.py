@@ -45,7 +45,7 @@ def test_example_dags_load_with_plan_score_merge_per_deployment(iris_example: Pa
     assert score.upstream_task_ids == {plan.task_id, start.task_id} and merge.upstream_task_ids == {score.task_id}
     assert type(score).__name__ == "MappedOperator"
     assert score.partial_kwargs["retries"] == 1  # settings.retry_settings.max_retries
-    assert score.partial_kwargs["max_active_tis_per_dagrun"] == 2  # resources.instance_count
+    assert score.partial_kwargs["max_active_tis_per_dagrun"] == 4  # resources.instance_count x worker_queue_depth (2)
     assert score.map_index_template == "{{ task.mini_batch['label'] }}"
     assert merge.trigger_rule == TriggerRule.ALL_DONE
     assert bag.dags["iris-nightly"].schedule == "0 2 * * *"
@@ -163,12 +163,14 @@ def test_warm_workers_put_a_setup_and_a_teardown_task_around_the_scoring_tasks(
         dag.get_task(f"iris-sklearn.{t}") for t in ("plan", "start_workers", "score", "stop_workers", "merge")
     )
     assert start.is_setup and stop.is_teardown and not score.is_setup
-    assert start.upstream_task_ids == {plan.task_id}
+    assert start.upstream_task_ids == set()  # the workers start while the plan is written
     assert score.upstream_task_ids == {start.task_id, plan.task_id}
     assert stop.upstream_task_ids == {start.task_id, score.task_id}
     assert merge.upstream_task_ids == {score.task_id}
-    assert score.partial_kwargs["max_active_tis_per_dagrun"] == 2  # as many at once as there are workers
+    assert score.partial_kwargs["max_active_tis_per_dagrun"] == 4  # 2 workers x worker_queue_depth 2
     assert sorted(bag.dags["iris-transform"].task_ids) == ["iris-serve.merge", "iris-serve.plan", "iris-serve.score"]
+    cold = bag.dags["iris-transform"].get_task("iris-serve.score")
+    assert cold.partial_kwargs["max_active_tis_per_dagrun"] == 2  # a container per mini-batch: no queue
 
 
 def test_a_deployments_queue_and_pool_go_to_the_tasks_that_use_its_scoring_hosts(

@@ -21,10 +21,10 @@ from batchscore_runtime.formats import (
     MiniBatchStatus,
     RenamedOutput,
     Summary,
-    WorkerState,
     atomic_path,
     write_json_atomic,
 )
+from batchscore_runtime.worker_state import WorkerState
 from tests.helpers import deployment_file, load, write
 
 RUN = "manual__1"
@@ -137,9 +137,20 @@ def test_the_summary_file_keeps_its_keys_and_reads_back_as_a_summary(make_run) -
         "planned_at",
         "merged_at",
         "version",
+        "busy_fraction",  # added since: keys are added last
     ]
     assert data["warm_workers"] == [
-        {"worker": "w1", "state": "ready", "init_seconds": 0.5, "processes": 1, "mini_batches": ["mb-00000"], "error": None}
+        {
+            "worker": "w1",
+            "state": "ready",
+            "init_seconds": 0.5,
+            "processes": 1,
+            "mini_batches": ["mb-00000"],
+            "error": None,
+            "busy_seconds": 0.0,
+            "first_started_at": "",
+            "last_ended_at": "",
+        }
     ]
     assert list(data["input"]) == ["path", "pattern", "files", "bytes"]
     assert data["mini_batches"] == {"total": 2, "succeeded": 1, "failed": 0, "missing": 1}
@@ -163,6 +174,12 @@ def test_the_summary_file_keeps_its_keys_and_reads_back_as_a_summary(make_run) -
         }
     ]
     assert data == summary.to_json() and Summary.from_json(data) == summary
+    # A summary written before the busy fraction reads back, without one.
+    older = {k: v for k, v in data.items() if k != "busy_fraction"}
+    older["warm_workers"] = [{k: v for k, v in w.items() if k in ("worker", "state", "init_seconds", "processes",
+                             "mini_batches", "error")} for w in data["warm_workers"]]  # fmt: skip
+    assert Summary.from_json(older).busy_fraction is None
+    assert Summary.from_json(older).warm_workers[0].busy_seconds == 0.0
     del data["version"]  # a summary written before the key was added reads as version 1
     assert Summary.from_json(data) == summary
     with pytest.raises(ValueError, match="summary file has format version 2, this batchscore reads version 1"):

@@ -17,7 +17,7 @@ import pytest
 
 from batchscore.scoring.workers import RUN_LABEL, run_digest
 from batchscore_runtime.formats import Summary, run_key
-from tests.helpers import deployment_file, run_dag, serve_endpoint, write
+from tests.helpers import assert_busy_sane, deployment_file, run_dag, serve_endpoint, write
 from tests.test_rerun import FLAKY_SCRIPT, REPO  # fails on iris-005.csv until a marker appears next to the model
 
 pytestmark = pytest.mark.docker
@@ -83,6 +83,7 @@ def test_init_is_called_once_per_worker_across_many_mini_batches(
     assert summary.worker_mode == "warm"
     assert sum(len(w.mini_batches) for w in summary.warm_workers) == 15
     assert all(w.init_seconds is not None for w in summary.warm_workers)
+    assert_busy_sane(summary, scored=15)
 
     tis = {(ti.task_id, ti.map_index): ti for ti in dag_run.get_task_instances()}
     assert tis[("test-deployment.start_workers", -1)].state == "success"

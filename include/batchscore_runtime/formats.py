@@ -409,6 +409,9 @@ class WarmWorkerInfo:
     processes: int
     mini_batches: list[str]  # scored by it, in order (the last start of its slot)
     error: str | None  # ErrorInfo.one_line() of a failed worker
+    busy_seconds: float = 0.0  # spent scoring them (absent from older summaries: 0)
+    first_started_at: str = ""
+    last_ended_at: str = ""
 
 
 @dataclass(frozen=True)
@@ -458,6 +461,8 @@ class Summary:
     planned_at: str
     merged_at: str
     version: int = FORMAT_VERSION
+    #: The workers' busy seconds / (workers x scoring wall seconds) (:mod:`batchscore.busy`); None when unknown.
+    busy_fraction: float | None = None
 
     SUCCEEDED = "succeeded"
     SUCCEEDED_WITH_FAILURES = "succeeded_with_failures"  # within the thresholds
@@ -498,68 +503,6 @@ class Summary:
 
 
 # --------------------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class WorkerState:
-    """A warm worker's state (``_batchscore/workers/w1/state.json``), written by its daemon.
-
-    ``starting`` until ``init()`` (or the serving container's ``/ping``) is done, then ``ready``
-    or ``failed``; ``stopped`` when the daemon ended on its own (idle, or its pool broke).
-    """
-
-    worker: str  # "w1": the worker's slot, also in its container's name
-    state: str
-    started_at: str = ""
-    init_seconds: float | None = None  # init() of its slowest process, or the wait for /ping
-    processes: int = 1
-    mini_batches: list[str] = field(default_factory=list)  # scored by it so far, in order
-    error: ErrorInfo | None = None
-    updated_at: str = ""
-    version: int = FORMAT_VERSION
-
-    STARTING = "starting"
-    READY = "ready"
-    FAILED = "failed"
-    STOPPED = "stopped"
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> WorkerState:
-        check_version(data, "worker state")
-        values = _known(cls, data)
-        if values.get("error") is not None:
-            values["error"] = ErrorInfo(**values["error"])
-        return cls(**values)
-
-    @staticmethod
-    def read(path: Path) -> WorkerState | None:
-        """The state in ``path`` (a worker's ``state.json``); None when it is not there (yet).
-
-        The worker container writes this file, so it is read as untrusted: never through a
-        link, at most :data:`MAX_STATE_BYTES`, and a file that is not a valid state reads as a
-        failed one (with what was wrong) rather than raising in the orchestrator.
-        """
-        try:
-            data = json.loads(read_regular_file(Path(path), MAX_STATE_BYTES))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            return WorkerState(
-                worker=Path(path).parent.name, state=WorkerState.FAILED, error=ErrorInfo("InvalidState", f"{path}: {exc}")
-            )
-        try:
-            state = WorkerState.from_json(data)
-            if not isinstance(state.state, str) or not isinstance(state.mini_batches, list):
-                raise TypeError("state and mini_batches have the wrong types")
-            float(state.init_seconds or 0.0)
-            return state
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            return WorkerState(
-                worker=Path(path).parent.name, state=WorkerState.FAILED, error=ErrorInfo("InvalidState", f"{path}: {exc}")
-            )
 
 
 @dataclass(frozen=True)
@@ -737,10 +680,6 @@ class RunLayout:
         return read_mini_batch_file(self.mini_batch_file(index))
 
 
-#: A warm worker's state file is small; a larger one is not read.
-MAX_STATE_BYTES = 1 << 20
-
-
 def read_mini_batch_file(path: Path) -> MiniBatch:
     return MiniBatch.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
@@ -782,7 +721,6 @@ __all__ = [
     "ThresholdResult",
     "TransformConfig",
     "WarmWorkerInfo",
-    "WorkerState",
     "WORKER_STATE_FILE",
     "RunLayout",
     "atomic_path",

@@ -8,16 +8,21 @@ With ``settings.worker_mode: warm`` the orchestrator starts a run's worker conta
 * **serve**: it waits for the serving container's ``GET /ping`` once (the client shares the
   serving container's network, as in one-container-per-mini-batch mode).
 
-It then takes one mini-batch at a time on a Unix socket (:data:`ContainerPaths.WARM_SOCKET`).
+It then scores one mini-batch at a time, taken on a Unix socket (:data:`ContainerPaths.WARM_SOCKET`),
+and holds up to ``--queue-depth`` at once: the one it scores and the others waiting, in the
+order they came, so that it starts the next the moment one ends.
 ``python3 -m batchscore_runtime.warm submit`` (run by the orchestrator with ``docker exec``) hands
-it one: the daemon answers whether it takes it (a busy or starting worker refuses, and the
-orchestrator tries another), copies every line the mini-batch logs to the submitter (the
+it one: the daemon answers whether it takes it now, queues it (``{"queued": true}``, then
+``{"accepted": true}`` when it starts) or refuses it (a starting worker, a full queue, or any
+queue at all with ``--idle-only``: the orchestrator tries another); ``warm cancel`` takes a
+waiting one out of the queue (its task was killed). While scoring it copies every line the mini-batch logs to the submitter (the
 orchestrator's task log) as well as to the container's log, writes the mini-batch's result
 and report into the sub-folder of its scratch folder that the orchestrator named, exactly as
 the one-shot runtimes do, ends every process the mini-batch left running
 (:mod:`batchscore_runtime.processes`), and ends with the exit code. The orchestrator then
 checks and commits the result; the worker never sees a result folder. Its state (``starting``,
-``ready``, ``failed``, ``stopped``, the ``init()`` time, the mini-batches scored) is in
+``ready``, ``failed``, ``stopped``, the ``init()`` time, the mini-batches scored, the seconds spent
+scoring them and when the first started and the last ended) is in
 ``state.json`` of its folder, for the orchestrator to read.
 
 A worker process that dies or runs past ``retry_settings.timeout`` fails only its mini-batch;
@@ -29,10 +34,12 @@ leaves nothing running for long. Standard library only, plus what the contract's
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import sys
@@ -40,7 +47,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -51,14 +58,16 @@ from batchscore_runtime.formats import (
     ErrorInfo,
     MiniBatchDir,
     TransformConfig,
-    WorkerState,
     now_iso,
     read_mini_batch_file,
     write_json_atomic,
 )
 from batchscore_runtime.processes import Sweeper
+from batchscore_runtime.worker_state import WorkerState
 
 log = logging.getLogger("batchscore")
+#: What the queue does: in the container's log, not in the log of the mini-batch that scores meanwhile.
+queue_log = logging.getLogger("batchscore.queue")
 
 #: Lines of ``submit``'s output that are the protocol's, not the mini-batch's log.
 PREFIX = "BATCHSCORE-WARM "
@@ -66,6 +75,10 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the mini-batch failed; its status says why
 EXIT_REFUSED = 75  # the worker is busy or still starting: try another (EX_TEMPFAIL)
 EXIT_LOST = 70  # the daemon ended before the mini-batch was done (EX_SOFTWARE)
+#: Why a submission was refused (``{"accepted": false, "state": ...}``), besides the worker's own state.
+BUSY = "busy"  # scoring, with a full queue (or any queue, for an --idle-only submission)
+CANCELLED = "cancelled"  # taken out of the queue by ``cancel``
+LOST = "lost"  # the daemon ended while the mini-batch waited in its queue
 #: A serving container that was healthy must answer /ping this fast before each mini-batch.
 WARM_PING_TIMEOUT = 15.0
 STATE_FILE = WORKER_STATE_FILE
@@ -82,7 +95,8 @@ class Tee:
         self._conn: socket.socket | None = None
         self._out = sys.__stdout__
 
-    def line(self, text: str) -> None:
+    def line(self, text: str, *, local: bool = False) -> None:
+        """``text`` to the container's log and, unless ``local``, to the running mini-batch's submitter."""
         with self._lock:
             if self._out is None:  # no standard output at all (never so in a container)
                 return
@@ -91,7 +105,7 @@ class Tee:
                 self._out.flush()
             except (OSError, ValueError):
                 pass
-            if self._conn is not None:
+            if self._conn is not None and not local:
                 try:
                     self._conn.sendall((json.dumps({"log": text}) + "\n").encode())
                 except OSError:
@@ -103,9 +117,10 @@ class Tee:
 
 
 class _TeeHandler(logging.Handler):
-    def __init__(self, tee: Tee):
+    def __init__(self, tee: Tee, *, local: bool = False):
         super().__init__()
         self.tee = tee
+        self.local = local  # the container's log only: not a line of the mini-batch scoring now
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -113,7 +128,7 @@ class _TeeHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - a log line must never break the daemon
             return
         for line in text.splitlines() or [""]:
-            self.tee.line(line)
+            self.tee.line(line, local=self.local)
 
 
 def _pump(fd: int, tee: Tee) -> None:
@@ -386,8 +401,12 @@ class Daemon:
         self.state = WorkerState(
             worker=args.worker, state=WorkerState.STARTING, started_at=now_iso(), processes=getattr(self.backend, "size", 1)
         )
-        self.lock = threading.Lock()
-        self.busy = False
+        self.lock = threading.Lock()  # the state file
+        self.turns = threading.Condition()  # busy, waiting, scoring: who scores now and who is next
+        self.busy = False  # a mini-batch scores now, or its turn was just handed over
+        self.depth = max(1, int(getattr(args, "queue_depth", 1) or 1))
+        self.waiting: collections.deque[_Ticket] = collections.deque()
+        self.scoring: str | None = None  # the output folder of the mini-batch scoring now
         self.last_work = time.monotonic()
         self.stopping = threading.Event()
         self.exit_code = 0
@@ -457,25 +476,91 @@ class Daemon:
                 request = json.loads(conn.makefile("r", encoding="utf-8").readline() or "{}")
             except (OSError, ValueError):
                 return
-            with self.lock:
-                refused = self.busy or self.state.state != WorkerState.READY
-                if not refused:
-                    self.busy = True
-            if refused:
-                _send(conn, {"accepted": False, "state": "busy" if self.busy else self.state.state})
+            if "cancel" in request:
+                self._cancel(conn, str(request["cancel"]))
                 return
+            ticket: _Ticket | None = None
+            with self.turns:
+                refused = self.state.state if self.state.state != WorkerState.READY else None
+                if refused is None and self.busy:
+                    if request.get("idle_only") or len(self.waiting) >= self.depth - 1:
+                        refused = BUSY
+                    else:
+                        ticket = _Ticket(str(request.get("output")), time.monotonic())
+                        self.waiting.append(ticket)
+                        ahead = len(self.waiting)  # the one scoring, and those queued before it
+                elif refused is None:
+                    self.busy = True
+            if refused is not None:
+                _send(conn, {"accepted": False, "state": refused})
+                return
+            queued_seconds = None
+            if ticket is not None:
+                name = Path(request["mini_batch"]).stem
+                _send(conn, {"queued": True, "worker": self.args.worker, "ahead": ahead, "depth": self.depth})
+                queue_log.info("%s: %s queued, %d mini-batch(es) ahead of it", self.args.worker, name, ahead)
+                why = self._wait_turn(ticket, conn)
+                if why is not None:
+                    queue_log.info("%s: %s left the queue (%s)", self.args.worker, name, why)
+                    _send(conn, {"accepted": False, "state": why})
+                    return
+                queued_seconds = round(time.monotonic() - ticket.since, 3)
             try:
-                self._score(conn, request)
+                self._score(conn, request, queued_seconds)
             finally:
-                with self.lock:
-                    self.busy = False
                 self.last_work = time.monotonic()
+                self._next_turn()
 
-    def _score(self, conn: socket.socket, request: dict[str, Any]) -> None:
+    def _wait_turn(self, ticket: _Ticket, conn: socket.socket) -> str | None:
+        """Wait in the queue until the mini-batch may start (None), or why it may not (cancelled, the worker's state)."""
+        with self.turns:
+            while not ticket.granted and ticket.cancelled is None and not self.stopping.is_set():
+                self.turns.wait(QUEUE_POLL_SECONDS)
+                if not ticket.granted and ticket.cancelled is None and _hung_up(conn):
+                    ticket.cancelled = CANCELLED  # the submitter is gone: nobody would take its result in
+            if ticket in self.waiting:
+                self.waiting.remove(ticket)
+            if ticket.granted and self.state.state == WorkerState.READY and not self.stopping.is_set():
+                return None
+            if ticket.granted:  # the worker broke during the one before: pass the turn on, each one refuses
+                self._pass_turn()
+            return ticket.cancelled or (LOST if self.stopping.is_set() else self.state.state)
+
+    def _next_turn(self) -> None:
+        with self.turns:
+            self.scoring = None
+            self._pass_turn()
+
+    def _pass_turn(self) -> None:
+        """The next waiting mini-batch scores now (``busy`` stays set: no new one slips in between); else none."""
+        if self.waiting:
+            self.waiting.popleft().granted = True
+            self.turns.notify_all()
+        else:
+            self.busy = False
+
+    def _cancel(self, conn: socket.socket, output: str) -> None:
+        """Take the waiting mini-batch whose output folder is ``output`` out of the queue; say whether it was there."""
+        with self.turns:
+            ticket = next((t for t in self.waiting if t.output == output), None)
+            if ticket is not None:
+                self.waiting.remove(ticket)
+                ticket.cancelled = CANCELLED
+                self.turns.notify_all()
+            state = "queued" if ticket is not None else "scoring" if self.scoring == output else "unknown"
+        _send(conn, {"cancelled": ticket is not None, "state": state})
+
+    def _score(self, conn: socket.socket, request: dict[str, Any], queued_seconds: float | None = None) -> None:
         name = Path(request["mini_batch"]).stem
-        _send(conn, {"accepted": True, "worker": self.args.worker, "init_seconds": self.state.init_seconds})
+        with self.turns:
+            self.scoring = str(request.get("output"))
+        accepted: dict[str, Any] = {"accepted": True, "worker": self.args.worker, "init_seconds": self.state.init_seconds}
+        if queued_seconds is not None:
+            accepted["queued_seconds"] = queued_seconds
+        _send(conn, accepted)
         self.tee.attach(conn)
         log.info("%s: scoring %s (try %s)", self.args.worker, name, request.get("attempt"))
+        started, started_at = time.monotonic(), now_iso()
         try:
             output = Path(request["output"])  # a fresh sub-folder of this worker's scratch folder
             output.mkdir(parents=True, exist_ok=True)
@@ -488,7 +573,13 @@ class Daemon:
             self.sweeper.sweep(name, keep=self.backend.pids())
         finally:
             self.tee.attach(None)
-        self._set(mini_batches=[*self.state.mini_batches, name])
+        busy = time.monotonic() - started
+        self._set(
+            mini_batches=[*self.state.mini_batches, name],
+            busy_seconds=round(self.state.busy_seconds + busy, 3),
+            first_started_at=self.state.first_started_at or started_at,
+            last_ended_at=now_iso(),
+        )
         _send(conn, {"exit": code})
         self._after(name)
 
@@ -517,6 +608,29 @@ class Daemon:
         self._set(state=WorkerState.READY, init_seconds=round(self.backend.ready_seconds, 3))
 
 
+#: How often a queued mini-batch looks whether its submitter is still there.
+QUEUE_POLL_SECONDS = 0.5
+
+
+@dataclass
+class _Ticket:
+    """A mini-batch waiting in a worker's queue."""
+
+    output: str  # its output folder: what ``cancel`` names it by
+    since: float  # time.monotonic() when it was queued
+    granted: bool = False  # its turn came
+    cancelled: str | None = None  # why it left the queue without scoring
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """Whether the submitter on ``conn`` closed its end (it sends nothing after its request)."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     try:
         conn.sendall((json.dumps(message) + "\n").encode())
@@ -527,11 +641,14 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- submit
 
 
-def submit(mini_batch: str, output: str, attempt: int, socket_path: str = ContainerPaths.WARM_SOCKET) -> int:
+def submit(
+    mini_batch: str, output: str, attempt: int, socket_path: str = ContainerPaths.WARM_SOCKET, *, idle_only: bool = False
+) -> int:
     """Hand one mini-batch to this container's daemon; print its log lines; return its exit code.
 
-    The first and the last line printed are the protocol's (``PREFIX`` and JSON): whether the
-    daemon took it, and its exit code.
+    The protocol's lines are printed with ``PREFIX`` (JSON): ``{"queued": true, ...}`` when it
+    waits in the worker's queue, then ``{"accepted": ...}`` (when it starts, or why it was
+    refused), last its exit code ``{"exit": ...}``. ``idle_only``: refused unless the worker is free.
     """
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -540,9 +657,16 @@ def submit(mini_batch: str, output: str, attempt: int, socket_path: str = Contai
         print(PREFIX + json.dumps({"accepted": False, "state": "starting"}), flush=True)
         return EXIT_REFUSED
     with conn:
-        conn.sendall((json.dumps({"mini_batch": mini_batch, "output": output, "attempt": attempt}) + "\n").encode())
+        request = {"mini_batch": mini_batch, "output": output, "attempt": attempt, "idle_only": idle_only}
+        conn.sendall((json.dumps(request) + "\n").encode())
         reader = conn.makefile("r", encoding="utf-8")
         first = reader.readline()
+        if first and json.loads(first).get("queued"):
+            print(PREFIX + first.strip(), flush=True)
+            first = reader.readline()
+            if not first:  # the daemon ended while it waited: it never started
+                print(PREFIX + json.dumps({"accepted": False, "state": LOST}), flush=True)
+                return EXIT_REFUSED
         if not first:
             print(PREFIX + json.dumps({"accepted": False, "state": "stopped"}), flush=True)
             return EXIT_REFUSED
@@ -560,6 +684,25 @@ def submit(mini_batch: str, output: str, attempt: int, socket_path: str = Contai
     return EXIT_LOST
 
 
+def cancel(output: str, socket_path: str = ContainerPaths.WARM_SOCKET) -> int:
+    """Take the mini-batch with output folder ``output`` out of the daemon's queue; 0 if it was waiting there.
+
+    Prints one protocol line: ``{"cancelled": true|false, "state": "queued"|"scoring"|"unknown"}``.
+    """
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(socket_path)
+    except OSError:
+        print(PREFIX + json.dumps({"cancelled": False, "state": "stopped"}), flush=True)
+        return 1
+    with conn:
+        conn.sendall((json.dumps({"cancel": output}) + "\n").encode())
+        line = conn.makefile("r", encoding="utf-8").readline()
+    message = json.loads(line) if line else {"cancelled": False, "state": "stopped"}
+    print(PREFIX + json.dumps(message), flush=True)
+    return 0 if message.get("cancelled") else 1
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -574,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     daemon.add_argument("--socket", default=ContainerPaths.WARM_SOCKET, help="where to take mini-batches")
     daemon.add_argument("--idle-timeout", type=float, default=600.0, help="stop after this many seconds without work")
     daemon.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    daemon.add_argument("--queue-depth", type=int, default=1, help="mini-batches held at once: 1 scoring, the rest waiting")
     daemon.add_argument("--init-timeout", type=float, default=600.0)
     # azure
     daemon.add_argument("--scoring-script", type=Path)
@@ -589,10 +733,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("--output", required=True)
     sub.add_argument("--attempt", type=int, default=1)
     sub.add_argument("--socket", default=ContainerPaths.WARM_SOCKET)
+    sub.add_argument("--idle-only", action="store_true", help="refused unless the worker is free (no queueing)")
+    stop = commands.add_parser("cancel", help="take a waiting mini-batch out of the daemon's queue")
+    stop.add_argument("--output", required=True, help="the output folder it was submitted with")
+    stop.add_argument("--socket", default=ContainerPaths.WARM_SOCKET)
     args = parser.parse_args(argv)
 
     if args.command == "submit":
-        return submit(args.mini_batch, args.output, args.attempt, args.socket)
+        return submit(args.mini_batch, args.output, args.attempt, args.socket, idle_only=args.idle_only)
+    if args.command == "cancel":
+        return cancel(args.output, args.socket)
     if args.contract == "azure" and args.scoring_script is None:
         parser.error("--scoring-script is required with --contract azure")
     if args.contract == "serve" and args.transform is None:
@@ -601,6 +751,10 @@ def main(argv: list[str] | None = None) -> int:
     handler = _TeeHandler(daemon_.tee)
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s [{args.worker}]: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    local = _TeeHandler(daemon_.tee, local=True)
+    local.setFormatter(handler.formatter)
+    queue_log.addHandler(local)
+    queue_log.propagate = False
     # docker stop: end between mini-batches (the accept loop looks every second), worker processes with it.
     signal.signal(signal.SIGTERM, lambda signum, frame: daemon_._stop(0))
     # What the daemon itself prints (a traceback) reaches the submitter too.

@@ -32,6 +32,7 @@ from batchscore.progress import ProgressDisplay, ProgressReader
 from batchscore.run_params import apply_run_params
 from batchscore.run_store import place
 from batchscore.spec import DeploymentSpec, EndpointSpec, load_endpoint
+from batchscore_runtime.formats import Summary
 
 if TYPE_CHECKING:
     from batchscore.localairflow import LocalAirflow
@@ -144,6 +145,8 @@ def _show_summaries(dag_id: str, run_id: str, state: str, deployments: list[Depl
                 f"{summary.items.failed} failed items"
             )
             own = ".out files" if summary.contract == "serve" else "custom outputs"
+            if summary.busy_fraction is not None:
+                print(f"    busy:    {summary.busy_fraction:.0%} of the workers' time while scoring ({_busy(summary)})")
             print(f"    output:  {summary.output or f'(summary_only: {own} in the run folder)'}")
             print(f"    summary: {placement.summary_location()}")
             print(f"    ledger:  {summary.ledger}")
@@ -151,6 +154,15 @@ def _show_summaries(dag_id: str, run_id: str, state: str, deployments: list[Depl
                 print(f"    errors:  {summary.errors}")
         else:
             print(f"  {deployment.name}: no summary in {placement.where()}", flush=True)
+
+
+def _busy(summary: Summary) -> str:
+    """Who was busy how long, for the busy fraction's line: each warm worker, or the containers together."""
+    if summary.warm_workers:
+        return ", ".join(
+            f"{w.worker} {w.busy_seconds:.1f} s on {len(w.mini_batches)} mini-batch(es)" for w in summary.warm_workers
+        )
+    return f"a container per mini-batch, {summary.durations.scoring_wall_seconds} s of scoring wall time"
 
 
 def demo_s3(args: argparse.Namespace) -> int:

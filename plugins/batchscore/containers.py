@@ -399,7 +399,7 @@ def warm_worker(
     script = spec.contract == "azure"
     command = ["python3", "-m", "batchscore_runtime.warm", "daemon", "--contract", spec.contract, "--worker", worker]
     command += ["--idle-timeout", str(settings.worker_idle_timeout), "--init-timeout", str(settings.init_timeout)]
-    command += ["--log-level", settings.logging_level]
+    command += ["--log-level", settings.logging_level, "--queue-depth", str(settings.worker_queue_depth)]
     command += _script_options(spec, gpu_count or None) if script else _client_options(spec)
     mounts = [
         runtime_mount(),

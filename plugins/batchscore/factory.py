@@ -39,7 +39,8 @@ def build_dag(endpoint: EndpointSpec) -> DAG:
 
     With warm workers (``settings.worker_mode: warm``) the scoring tasks sit between a setup task
     that starts the run's worker containers and a teardown task that removes them:
-    ``plan → start_workers → score[mapped] → stop_workers``, and ``score → merge``.
+    ``start_workers → score[mapped] → stop_workers``, ``plan → score`` and ``score → merge``. The
+    workers start while the plan is written: they need the image, code and model, not the plan.
 
         Runs start on the YAML's schedule (cron, preset or assets), or by hand with the DAG's params
         (the trigger form); each deployment's merge task updates its output asset (see
@@ -75,7 +76,8 @@ def build_dag(endpoint: EndpointSpec) -> DAG:
                     **pool,
                     retries=deployment.settings.retry_settings.max_retries,
                     retry_delay=RETRY_DELAY,
-                    max_active_tis_per_dagrun=resources.instance_count,
+                    # Warm workers: each holds worker_queue_depth mini-batches, one scoring and the rest waiting.
+                    max_active_tis_per_dagrun=resources.instance_count * (deployment.settings.worker_queue_depth if warm else 1),
                     map_index_template="{{ task.mini_batch['label'] }}",
                     **common,
                 ).expand(mini_batch=plan.output)
@@ -83,10 +85,11 @@ def build_dag(endpoint: EndpointSpec) -> DAG:
                 score >> merge
                 if warm:
                     # Setup and teardown: Airflow runs the teardown whatever happened to the
-                    # scoring tasks, and clearing one mini-batch clears both with it.
+                    # scoring tasks (and to the plan), and clearing one mini-batch clears both with
+                    # it. The setup does not wait for the plan: the workers start while it is written.
                     start = StartWorkersOperator(task_id="start_workers", **queue, **common)
                     stop = StopWorkersOperator(task_id="stop_workers", **queue, **common)
-                    plan >> start >> score >> stop.as_teardown(setups=start)
+                    start >> score >> stop.as_teardown(setups=start)
     return dag
 
 

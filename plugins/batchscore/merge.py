@@ -36,6 +36,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchscore.busy import per_mini_batch_busy_fraction, warm_busy_fraction
 from batchscore.errors import MergeError, PlanError, ThresholdExceededError
 from batchscore.plan import run_layout
 from batchscore.spec import DeploymentSpec, Settings
@@ -59,11 +60,11 @@ from batchscore_runtime.formats import (
     Summary,
     ThresholdResult,
     WarmWorkerInfo,
-    WorkerState,
     atomic_path,
     now_iso,
     write_json_atomic,
 )
+from batchscore_runtime.worker_state import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +409,9 @@ def warm_workers(layout: RunLayout) -> list[WarmWorkerInfo]:
                     processes=state.processes,
                     mini_batches=state.mini_batches,
                     error=state.error.one_line() if state.error else None,
+                    busy_seconds=state.busy_seconds,
+                    first_started_at=state.first_started_at,
+                    last_ended_at=state.last_ended_at,
                 )
             )
     return out
@@ -582,6 +586,12 @@ def build_summary(
     finished = max((s.finished_at for s in statuses if s.finished_at), default="")
     wall = _seconds_between(started, finished) if started and finished else None
     run_seconds = round(sum(s.run_seconds for s in statuses), 3)
+    workers = warm_workers(run.layout)
+    if settings.worker_mode == "warm":
+        busy = warm_busy_fraction(workers)
+    else:  # every try that ended, failed ones too: their containers took a slot as long as they ran
+        ended = [o.status for o in outcomes if o.status is not None]
+        busy = per_mini_batch_busy_fraction(ended, run.deployment.resources.instance_count)
     if any(c.exceeded for c in checks) or output.error:
         status = Summary.FAILED
     else:
@@ -596,7 +606,7 @@ def build_summary(
         error=str(output.error) if output.error else None,
         contract=run.deployment.contract,
         worker_mode=settings.worker_mode,
-        warm_workers=warm_workers(run.layout),
+        warm_workers=workers,
         output_action=settings.output_action,
         output_layout=settings.output_layout,
         ledger=str(run.layout.ledger_file),
@@ -627,6 +637,7 @@ def build_summary(
         failures=[MiniBatchFailure(o.id, o.state, o.reason, o.entry.files) for o in not_done],
         planned_at=plan.created_at,
         merged_at=now_iso(),
+        busy_fraction=busy,
     )
 
 

@@ -239,6 +239,26 @@ class Placement:
         os.replace(tmp, plan_file)  # last, as the plan writes it
         return plan
 
+    def peek_plan(self) -> Plan | None:
+        """The run's plan if it is complete, ``None`` if not (yet); writes nothing in the mirror.
+
+        For start_workers, which runs while the plan task writes the plan: :meth:`pull_plan` would
+        remove the mirror's ``plan.json`` that the plan task has written and not yet uploaded.
+        """
+        if self.remote_run is None:
+            return self.layout.read_plan()
+        work = self.layout.work
+        work.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".plan.peek-", dir=work)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            if not self._pull_as(self.layout.plan_file, tmp):
+                return None
+            return Plan.from_json(json.loads(tmp.read_text(encoding="utf-8")))
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def _pull_as(self, local: Path, as_file: Path) -> bool:
         """Download the run folder's object for ``local`` into ``as_file``; False when there is none."""
         source = self._remote(local)

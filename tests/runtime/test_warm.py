@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from batchscore_runtime.formats import InputFile, MiniBatch, MiniBatchDir, WorkerState, write_json_atomic
-from batchscore_runtime.warm import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, PREFIX, submit
+from batchscore_runtime.formats import InputFile, MiniBatch, MiniBatchDir, write_json_atomic
+from batchscore_runtime.warm import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, PREFIX, cancel, submit
+from batchscore_runtime.worker_state import WorkerState
 from tests.helpers import write
 
 RUNTIME = Path(__file__).resolve().parents[2] / "include"
@@ -40,6 +41,8 @@ def run(mini_batch):
         time.sleep(60)
     if "bad.csv" in names:
         raise ValueError("bad file")
+    while "gated.csv" in names and not os.path.exists(os.path.join(os.path.dirname(__file__), "go")):
+        time.sleep(0.05)
     with open(os.path.join(os.environ["AZUREML_BI_OUTPUT_PATH"], f"seen-{os.getpid()}.txt"), "w") as f:
         f.write(",".join(names))
     return [f"{n}:{os.getpid()}" for n in names]
@@ -108,10 +111,22 @@ class Worker:
         write_json_atomic(path, MiniBatch(index=index, files=files).to_json())
         return str(path), MiniBatchDir(self.root / "results" / f"mb-{index:05d}", index)
 
-    def submit(self, index: int, *names: str) -> tuple[int, MiniBatchDir]:
+    def submit(self, index: int, *names: str, idle_only: bool = False) -> tuple[int, MiniBatchDir]:
         path, out = self.mini_batch(index, *names)
         out.path.mkdir(parents=True, exist_ok=True)
-        return submit(path, str(out.path), 1, self.socket), out
+        return submit(path, str(out.path), 1, self.socket, idle_only=idle_only), out
+
+    def submit_in_thread(self, index: int, *names: str) -> tuple[threading.Thread, list[tuple[int, MiniBatchDir]]]:
+        result: list[tuple[int, MiniBatchDir]] = []
+        thread = threading.Thread(target=lambda: result.append(self.submit(index, *names)), daemon=True)
+        thread.start()
+        return thread, result
+
+    def wait_for_line(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.output):
+            assert time.monotonic() < deadline, f"no {text!r} in: {''.join(self.output)}"
+            time.sleep(0.05)
 
     def submit_when_free(self, index: int, *names: str, timeout: float = 60) -> tuple[int, MiniBatchDir]:
         """As the orchestrator does: a worker that refuses (busy, replacing a process) is asked again."""
@@ -225,3 +240,54 @@ def test_an_idle_worker_stops_on_its_own(worker) -> None:
     w.wait_for(WorkerState.READY)
     assert w.process.wait(timeout=30) == 0
     assert w.state().state == WorkerState.STOPPED
+
+
+def test_a_worker_queues_up_to_depth_minus_1_in_order_refuses_more_and_idle_only_and_a_cancel_takes_one_out(
+    worker, capsys
+) -> None:
+    w = worker(COUNTING, "--queue-depth", "3")
+    w.wait_for(WorkerState.READY)
+    first, first_result = w.submit_in_thread(0, "gated.csv")
+    w.wait_for_line("w1: scoring mb-00000")
+    assert w.submit(1, "idle.csv", idle_only=True)[0] == EXIT_REFUSED  # only a free worker would do
+    second, second_result = w.submit_in_thread(2, "a.csv")
+    w.wait_for_line("mb-00002 queued, 1 mini-batch(es) ahead of it")
+    third, third_result = w.submit_in_thread(3, "b.csv")
+    w.wait_for_line("mb-00003 queued, 2 mini-batch(es) ahead of it")
+    assert w.submit(4, "full.csv")[0] == EXIT_REFUSED  # 1 scoring + 2 waiting = --queue-depth 3
+    assert cancel(str(w.root / "results" / "mb-00003"), w.socket) == 0
+    assert cancel(str(w.root / "results" / "mb-00000"), w.socket) == 1  # it scores: not the queue's any more
+    (w.code.parent / "go").touch()
+    for thread in (first, second, third):
+        thread.join(timeout=60)
+
+    assert first_result[0][0] == EXIT_OK and second_result[0][0] == EXIT_OK
+    assert third_result[0][0] == EXIT_REFUSED and third_result[0][1].read_status() is None  # never started
+    out = capsys.readouterr().out
+    assert out.count(PREFIX + '{"accepted": false, "state": "busy"}') == 2
+    assert PREFIX + '{"queued": true, "worker": "w1", "ahead": 1, "depth": 3}' in out
+    assert PREFIX + '{"cancelled": true, "state": "queued"}' in out
+    assert PREFIX + '{"cancelled": false, "state": "scoring"}' in out
+    assert PREFIX + '{"accepted": false, "state": "cancelled"}' in out
+    accepted = [json.loads(line[len(PREFIX) :]) for line in out.splitlines() if line.startswith(PREFIX + '{"accepted": true')]
+    assert [a.get("queued_seconds") is not None for a in accepted] == [False, True]  # the queued one says how long
+    logged = "".join(w.output)
+    assert logged.index("w1: scoring mb-00000") < logged.index("w1: scoring mb-00002")  # in order, one at a time
+    assert "w1: scoring mb-00003" not in logged
+    assert w.state().mini_batches == ["mb-00000", "mb-00002"]
+
+
+def test_a_queued_mini_batch_whose_daemon_ends_is_refused_as_lost(worker, capsys) -> None:
+    w = worker(COUNTING, "--queue-depth", "2")
+    w.wait_for(WorkerState.READY)
+    first, _ = w.submit_in_thread(0, "gated.csv")
+    w.wait_for_line("w1: scoring mb-00000")
+    second, second_result = w.submit_in_thread(1, "a.csv")
+    w.wait_for_line("mb-00001 queued")
+    w.process.kill()  # as docker kill does to the container
+    second.join(timeout=30)
+    first.join(timeout=30)
+    (w.code.parent / "go").touch()  # its worker process, left alone, finishes run() and finds no daemon
+
+    assert second_result[0][0] == EXIT_REFUSED and second_result[0][1].read_status() is None
+    assert PREFIX + '{"accepted": false, "state": "lost"}' in capsys.readouterr().out

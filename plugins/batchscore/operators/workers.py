@@ -1,8 +1,9 @@
 """The warm workers' setup and teardown tasks (``settings.worker_mode: warm``): start them before scoring, remove them after.
 
 * :class:`StartWorkersOperator` (the task group's setup task) starts the run's worker
-  containers, one per ``resources.instance_count`` (fewer when fewer mini-batches are left),
-  and waits until each has called ``init()`` once (serving contract: passed ``/ping`` once).
+  containers while the plan is written (it does not wait for the plan task), one per
+  ``resources.instance_count`` (on a rerun, fewer when fewer mini-batches are left), and waits
+  until each has called ``init()`` once (serving contract: passed ``/ping`` once).
   When none gets ready it removes them itself: Airflow runs no teardown after a failed setup.
 * :class:`StopWorkersOperator` (the teardown task) stops and removes every worker container of
   the run, also when scoring tasks failed; Airflow runs it whatever happened upstream.
@@ -19,7 +20,6 @@ from airflow.sdk import BaseOperator
 
 from batchscore import images
 from batchscore.engine import docker_client
-from batchscore.errors import PlanError
 from batchscore.model_archive import serving_model_dir
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import run_layout
@@ -27,13 +27,17 @@ from batchscore.run_store import place
 from batchscore.scoring.workers import CONTAINER_START_GRACE, WarmWorkerError, WarmWorkers
 from batchscore.secret_environment import resolve_secrets
 from batchscore.spec import DeploymentSpec
-from batchscore_runtime.formats import WorkerState
+from batchscore_runtime.worker_state import WorkerState
 
 
 def _workers(spec: DeploymentSpec, endpoint_name: str, context: Any, log: Any, **kwargs: Any) -> WarmWorkers:
     layout = run_layout(spec, context["run_id"])
     model_dir = serving_model_dir(spec, layout) if spec.contract == "serve" else None
     return WarmWorkers(docker_client(), spec, endpoint_name, context["run_id"], layout, log=log, model_dir=model_dir, **kwargs)
+
+
+def _ready_call(spec: DeploymentSpec) -> str:
+    return "init()" if spec.contract == "azure" else "the serving container's /ping"
 
 
 class _WorkersTask(DeploymentMixin, BaseOperator):
@@ -54,26 +58,37 @@ class StartWorkersOperator(_WorkersTask):
         # On object storage: the workers mount this host's staging folder, model cache and run mirror.
         placement = place(self.run_spec(context), context["run_id"], fetch=True, log_to=self.log)
         spec, layout = images.prepared(placement.spec, docker_client(), self.log), placement.layout
-        plan = placement.pull_plan()
+        # The plan is written while the workers start: with no complete plan yet (a first run), as many
+        # workers as resources.instance_count; with one (a rerun), only as many as mini-batches are left.
+        plan = placement.peek_plan()
+        instances = spec.resources.instance_count
         if plan is None:
-            raise PlanError(f"the plan of run {context['run_id']!r} is missing in {layout.work}; clear the plan task too")
-        pending = [
-            e for e in plan.mini_batches if not ((s := layout.mini_batch_dir(e.index).read_status()) is not None and s.succeeded)
-        ]
-        count = min(spec.resources.instance_count, len(pending))
-        if count == 0:
-            self.log.info("No mini-batch left to score: no worker started")
-            return {"workers": []}
+            count = instances
+            self.log.info(
+                "Starting %d warm worker(s) (resources.instance_count) while the plan is written; each calls %s once",
+                count,
+                _ready_call(spec),
+            )
+        else:
+            pending = [
+                e
+                for e in plan.mini_batches
+                if not ((s := layout.mini_batch_dir(e.index).read_status()) is not None and s.succeeded)
+            ]
+            count = min(instances, len(pending))
+            if count == 0:
+                self.log.info("No mini-batch left to score: no worker started")
+                return {"workers": []}
+            self.log.info(
+                "Starting %d warm worker(s) for %d mini-batch(es) to score (resources.instance_count %d); each calls %s once",
+                count,
+                len(pending),
+                instances,
+                _ready_call(spec),
+            )
         secrets = resolve_secrets(spec.settings.secret_environment)
         pool = self._pool = _workers(spec, self.endpoint_name, context, self.log, secrets=secrets)
         pool.record_engine()
-        self.log.info(
-            "Starting %d warm worker(s) for %d mini-batch(es) to score (resources.instance_count %d); each calls %s once",
-            count,
-            len(pending),
-            spec.resources.instance_count,
-            "init()" if spec.contract == "azure" else "the serving container's /ping",
-        )
         started: list[int] = []
         failures: list[str] = []
         try:

@@ -1,9 +1,13 @@
 """The executor that hands each mini-batch to one of the run's warm workers (``settings.worker_mode: warm``).
 
-It finds a free worker, hands the mini-batch over with ``docker exec`` (:mod:`batchscore.scoring.workers`),
-streams the worker's lines into the try's output, and takes the result in from the worker's
-scratch folder. A worker that died is replaced; a worker past its time on one mini-batch is
-stopped; a serving container that died is named as the cause. No Airflow import.
+It finds a free worker, else a place in a worker's queue (``settings.worker_queue_depth``), hands
+the mini-batch over with ``docker exec`` (:mod:`batchscore.scoring.workers`), streams the
+worker's lines into the try's output, and takes the result in from the worker's scratch folder.
+The task's inputs are staged before it is handed over, so a queued mini-batch's are ready when
+its worker takes it. A mini-batch whose worker died while it waited in the queue was never
+started: it goes to another (or a replacement) worker within the same try. A worker that died
+is replaced; a worker past its time on one mini-batch is stopped; a serving container that
+died is named as the cause. No Airflow import.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from batchscore.intake import remove_scratch
 from batchscore.scoring.attempt import Attempt
 from batchscore.scoring.contract import CONTAINER_GRACE_SECONDS, Contract
 from batchscore.scoring.workers import Outcome, Slot, WarmWorkerError, WarmWorkers, slot_name
-from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, WorkerState, attempt_folder_name
+from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, attempt_folder_name
 from batchscore_runtime.warm import EXIT_FAILED, EXIT_OK
+from batchscore_runtime.worker_state import WorkerState
 
 #: How often a mini-batch that waits for a free worker looks again, and how often it says so in its log.
 POLL_SECONDS = 0.5
@@ -39,13 +44,27 @@ class WarmWorkersExecutor:
     def __init__(self, pool: WarmWorkers, log: Any):
         self.pool = pool
         self.log = log
-        self._slot: int | None = None  # the worker scoring this try's mini-batch now
+        self._slot: int | None = None  # the worker this try's mini-batch was handed to
+        self._queued: str | None = None  # its output folder while it waits in that worker's queue
+        self._killed = False
 
     def kill(self) -> None:
-        """The task is killed: stop the worker in the middle of this mini-batch (a later task starts a replacement)."""
-        if self._slot is not None:
-            self.log.warning("Task killed: stopping worker %s, which was scoring this mini-batch", slot_name(self._slot))
-            self.pool.kill(self._slot)
+        """The task is killed: take the mini-batch out of its worker's queue, or stop the worker in the middle of it.
+
+        A worker is stopped only when it scores this mini-batch (a later task starts a replacement);
+        one that holds it in its queue keeps scoring the one before.
+        """
+        self._killed = True
+        slot, queued = self._slot, self._queued
+        if slot is None:
+            return
+        if queued is not None and self.pool.cancel(slot, queued):
+            self.log.warning(
+                "Task killed: its mini-batch was taken out of worker %s's queue; the worker goes on", slot_name(slot)
+            )
+            return
+        self.log.warning("Task killed: stopping worker %s, which was scoring this mini-batch", slot_name(slot))
+        self.pool.kill(slot)
 
     def score(self, attempt: Attempt, contract: Contract, secrets: dict[str, str]) -> MiniBatchStatus:
         """Hand the mini-batch to a worker and take its result in; the committed status, or raise :class:`ScoringError`."""
@@ -70,30 +89,47 @@ class WarmWorkersExecutor:
         waiting_since = time.monotonic()
         next_log = waiting_since + WAIT_LOG_SECONDS
         order = [(attempt.index + k) % pool.slots for k in range(pool.slots)]
+        # A free worker first; then a place in a worker's queue, when workers have one.
+        passes = (True, False) if attempt.spec.settings.worker_queue_depth > 1 else (False,)
         while True:
             slots = [pool.slot(k) for k in order]
             if attempt.spec.contract == "serve":
                 slots = [self._stop_if_serving_died(s) for s in slots]
-            for s in slots:
-                if not s.ready:
-                    continue
-                self._slot = s.slot
-                remove_scratch(pool.scratch_dir(s.slot), scratch_name)
-                attempt.open_output()
-                try:
-                    outcome = self._submit(attempt, s, container_file, container_output, backstop)
-                except _Timeout:
-                    raise attempt.failed(
-                        "ContainerTimeout",
-                        f"worker {s.name} ran past {backstop:g} s (retry_settings.timeout "
-                        f"{attempt.spec.settings.retry_settings.timeout} + {CONTAINER_GRACE_SECONDS} s) on this mini-batch "
-                        f"without ending and was stopped{attempt.dropped()}",
-                    ) from None
-                finally:
-                    self._slot = None
-                    attempt.close_output()
-                if outcome.accepted:
-                    return self._outcome(attempt, s, outcome.exit_code, scratch_name)
+            for idle_only in passes:
+                for s in slots:
+                    if not s.ready:
+                        continue
+                    if self._killed:
+                        raise attempt.failed("TaskKilled", f"the task was killed before a worker took {attempt.id}")
+                    self._slot = s.slot
+                    remove_scratch(pool.scratch_dir(s.slot), scratch_name)
+                    attempt.open_output()
+                    try:
+                        outcome = self._submit(attempt, s, container_file, container_output, backstop, idle_only)
+                    except _Timeout:
+                        raise attempt.failed(
+                            "ContainerTimeout",
+                            f"worker {s.name} ran past {backstop:g} s (retry_settings.timeout "
+                            f"{attempt.spec.settings.retry_settings.timeout} + {CONTAINER_GRACE_SECONDS} s) on this "
+                            f"mini-batch without ending and was stopped{attempt.dropped()}",
+                        ) from None
+                    finally:
+                        self._slot = self._queued = None
+                        attempt.close_output()
+                    if outcome.accepted:
+                        return self._outcome(attempt, s, outcome.exit_code, scratch_name)
+                    if outcome.queued:  # it waited in the queue and never started there
+                        if self._killed:
+                            raise attempt.failed(
+                                "TaskKilled", f"the task was killed while {attempt.id} waited in worker {s.name}'s queue"
+                            )
+                        self.log.warning(
+                            "%s: worker %s let it go from its queue before it started (%s); handing it to another worker",
+                            attempt.id,
+                            s.name,
+                            outcome.state,
+                        )
+            slots = [pool.slot(k) for k in order]  # as they are now, after the hand-overs
             dead = [s for s in slots if _died(s)]
             alive = [s for s in slots if s.running]
             if dead or not alive:
@@ -121,32 +157,62 @@ class WarmWorkersExecutor:
                 next_log = now + WAIT_LOG_SECONDS
             time.sleep(POLL_SECONDS)
 
-    def _submit(self, attempt: Attempt, s: Slot, mini_batch_file: str, output: str, backstop: float | None) -> Outcome:
-        """Hand the mini-batch to worker ``s``; a worker past ``backstop`` seconds on it is stopped (:class:`_Timeout`)."""
+    def _submit(
+        self, attempt: Attempt, s: Slot, mini_batch_file: str, output: str, backstop: float | None, idle_only: bool
+    ) -> Outcome:
+        """Hand the mini-batch to worker ``s``; a worker past ``backstop`` seconds on it is stopped (:class:`_Timeout`).
+
+        The backstop counts from when the worker takes the mini-batch, not from when it was queued.
+        """
         pool = self.pool
         streams: list[Any] = []
-
-        def accepted(message: dict[str, Any]) -> None:
-            self.log.info("%s took the mini-batch (its init() took %s s, once)", s.name, message.get("init_seconds"))
-            if pool.spec.contract == "serve":  # the server's own lines while it serves this mini-batch
-                streams.append(pool.follow_serving_log(s.slot, lambda text: attempt.line(f"{s.name} serve | {text}")))
-
         timed_out = threading.Event()
+        timers: list[threading.Timer] = []
 
         def stop() -> None:
             timed_out.set()
             pool.kill(s.slot)  # the hand-over's stream ends with the worker
 
-        timer = threading.Timer(backstop, stop) if backstop is not None else None
-        if timer is not None:
-            timer.daemon = True
-            timer.start()
+        def queued(message: dict[str, Any]) -> None:
+            self._queued = output
+            self.log.info(
+                "%s queued the mini-batch: %s mini-batch(es) ahead of it (settings.worker_queue_depth %s); "
+                "it starts the moment they are done",
+                s.name,
+                message.get("ahead"),
+                message.get("depth"),
+            )
+
+        def accepted(message: dict[str, Any]) -> None:
+            self._queued = None
+            waited = message.get("queued_seconds")
+            self.log.info(
+                "%s took the mini-batch%s (its init() took %s s, once)",
+                s.name,
+                f" after {waited} s in its queue" if waited is not None else "",
+                message.get("init_seconds"),
+            )
+            if backstop is not None:
+                timer = threading.Timer(backstop, stop)
+                timer.daemon = True
+                timer.start()
+                timers.append(timer)
+            if pool.spec.contract == "serve":  # the server's own lines while it serves this mini-batch
+                streams.append(pool.follow_serving_log(s.slot, lambda text: attempt.line(f"{s.name} serve | {text}")))
+
         try:
             outcome = pool.submit(
-                s.slot, mini_batch_file, output, attempt.attempt, lambda text: attempt.line(f"{s.name} | {text}"), accepted
+                s.slot,
+                mini_batch_file,
+                output,
+                attempt.attempt,
+                lambda text: attempt.line(f"{s.name} | {text}"),
+                accepted,
+                idle_only=idle_only,
+                on_queued=queued,
             )
         finally:
-            if timer is not None:
+            for timer in timers:
                 timer.cancel()
             for stop_stream in streams:
                 stop_stream()

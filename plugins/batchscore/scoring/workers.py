@@ -41,8 +41,9 @@ from batchscore.gpu_holder import lease_for_worker, release
 from batchscore.intake import remove_scratch
 from batchscore.scratch import is_mirror
 from batchscore.spec.deployment import DeploymentSpec
-from batchscore_runtime.formats import RunLayout, WorkerState, write_json_atomic
+from batchscore_runtime.formats import RunLayout, write_json_atomic
 from batchscore_runtime.warm import EXIT_LOST, EXIT_REFUSED, PREFIX, STATE_FILE
+from batchscore_runtime.worker_state import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class Outcome:
 
     accepted: bool
     exit_code: int | None = None
-    state: str = ""  # why it was refused: busy, starting, stopped
+    state: str = ""  # why it was refused: busy, starting, stopped; cancelled, lost (after it was queued)
+    queued: bool = False  # it waited in the worker's queue (and, when not accepted, left it without starting)
 
 
 class WarmWorkers:
@@ -214,6 +216,8 @@ class WarmWorkers:
         """Start the worker of ``slot`` (and its serving container); False when another task already did."""
         state_dir = self.state_dir(slot)
         state_dir.mkdir(parents=True, exist_ok=True)
+        # Mounted read-only: it must exist (as this user's, for the plan to write into) before the plan does.
+        self.layout.mini_batches_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / STATE_FILE).unlink(missing_ok=True)
         security.make_writable_for(state_dir, self.user)
         # A fresh scratch folder: nothing a worker of this slot left there before is read.
@@ -436,8 +440,15 @@ class WarmWorkers:
         attempt: int,
         on_line: Callable[[str], None],
         on_accepted: Callable[[dict[str, Any]], None] = lambda message: None,
+        *,
+        idle_only: bool = False,
+        on_queued: Callable[[dict[str, Any]], None] = lambda message: None,
     ) -> Outcome:
-        """Hand one mini-batch (container paths) to the worker of ``slot``; its log lines go to ``on_line``."""
+        """Hand one mini-batch (container paths) to the worker of ``slot``; its log lines go to ``on_line``.
+
+        ``idle_only``: refused unless the worker is free; else it may wait in the worker's queue
+        (``settings.worker_queue_depth``), and ``on_queued`` hears when it does.
+        """
         command = [
             "python3",
             "-m",
@@ -449,6 +460,7 @@ class WarmWorkers:
             output,
             "--attempt",
             str(attempt),
+            *(["--idle-only"] if idle_only else []),
         ]
         try:
             exec_id = self.cli.exec_create(self.container_name(slot), command, user=self.user)["Id"]
@@ -458,6 +470,7 @@ class WarmWorkers:
             raise
         accepted: dict[str, Any] | None = None
         ended: dict[str, Any] | None = None
+        queued = False
         buffer = b""
         for chunk in self.cli.exec_start(exec_id, stream=True):
             buffer += chunk
@@ -466,7 +479,10 @@ class WarmWorkers:
                 line = raw.decode("utf-8", "replace")
                 message = _protocol_line(line)
                 if message is not None:
-                    if accepted is None:
+                    if accepted is None and message.get("queued") is True:
+                        queued = True
+                        on_queued(message)
+                    elif accepted is None:
                         accepted = message
                         if message.get("accepted"):
                             on_accepted(message)
@@ -478,10 +494,27 @@ class WarmWorkers:
             on_line(buffer.decode("utf-8", "replace"))
         code = self.cli.exec_inspect(exec_id).get("ExitCode")
         if accepted is None or not accepted.get("accepted"):
-            return Outcome(False, state=(accepted or {}).get("state", "stopped"))
+            return Outcome(False, state=str((accepted or {}).get("state", "stopped")), queued=queued)
         if ended is None or not isinstance(ended.get("exit"), int) or isinstance(ended.get("exit"), bool):
             return Outcome(True, exit_code=EXIT_LOST if code in (None, 0, EXIT_REFUSED) else code)
         return Outcome(True, exit_code=ended["exit"])
+
+    def cancel(self, slot: int, output: str) -> bool:
+        """Take the mini-batch with output folder ``output`` (a container path) out of the queue of worker ``slot``.
+
+        True when it waited there; False when it is not there (it started, or the worker is gone).
+        """
+        command = ["python3", "-m", "batchscore_runtime.warm", "cancel", "--output", output]
+        try:
+            exec_id = self.cli.exec_create(self.container_name(slot), command, user=self.user)["Id"]
+            raw = self.cli.exec_start(exec_id)
+        except APIError:
+            return False
+        for line in raw.decode("utf-8", "replace").splitlines():
+            message = _protocol_line(line)
+            if message is not None:
+                return message.get("cancelled") is True
+        return False
 
     # ------------------------------------------------------------------ stop
 

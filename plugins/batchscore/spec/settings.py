@@ -99,6 +99,8 @@ MiniBatchSize = Annotated[int | str, BeforeValidator(_mini_batch_size)]
 
 #: settings.worker_mode when the YAML does not say (see docs/concepts/warm-workers.md for the measurements).
 DEFAULT_WORKER_MODE: Literal["warm", "per_mini_batch"] = "warm"
+#: settings.worker_queue_depth when the YAML does not say: one mini-batch scoring, one waiting (docs/workers.md).
+DEFAULT_WORKER_QUEUE_DEPTH = 2
 
 
 class Settings(StrictModel):
@@ -183,6 +185,15 @@ class Settings(StrictModel):
         600,
         description="batchscore's own, warm workers: seconds a worker waits without a mini-batch before it "
         "stops on its own (a safety net: the run's teardown task removes the workers).",
+    )
+    worker_queue_depth: PositiveInt = Field(
+        DEFAULT_WORKER_QUEUE_DEPTH,
+        description="batchscore's own, warm workers: mini-batches each worker holds at once, the one it scores "
+        "and depth - 1 waiting in order, so that it starts the next the moment one ends; up to "
+        "resources.instance_count x depth score tasks run at once, and a waiting task's inputs are staged "
+        "while the worker scores. A free worker is always preferred over a queue. 1: a worker takes a "
+        "mini-batch only when it has none. Default 2: one scoring and one ready, enough to hide a task's "
+        "start-up; more only holds more Airflow task slots.",
     )
     logging_level: Literal["debug", "info", "warning"] = Field(
         "info", description="The runtime's log level; the scoring script's logging follows it."
