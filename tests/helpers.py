@@ -152,3 +152,24 @@ def assert_busy_sane(summary: Any, scored: int) -> None:
             span = (datetime.fromisoformat(w.last_ended_at) - datetime.fromisoformat(w.first_started_at)).total_seconds()
             assert 0 < w.busy_seconds <= span + 0.01, w  # busy only between its first start and its last end
     assert summary.busy_fraction is not None and 0 < summary.busy_fraction <= 1, summary.busy_fraction
+
+
+def s3_deployment(tmp_path: Path, iris_example: Path, s3: dict[str, Any], **blocks: Any) -> Path:
+    """The iris deployment with model, input and output on the test's bucket (``blocks`` override keys)."""
+    upload_tree(iris_example / "model", f"{s3['uri']}/models/iris")
+    upload_tree(iris_example / "data", f"{s3['uri']}/data/iris")
+    path = deployment_file(
+        tmp_path / "deployments",
+        model=iris_example / "model",
+        code=iris_example / "code",
+        inputs=iris_example / "data",
+        settings={"mini_batch_size": 4},
+    )
+    doc = yaml.safe_load(path.read_text())
+    doc["model"] = {"path": f"{s3['uri']}/models/iris/", "connection": S3_CONN}
+    doc["input"] = {"path": f"{s3['uri']}/data/iris/", "pattern": "*.csv", "connection": S3_CONN}
+    doc["output"] = {"path": f"{s3['uri']}/output/iris/", "connection": S3_CONN}
+    for key, value in blocks.items():
+        doc[key] = {**doc.get(key, {}), **value}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path

@@ -31,31 +31,10 @@ from batchscore.ui.folders import XCOM_KEY, reader
 from batchscore.ui.report import build
 from batchscore_runtime.formats import InputFile, MiniBatch, Summary, run_key
 from batchscore_runtime.slices import sliced_inputs
-from tests.helpers import S3_CONN, deployment_file, load, read_object, run_dag, serve_endpoint, upload_tree
+from tests.helpers import S3_CONN, load, read_object, run_dag, s3_deployment, serve_endpoint, upload_tree
 
 pytestmark = pytest.mark.s3
 CONN = S3_CONN
-
-
-def s3_deployment(tmp_path: Path, iris_example: Path, s3: dict[str, Any], **blocks: Any) -> Path:
-    """The iris deployment with model, input and output on the test's bucket (``blocks`` override keys)."""
-    upload_tree(iris_example / "model", f"{s3['uri']}/models/iris")
-    upload_tree(iris_example / "data", f"{s3['uri']}/data/iris")
-    path = deployment_file(
-        tmp_path / "deployments",
-        model=iris_example / "model",
-        code=iris_example / "code",
-        inputs=iris_example / "data",
-        settings={"mini_batch_size": 4},
-    )
-    doc = yaml.safe_load(path.read_text())
-    doc["model"] = {"path": f"{s3['uri']}/models/iris/", "connection": CONN}
-    doc["input"] = {"path": f"{s3['uri']}/data/iris/", "pattern": "*.csv", "connection": CONN}
-    doc["output"] = {"path": f"{s3['uri']}/output/iris/", "connection": CONN}
-    for key, value in blocks.items():
-        doc[key] = {**doc.get(key, {}), **value}
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -23,8 +23,7 @@ import pytest
 from batchscore.run_store import place
 from batchscore.scoring.workers import run_digest
 from batchscore_runtime.formats import Summary, run_key
-from tests.helpers import assert_busy_sane, deployment_file, load, run_dag, write
-from tests.test_object_storage import read_object, s3, s3_deployment  # noqa: F401 - s3 is a fixture
+from tests.helpers import assert_busy_sane, deployment_file, load, read_object, run_dag, s3_deployment, write
 from tests.test_warm import COUNTING_SCRIPT, worker_containers
 
 pytestmark = pytest.mark.docker
@@ -176,7 +175,7 @@ def _gated(tmp_path: Path, iris_example: Path, settings: dict[str, Any]) -> tupl
 def test_with_one_worker_and_depth_2_the_second_mini_batch_waits_in_its_queue_with_its_inputs_staged(
     iris_example: Path,
     tmp_path: Path,
-    s3,  # noqa: F811 - the fixture
+    s3,
 ) -> None:
     write(tmp_path / "code" / "score.py", GATED_SCRIPT)
     path = s3_deployment(
