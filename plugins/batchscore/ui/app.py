@@ -151,7 +151,8 @@ def record_file(dag_id: str, run_id: str, deployment: str, record: str, session:
     if not name:
         raise HTTPException(404, f"deployment {deployment!r} of run {run_id!r} has no {record} (yet): its merge writes it")
     path = folders.local_folder(folder) / name
-    if path.parent != folders.local_folder(folder) or not path.is_file():
+    # Served by the api-server's user: never through a link, whoever made it.
+    if path.parent != folders.local_folder(folder) or path.is_symlink() or not path.is_file():
         raise HTTPException(404, f"{path} is not a file of the run folder")
     return FileResponse(path, filename=name)
 
