@@ -173,3 +173,15 @@ def s3_deployment(tmp_path: Path, iris_example: Path, s3: dict[str, Any], **bloc
         doc[key] = {**doc.get(key, {}), **value}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def task_context(run_id: str, try_number: int = 1, **more: Any) -> dict[str, Any]:
+    """What an operator's ``execute`` reads of Airflow's context, for a task run outside a DAG run.
+
+    ``ti.pushed`` holds the XComs the task pushed besides its return value (the plan task's run folder).
+    """
+    from types import SimpleNamespace
+
+    pushed: dict[str, Any] = {}
+    ti = SimpleNamespace(try_number=try_number, pushed=pushed, xcom_push=lambda key, value: pushed.__setitem__(key, value))
+    return {"run_id": run_id, "params": {}, "ti": ti, **more}

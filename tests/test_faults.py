@@ -26,7 +26,7 @@ import yaml
 from batchscore.factory import build_dag
 from batchscore.plan import plan_run
 from batchscore_runtime.formats import ItemCounts, MiniBatchCounts, Summary, run_key
-from tests.helpers import deployment_file, load, write
+from tests.helpers import deployment_file, load, task_context, write
 
 pytestmark = pytest.mark.docker
 
@@ -348,7 +348,7 @@ def test_a_model_folder_deleted_after_the_yaml_was_loaded_fails_naming_model_pat
     dag = build_dag(load(yaml_path))
     shutil.rmtree(model)
 
-    context = {"run_id": RUN_ID, "params": {}, "dag": dag}
+    context = task_context(RUN_ID, dag=dag)
     expected = (
         "deployment 'test-deployment' of endpoint 'lost-model' is no longer valid:\n"
         "1 validation error for DeploymentSpec\nmodel.path\n  Value error, path "
@@ -402,9 +402,9 @@ def test_two_runs_of_one_deployment_scored_at_the_same_time_keep_their_own_folde
     common = {"endpoint_name": "twice", "deployment": spec.model_dump(mode="json", by_alias=True)}
     runs = {"A": "manual__2026-01-01T00:00:00+00:00", "B": "manual__2026-01-01T00:00:00.5+00:00"}
 
-    refs = {"A": PlanOperator(task_id="plan", **common).execute({"run_id": runs["A"], "params": {}})}
+    refs = {"A": PlanOperator(task_id="plan", **common).execute(task_context(runs["A"]))}
     shutil.copy(inputs / "a0.csv", inputs / "b9.csv")  # run B starts after the input changed
-    refs["B"] = PlanOperator(task_id="plan", **common).execute({"run_id": runs["B"], "params": {}})
+    refs["B"] = PlanOperator(task_id="plan", **common).execute(task_context(runs["B"]))
     assert [r["files"] for r in refs["A"]] == [2, 1] and [r["files"] for r in refs["B"]] == [2, 2]
 
     started = threading.Barrier(4)
@@ -412,16 +412,14 @@ def test_two_runs_of_one_deployment_scored_at_the_same_time_keep_their_own_folde
     def score(run: str, ref: dict) -> dict:
         op = ScoreOperator(task_id=f"score-{run}-{ref['index']}", mini_batch=ref, **common)
         started.wait()
-        return op.execute({"run_id": runs[run], "params": {}})
+        return op.execute(task_context(runs[run]))
 
     with ThreadPoolExecutor(4) as pool:
         jobs = [pool.submit(score, run, ref) for ref_pair in zip(refs["A"], refs["B"]) for run, ref in zip("AB", ref_pair)]
         results = [j.result() for j in jobs]
     assert [r["rows"] for r in results] == [2, 2, 1, 2]
 
-    summaries = {
-        run: MergeOperator(task_id="merge", **common).execute({"run_id": rid, "params": {}}) for run, rid in runs.items()
-    }
+    summaries = {run: MergeOperator(task_id="merge", **common).execute(task_context(rid)) for run, rid in runs.items()}
     dirs = {run: spec.output.path / run_key(rid) for run, rid in runs.items()}
     assert dirs["A"] != dirs["B"]
     assert pd.read_csv(dirs["A"] / "predictions.csv")["file"].tolist() == ["a0.csv", "a1.csv", "a2.csv"]

@@ -31,7 +31,7 @@ from batchscore.ui.folders import XCOM_KEY, reader
 from batchscore.ui.report import build
 from batchscore_runtime.formats import InputFile, MiniBatch, Summary, run_key
 from batchscore_runtime.slices import sliced_inputs
-from tests.helpers import S3_CONN, load, read_object, run_dag, s3_deployment, serve_endpoint, upload_tree
+from tests.helpers import S3_CONN, load, read_object, run_dag, s3_deployment, serve_endpoint, task_context, upload_tree
 
 pytestmark = pytest.mark.s3
 CONN = S3_CONN
@@ -72,14 +72,6 @@ def test_a_job_reads_and_writes_s3_and_its_output_is_exact(airflow_db, iris_exam
         assert secret.encode() not in read_object(f"{run_uri}/{name}")
 
 
-def context(run_id: str, try_number: int = 1) -> dict[str, Any]:
-    from types import SimpleNamespace
-
-    pushed: dict[str, Any] = {}  # the XComs the task pushed besides its return value
-    ti = SimpleNamespace(try_number=try_number, pushed=pushed, xcom_push=lambda key, value: pushed.__setitem__(key, value))
-    return {"run_id": run_id, "params": {}, "ti": ti}
-
-
 @pytest.mark.docker
 def test_an_object_changed_after_the_plan_fails_that_item_alone_and_a_rerun_of_the_mini_batch_commits_once(
     iris_example: Path, tmp_path: Path, s3
@@ -87,7 +79,7 @@ def test_an_object_changed_after_the_plan_fails_that_item_alone_and_a_rerun_of_t
     path = s3_deployment(tmp_path, iris_example, s3, settings={"mini_batch_size": 5})
     d = load(path).deployments[0].model_dump(mode="json")
     run_id = "manual__changed"
-    plan_context = context(run_id)
+    plan_context = task_context(run_id)
     refs = PlanOperator(task_id="plan", endpoint_name="test-endpoint", deployment=d).execute(plan_context)
     assert [r["files"] for r in refs] == [5, 5, 5]
     # Where the UI's report reads the run: the run folder on the bucket, with its connection.
@@ -99,14 +91,14 @@ def test_an_object_changed_after_the_plan_fails_that_item_alone_and_a_rerun_of_t
 
     def score(ref: dict[str, Any], try_number: int = 1) -> dict[str, Any]:
         op = ScoreOperator(task_id="score", endpoint_name="test-endpoint", deployment=d, mini_batch=ref)
-        return op.execute(context(run_id, try_number))
+        return op.execute(task_context(run_id, try_number))
 
     assert score(refs[0]) == {"mini_batch": "mb-00000", "rows": 30, "failed_items": 2}
     assert score(refs[1])["failed_items"] == 0
     assert score(refs[2])["failed_items"] == 0
     assert score(refs[0], try_number=2)["failed_items"] == 2  # a rerun of one mini-batch replaces its result
 
-    merged = MergeOperator(task_id="merge", endpoint_name="test-endpoint", deployment=d).execute(context(run_id))
+    merged = MergeOperator(task_id="merge", endpoint_name="test-endpoint", deployment=d).execute(task_context(run_id))
     run_uri = f"{s3['uri']}/output/iris/{run_key(run_id)}"
     assert merged["output"] == f"{run_uri}/predictions.csv"
     summary = Summary.from_json(json.loads(read_object(f"{run_uri}/summary.json")))
@@ -145,7 +137,7 @@ def test_a_missing_connection_is_named_with_the_uri_and_what_to_do(iris_example:
     path = s3_deployment(tmp_path, iris_example, s3, input={"connection": "no_such_conn"})
     d = load(path).deployments[0].model_dump(mode="json")
     with pytest.raises(StorageConnectionError) as info:
-        PlanOperator(task_id="plan", endpoint_name="test-endpoint", deployment=d).execute(context("r"))
+        PlanOperator(task_id="plan", endpoint_name="test-endpoint", deployment=d).execute(task_context("r"))
     assert str(info.value).startswith(
         f"{s3['uri']}/data/iris/: the Airflow connection 'no_such_conn' does not exist; create it (UI: Admin > Connections;"
     )
@@ -155,7 +147,7 @@ def test_a_missing_prefix_or_bucket_says_which_key(iris_example: Path, tmp_path:
     path = s3_deployment(tmp_path, iris_example, s3, input={"path": f"{s3['uri']}/nothing-here/"})
     d = load(path).deployments[0].model_dump(mode="json")
     with pytest.raises(PlanError) as info:
-        PlanOperator(task_id="plan", endpoint_name="test-endpoint", deployment=d).execute(context("r"))
+        PlanOperator(task_id="plan", endpoint_name="test-endpoint", deployment=d).execute(task_context("r"))
     assert str(info.value) == (
         f"no input files match '*.csv' in {s3['uri']}/nothing-here (connection '{CONN}') "
         "(deployment 'test-deployment', keys input.path and input.pattern)"
@@ -163,7 +155,7 @@ def test_a_missing_prefix_or_bucket_says_which_key(iris_example: Path, tmp_path:
     path = s3_deployment(tmp_path, iris_example, s3, input={"path": "s3://no-such-bucket-here/in/"})
     d = load(path).deployments[0].model_dump(mode="json")
     with pytest.raises(PlanError, match=r"the bucket 'no-such-bucket-here' does not exist .*key input.path\)$"):
-        PlanOperator(task_id="plan", endpoint_name="test-endpoint", deployment=d).execute(context("r"))
+        PlanOperator(task_id="plan", endpoint_name="test-endpoint", deployment=d).execute(task_context("r"))
 
 
 def test_a_read_only_connection_cannot_write_the_run_folder_and_says_so(iris_example: Path, tmp_path: Path, s3, monkeypatch):
@@ -171,7 +163,7 @@ def test_a_read_only_connection_cannot_write_the_run_folder_and_says_so(iris_exa
     path = s3_deployment(tmp_path, iris_example, s3, output={"connection": "s3_reader"})
     d = load(path).deployments[0].model_dump(mode="json")
     with pytest.raises(StorageAccessError) as info:
-        PlanOperator(task_id="plan", endpoint_name="test-endpoint", deployment=d).execute(context("r"))
+        PlanOperator(task_id="plan", endpoint_name="test-endpoint", deployment=d).execute(task_context("r"))
     message = str(info.value)
     assert message.startswith(f"cannot write {s3['uri']}/output/iris/r/_batchscore/minibatches/mb-00000.json (connection ")
     assert "access denied" in message and "check the Airflow connection 's3_reader'" in message

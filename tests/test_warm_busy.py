@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -23,7 +22,7 @@ import pytest
 from batchscore.run_store import place
 from batchscore.scoring.workers import run_digest
 from batchscore_runtime.formats import Summary, run_key
-from tests.helpers import assert_busy_sane, deployment_file, load, read_object, run_dag, s3_deployment, write
+from tests.helpers import assert_busy_sane, deployment_file, load, read_object, run_dag, s3_deployment, task_context, write
 from tests.test_warm import COUNTING_SCRIPT, worker_containers
 
 pytestmark = pytest.mark.docker
@@ -129,7 +128,7 @@ class _Task:
 
     def _run(self, run_id: str) -> None:
         try:
-            self.result = self.op.execute(_context(run_id))
+            self.result = self.op.execute(task_context(run_id))
         except BaseException as exc:  # noqa: BLE001 - the test looks at it
             self.error = exc
 
@@ -139,10 +138,6 @@ class _Task:
     def join(self) -> None:
         self.thread.join(timeout=300)
         assert not self.thread.is_alive(), "\n".join(self.lines.lines)
-
-
-def _context(run_id: str) -> dict[str, Any]:
-    return {"run_id": run_id, "params": {}, "ti": SimpleNamespace(try_number=1)}
 
 
 def _operators(deployment: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
@@ -192,8 +187,8 @@ def test_with_one_worker_and_depth_2_the_second_mini_batch_waits_in_its_queue_wi
     run_id = "manual__queue"
     start, plan, merge, stop = _operators(d)
     try:
-        assert start.execute(_context(run_id))["workers"] == ["w1"]  # no plan yet: instance_count workers
-        refs = plan.execute(_context(run_id))
+        assert start.execute(task_context(run_id))["workers"] == ["w1"]  # no plan yet: instance_count workers
+        refs = plan.execute(task_context(run_id))
         assert len(refs) == 3
         first = _Task(d, refs[0], run_id)
         first.wait_for("w1 took the mini-batch")
@@ -208,10 +203,10 @@ def test_with_one_worker_and_depth_2_the_second_mini_batch_waits_in_its_queue_wi
         second.join()
         third = _Task(d, refs[2], run_id)
         third.join()
-        summary_ref = merge.execute(_context(run_id))
+        summary_ref = merge.execute(task_context(run_id))
     finally:
         gate.touch()
-        stop.execute(_context(run_id))
+        stop.execute(task_context(run_id))
 
     assert (first.error, second.error, third.error) == (None, None, None)
     assert [t.result["worker"] for t in (first, second, third)] == ["w1", "w1", "w1"]
@@ -237,8 +232,8 @@ def test_a_task_killed_in_the_queue_leaves_the_worker_and_one_queued_when_the_wo
     start, plan, merge, stop = _operators(d)
     worker = f"batchscore-{run_digest(endpoint.endpoint_name, spec.name, run_id)}-w1"
     try:
-        start.execute(_context(run_id))
-        refs = plan.execute(_context(run_id))
+        start.execute(task_context(run_id))
+        refs = plan.execute(task_context(run_id))
         first = _Task(d, refs[0], run_id)
         first.wait_for("w1 took the mini-batch")
         container = _container_id(worker)
@@ -256,10 +251,10 @@ def test_a_task_killed_in_the_queue_leaves_the_worker_and_one_queued_when_the_wo
         subprocess.run(["docker", "kill", worker], check=True, capture_output=True)
         first.join()
         third.join()
-        summary_ref = merge.execute(_context(run_id))
+        summary_ref = merge.execute(task_context(run_id))
     finally:
         gate.touch()
-        stop.execute(_context(run_id))
+        stop.execute(task_context(run_id))
 
     assert str(killed.error) == "mb-00001 failed: TaskKilled: the task was killed while mb-00001 waited in worker w1's queue"
     assert "Task killed: its mini-batch was taken out of worker w1's queue; the worker goes on" in killed.lines.lines
@@ -293,8 +288,8 @@ def test_with_depth_1_a_busy_worker_queues_nothing_and_the_task_waits_for_it(
     run_id = "manual__depth1"
     start, plan, merge, stop = _operators(d)
     try:
-        start.execute(_context(run_id))
-        refs = plan.execute(_context(run_id))
+        start.execute(task_context(run_id))
+        refs = plan.execute(task_context(run_id))
         first = _Task(d, refs[0], run_id)
         first.wait_for("w1 took the mini-batch")
         second = _Task(d, refs[1], run_id)
@@ -305,7 +300,7 @@ def test_with_depth_1_a_busy_worker_queues_nothing_and_the_task_waits_for_it(
         second.join()
     finally:
         gate.touch()
-        stop.execute(_context(run_id))
+        stop.execute(task_context(run_id))
 
     assert (first.error, second.error) == (None, None)
     lines = second.lines
@@ -333,8 +328,8 @@ def test_a_queued_mini_batchs_time_limit_counts_from_when_the_worker_takes_it(
     run_id = "manual__backstop"
     start, plan, merge, stop = _operators(d)
     try:
-        start.execute(_context(run_id))
-        refs = plan.execute(_context(run_id))
+        start.execute(task_context(run_id))
+        refs = plan.execute(task_context(run_id))
         first = _Task(d, refs[0], run_id)
         first.wait_for("w1 took the mini-batch")
         second = _Task(short, refs[1], run_id)
@@ -345,7 +340,7 @@ def test_a_queued_mini_batchs_time_limit_counts_from_when_the_worker_takes_it(
         second.join()
     finally:
         gate.touch()
-        stop.execute(_context(run_id))
+        stop.execute(task_context(run_id))
 
     assert (first.error, second.error) == (None, None)
     assert not any("ran past" in line for line in first.lines.lines + second.lines.lines)

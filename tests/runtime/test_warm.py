@@ -168,7 +168,7 @@ def test_init_runs_once_per_process_and_every_mini_batch_is_committed_with_its_o
 
     outs = []
     for i in range(4):
-        code, out = w.submit(i, f"a{i}.csv", f"b{i}.csv", f"c{i}.csv")
+        code, out = w.submit_when_free(i, f"a{i}.csv", f"b{i}.csv", f"c{i}.csv")
         assert code == EXIT_OK
         outs.append(out)
 
