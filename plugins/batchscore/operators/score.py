@@ -28,6 +28,8 @@ from batchscore.scoring.workers import slot_name
 from batchscore.secret_environment import resolve_secrets
 from batchscore_runtime.formats import MiniBatchStatus, attempt_folder_name
 
+#: How Airflow resumes a task whose deferral failed (``BaseOperator.resume_execution``), and why.
+TRIGGER_FAIL, TRIGGER_TIMEOUT = "__fail__", "Trigger timeout"
 #: Pause before a failed mini-batch is retried (Azure retries at once; a short pause lets a
 #: transient cause, such as a busy Docker engine, pass).
 RETRY_DELAY = timedelta(seconds=5)
@@ -147,9 +149,14 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
         spec = attempt.spec = images.prepared(attempt.spec, cli, self.log)  # built already: the same image
         contract = Contract.create(spec)
         executor = executors.create(attempt, cli, self.log)
-        assert isinstance(executor, WarmWorkersExecutor), "only a warm worker's hand-over defers"
         self._executor = executor
         try:
+            if not isinstance(executor, WarmWorkersExecutor):  # create() said why, in the log
+                raise attempt.failed(
+                    "WarmWorkerFailed",
+                    f"the task resumed on an Airflow worker that does not reach the Docker engine of warm worker "
+                    f"{slot_name(int(event['handover']['slot']))}; run the triggerer and the score tasks on that host",
+                )
             secrets = self._secrets(attempt)
             status = executor.resume(attempt, HandOver.from_json(event["handover"]), str(event.get("outcome")))
             again = executor.hand_over(attempt, contract, secrets) if status is None else None
@@ -162,17 +169,21 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
         return self._finish(placement, attempt, contract, status)
 
     def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Any) -> Any:
-        """Past the deferral's timeout (no triggerer answered in time): stop the worker, fail the try as a timeout."""
-        if next_method == "__fail__":
+        """A deferral that failed (past its timeout, or its trigger raised): stop the worker, commit the failed try."""
+        if next_method == TRIGGER_FAIL:
             placement, cli, attempt = self._attempt(context)
             executor = executors.create(attempt, cli, self.log)
             if isinstance(executor, WarmWorkersExecutor):
                 worker = executor.abandon(attempt, attempt_folder_name(attempt.index, attempt.attempt))
-                error = (next_kwargs or {}).get("error", "the trigger failed")
-                message = f"the deferred task was not resumed in time ({error})" + (
-                    f"; worker {worker} was stopped" if worker else ""
+                error = str((next_kwargs or {}).get("error", "Unknown"))
+                timed_out = error == TRIGGER_TIMEOUT
+                stopped = f"; worker {worker} was stopped, or let it go from its queue" if worker else ""
+                attempt.failed(
+                    "ContainerTimeout" if timed_out else "TriggerFailed",
+                    f"the deferred task was not resumed within its deferral's timeout{stopped}"
+                    if timed_out
+                    else f"its trigger failed ({error}; the triggerer's log says why){stopped}",
                 )
-                attempt.failed("ContainerTimeout", message)
                 placement.finish_mini_batch(attempt.index, attempt.attempt, self.log, failing=True)
         return super().resume_execution(next_method, next_kwargs, context)
 
