@@ -142,3 +142,63 @@ def test_on_a_real_scheduler_tasks_defer_and_a_failing_mini_batch_is_retried(iri
     assert (row["status"], row["attempts"]) == ("succeeded", 2)
     assert Summary.read(run_dir / "summary.json").status == "succeeded"
     assert worker_containers("deferred", deployment.name, run_id) == []
+
+
+@pytest.mark.scheduler
+def test_a_deferred_mini_batch_in_the_queue_of_a_worker_that_dies_goes_to_its_replacement_in_the_same_try(
+    iris_example: Path, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+
+    from batchscore.localairflow import LocalAirflow
+    from batchscore.scoring.workers import run_digest
+    from tests.test_warm_busy import GATED_SCRIPT  # iris-000.csv waits for a file "go" next to the script
+
+    _, deployment, dags, env = _stage(
+        tmp_path,
+        GATED_SCRIPT,
+        {"mini_batch_size": 5, "deferrable": True, "retry_settings": {"max_retries": 1}},
+        "requeue",
+        resources={"instance_count": 1},
+    )
+    queued: list[int] = []  # the mini-batch that waited in the queue when its worker was killed
+
+    def kill_with_one_queued(run_id: str) -> None:
+        scratch = deployment.output.path / run_key(run_id) / "_batchscore" / "scratch" / "w1"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            said = {int(p.name[3:8]): read_record(p) for p in scratch.glob("mb-*.try-1.handover")}
+            waiting = [i for i, r in said.items() if r.queued and r.answer is None]
+            if 0 in said and said[0].accepted and waiting:  # the gated one scores, another waits behind it
+                name = f"batchscore-{run_digest('requeue', deployment.name, run_id)}-w1"
+                subprocess.run(["docker", "kill", name], check=True, capture_output=True)
+                queued.append(waiting[0])
+                (tmp_path / "code" / "go").touch()  # the retry of the gated one may end
+                return
+            time.sleep(0.1)
+
+    with LocalAirflow(tmp_path / "airflow", dags, env=env) as airflow:
+        airflow.wait_for_dag("requeue")
+        run_id = airflow.trigger("requeue")
+        killer = threading.Thread(target=kill_with_one_queued, args=(run_id,), daemon=True)
+        killer.start()
+        assert airflow.wait_for_run("requeue", run_id, timeout=420) == "success"
+        killer.join(timeout=5)
+        tis = {(t["task_id"], t["map_index"]): t for t in airflow.task_instances("requeue", run_id)}
+        logs = {i: airflow.task_log("requeue", run_id, "test-deployment.score", map_index=i, try_number=1) for i in (0, 1, 2)}
+
+    assert queued, "no mini-batch ever waited in the worker's queue behind mb-00000"
+    k = queued[0]
+    assert tis[("test-deployment.score", 0)]["try_number"] == 2  # the one it scored: failed, retried
+    assert "mb-00000 failed: WarmWorkerDied: worker w1 ended while scoring mb-00000" in logs[0]
+    assert tis[("test-deployment.score", k)]["try_number"] == 1  # the queued one never started: the same try
+    assert f"mb-0000{k}: worker w1 let it go from its queue before it started" in logs[k]
+    assert logs[k].count("Deferring until worker w1") == 2  # handed over again, to the replacement
+    run_dir = deployment.output.path / run_key(run_id)
+    merged = pd.read_csv(run_dir / "predictions.csv")
+    pd.testing.assert_frame_equal(merged[["file", "id"]], _expected(iris_example))  # every row once, in order
+    ledger = pd.read_csv(run_dir / "processed_mini-batches.csv", keep_default_na=False)
+    attempts = {row["mini_batch"]: (row["status"], row["attempts"]) for _, row in ledger.iterrows()}
+    assert attempts == {"mb-00000": ("succeeded", 2), "mb-00001": ("succeeded", 1), "mb-00002": ("succeeded", 1)}  # once each
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "succeeded"

@@ -34,7 +34,7 @@ class HandOverTrigger(BaseTrigger):
     """Fire when a detached hand-over to a warm worker ends, runs past its backstop, or loses its worker.
 
     :param record: the hand-over's record file (a host path in the worker's scratch folder).
-    :param container: the worker container's name, to notice it gone.
+    :param container: the worker container's id, to notice it gone (a replacement has the same name, not the same id).
     :param backstop: seconds the worker may score the mini-batch once it took it; None: no limit.
     :param handover: what the resumed task needs (``HandOver.to_json()``), given back in every event
         (``dag.test()`` resumes a task with the event alone, not with the deferral's kwargs).
@@ -53,29 +53,35 @@ class HandOverTrigger(BaseTrigger):
             {"record": self.record, "container": self.container, "backstop": self.backstop, "handover": self.handover},
         )
 
-    def _event(self, outcome: str, code: int | None) -> TriggerEvent:
-        return TriggerEvent({"outcome": outcome, "code": code, "handover": self.handover})
+    def _event(self, outcome: str, code: int | None, accepted: bool = False, exit_code: int | None = None) -> TriggerEvent:
+        # What the record said, also in the event: a replacement worker empties the scratch folder it is in.
+        return TriggerEvent(
+            {"outcome": outcome, "code": code, "accepted": accepted, "exit": exit_code, "handover": self.handover}
+        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         path = Path(self.record)
         next_check = time.monotonic() + CONTAINER_CHECK_SECONDS
+        accepted = False
         while True:
             record = await asyncio.to_thread(read_record, path)
+            accepted = accepted or record.accepted
             if record.done is not None:
-                yield self._event(DONE, record.done)
+                yield self._event(DONE, record.done, accepted, record.exit_code)
                 return
             at = record.accepted_at
             if self.backstop is not None and at is not None and time.time() - at > self.backstop:
-                yield self._event(TIMEOUT, None)
+                yield self._event(TIMEOUT, None, accepted)
                 return
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + CONTAINER_CHECK_SECONDS
                 if not await asyncio.to_thread(_running, self.container):
                     record = await asyncio.to_thread(read_record, path)  # it may have ended just before its worker
+                    accepted = accepted or record.accepted
                     if record.done is not None:
-                        yield self._event(DONE, record.done)
+                        yield self._event(DONE, record.done, accepted, record.exit_code)
                     else:
-                        yield self._event(GONE, None)
+                        yield self._event(GONE, None, accepted)
                     return
             await asyncio.sleep(POLL_SECONDS)
 

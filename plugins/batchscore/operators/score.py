@@ -158,7 +158,7 @@ class ScoreOperator(DeploymentMixin, BaseOperator):
                     f"{slot_name(int(event['handover']['slot']))}; run the triggerer and the score tasks on that host",
                 )
             secrets = self._secrets(attempt)
-            status = executor.resume(attempt, HandOver.from_json(event["handover"]), str(event.get("outcome")))
+            status = executor.resume(attempt, HandOver.from_json(event["handover"]), event)
             again = executor.hand_over(attempt, contract, secrets) if status is None else None
         except BaseException:
             placement.finish_mini_batch(attempt.index, attempt.attempt, self.log, failing=True)

@@ -324,14 +324,18 @@ class WarmWorkersExecutor:
                 scratch_name=scratch_name,
                 output=output,
                 record=str(record),
-                container=pool.container_name(s.slot),
+                # By id: a replacement of the same name must not pass for the worker that holds this mini-batch.
+                container=str(s.container["Id"]) if s.container else pool.container_name(s.slot),
                 backstop=backstop,
             )
         record.unlink(missing_ok=True)
         return Outcome(False, state=str((said.answer or {}).get("state", "stopped")), queued=said.queued)
 
-    def resume(self, attempt: Attempt, handover: HandOver, outcome: str) -> MiniBatchStatus | None:
-        """A deferred task is back (its trigger fired with ``outcome``): take the result in as :meth:`score` does.
+    def resume(self, attempt: Attempt, handover: HandOver, event: dict[str, Any]) -> MiniBatchStatus | None:
+        """A deferred task is back (its trigger fired ``event``): take the result in as :meth:`score` does.
+
+        The event says what the trigger read in the record (whether the worker took the mini-batch, its
+        exit code): a replacement of a worker that died empties the scratch folder the record is in.
 
         The committed status, or raise :class:`ScoringError`; None when the worker let the mini-batch go from its
         queue before it started (it never scored: hand it over again, within the same try).
@@ -352,7 +356,8 @@ class WarmWorkersExecutor:
             self.log.info(
                 "%s had taken the mini-batch%s", s.name, f" after {waited} s in its queue" if waited is not None else ""
             )
-        if outcome == TIMEOUT:
+        accepted = said.accepted or event.get("accepted") is True
+        if event.get("outcome") == TIMEOUT:
             pool.kill(handover.slot)
             record.unlink(missing_ok=True)
             raise attempt.failed(
@@ -362,7 +367,7 @@ class WarmWorkersExecutor:
                 f"mini-batch without ending and was stopped{attempt.dropped()}",
             )
         record.unlink(missing_ok=True)
-        if not said.accepted:  # queued, then let go (cancelled, or its worker ended) without starting
+        if not accepted:  # queued, then let go (cancelled, or its worker ended) without starting
             self.log.warning(
                 "%s: worker %s let it go from its queue before it started (%s); handing it to another worker",
                 attempt.id,
@@ -370,9 +375,10 @@ class WarmWorkersExecutor:
                 (said.answer or {}).get("state", "its worker is gone"),
             )
             return None
-        code = said.exit_code
+        code = said.exit_code if said.exit_code is not None else _whole(event.get("exit"))
+        done = said.done if said.done is not None else _whole(event.get("code"))
         if code is None:  # the daemon never said how it ended
-            code = EXIT_LOST if said.done in (None, 0, EXIT_REFUSED) else said.done
+            code = EXIT_LOST if done in (None, 0, EXIT_REFUSED) else done
         return self._outcome(attempt, s, code, handover.scratch_name)
 
     def abandon(self, attempt: Attempt, scratch_name: str) -> str:
@@ -412,7 +418,7 @@ class HandOver:
     scratch_name: str  # its output folder in the worker's scratch folder
     output: str  # the same, as the container sees it
     record: str  # the hand-over's record file (host path)
-    container: str  # the worker container's name
+    container: str  # the worker container's id
     backstop: float | None  # seconds the worker may score it once it took it
 
     def to_json(self) -> dict[str, Any]:
@@ -427,6 +433,10 @@ class HandOver:
 TIMEOUT = "timeout"
 #: How often a detached hand-over's record is read until the worker answers.
 HAND_OVER_POLL_SECONDS = 0.05
+
+
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _died(s: Slot) -> bool:
