@@ -23,11 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from batchscore import shutdown
-from bench import celery, intake, merge, orchestration, peers, planning, runtime, scale, skew, storage, warm
+from bench import celery, deferrable, intake, merge, orchestration, peers, planning, runtime, scale, skew, storage, warm
 from bench.common import CONTAINER_LABEL, Result, machine, remove_containers, report, table, write_json
 
 #: In the order they run: the quick ones first.
-BENCHMARKS = {m.NAME: m for m in (skew, planning, merge, intake, runtime, orchestration, storage, warm, celery, scale, peers)}
+BENCHMARKS = {
+    m.NAME: m for m in (skew, planning, merge, intake, runtime, orchestration, storage, warm, deferrable, celery, scale, peers)
+}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 

@@ -215,7 +215,8 @@ def _stopped_line(name: str, run_id: str, endpoint: str, forced_by: str = "") ->
     forced = f", forced by a second signal ({forced_by})" if forced_by else ""
     worker = f"batchscore-{run_digest(endpoint, 'test-deployment', run_id)}-w1"
     return (
-        rf"Interrupted by {name}{re.escape(forced)}: stopped Airflow \(api-server, scheduler, dag-processor: \d+ processes\); "
+        rf"Interrupted by {name}{re.escape(forced)}: stopped Airflow "
+        r"\(api-server, scheduler, dag-processor, triggerer: \d+ processes\); "
         rf"removed the container\(s\) of run {re.escape(run_id)}: {worker}"
     )
 
@@ -227,7 +228,7 @@ def test_a_signal_mid_run_stops_airflow_and_the_runs_containers(command, sig: si
     cmd.scoring()
     assert cmd.containers() == [f"batchscore-{run_digest(cmd.endpoint, 'test-deployment', run_id)}-w1"]
     processes = cmd.processes()
-    assert len(processes) > 5  # the command, api-server, scheduler, dag-processor, a LocalExecutor worker, the task...
+    assert len(processes) > 5  # the command, api-server, scheduler, dag-processor, triggerer, a LocalExecutor worker, the task...
 
     cmd.proc.send_signal(sig)
     assert cmd.proc.wait(timeout=WAIT_S) == 128 + sig

@@ -71,6 +71,8 @@ queue_log = logging.getLogger("batchscore.queue")
 
 #: Lines of ``submit``'s output that are the protocol's, not the mini-batch's log.
 PREFIX = "BATCHSCORE-WARM "
+#: How a detached hand-over's record marks the mini-batch's log lines (``submit --record``).
+RECORD_LOG = "| "
 EXIT_OK = 0
 EXIT_FAILED = 1  # the mini-batch failed; its status says why
 EXIT_REFUSED = 75  # the worker is busy or still starting: try another (EX_TEMPFAIL)
@@ -642,19 +644,47 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
 
 
 def submit(
-    mini_batch: str, output: str, attempt: int, socket_path: str = ContainerPaths.WARM_SOCKET, *, idle_only: bool = False
+    mini_batch: str,
+    output: str,
+    attempt: int,
+    socket_path: str = ContainerPaths.WARM_SOCKET,
+    *,
+    idle_only: bool = False,
+    record: str | None = None,
 ) -> int:
     """Hand one mini-batch to this container's daemon; print its log lines; return its exit code.
 
     The protocol's lines are printed with ``PREFIX`` (JSON): ``{"queued": true, ...}`` when it
     waits in the worker's queue, then ``{"accepted": ...}`` (when it starts, or why it was
     refused), last its exit code ``{"exit": ...}``. ``idle_only``: refused unless the worker is free.
+
+    ``record``: a detached hand-over (a deferred task): every line goes to that file instead, log lines
+    marked ``RECORD_LOG``, the accepted line with ``"at"`` (epoch seconds), the last ``{"done": <code>}``.
     """
+    # A record: one whole line per write, appended (a reader never sees half a line).
+    fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if record is not None else None
+
+    def emit(text: str) -> None:
+        if fd is None:
+            print(text, flush=True)
+        else:
+            os.write(fd, (text + "\n").encode("utf-8", "replace"))
+
+    code = _submit(mini_batch, output, attempt, socket_path, idle_only=idle_only, emit=emit, stamped=fd is not None)
+    if fd is not None:
+        emit(PREFIX + json.dumps({"done": code}))
+        os.close(fd)
+    return code
+
+
+def _submit(
+    mini_batch: str, output: str, attempt: int, socket_path: str, *, idle_only: bool, emit: Callable[[str], None], stamped: bool
+) -> int:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(socket_path)
     except OSError:
-        print(PREFIX + json.dumps({"accepted": False, "state": "starting"}), flush=True)
+        emit(PREFIX + json.dumps({"accepted": False, "state": "starting"}))
         return EXIT_REFUSED
     with conn:
         request = {"mini_batch": mini_batch, "output": output, "attempt": attempt, "idle_only": idle_only}
@@ -662,25 +692,29 @@ def submit(
         reader = conn.makefile("r", encoding="utf-8")
         first = reader.readline()
         if first and json.loads(first).get("queued"):
-            print(PREFIX + first.strip(), flush=True)
+            emit(PREFIX + first.strip())
             first = reader.readline()
             if not first:  # the daemon ended while it waited: it never started
-                print(PREFIX + json.dumps({"accepted": False, "state": LOST}), flush=True)
+                emit(PREFIX + json.dumps({"accepted": False, "state": LOST}))
                 return EXIT_REFUSED
         if not first:
-            print(PREFIX + json.dumps({"accepted": False, "state": "stopped"}), flush=True)
+            emit(PREFIX + json.dumps({"accepted": False, "state": "stopped"}))
             return EXIT_REFUSED
-        print(PREFIX + first.strip(), flush=True)
-        if not json.loads(first).get("accepted"):
+        answer = json.loads(first)
+        if stamped and answer.get("accepted"):
+            answer["at"] = round(time.time(), 3)  # the backstop of a deferred task counts from here
+            first = json.dumps(answer)
+        emit(PREFIX + first.strip())
+        if not answer.get("accepted"):
             return EXIT_REFUSED
         for line in reader:
             message = json.loads(line)
-            if "log" in message:
-                print(message["log"], flush=True)
+            if "log" in message:  # in a record, marked as a log line: it can never pass for the protocol's
+                emit(RECORD_LOG + message["log"] if stamped else message["log"])
             elif "exit" in message:
-                print(PREFIX + line.strip(), flush=True)
+                emit(PREFIX + line.strip())
                 return int(message["exit"])
-    print(PREFIX + json.dumps({"lost": True}), flush=True)
+    emit(PREFIX + json.dumps({"lost": True}))
     return EXIT_LOST
 
 
@@ -734,13 +768,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("--attempt", type=int, default=1)
     sub.add_argument("--socket", default=ContainerPaths.WARM_SOCKET)
     sub.add_argument("--idle-only", action="store_true", help="refused unless the worker is free (no queueing)")
+    sub.add_argument("--record", help="a detached hand-over: write every line to this file, the last {done: code}")
     stop = commands.add_parser("cancel", help="take a waiting mini-batch out of the daemon's queue")
     stop.add_argument("--output", required=True, help="the output folder it was submitted with")
     stop.add_argument("--socket", default=ContainerPaths.WARM_SOCKET)
     args = parser.parse_args(argv)
 
     if args.command == "submit":
-        return submit(args.mini_batch, args.output, args.attempt, args.socket, idle_only=args.idle_only)
+        return submit(args.mini_batch, args.output, args.attempt, args.socket, idle_only=args.idle_only, record=args.record)
     if args.command == "cancel":
         return cancel(args.output, args.socket)
     if args.contract == "azure" and args.scoring_script is None:

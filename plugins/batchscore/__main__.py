@@ -1,6 +1,6 @@
 """``python -m batchscore``: run a deployment's DAG on a local Airflow, or check YAML files.
 
-    python -m batchscore run iris-batch          # api-server + scheduler + dag-processor, one run
+    python -m batchscore run iris-batch          # api-server + scheduler + dag-processor + triggerer, one run
     python -m batchscore run iris-batch --keep   # the same, and Airflow stays up after the run until Ctrl-C
     python -m batchscore up                      # the same Airflow, left up (URL and login printed) until Ctrl-C
     python -m batchscore demo-s3                 # the same on a local S3 server (batchscore.demo_s3)
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     conf = json.loads(args.conf) if args.conf else {}
     keep = getattr(args, "keep", False)
     airflow = LocalAirflow(Path(args.home).resolve(), dags_folder, stop_grace=args.stop_grace, login=keep)
-    print(f"Starting Airflow (api-server, scheduler, dag-processor) in {airflow.home} ...", flush=True)
+    print(f"Starting Airflow (api-server, scheduler, dag-processor, triggerer) in {airflow.home} ...", flush=True)
     # Leaving the block stops the components, every process they started and the run's containers.
     with airflow, shutdown.saying_what_stops("Airflow and the run's containers"):
         print(f"Airflow is up at {airflow.base_url}; waiting for DAG {args.dag_id} to be parsed ...", flush=True)

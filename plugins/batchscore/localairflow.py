@@ -1,7 +1,7 @@
 """Run a real, local Airflow stack and drive it through the public REST API.
 
 :class:`LocalAirflow` starts Airflow's own components -- ``airflow api-server``,
-``airflow scheduler`` and ``airflow dag-processor`` -- as subprocesses of the
+``airflow scheduler``, ``airflow dag-processor`` and ``airflow triggerer`` -- as subprocesses of the
 current Python interpreter, on a SQLite metadata database with the
 ``LocalExecutor``, and talks to them only through the public REST API v2
 (``/api/v2``; it is an :class:`batchscore.airflowapi.AirflowClient`).  It is
@@ -17,6 +17,7 @@ Layout under ``home`` (``AIRFLOW_HOME``)::
     api-server.log        output of each component
     scheduler.log
     dag-processor.log
+    triggerer.log
 
 Stopping: :meth:`LocalAirflow.stop` (also on leaving the ``with`` block, on any exception,
 ``KeyboardInterrupt`` and :class:`batchscore.shutdown.Interrupted` included) ends every process the
@@ -31,7 +32,7 @@ processes (see :meth:`LocalAirflow.child_env`); the caller's Airflow settings
 (``AIRFLOW__*``, ``AIRFLOW_HOME``, ``AIRFLOW_CONFIG``) are *not* inherited, so
 the stack is the same whether it is started from a shell, ``make`` or pytest;
 ``AIRFLOW_CONN_*`` and ``AIRFLOW_VAR_*`` are.  Everything binds to 127.0.0.1;
-the scheduler runs with ``--skip-serve-logs`` (its log server would bind all
+the scheduler and the triggerer run with ``--skip-serve-logs`` (their log servers would bind all
 interfaces; the api-server reads the task logs from ``logs/`` directly).
 
 Authentication: with ``[core] simple_auth_manager_all_admins = True`` the
@@ -83,11 +84,13 @@ from batchscore.airflowapi import POLL_S, AirflowClient, LocalAirflowError, utc_
 __all__ = ["LocalAirflow", "LocalAirflowError"]
 
 #: Components started by :meth:`LocalAirflow.start`, in start order.
-COMPONENTS = ("api-server", "scheduler", "dag-processor")
+#: The triggerer runs deferred tasks' triggers (``settings.deferrable``: a score task that waits for a warm worker).
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 _COMMANDS = {
     "api-server": ["api-server"],
     "scheduler": ["scheduler", "--skip-serve-logs"],
     "dag-processor": ["dag-processor"],
+    "triggerer": ["triggerer", "--skip-serve-logs"],
 }
 #: Environment variable naming the stack in all its processes (see :meth:`LocalAirflow.processes`).
 MARK_ENV = "BATCHSCORE_LOCAL_AIRFLOW"
@@ -284,7 +287,7 @@ class LocalAirflow(AirflowClient):
         """Migrate the database, start the components and wait until they are healthy.
 
         Healthy means: the API answers ``/api/v2/monitor/health`` and reports
-        the scheduler and the dag-processor alive with a heartbeat newer than
+        the scheduler, the dag-processor and the triggerer alive with a heartbeat newer than
         this start.  On failure everything is stopped and
         :class:`LocalAirflowError` carries the tail of the failing log.
         """
@@ -301,7 +304,7 @@ class LocalAirflow(AirflowClient):
         try:
             for component in COMPONENTS:
                 self.procs[component] = self._spawn(component, _COMMANDS[component])
-            self._wait_healthy(("scheduler", "dag_processor"), started_at, deadline, COMPONENTS)
+            self._wait_healthy(("scheduler", "dag_processor", "triggerer"), started_at, deadline, COMPONENTS)
             if self.wants_login:
                 self.login(LOGIN_USER, self.login_password())
         except BaseException:

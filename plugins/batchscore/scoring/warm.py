@@ -12,17 +12,21 @@ died is named as the cause. No Airflow import.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from batchscore import security
 from batchscore.intake import remove_scratch
 from batchscore.scoring.attempt import Attempt
 from batchscore.scoring.contract import CONTAINER_GRACE_SECONDS, Contract
+from batchscore.scoring.handover import read_record, record_name
 from batchscore.scoring.workers import Outcome, Slot, WarmWorkerError, WarmWorkers, slot_name
 from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, attempt_folder_name
-from batchscore_runtime.warm import EXIT_FAILED, EXIT_OK
+from batchscore_runtime.warm import EXIT_FAILED, EXIT_LOST, EXIT_OK, EXIT_REFUSED
 from batchscore_runtime.worker_state import WorkerState
 
 #: How often a mini-batch that waits for a free worker looks again, and how often it says so in its log.
@@ -68,6 +72,23 @@ class WarmWorkersExecutor:
 
     def score(self, attempt: Attempt, contract: Contract, secrets: dict[str, str]) -> MiniBatchStatus:
         """Hand the mini-batch to a worker and take its result in; the committed status, or raise :class:`ScoringError`."""
+        placed = self._place(attempt, contract, secrets, detached=False)
+        assert isinstance(placed, MiniBatchStatus)  # only a detached hand-over is left waiting
+        return placed
+
+    def hand_over(self, attempt: Attempt, contract: Contract, secrets: dict[str, str]) -> HandOver:
+        """A deferred task's hand-over (``settings.deferrable``): the mini-batch waits in a worker's queue or scores.
+
+        Detached (:mod:`batchscore.scoring.handover`): the task may end and resume when the worker is done
+        (:meth:`resume`). Raises :class:`ScoringError` (the failed status committed) when no worker takes it.
+        """
+        placed = self._place(attempt, contract, secrets, detached=True)
+        assert isinstance(placed, HandOver)
+        return placed
+
+    def _place(
+        self, attempt: Attempt, contract: Contract, secrets: dict[str, str], *, detached: bool
+    ) -> MiniBatchStatus | HandOver:
         pool = self.pool
         self.log = pool.log = attempt.log  # redacts the secrets, once they are known
         pool.secrets, pool.user = secrets, security.container_user()  # for a replacement this task starts
@@ -103,6 +124,20 @@ class WarmWorkersExecutor:
                         raise attempt.failed("TaskKilled", f"the task was killed before a worker took {attempt.id}")
                     self._slot = s.slot
                     remove_scratch(pool.scratch_dir(s.slot), scratch_name)
+                    if detached:
+                        handed = self._submit_detached(
+                            attempt, s, container_file, container_output, scratch_name, backstop, idle_only
+                        )
+                        self._slot = None
+                        if isinstance(handed, HandOver):
+                            return handed
+                        outcome = handed
+                        if outcome.queued:
+                            self.log.warning(
+                                "%s: worker %s let it go from its queue before it started (%s); handing it to another worker",
+                                attempt.id, s.name, outcome.state,
+                            )  # fmt: skip
+                        continue
                     attempt.open_output()
                     try:
                         outcome = self._submit(attempt, s, container_file, container_output, backstop, idle_only)
@@ -247,6 +282,122 @@ class WarmWorkersExecutor:
         why = pool.failure(now) if not now.running else f"its hand-over ended with exit code {code}"
         raise attempt.failed("WarmWorkerDied", f"worker {s.name} ended while scoring {attempt.id}; {attempt.redact(why)}")
 
+    def _submit_detached(
+        self,
+        attempt: Attempt,
+        s: Slot,
+        mini_batch_file: str,
+        output: str,
+        scratch_name: str,
+        backstop: float | None,
+        idle_only: bool,
+    ) -> HandOver | Outcome:
+        """Hand the mini-batch to worker ``s`` detached; the hand-over once the worker took or queued it, else why not."""
+        pool = self.pool
+        record = pool.scratch_dir(s.slot) / record_name(scratch_name)
+        record.unlink(missing_ok=True)
+        running = pool.submit_detached(
+            s.slot, mini_batch_file, output, attempt.attempt, f"{ContainerPaths.SCRATCH}/{record.name}", idle_only=idle_only
+        )
+        said = read_record(record)
+        while running is not None and said.answer is None and not said.queued and said.done is None:
+            time.sleep(HAND_OVER_POLL_SECONDS)
+            said = read_record(record)
+            if said.answer is None and not said.queued and said.done is None and not running():
+                said = read_record(record)
+                break
+        if said.accepted or (said.queued and said.answer is None):
+            if said.accepted:
+                self.log.info(
+                    "%s took the mini-batch (its init() took %s s, once)", s.name, (said.answer or {}).get("init_seconds")
+                )
+            else:
+                queued = next(m for m in said.messages if m.get("queued") is True)
+                self.log.info(
+                    "%s queued the mini-batch: %s mini-batch(es) ahead of it (settings.worker_queue_depth %s)",
+                    s.name,
+                    queued.get("ahead"),
+                    queued.get("depth"),
+                )
+            return HandOver(
+                slot=s.slot,
+                scratch_name=scratch_name,
+                output=output,
+                record=str(record),
+                # By id: a replacement of the same name must not pass for the worker that holds this mini-batch.
+                container=str(s.container["Id"]) if s.container else pool.container_name(s.slot),
+                backstop=backstop,
+            )
+        record.unlink(missing_ok=True)
+        return Outcome(False, state=str((said.answer or {}).get("state", "stopped")), queued=said.queued)
+
+    def resume(self, attempt: Attempt, handover: HandOver, event: dict[str, Any]) -> MiniBatchStatus | None:
+        """A deferred task is back (its trigger fired ``event``): take the result in as :meth:`score` does.
+
+        The event says what the trigger read in the record (whether the worker took the mini-batch, its
+        exit code): a replacement of a worker that died empties the scratch folder the record is in.
+
+        The committed status, or raise :class:`ScoringError`; None when the worker let the mini-batch go from its
+        queue before it started (it never scored: hand it over again, within the same try).
+        """
+        pool = self.pool
+        self.log = pool.log = attempt.log
+        s = pool.slot(handover.slot)
+        record = Path(handover.record)
+        said = read_record(record)
+        attempt.open_output()
+        try:
+            for text in said.lines:
+                attempt.line(f"{s.name} | {text}")
+        finally:
+            attempt.close_output()
+        if said.accepted:
+            waited = (said.answer or {}).get("queued_seconds")
+            self.log.info(
+                "%s had taken the mini-batch%s", s.name, f" after {waited} s in its queue" if waited is not None else ""
+            )
+        accepted = said.accepted or event.get("accepted") is True
+        if event.get("outcome") == TIMEOUT:
+            pool.kill(handover.slot)
+            record.unlink(missing_ok=True)
+            raise attempt.failed(
+                "ContainerTimeout",
+                f"worker {s.name} ran past {handover.backstop:g} s (retry_settings.timeout "
+                f"{attempt.spec.settings.retry_settings.timeout} + {CONTAINER_GRACE_SECONDS} s) on this "
+                f"mini-batch without ending and was stopped{attempt.dropped()}",
+            )
+        record.unlink(missing_ok=True)
+        if not accepted:  # queued, then let go (cancelled, or its worker ended) without starting
+            self.log.warning(
+                "%s: worker %s let it go from its queue before it started (%s); handing it to another worker",
+                attempt.id,
+                s.name,
+                (said.answer or {}).get("state", "its worker is gone"),
+            )
+            return None
+        code = said.exit_code if said.exit_code is not None else _whole(event.get("exit"))
+        done = said.done if said.done is not None else _whole(event.get("code"))
+        if code is None:  # the daemon never said how it ended
+            code = EXIT_LOST if done in (None, 0, EXIT_REFUSED) else done
+        return self._outcome(attempt, s, code, handover.scratch_name)
+
+    def abandon(self, attempt: Attempt, scratch_name: str) -> str:
+        """A deferred task ran past its deferral's timeout: stop the worker that scores its mini-batch, or take it
+        out of the queue it waits in; says which worker (empty when none held it)."""
+        pool = self.pool
+        for k in range(pool.slots):
+            record = pool.scratch_dir(k) / record_name(scratch_name)
+            said = read_record(record)
+            if not record.exists() or said.done is not None:
+                continue
+            if said.accepted:
+                pool.kill(k)
+            else:
+                pool.cancel(k, f"{ContainerPaths.SCRATCH}/{scratch_name}")
+            record.unlink(missing_ok=True)
+            return slot_name(k)
+        return ""
+
     def _stop_if_serving_died(self, s: Slot) -> Slot:
         """A worker whose serving container exited can serve nothing: stop its client now, so it is replaced."""
         if not s.running:
@@ -257,6 +408,35 @@ class WarmWorkersExecutor:
         self.log.warning("%s; stopping its client", death)
         self.pool.kill(s.slot)
         return self.pool.settled(s.slot)
+
+
+@dataclass(frozen=True)
+class HandOver:
+    """A mini-batch handed to a warm worker detached: what a deferred task needs to take its result in when it resumes."""
+
+    slot: int
+    scratch_name: str  # its output folder in the worker's scratch folder
+    output: str  # the same, as the container sees it
+    record: str  # the hand-over's record file (host path)
+    container: str  # the worker container's id
+    backstop: float | None  # seconds the worker may score it once it took it
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HandOver:
+        return cls(**data)
+
+
+#: The trigger's outcome for a worker past its backstop (``batchscore.triggers.TIMEOUT``).
+TIMEOUT = "timeout"
+#: How often a detached hand-over's record is read until the worker answers.
+HAND_OVER_POLL_SECONDS = 0.05
+
+
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _died(s: Slot) -> bool:
@@ -272,4 +452,4 @@ def _describe(s: Slot) -> str:
     return "stopped" if s.container is not None else "not started"
 
 
-__all__ = ["WarmWorkersExecutor"]
+__all__ = ["HandOver", "WarmWorkersExecutor"]

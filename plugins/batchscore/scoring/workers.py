@@ -499,6 +499,35 @@ class WarmWorkers:
             return Outcome(True, exit_code=EXIT_LOST if code in (None, 0, EXIT_REFUSED) else code)
         return Outcome(True, exit_code=ended["exit"])
 
+    def submit_detached(
+        self, slot: int, mini_batch_file: str, output: str, attempt: int, record: str, *, idle_only: bool = False
+    ) -> Callable[[], bool] | None:
+        """Hand one mini-batch to the worker of ``slot`` with a detached ``warm submit --record`` (a deferred task).
+
+        Every line of the hand-over goes to ``record`` (a container path in the worker's scratch folder;
+        :mod:`batchscore.scoring.handover` reads it). Returns a function that says whether the hand-over
+        still runs; None when the worker is gone.
+        """
+        command = [
+            "python3", "-m", "batchscore_runtime.warm", "submit", "--mini-batch", mini_batch_file, "--output", output,
+            "--attempt", str(attempt), "--record", record, *(["--idle-only"] if idle_only else []),
+        ]  # fmt: skip
+        try:
+            exec_id = self.cli.exec_create(self.container_name(slot), command, user=self.user)["Id"]
+            self.cli.exec_start(exec_id, detach=True)
+        except APIError as exc:
+            if exc.status_code in (404, 409):  # gone, or not running any more
+                return None
+            raise
+
+        def running() -> bool:
+            try:
+                return bool(self.cli.exec_inspect(exec_id).get("Running"))
+            except APIError:
+                return False
+
+        return running
+
     def cancel(self, slot: int, output: str) -> bool:
         """Take the mini-batch with output folder ``output`` (a container path) out of the queue of worker ``slot``.
 

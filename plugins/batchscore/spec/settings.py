@@ -195,6 +195,15 @@ class Settings(StrictModel):
         "mini-batch only when it has none. Default 2: one scoring and one ready, enough to hide a task's "
         "start-up; more only holds more Airflow task slots.",
     )
+    deferrable: bool = Field(
+        False,
+        description="batchscore's own, warm workers only: a score task hands its mini-batch to a warm worker and "
+        "defers to Airflow's triggerer until the worker is done, then resumes to take the result in and commit "
+        "it; a task that waits (in a worker's queue, or while its mini-batch scores) holds no Airflow worker "
+        "slot. Needs an `airflow triggerer` on the Docker host of the warm workers (it reads their scratch "
+        "folder). Results, retries and reruns are those of a task that does not defer. Default false: on one "
+        "host each deferral costs a round trip through the triggerer and the scheduler (docs/workers.md).",
+    )
     logging_level: Literal["debug", "info", "warning"] = Field(
         "info", description="The runtime's log level; the scoring script's logging follows it."
     )
@@ -209,6 +218,15 @@ class Settings(StrictModel):
         "{NAME: {variable: <key>}} or {NAME: {connection: <conn id>, field: password}}. They are read when "
         "the mini-batch starts, given to the container only, masked in the task log, never stored in the DAG.",
     )
+
+    @model_validator(mode="after")
+    def _deferrable_needs_warm(self) -> Settings:
+        if self.deferrable and self.worker_mode != "warm":
+            raise ValueError(
+                "settings.deferrable: true needs settings.worker_mode: warm (a container per mini-batch has no "
+                "worker to hand the mini-batch to); set worker_mode: warm, or remove deferrable"
+            )
+        return self
 
     @field_validator("secret_environment")
     @classmethod

@@ -1,0 +1,106 @@
+"""A detached hand-over's record: what a deferred score task's worker said, read back from its scratch folder.
+
+A deferred score task (``settings.deferrable``) cannot hold ``docker exec``'s stream open while it
+waits: it starts ``warm submit --record <file>`` detached in the worker container, and that
+process writes every line of the hand-over into the file (the worker's scratch folder, a host
+folder): the protocol's lines (``queued``, ``accepted`` with the time it started, ``exit``), the
+mini-batch's log lines, and last ``{"done": <exit code>}``. The trigger polls the file
+(:mod:`batchscore.triggers`), the resumed task reads it whole. Standard library only: the
+triggerer imports this.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: The protocol's prefix (``batchscore_runtime.warm.PREFIX``; said again here so the triggerer imports nothing more).
+PREFIX = "BATCHSCORE-WARM "
+#: How the record marks the mini-batch's own lines (``batchscore_runtime.warm.RECORD_LOG``).
+LOG_MARK = "| "
+
+
+def record_name(scratch_name: str) -> str:
+    """The record file of the hand-over whose output folder is ``scratch_name``, beside it in the scratch folder."""
+    return f"{scratch_name}.handover"
+
+
+@dataclass
+class Record:
+    """What a hand-over's record file says so far."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)  # the protocol's lines, in order
+    lines: list[str] = field(default_factory=list)  # the mini-batch's log lines
+    done: int | None = None  # the submitter's exit code, once it ended
+
+    @property
+    def queued(self) -> bool:
+        return any(m.get("queued") is True for m in self.messages)
+
+    @property
+    def answer(self) -> dict[str, Any] | None:
+        """The daemon's ``accepted`` line (true: it scores; false: refused, or let go from its queue), once it came."""
+        return next((m for m in self.messages if "accepted" in m), None)
+
+    @property
+    def accepted(self) -> bool:
+        answer = self.answer
+        return bool(answer and answer.get("accepted") is True)
+
+    @property
+    def accepted_at(self) -> float | None:
+        """When the worker took the mini-batch (seconds since the epoch): the backstop counts from here."""
+        answer = self.answer
+        at = answer.get("at") if answer and answer.get("accepted") is True else None
+        return float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The mini-batch's exit code as the daemon said it (``{"exit": ...}``); None when it never said."""
+        for m in self.messages:
+            code = m.get("exit")
+            if isinstance(code, int) and not isinstance(code, bool):
+                return code
+        return None
+
+
+def read_record(path: Path) -> Record:
+    """The record as far as it is written (an empty one when the file is not there yet).
+
+    The mini-batch's lines are marked (``LOG_MARK``), so none of them can pass for the protocol's;
+    a malformed line is kept as a log line, never raised on.
+    """
+    record = Record()
+    try:
+        text = path.read_bytes().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return record
+    *whole, _partial = text.split("\n")  # a line is whole once its newline is written
+    for line in whole:
+        if line.startswith(LOG_MARK):
+            record.lines.append(line[len(LOG_MARK) :])
+            continue
+        message = _message(line)
+        if message is None:
+            record.lines.append(line)
+        elif "done" in message:
+            done = message["done"]
+            record.done = done if isinstance(done, int) and not isinstance(done, bool) else None
+        else:
+            record.messages.append(message)
+    return record
+
+
+def _message(line: str) -> dict[str, Any] | None:
+    if not line.startswith(PREFIX):
+        return None
+    try:
+        message = json.loads(line[len(PREFIX) :])
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+__all__ = ["PREFIX", "Record", "read_record", "record_name"]

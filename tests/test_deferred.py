@@ -1,0 +1,204 @@
+"""Deferrable score tasks (``settings.deferrable``): the mini-batch is handed to a warm worker, the task defers.
+
+Real containers, a real scheduler and triggerer (:class:`batchscore.localairflow.LocalAirflow`), and
+``dag.test()``, which runs a deferred task's trigger in its own process: results, retries and the
+ledger are those of a task that does not defer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from batchscore.errors import DeploymentSpecError
+from batchscore.scoring.handover import read_record
+from batchscore_runtime.formats import Summary, run_key
+from tests.helpers import assert_busy_sane, deployment_file, load, run_dag, write
+from tests.test_rerun import FLAKY_SCRIPT  # fails on iris-005.csv until a file "fixed" appears next to the model
+from tests.test_warm import COUNTING_SCRIPT, _expected, _stage, worker_containers
+
+pytestmark = pytest.mark.docker
+
+
+def test_a_deferred_run_scores_every_row_in_order_and_each_task_deferred(
+    airflow_db, iris_example: Path, tmp_path: Path, monkeypatch, capfd
+) -> None:
+    write(tmp_path / "code" / "score.py", COUNTING_SCRIPT)
+    path = deployment_file(
+        tmp_path / "deployments",
+        model=iris_example / "model",
+        code=tmp_path / "code",
+        inputs=iris_example / "data",
+        settings={"mini_batch_size": 2, "worker_mode": "warm", "deferrable": True},
+        resources={"instance_count": 2},
+    )
+
+    dag_run, endpoint = run_dag(path, monkeypatch)
+
+    deployment = endpoint.deployments[0]
+    log = capfd.readouterr().out
+    assert dag_run.state == "success"
+    run_dir = deployment.output.path / run_key(dag_run.run_id)
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    pd.testing.assert_frame_equal(predictions[["file", "id"]], _expected(iris_example))  # every row, in order
+    assert set(predictions["init_calls"]) == {1}  # warm: the workers' init() once each
+    assert log.count("Deferring until worker w") == 8  # 15 files, 2 a mini-batch: each task deferred
+    assert log.count("had taken the mini-batch") == 8  # and came back to take its result in
+    summary = Summary.read(run_dir / "summary.json")
+    assert summary.status == "succeeded"
+    assert_busy_sane(summary, scored=8)
+    assert list((run_dir / "_batchscore" / "scratch").glob("*/*.handover")) == []  # each record read and removed
+    assert worker_containers(endpoint.endpoint_name, deployment.name, dag_run.run_id) == []
+
+
+def test_deferrable_needs_warm_workers(tmp_path: Path) -> None:
+    write(tmp_path / "code" / "score.py", COUNTING_SCRIPT)
+    path = deployment_file(
+        tmp_path / "deployments",
+        model=tmp_path / "code",
+        code=tmp_path / "code",
+        inputs=tmp_path,
+        settings={"worker_mode": "per_mini_batch", "deferrable": True},
+    )
+    with pytest.raises(DeploymentSpecError) as info:
+        load(path)
+    assert (
+        "settings: settings.deferrable: true needs settings.worker_mode: warm (a container per mini-batch has no worker to hand "
+        "the mini-batch to); set worker_mode: warm, or remove deferrable"
+    ) in str(info.value)
+
+
+def test_the_record_of_a_hand_over_keeps_log_lines_apart_from_the_protocol(tmp_path: Path) -> None:
+    record = tmp_path / "mb-00001.1.handover"
+    record.write_text(
+        'BATCHSCORE-WARM {"queued": true, "ahead": 1}\n'
+        'BATCHSCORE-WARM {"accepted": true, "at": 12.5}\n'
+        '| BATCHSCORE-WARM {"done": 0}\n'  # a line the scoring script printed: never the protocol's
+        "| scoring\n"
+        'BATCHSCORE-WARM {"exit": 1}\n'
+        'BATCHSCORE-WARM {"done": 1'  # not written whole yet
+    )
+    said = read_record(record)
+    assert said.queued and said.accepted and said.accepted_at == 12.5
+    assert said.lines == ['BATCHSCORE-WARM {"done": 0}', "scoring"]
+    assert (said.exit_code, said.done) == (1, None)
+    with record.open("a") as f:
+        f.write("}\n")
+    assert read_record(record).done == 1
+
+
+@pytest.mark.scheduler
+def test_on_a_real_scheduler_tasks_defer_and_a_failing_mini_batch_is_retried(iris_example: Path, tmp_path: Path) -> None:
+    from batchscore.localairflow import LocalAirflow
+
+    model, deployment, dags, env = _stage(
+        tmp_path,
+        FLAKY_SCRIPT,
+        {"mini_batch_size": 3, "deferrable": True, "retry_settings": {"max_retries": 1}},
+        "deferred",
+        resources={"instance_count": 2},
+    )
+    seen: set[str] = set()
+
+    def fix_when_retried(airflow: LocalAirflow, run_id: str) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            for t in airflow.task_instances("deferred", run_id):
+                if t["task_id"] == "test-deployment.score":
+                    seen.add(str(t["state"]))
+                    if t["map_index"] == 1 and t["state"] == "up_for_retry":
+                        (model / "fixed").touch()
+            if (model / "fixed").exists() and "deferred" in seen:
+                return
+            time.sleep(0.2)
+
+    with LocalAirflow(tmp_path / "airflow", dags, env=env) as airflow:
+        airflow.wait_for_dag("deferred")
+        run_id = airflow.trigger("deferred")
+        watcher = threading.Thread(target=fix_when_retried, args=(airflow, run_id), daemon=True)
+        watcher.start()
+        assert airflow.wait_for_run("deferred", run_id, timeout=420) == "success"
+        watcher.join(timeout=5)
+        tis = {(t["task_id"], t["map_index"]): t for t in airflow.task_instances("deferred", run_id)}
+        first_try = airflow.task_log("deferred", run_id, "test-deployment.score", map_index=1, try_number=1)
+        second_try = airflow.task_log("deferred", run_id, "test-deployment.score", map_index=1, try_number=2)
+        other = airflow.task_log("deferred", run_id, "test-deployment.score", map_index=0, try_number=1)
+
+    assert "deferred" in seen  # the REST API saw score tasks in state deferred
+    assert "Deferring until worker w" in other and "had taken the mini-batch" in other
+    assert tis[("test-deployment.score", 1)]["try_number"] == 2  # iris-003..005: the only one retried
+    assert all(tis[("test-deployment.score", i)]["try_number"] == 1 for i in (0, 2, 3, 4))
+    assert "mb-00001 failed: RuntimeError: upstream service unavailable" in first_try
+    assert "Deferring until worker w" in second_try
+    run_dir = deployment.output.path / run_key(run_id)
+    merged = pd.read_csv(run_dir / "predictions.csv")
+    pd.testing.assert_frame_equal(merged[["file", "id"]], _expected(iris_example))  # every row once, in order
+    ledger = pd.read_csv(run_dir / "processed_mini-batches.csv", keep_default_na=False)
+    row = ledger[ledger["mini_batch"] == "mb-00001"].iloc[0]
+    assert (row["status"], row["attempts"]) == ("succeeded", 2)
+    assert Summary.read(run_dir / "summary.json").status == "succeeded"
+    assert worker_containers("deferred", deployment.name, run_id) == []
+
+
+@pytest.mark.scheduler
+def test_a_deferred_mini_batch_in_the_queue_of_a_worker_that_dies_goes_to_its_replacement_in_the_same_try(
+    iris_example: Path, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+
+    from batchscore.localairflow import LocalAirflow
+    from batchscore.scoring.workers import run_digest
+    from tests.test_warm_busy import GATED_SCRIPT  # iris-000.csv waits for a file "go" next to the script
+
+    _, deployment, dags, env = _stage(
+        tmp_path,
+        GATED_SCRIPT,
+        {"mini_batch_size": 5, "deferrable": True, "retry_settings": {"max_retries": 1}},
+        "requeue",
+        resources={"instance_count": 1},
+    )
+    queued: list[int] = []  # the mini-batch that waited in the queue when its worker was killed
+
+    def kill_with_one_queued(run_id: str) -> None:
+        scratch = deployment.output.path / run_key(run_id) / "_batchscore" / "scratch" / "w1"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            said = {int(p.name[3:8]): read_record(p) for p in scratch.glob("mb-*.try-1.handover")}
+            waiting = [i for i, r in said.items() if r.queued and r.answer is None]
+            if 0 in said and said[0].accepted and waiting:  # the gated one scores, another waits behind it
+                name = f"batchscore-{run_digest('requeue', deployment.name, run_id)}-w1"
+                subprocess.run(["docker", "kill", name], check=True, capture_output=True)
+                queued.append(waiting[0])
+                (tmp_path / "code" / "go").touch()  # the retry of the gated one may end
+                return
+            time.sleep(0.1)
+
+    with LocalAirflow(tmp_path / "airflow", dags, env=env) as airflow:
+        airflow.wait_for_dag("requeue")
+        run_id = airflow.trigger("requeue")
+        killer = threading.Thread(target=kill_with_one_queued, args=(run_id,), daemon=True)
+        killer.start()
+        assert airflow.wait_for_run("requeue", run_id, timeout=420) == "success"
+        killer.join(timeout=5)
+        tis = {(t["task_id"], t["map_index"]): t for t in airflow.task_instances("requeue", run_id)}
+        logs = {i: airflow.task_log("requeue", run_id, "test-deployment.score", map_index=i, try_number=1) for i in (0, 1, 2)}
+
+    assert queued, "no mini-batch ever waited in the worker's queue behind mb-00000"
+    k = queued[0]
+    assert tis[("test-deployment.score", 0)]["try_number"] == 2  # the one it scored: failed, retried
+    assert "mb-00000 failed: WarmWorkerDied: worker w1 ended while scoring mb-00000" in logs[0]
+    assert tis[("test-deployment.score", k)]["try_number"] == 1  # the queued one never started: the same try
+    assert f"mb-0000{k}: worker w1 let it go from its queue before it started" in logs[k]
+    assert logs[k].count("Deferring until worker w1") == 2  # handed over again, to the replacement
+    run_dir = deployment.output.path / run_key(run_id)
+    merged = pd.read_csv(run_dir / "predictions.csv")
+    pd.testing.assert_frame_equal(merged[["file", "id"]], _expected(iris_example))  # every row once, in order
+    ledger = pd.read_csv(run_dir / "processed_mini-batches.csv", keep_default_na=False)
+    attempts = {row["mini_batch"]: (row["status"], row["attempts"]) for _, row in ledger.iterrows()}
+    assert attempts == {"mb-00000": ("succeeded", 2), "mb-00001": ("succeeded", 1), "mb-00002": ("succeeded", 1)}  # once each
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "succeeded"
