@@ -169,7 +169,7 @@ def test_init_runs_once_per_process_and_every_mini_batch_is_committed_with_its_o
     outs = []
     for i in range(4):
         code, out = w.submit_when_free(i, f"a{i}.csv", f"b{i}.csv", f"c{i}.csv")
-        assert code == EXIT_OK
+        assert code == EXIT_OK, (i, code, "".join(w.output))
         outs.append(out)
 
     assert len(w.inits()) == 2  # two processes, four mini-batches
