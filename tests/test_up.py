@@ -101,7 +101,7 @@ def test_up_stays_until_ctrl_c_which_removes_the_containers_of_a_run_triggered_f
     lines = out.rstrip("\n").splitlines()
     assert lines[-2] == "SIGINT: stopping Airflow and the containers of its runs (a second signal kills them at once) ..."
     assert re.fullmatch(
-        r"Interrupted by SIGINT: stopped Airflow \(api-server, scheduler, dag-processor: \d+ processes\); "
+        r"Interrupted by SIGINT: stopped Airflow \(api-server, scheduler, dag-processor, triggerer: \d+ processes\); "
         rf"removed the container\(s\) of run {re.escape(run_id)}: {worker}",
         lines[-1],
     ), lines[-1]
@@ -145,7 +145,7 @@ def test_run_keep_shows_plain_progress_lines_then_stays_up_until_sigterm(command
     assert "Traceback" not in cmd.out
     assert lines[-2] == "SIGTERM: stopping Airflow and the containers of its runs (a second signal kills them at once) ..."
     assert re.fullmatch(
-        r"Interrupted by SIGTERM: stopped Airflow \(api-server, scheduler, dag-processor: \d+ processes\)", lines[-1]
+        r"Interrupted by SIGTERM: stopped Airflow \(api-server, scheduler, dag-processor, triggerer: \d+ processes\)", lines[-1]
     ), lines[-1]
     assert not _reachable(url)
     assert still_running(processes, ended_at) == []

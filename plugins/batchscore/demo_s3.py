@@ -1,7 +1,7 @@
 """``python -m batchscore demo-s3`` (``make demo-s3``): the iris example with its model, inputs and output on S3.
 
 What :func:`s3_demo` sets up, under the demo's home (``.airflow-s3/``), before ``python -m batchscore run``
-runs the example on a local Airflow (api-server, scheduler, dag-processor) as ``make demo`` does:
+runs the example on a local Airflow (api-server, scheduler, dag-processor, triggerer) as ``make demo`` does:
 
 * a local S3 server, SeaweedFS's ``weed mini`` (:class:`batchscore.localservices.SeaweedS3`, data in
   ``s3/``, emptied at each start), and a bucket, :data:`BUCKET`;

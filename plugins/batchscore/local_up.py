@@ -1,6 +1,6 @@
 """A local Airflow left up for a person: ``python -m batchscore up`` (``make up``), and ``run --keep`` after its run.
 
-It is the demo's stack (:class:`batchscore.localairflow.LocalAirflow`: api-server, scheduler and dag-processor on
+It is the demo's stack (:class:`batchscore.localairflow.LocalAirflow`: api-server, scheduler, dag-processor and triggerer on
 SQLite and the LocalExecutor, 127.0.0.1 only) started with a login: one admin user, ``admin``, whose password the
 api-server generated on its first start in this home and keeps in ``simple_auth_manager_passwords.json.generated``
 there (readable by its owner only). :func:`banner` says where it is and how to log in.
@@ -57,7 +57,7 @@ def up(args: argparse.Namespace) -> int:
     """``python -m batchscore up``: start the local Airflow, say where it is and how to log in, wait for a signal."""
     airflow = LocalAirflow(Path(args.home).resolve(), Path(args.dags_folder).resolve(), port=args.port,
                            stop_grace=args.stop_grace, login=True)  # fmt: skip
-    print(f"Starting Airflow (api-server, scheduler, dag-processor) in {airflow.home} ...", flush=True)
+    print(f"Starting Airflow (api-server, scheduler, dag-processor, triggerer) in {airflow.home} ...", flush=True)
     try:
         with airflow, shutdown.saying_what_stops("Airflow and the containers of its runs"):
             print(banner(airflow), flush=True)
