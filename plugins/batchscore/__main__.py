@@ -1,4 +1,4 @@
-"""``python -m batchscore``: run a deployment's DAG on a local Airflow, or check YAML files.
+"""``python -m batchscore``: run a DAG on a local Airflow (or keep one up), check YAML files, import a SageMaker job.
 
     python -m batchscore run iris-batch          # api-server + scheduler + dag-processor + triggerer, one run
     python -m batchscore run iris-batch --keep   # the same, and Airflow stays up after the run until Ctrl-C
