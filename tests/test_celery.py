@@ -394,9 +394,12 @@ def test_a_celery_worker_killed_mid_mini_batch_its_mini_batch_is_retried_elsewhe
 
     assert killed, "the slow mini-batch never started"
     scores = _score_hosts(airflow, "killable", run_id)
-    assert scores[2]["try_number"] == 2  # iris-006..008: the only one retried
-    assert scores[2]["hostname"] != killed[0]  # on the worker that was left
-    assert all(scores[i]["try_number"] == 1 for i in (0, 1, 3, 4))
+    assert scores[2]["try_number"] == 2  # iris-006..008, retried
+    # With a queue per warm worker (settings.worker_queue_depth) the killed Celery worker may also have held a
+    # second score task, waiting for its turn: that one is retried too. Nothing else is: at most its 2 slots.
+    retried = {i for i, t in scores.items() if t["try_number"] > 1}
+    assert 2 in retried and len(retried) <= 2 and all(t["try_number"] <= 2 for t in scores.values()), scores
+    assert all(scores[i]["hostname"] != killed[0] for i in retried)  # on the worker that was left
 
     run = f"output/killable/{run_key(run_id)}"
     merged = celery_stack.read_csv(f"{run}/predictions.csv")
