@@ -91,6 +91,20 @@ def test_the_record_of_a_hand_over_keeps_log_lines_apart_from_the_protocol(tmp_p
     assert read_record(record).done == 1
 
 
+def test_a_record_the_container_replaced_by_a_link_is_not_read_through(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text('BATCHSCORE-WARM {"done": 0}\nthe host\'s secret\n')
+    record = tmp_path / "scratch" / "mb-00001.1.handover"
+    record.parent.mkdir()
+    record.symlink_to(secret)  # what a scoring script can do in its scratch folder
+    said = read_record(record)
+    assert said.done == 70  # ends the hand-over as lost, not as the link's "done 0"
+    assert said.refused == said.lines[0]  # the resumed task fails the try with it (ResultRejected)
+    assert said.lines == [
+        f"batchscore refused the hand-over record {record.name}: [Errno 40] Too many levels of symbolic links: '{record}'"
+    ]
+
+
 @pytest.mark.scheduler
 def test_on_a_real_scheduler_tasks_defer_and_a_failing_mini_batch_is_retried(iris_example: Path, tmp_path: Path) -> None:
     from batchscore.localairflow import LocalAirflow

@@ -16,10 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchscore_runtime.files import read_regular_file
+
 #: The protocol's prefix (``batchscore_runtime.warm.PREFIX``; said again here so the triggerer imports nothing more).
 PREFIX = "BATCHSCORE-WARM "
 #: How the record marks the mini-batch's own lines (``batchscore_runtime.warm.RECORD_LOG``).
 LOG_MARK = "| "
+#: The largest record read back (the mini-batch's own lines are in it); a bigger one is refused, as a link or a FIFO is.
+RECORD_LIMIT = 64 << 20
+#: How a refused record ends: the daemon's code for a hand-over that was lost (``batchscore_runtime.warm.EXIT_LOST``).
+REFUSED_CODE = 70
 
 
 def record_name(scratch_name: str) -> str:
@@ -34,6 +40,7 @@ class Record:
     messages: list[dict[str, Any]] = field(default_factory=list)  # the protocol's lines, in order
     lines: list[str] = field(default_factory=list)  # the mini-batch's log lines
     done: int | None = None  # the submitter's exit code, once it ended
+    refused: str | None = None  # why the file was not read (a link, a FIFO, too big): the try fails
 
     @property
     def queued(self) -> bool:
@@ -74,8 +81,14 @@ def read_record(path: Path) -> Record:
     """
     record = Record()
     try:
-        text = path.read_bytes().decode("utf-8", "replace")
+        text = read_regular_file(path, RECORD_LIMIT).decode("utf-8", "replace")
     except FileNotFoundError:
+        return record
+    except (OSError, ValueError) as exc:
+        # The scratch folder is the container's to write: a link, a FIFO or a huge file there is never read through.
+        record.refused = f"batchscore refused the hand-over record {path.name}: {exc}"
+        record.lines.append(record.refused)
+        record.done = REFUSED_CODE
         return record
     *whole, _partial = text.split("\n")  # a line is whole once its newline is written
     for line in whole:

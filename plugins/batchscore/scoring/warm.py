@@ -366,7 +366,9 @@ class WarmWorkersExecutor:
                 f"{attempt.spec.settings.retry_settings.timeout} + {CONTAINER_GRACE_SECONDS} s) on this "
                 f"mini-batch without ending and was stopped{attempt.dropped()}",
             )
-        record.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)  # a link the container put there goes, what it points to stays
+        if said.refused is not None:  # never handed over again: the container could plant the next one too
+            raise attempt.failed("ResultRejected", f"worker {s.name}: {said.refused}")
         if not accepted:  # queued, then let go (cancelled, or its worker ended) without starting
             self.log.warning(
                 "%s: worker %s let it go from its queue before it started (%s); handing it to another worker",
