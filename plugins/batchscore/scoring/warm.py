@@ -12,6 +12,7 @@ died is named as the cause. No Airflow import.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -295,7 +296,7 @@ class WarmWorkersExecutor:
         """Hand the mini-batch to worker ``s`` detached; the hand-over once the worker took or queued it, else why not."""
         pool = self.pool
         record = pool.scratch_dir(s.slot) / record_name(scratch_name)
-        record.unlink(missing_ok=True)
+        _remove_record(record)
         running = pool.submit_detached(
             s.slot, mini_batch_file, output, attempt.attempt, f"{ContainerPaths.SCRATCH}/{record.name}", idle_only=idle_only
         )
@@ -328,7 +329,7 @@ class WarmWorkersExecutor:
                 container=str(s.container["Id"]) if s.container else pool.container_name(s.slot),
                 backstop=backstop,
             )
-        record.unlink(missing_ok=True)
+        _remove_record(record)
         return Outcome(False, state=str((said.answer or {}).get("state", "stopped")), queued=said.queued)
 
     def resume(self, attempt: Attempt, handover: HandOver, event: dict[str, Any]) -> MiniBatchStatus | None:
@@ -359,14 +360,14 @@ class WarmWorkersExecutor:
         accepted = said.accepted or event.get("accepted") is True
         if event.get("outcome") == TIMEOUT:
             pool.kill(handover.slot)
-            record.unlink(missing_ok=True)
+            _remove_record(record)
             raise attempt.failed(
                 "ContainerTimeout",
                 f"worker {s.name} ran past {handover.backstop:g} s (retry_settings.timeout "
                 f"{attempt.spec.settings.retry_settings.timeout} + {CONTAINER_GRACE_SECONDS} s) on this "
                 f"mini-batch without ending and was stopped{attempt.dropped()}",
             )
-        record.unlink(missing_ok=True)  # a link the container put there goes, what it points to stays
+        _remove_record(record)
         if said.refused is not None:  # never handed over again: the container could plant the next one too
             raise attempt.failed("ResultRejected", f"worker {s.name}: {said.refused}")
         if not accepted:  # queued, then let go (cancelled, or its worker ended) without starting
@@ -396,7 +397,7 @@ class WarmWorkersExecutor:
                 pool.kill(k)
             else:
                 pool.cancel(k, f"{ContainerPaths.SCRATCH}/{scratch_name}")
-            record.unlink(missing_ok=True)
+            _remove_record(record)
             return slot_name(k)
         return ""
 
@@ -439,6 +440,12 @@ HAND_OVER_POLL_SECONDS = 0.05
 
 def _whole(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _remove_record(record: Path) -> None:
+    """Remove a hand-over's record: a link the container put there goes, not what it points to; a folder stays."""
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+        record.unlink()
 
 
 def _died(s: Slot) -> bool:
