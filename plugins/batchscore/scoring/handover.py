@@ -95,7 +95,7 @@ def read_record(path: Path) -> Record:
         if line.startswith(LOG_MARK):
             record.lines.append(line[len(LOG_MARK) :])
             continue
-        message = _message(line)
+        message = protocol_line(line)
         if message is None:
             record.lines.append(line)
         elif "done" in message:
@@ -106,7 +106,11 @@ def read_record(path: Path) -> Record:
     return record
 
 
-def _message(line: str) -> dict[str, Any] | None:
+def protocol_line(line: str) -> dict[str, Any] | None:
+    """A line of ``submit``'s protocol as a JSON object; None for a log line (or one that only looks like the protocol).
+
+    The worker runs in the user's image, so its lines are data: a malformed one is kept as a log line, never raised on.
+    """
     if not line.startswith(PREFIX):
         return None
     try:

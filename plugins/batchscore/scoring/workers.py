@@ -39,10 +39,11 @@ from batchscore.engine import engine_identity
 from batchscore.errors import ScoringError
 from batchscore.gpu_holder import lease_for_worker, release
 from batchscore.intake import remove_scratch
+from batchscore.scoring.handover import protocol_line
 from batchscore.scratch import is_mirror
 from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import RunLayout, write_json_atomic
-from batchscore_runtime.warm import EXIT_LOST, EXIT_REFUSED, PREFIX, STATE_FILE
+from batchscore_runtime.warm import EXIT_LOST, EXIT_REFUSED, STATE_FILE
 from batchscore_runtime.worker_state import WorkerState
 
 log = logging.getLogger(__name__)
@@ -477,7 +478,7 @@ class WarmWorkers:
             *lines, buffer = buffer.split(b"\n")
             for raw in lines:
                 line = raw.decode("utf-8", "replace")
-                message = _protocol_line(line)
+                message = protocol_line(line)
                 if message is not None:
                     if accepted is None and message.get("queued") is True:
                         queued = True
@@ -540,7 +541,7 @@ class WarmWorkers:
         except APIError:
             return False
         for line in raw.decode("utf-8", "replace").splitlines():
-            message = _protocol_line(line)
+            message = protocol_line(line)
             if message is not None:
                 return message.get("cancelled") is True
         return False
@@ -566,20 +567,6 @@ class WarmWorkers:
         except APIError as exc:
             if exc.status_code != 409:  # 409: removal already in progress
                 raise
-
-
-def _protocol_line(line: str) -> dict[str, Any] | None:
-    """A line of ``submit``'s protocol as a JSON object; None for a log line (or one that only looks like the protocol).
-
-    The worker runs in the user's image, so its lines are data: a malformed one is logged, never raised on.
-    """
-    if not line.startswith(PREFIX):
-        return None
-    try:
-        message = json.loads(line[len(PREFIX) :])
-    except ValueError:
-        return None
-    return message if isinstance(message, dict) else None
 
 
 #: Seconds a worker container gets to start before its init_timeout counts.
