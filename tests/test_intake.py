@@ -219,10 +219,10 @@ def test_a_later_try_keeps_the_mini_batch(tmp_path: Path) -> None:
 
 def test_a_warm_workers_protocol_lines_are_data() -> None:
     """The hand-over's protocol lines come from the user's image: a malformed one is a log line, never a crash."""
-    from batchscore.scoring.workers import _protocol_line
+    from batchscore.scoring.handover import protocol_line
     from batchscore_runtime.warm import PREFIX
 
-    assert _protocol_line(PREFIX + '{"exit": 0}') == {"exit": 0}
-    assert _protocol_line(PREFIX + "{not json") is None
-    assert _protocol_line(PREFIX + "[1, 2]") is None
-    assert _protocol_line("an ordinary log line") is None
+    assert protocol_line(PREFIX + '{"exit": 0}') == {"exit": 0}
+    assert protocol_line(PREFIX + "{not json") is None
+    assert protocol_line(PREFIX + "[1, 2]") is None
+    assert protocol_line("an ordinary log line") is None

@@ -120,4 +120,4 @@ def protocol_line(line: str) -> dict[str, Any] | None:
     return message if isinstance(message, dict) else None
 
 
-__all__ = ["PREFIX", "Record", "read_record", "record_name"]
+__all__ = ["PREFIX", "Record", "protocol_line", "read_record", "record_name"]
