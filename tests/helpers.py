@@ -58,6 +58,30 @@ def deployment_file(
     return path
 
 
+def script_deployment(
+    tmp_path: Path, script: str, *, model: Path, inputs: Path, settings: dict | None = None, **more: Any
+) -> Path:
+    """``script`` as the scoring script ``tmp_path/code/score.py``, in a deployment YAML under
+    ``tmp_path/deployments`` (:func:`deployment_file`: ``more`` are its other keywords); returns its path."""
+    write(tmp_path / "code" / "score.py", script)
+    return deployment_file(
+        tmp_path / "deployments", model=model, code=tmp_path / "code", inputs=inputs, settings=settings, **more
+    )
+
+
+def warm_iris_deployment(tmp_path: Path, iris_example: Path, script: str, settings: dict, **resources: Any) -> Path:
+    """A ``worker_mode: warm`` deployment of ``script`` on the iris example's model and input files
+    (:func:`script_deployment`), with ``settings`` and ``resources`` (``instance_count=2``); returns its path."""
+    return script_deployment(
+        tmp_path,
+        script,
+        model=iris_example / "model",
+        inputs=iris_example / "data",
+        settings={"worker_mode": "warm", **settings},
+        resources=resources,
+    )
+
+
 def load(path: Path) -> EndpointSpec:
     return load_endpoint(path)
 

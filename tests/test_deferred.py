@@ -17,7 +17,7 @@ import pytest
 from batchscore.errors import DeploymentSpecError
 from batchscore.scoring.handover import read_record
 from batchscore_runtime.formats import Summary, run_key
-from tests.helpers import assert_busy_sane, deployment_file, load, run_dag, write
+from tests.helpers import assert_busy_sane, load, run_dag, script_deployment, warm_iris_deployment
 from tests.test_rerun import FLAKY_SCRIPT  # fails on iris-005.csv until a file "fixed" appears next to the model
 from tests.test_warm import COUNTING_SCRIPT, _expected, _stage, worker_containers
 
@@ -27,15 +27,8 @@ pytestmark = pytest.mark.docker
 def test_a_deferred_run_scores_every_row_in_order_and_each_task_deferred(
     airflow_db, iris_example: Path, tmp_path: Path, monkeypatch, capfd
 ) -> None:
-    write(tmp_path / "code" / "score.py", COUNTING_SCRIPT)
-    path = deployment_file(
-        tmp_path / "deployments",
-        model=iris_example / "model",
-        code=tmp_path / "code",
-        inputs=iris_example / "data",
-        settings={"mini_batch_size": 2, "worker_mode": "warm", "deferrable": True},
-        resources={"instance_count": 2},
-    )
+    settings = {"mini_batch_size": 2, "deferrable": True}
+    path = warm_iris_deployment(tmp_path, iris_example, COUNTING_SCRIPT, settings, instance_count=2)
 
     dag_run, endpoint = run_dag(path, monkeypatch)
 
@@ -56,11 +49,10 @@ def test_a_deferred_run_scores_every_row_in_order_and_each_task_deferred(
 
 
 def test_deferrable_needs_warm_workers(tmp_path: Path) -> None:
-    write(tmp_path / "code" / "score.py", COUNTING_SCRIPT)
-    path = deployment_file(
-        tmp_path / "deployments",
+    path = script_deployment(
+        tmp_path,
+        COUNTING_SCRIPT,
         model=tmp_path / "code",
-        code=tmp_path / "code",
         inputs=tmp_path,
         settings={"worker_mode": "per_mini_batch", "deferrable": True},
     )

@@ -17,7 +17,7 @@ import pytest
 
 from batchscore.scoring.workers import RUN_LABEL, run_digest
 from batchscore_runtime.formats import Summary, run_key
-from tests.helpers import assert_busy_sane, deployment_file, run_dag, serve_endpoint, write
+from tests.helpers import assert_busy_sane, load, run_dag, script_deployment, serve_endpoint, warm_iris_deployment
 from tests.test_rerun import FLAKY_SCRIPT, REPO  # fails on iris-005.csv until a marker appears next to the model
 
 pytestmark = pytest.mark.docker
@@ -54,15 +54,8 @@ def worker_containers(endpoint: str, deployment: str, run_id: str) -> list[str]:
 def test_init_is_called_once_per_worker_across_many_mini_batches(
     airflow_db, iris_example: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    write(tmp_path / "code" / "score.py", COUNTING_SCRIPT)
-    path = deployment_file(
-        tmp_path / "deployments",
-        model=iris_example / "model",
-        code=tmp_path / "code",
-        inputs=iris_example / "data",
-        settings={"mini_batch_size": 1, "worker_mode": "warm", "max_concurrency_per_instance": 1},
-        resources={"instance_count": 2},
-    )
+    settings = {"mini_batch_size": 1, "max_concurrency_per_instance": 1}
+    path = warm_iris_deployment(tmp_path, iris_example, COUNTING_SCRIPT, settings, instance_count=2)
 
     dag_run, endpoint = run_dag(path, monkeypatch)
     deployment = endpoint.deployments[0]
@@ -164,12 +157,10 @@ def _stage(tmp_path: Path, script: str, settings: dict, endpoint: str, resources
 
     model = tmp_path / "model"
     model.mkdir()
-    write(tmp_path / "code" / "score.py", script)
-    deployments = tmp_path / "deployments"
-    yaml_path = deployment_file(
-        deployments,
+    yaml_path = script_deployment(
+        tmp_path,
+        script,
         model=model,
-        code=tmp_path / "code",
         inputs=REPO / "include" / "examples" / "iris" / "data",
         endpoint=endpoint,
         settings={"worker_mode": "warm", **settings},
@@ -178,9 +169,7 @@ def _stage(tmp_path: Path, script: str, settings: dict, endpoint: str, resources
     dags = tmp_path / "dags"
     dags.mkdir()
     (dags / "batchscore_deployments.py").write_text((REPO / "dags" / "batchscore_deployments.py").read_text())
-    from tests.helpers import load
-
-    return model, load(yaml_path).deployments[0], dags, {"BATCHSCORE_DEPLOYMENTS_DIR": str(deployments)}
+    return model, load(yaml_path).deployments[0], dags, {"BATCHSCORE_DEPLOYMENTS_DIR": str(yaml_path.parent)}
 
 
 def _expected(iris_example: Path) -> pd.DataFrame:
@@ -296,16 +285,12 @@ def test_a_warm_workers_gpu_lease_lives_exactly_as_long_as_its_container(scoring
     import time
 
     from batchscore.gpu_holder import lease_for_worker
-    from tests.helpers import load
 
     monkeypatch.setenv("BATCHSCORE_GPUS", "g0,g1")
     monkeypatch.setenv("BATCHSCORE_GPU_LOCK_DIR", str(tmp_path / "locks"))
-    write(tmp_path / "code" / "score.py", COUNTING_SCRIPT)
     (tmp_path / "in").mkdir()
     spec = load(
-        deployment_file(
-            tmp_path / "yaml", model=tmp_path / "code", code=tmp_path / "code", inputs=tmp_path / "in", resources={"gpus": 1}
-        )
+        script_deployment(tmp_path, COUNTING_SCRIPT, model=tmp_path / "code", inputs=tmp_path / "in", resources={"gpus": 1})
     ).deployments[0]
     names = [f"batchscore-test-gpu-holder-{k}-{tmp_path.name[-8:]}" for k in range(3)]
     holders = []
@@ -389,13 +374,9 @@ def test_a_mini_batch_on_a_host_that_cannot_reach_the_warm_workers_is_scored_in_
     from batchscore.operators.score import ScoreOperator
     from batchscore.plan import mini_batch_refs, plan_run, run_layout
     from batchscore_runtime.formats import write_json_atomic
-    from tests.helpers import load
 
-    write(tmp_path / "code" / "score.py", COUNTING_SCRIPT)
-    endpoint = load(deployment_file(
-        tmp_path / "deployments", model=iris_example / "model", code=tmp_path / "code", inputs=iris_example / "data",
-        settings={"mini_batch_size": 5, "worker_mode": "warm"}, resources={"instance_count": 2, "queue": "gpu"},
-    ))  # fmt: skip
+    path = warm_iris_deployment(tmp_path, iris_example, COUNTING_SCRIPT, {"mini_batch_size": 5}, instance_count=2, queue="gpu")
+    endpoint = load(path)
     d = endpoint.deployments[0]
     plan = plan_run(endpoint.endpoint_name, d, "run-elsewhere")
     layout = run_layout(d, "run-elsewhere")
@@ -493,7 +474,6 @@ def test_a_serving_container_gone_before_its_client_starts_leaves_a_clear_error_
     from batchscore.engine import docker_client
     from batchscore.plan import plan_run, run_layout
     from batchscore.scoring.workers import WarmWorkerError, WarmWorkers
-    from tests.helpers import load
 
     class ServingGoneFirst(WarmWorkers):
         def _create_serving(self, slot: int, gpus: list) -> str | None:
@@ -527,7 +507,7 @@ def test_a_ready_worker_whose_serving_container_died_is_replaced_before_it_gets_
     from batchscore.operators.score import ScoreOperator
     from batchscore.plan import mini_batch_refs, plan_run, run_layout
     from batchscore.scoring.workers import WarmWorkers
-    from tests.helpers import inputs, load
+    from tests.helpers import inputs
     from tests.test_serving_contract import ECHO
 
     path = serve_endpoint(tmp_path, "serve-died-ready", [{

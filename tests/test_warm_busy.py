@@ -8,11 +8,13 @@ Airflow workers run them side by side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,17 @@ import pytest
 from batchscore.run_store import place
 from batchscore.scoring.workers import run_digest
 from batchscore_runtime.formats import Summary, run_key
-from tests.helpers import assert_busy_sane, deployment_file, load, read_object, run_dag, s3_deployment, task_context, write
+from tests.helpers import (
+    assert_busy_sane,
+    load,
+    read_object,
+    run_dag,
+    s3_deployment,
+    script_deployment,
+    task_context,
+    warm_iris_deployment,
+    write,
+)
 from tests.test_warm import COUNTING_SCRIPT, worker_containers
 
 pytestmark = pytest.mark.docker
@@ -31,12 +43,11 @@ pytestmark = pytest.mark.docker
 def test_workers_start_without_the_plan_and_are_removed_when_the_plan_fails(
     airflow_db, iris_example: Path, tmp_path: Path, monkeypatch, capfd
 ) -> None:
-    write(tmp_path / "code" / "score.py", COUNTING_SCRIPT)
     (tmp_path / "empty-in").mkdir()
-    path = deployment_file(
-        tmp_path / "deployments",
+    path = script_deployment(
+        tmp_path,
+        COUNTING_SCRIPT,
         model=iris_example / "model",
-        code=tmp_path / "code",
         inputs=tmp_path / "empty-in",
         settings={"worker_mode": "warm"},
         resources={"instance_count": 2},
@@ -152,17 +163,25 @@ def _operators(deployment: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     )
 
 
+@contextlib.contextmanager
+def _first_taken(d: dict[str, Any], run_id: str, gate: Path) -> Iterator[tuple[list[dict[str, Any]], _Task, Any]]:
+    """Start the run's worker and plan it; yields the mini-batch refs, the task of the first (gated) one once the
+    worker took it, and the merge operator. Afterwards, whatever happened, the gate is opened and the workers stopped."""
+    start, plan, merge, stop = _operators(d)
+    try:
+        start.execute(task_context(run_id))
+        refs = plan.execute(task_context(run_id))
+        first = _Task(d, refs[0], run_id)
+        first.wait_for("w1 took the mini-batch")
+        yield refs, first, merge
+    finally:
+        gate.touch()
+        stop.execute(task_context(run_id))
+
+
 def _gated(tmp_path: Path, iris_example: Path, settings: dict[str, Any]) -> tuple[Path, Path]:
     """A warm deployment of one worker whose first mini-batch waits for the gate; (its YAML, the gate)."""
-    write(tmp_path / "code" / "score.py", GATED_SCRIPT)
-    path = deployment_file(
-        tmp_path / "deployments",
-        model=iris_example / "model",
-        code=tmp_path / "code",
-        inputs=iris_example / "data",
-        settings={"worker_mode": "warm", "mini_batch_size": 5, **settings},
-        resources={"instance_count": 1},
-    )
+    path = warm_iris_deployment(tmp_path, iris_example, GATED_SCRIPT, {"mini_batch_size": 5, **settings}, instance_count=1)
     return path, tmp_path / "code" / "go"
 
 
@@ -229,13 +248,8 @@ def test_a_task_killed_in_the_queue_leaves_the_worker_and_one_queued_when_the_wo
     spec = endpoint.deployments[0]
     d = spec.model_dump(mode="json")
     run_id = "manual__dying"
-    start, plan, merge, stop = _operators(d)
     worker = f"batchscore-{run_digest(endpoint.endpoint_name, spec.name, run_id)}-w1"
-    try:
-        start.execute(task_context(run_id))
-        refs = plan.execute(task_context(run_id))
-        first = _Task(d, refs[0], run_id)
-        first.wait_for("w1 took the mini-batch")
+    with _first_taken(d, run_id, gate) as (refs, first, merge):
         container = _container_id(worker)
 
         # Killed while it waits: it leaves the queue, and the worker goes on with the first one.
@@ -252,9 +266,6 @@ def test_a_task_killed_in_the_queue_leaves_the_worker_and_one_queued_when_the_wo
         first.join()
         third.join()
         summary_ref = merge.execute(task_context(run_id))
-    finally:
-        gate.touch()
-        stop.execute(task_context(run_id))
 
     assert str(killed.error) == "mb-00001 failed: TaskKilled: the task was killed while mb-00001 waited in worker w1's queue"
     assert "Task killed: its mini-batch was taken out of worker w1's queue; the worker goes on" in killed.lines.lines
@@ -286,21 +297,13 @@ def test_with_depth_1_a_busy_worker_queues_nothing_and_the_task_waits_for_it(
     path, gate = _gated(tmp_path, iris_example, {"worker_queue_depth": 1})
     d = load(path).deployments[0].model_dump(mode="json")
     run_id = "manual__depth1"
-    start, plan, merge, stop = _operators(d)
-    try:
-        start.execute(task_context(run_id))
-        refs = plan.execute(task_context(run_id))
-        first = _Task(d, refs[0], run_id)
-        first.wait_for("w1 took the mini-batch")
+    with _first_taken(d, run_id, gate) as (refs, first, _):
         second = _Task(d, refs[1], run_id)
         second.wait_for("waiting")
         assert first.thread.is_alive()
         gate.touch()
         first.join()
         second.join()
-    finally:
-        gate.touch()
-        stop.execute(task_context(run_id))
 
     assert (first.error, second.error) == (None, None)
     lines = second.lines
@@ -326,21 +329,13 @@ def test_a_queued_mini_batchs_time_limit_counts_from_when_the_worker_takes_it(
     # settings): it waits longer than that in the queue, then scores in far less.
     short = {**d, "settings": {**d["settings"], "retry_settings": {"max_retries": 0, "timeout": 5}}}
     run_id = "manual__backstop"
-    start, plan, merge, stop = _operators(d)
-    try:
-        start.execute(task_context(run_id))
-        refs = plan.execute(task_context(run_id))
-        first = _Task(d, refs[0], run_id)
-        first.wait_for("w1 took the mini-batch")
+    with _first_taken(d, run_id, gate) as (refs, first, _):
         second = _Task(short, refs[1], run_id)
         second.wait_for("w1 queued the mini-batch")
         time.sleep(8)  # past the second one's 5 s, in the queue
         gate.touch()
         first.join()
         second.join()
-    finally:
-        gate.touch()
-        stop.execute(task_context(run_id))
 
     assert (first.error, second.error) == (None, None)
     assert not any("ran past" in line for line in first.lines.lines + second.lines.lines)
