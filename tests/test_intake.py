@@ -220,7 +220,7 @@ def test_a_later_try_keeps_the_mini_batch(tmp_path: Path) -> None:
 def test_a_warm_workers_protocol_lines_are_data() -> None:
     """The hand-over's protocol lines come from the user's image: a malformed one is a log line, never a crash."""
     from batchscore.scoring.handover import protocol_line
-    from batchscore_runtime.warm import PREFIX
+    from batchscore_runtime.warm_protocol import PREFIX
 
     assert protocol_line(PREFIX + '{"exit": 0}') == {"exit": 0}
     assert protocol_line(PREFIX + "{not json") is None

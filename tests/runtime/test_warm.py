@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from batchscore_runtime.formats import InputFile, MiniBatch, MiniBatchDir, write_json_atomic
-from batchscore_runtime.warm import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, PREFIX, cancel, submit
+from batchscore_runtime.warm_protocol import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, PREFIX, cancel, submit
 from batchscore_runtime.worker_state import WorkerState
 from tests.helpers import write
 

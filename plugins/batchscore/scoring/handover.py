@@ -18,13 +18,13 @@ from typing import Any
 
 from batchscore_runtime.files import read_regular_file
 
-#: The protocol's prefix (``batchscore_runtime.warm.PREFIX``; said again here so the triggerer imports nothing more).
+#: The protocol's prefix (``batchscore_runtime.warm_protocol.PREFIX``; said again here so the triggerer imports nothing more).
 PREFIX = "BATCHSCORE-WARM "
-#: How the record marks the mini-batch's own lines (``batchscore_runtime.warm.RECORD_LOG``).
+#: How the record marks the mini-batch's own lines (``batchscore_runtime.warm_protocol.RECORD_LOG``).
 LOG_MARK = "| "
 #: The largest record read back (the mini-batch's own lines are in it); a bigger one is refused, as a link or a FIFO is.
 RECORD_LIMIT = 64 << 20
-#: How a refused record ends: the daemon's code for a hand-over that was lost (``batchscore_runtime.warm.EXIT_LOST``).
+#: How a refused record ends: the daemon's code for a hand-over that was lost (``batchscore_runtime.warm_protocol.EXIT_LOST``).
 REFUSED_CODE = 70
 
 

@@ -27,7 +27,7 @@ from batchscore.scoring.contract import CONTAINER_GRACE_SECONDS, Contract
 from batchscore.scoring.handover import read_record, record_name
 from batchscore.scoring.workers import Outcome, Slot, WarmWorkerError, WarmWorkers, slot_name
 from batchscore_runtime.formats import ContainerPaths, MiniBatchStatus, attempt_folder_name
-from batchscore_runtime.warm import EXIT_FAILED, EXIT_LOST, EXIT_OK, EXIT_REFUSED
+from batchscore_runtime.warm_protocol import EXIT_FAILED, EXIT_LOST, EXIT_OK, EXIT_REFUSED
 from batchscore_runtime.worker_state import WorkerState
 
 #: How often a mini-batch that waits for a free worker looks again, and how often it says so in its log.

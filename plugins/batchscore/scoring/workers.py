@@ -43,7 +43,8 @@ from batchscore.scoring.handover import protocol_line
 from batchscore.scratch import is_mirror
 from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import RunLayout, write_json_atomic
-from batchscore_runtime.warm import EXIT_LOST, EXIT_REFUSED, STATE_FILE
+from batchscore_runtime.warm import STATE_FILE
+from batchscore_runtime.warm_protocol import EXIT_LOST, EXIT_REFUSED
 from batchscore_runtime.worker_state import WorkerState
 
 log = logging.getLogger(__name__)
