@@ -18,7 +18,8 @@ from __future__ import annotations
 from batchscore.localairflow import LocalAirflow
 from batchscore.localservices import Postgres, Redis
 from bench.common import Result, median, remove_containers, require_image, stage_jobs, temp_folder
-from bench.orchestration import INSTANT_SCRIPT, NOOP_DAG, NOOP_DAG_FILE, timed_run
+from bench.orchestration import INSTANT_SCRIPT, NOOP_DAG, NOOP_DAG_FILE
+from bench.runs import timed_run
 
 NAME = "celery"
 TITLE = "CeleryExecutor (Redis, 2 local Celery workers) against LocalExecutor: 20 mini-batches, warm, 2 at a time"
@@ -35,9 +36,9 @@ def _measure(airflow: LocalAirflow, repeats: int) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {"job": [], "noop": [], "score": []}
     for k in range(repeats):
         for step in ("job", "noop") if k % 2 == 0 else ("noop", "job"):
-            api, _, durations = timed_run(airflow, JOB_DAG if step == "job" else NOOP_DAG)
-            samples[step].append(api)
-            samples["score"].extend(durations.get("score", []))
+            run = timed_run(airflow, JOB_DAG if step == "job" else NOOP_DAG)
+            samples[step].append(run.seconds)
+            samples["score"].extend(run.durations.get("score", []))
     return samples
 
 

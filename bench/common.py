@@ -240,6 +240,17 @@ def deployment_doc(
     return doc
 
 
+def job_folders(root: Path, docs: dict[str, dict[str, Any]]) -> tuple[Path, Path]:
+    """``root/deployments`` with one YAML per DAG id of ``docs``, and ``root/dags`` holding a copy of
+    ``dags/batchscore_deployments.py``, which builds their DAGs; returns the DAG and deployments folders."""
+    deployments, dags = root / "deployments", root / "dags"
+    for dag_id, doc in docs.items():
+        write_yaml(deployments / f"{dag_id}.yaml", doc)
+    dags.mkdir(exist_ok=True)
+    shutil.copy(REPO / "dags" / "batchscore_deployments.py", dags)
+    return dags, deployments
+
+
 def stage_jobs(
     root: Path, mini_batches: int, script: str, jobs: dict[str, dict[str, Any]], *, instances: int, width: int = 3
 ) -> tuple[Path, Path]:
@@ -249,29 +260,25 @@ def stage_jobs(
     per job (``mini_batch_size: 1`` plus its settings, ``instance_count: instances``) and a DAG
     folder with a copy of ``dags/batchscore_deployments.py``. Returns the DAG and deployments folders.
     """
-    for name in ("inputs", "code", "model", "dags"):
+    for name in ("inputs", "code", "model"):
         (root / name).mkdir()
     for i in range(mini_batches):
         (root / "inputs" / f"item-{i:0{width}d}.txt").write_text(f"{i}\n")
     (root / "code" / "score.py").write_text(script)
-    deployments = root / "deployments"
-    for dag_id, settings in jobs.items():
-        output = root / "output" / dag_id if len(jobs) > 1 else root / "output"
-        write_yaml(
-            deployments / f"{dag_id}.yaml",
-            deployment_doc(
-                dag_id,
-                model=root / "model",
-                code=root / "code",
-                inputs=root / "inputs",
-                output=output,
-                pattern="*.txt",
-                settings={"mini_batch_size": 1, **settings},
-                resources={"instance_count": instances},
-            ),
+    docs = {
+        dag_id: deployment_doc(
+            dag_id,
+            model=root / "model",
+            code=root / "code",
+            inputs=root / "inputs",
+            output=root / "output" / dag_id if len(jobs) > 1 else root / "output",
+            pattern="*.txt",
+            settings={"mini_batch_size": 1, **settings},
+            resources={"instance_count": instances},
         )
-    shutil.copy(REPO / "dags" / "batchscore_deployments.py", root / "dags")
-    return root / "dags", deployments
+        for dag_id, settings in jobs.items()
+    }
+    return job_folders(root, docs)
 
 
 def hardened_run_args(resources: Resources, user: str) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from batchscore.localairflow import LocalAirflow
 from batchscore_runtime.formats import Summary, run_key
 from bench.common import Result, median, remove_containers, require_image, stage_jobs, temp_folder
-from bench.orchestration import _utc
+from bench.runs import timed_run
 
 NAME = "deferrable"
 TITLE = "deferrable score tasks against waiting ones: warm workers, 20 mini-batches of 0.3 s, 2 workers"
@@ -30,13 +30,9 @@ SCRIPT = "import time\n\n\ndef init():\n    pass\n\n\ndef run(mini_batch):\n    
 
 def _timed(airflow: LocalAirflow, dag_id: str, output: Path) -> tuple[float, float | None]:
     """Trigger ``dag_id``; its trigger-to-end seconds (the API's timestamps) and its busy fraction."""
-    run_id = airflow.trigger(dag_id)
-    state = airflow.wait_for_run(dag_id, run_id, timeout=900)
-    if state != "success":
-        raise RuntimeError(f"run {run_id} of {dag_id} ended {state}: {airflow.task_instances(dag_id, run_id)}")
-    run = airflow.dag_run(dag_id, run_id)
-    summary = Summary.read(output / dag_id / run_key(run_id) / "summary.json")
-    return (_utc(run["end_date"]) - _utc(run["queued_at"])).total_seconds(), summary.busy_fraction
+    run = timed_run(airflow, dag_id)
+    summary = Summary.read(output / dag_id / run_key(run.run_id) / "summary.json")
+    return run.seconds, summary.busy_fraction
 
 
 def run(mini_batches: int = 20, run_seconds: float = 0.3, repeats: int = 3, instances: int = 2) -> Result:

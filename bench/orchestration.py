@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 
 from batchscore import security
@@ -36,6 +35,7 @@ from bench.common import (
     stopwatch,
     temp_folder,
 )
+from bench.runs import timed_run
 from bench.runtime import run_runtime
 
 NAME = "orchestration"
@@ -88,29 +88,6 @@ def docker_floor(runs: int, parallel: int) -> float:
     return t[0]
 
 
-def _utc(iso: str) -> datetime:
-    """A time from the REST API ("Z" or an offset)."""
-    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
-
-
-def timed_run(airflow: LocalAirflow, dag_id: str) -> tuple[float, float, dict[str, list[float]]]:
-    """Trigger ``dag_id`` and wait for its end.
-
-    Returns the API's trigger-to-end seconds, the client's wall seconds, and the durations
-    of the run's task instances by task (the task's own part of the run).
-    """
-    with stopwatch() as wall:
-        run_id = airflow.trigger(dag_id)
-        state = airflow.wait_for_run(dag_id, run_id, timeout=900)
-    if state != "success":
-        raise RuntimeError(f"run {run_id} of {dag_id} ended {state}: {airflow.task_instances(dag_id, run_id)}")
-    run = airflow.dag_run(dag_id, run_id)
-    durations: dict[str, list[float]] = {}
-    for ti in airflow.task_instances(dag_id, run_id):
-        durations.setdefault(ti["task_id"].rsplit(".", 1)[-1], []).append(ti["duration"])
-    return (_utc(run["end_date"]) - _utc(run["queued_at"])).total_seconds(), wall[0], durations
-
-
 def _measure(airflow: LocalAirflow, deployments: Path, mini_batches: int, instances: int, repeats: int) -> dict:
     """Every sample: the floors and the job (``repeats`` rounds), task durations, the container alone.
 
@@ -126,10 +103,10 @@ def _measure(airflow: LocalAirflow, deployments: Path, mini_batches: int, instan
             if step == "docker":
                 samples["docker"].append(docker_floor(mini_batches, instances))
                 continue
-            api, wall, durations = timed_run(airflow, NOOP_DAG if step == "noop" else JOB_DAG)
-            samples[step].append(api)
-            samples[f"wall_{step}"].append(wall)
-            for task, seconds in durations.items():
+            run = timed_run(airflow, NOOP_DAG if step == "noop" else JOB_DAG)
+            samples[step].append(run.seconds)
+            samples[f"wall_{step}"].append(run.wall)
+            for task, seconds in run.durations.items():
                 tasks.setdefault(task, []).extend(seconds)
     job = load_endpoint(deployments / f"{JOB_DAG}.yaml").deployments[0]
     user = security.container_user()

@@ -52,17 +52,8 @@ import pandas as pd
 
 from batchscore.localairflow import LocalAirflow
 from batchscore_runtime.formats import Summary, run_key
-from bench.common import (
-    REPO,
-    Result,
-    deployment_doc,
-    median,
-    remove_containers,
-    require_image,
-    stopwatch,
-    temp_folder,
-    write_yaml,
-)
+from bench.common import Result, deployment_doc, job_folders, median, remove_containers, require_image, stopwatch, temp_folder
+from bench.runs import timed_run
 from bench.runtime import IRIS, write_inputs
 
 NAME = "peers"
@@ -138,7 +129,7 @@ def predictions(model: Any, frame: pd.DataFrame, file: pd.Series | str) -> pd.Da
 def _stage(root: Path, files: int, rows: int, mini_batch_size: int, workers: int) -> dict[str, Path]:
     """Inputs, model, batchscore's deployment YAML and DAG folder; the paths by name."""
     paths = {name: root / name for name in ("inputs", "model", "dags", "deployments", "output")}
-    for name in ("inputs", "model", "dags"):
+    for name in ("inputs", "model"):
         paths[name].mkdir()
     write_inputs(paths["inputs"], files, rows)
     paths["model_file"] = train_model(paths["model"])
@@ -157,8 +148,7 @@ def _stage(root: Path, files: int, rows: int, mini_batch_size: int, workers: int
         settings=settings,
         resources={"instance_count": workers},
     )
-    write_yaml(paths["deployments"] / f"{JOB_DAG}.yaml", doc)
-    shutil.copy(REPO / "dags" / "batchscore_deployments.py", paths["dags"])
+    job_folders(root, {JOB_DAG: doc})
     return paths
 
 
@@ -303,20 +293,6 @@ def busy_fraction(run_dir: Path, workers: int) -> dict[str, Any]:
     }
 
 
-def _timed_job(airflow: LocalAirflow) -> tuple[str, float, dict[str, list[float]]]:
-    """Trigger the job, wait for its end; its run id, trigger-to-end seconds (API timestamps), task durations."""
-    run_id = airflow.trigger(JOB_DAG)
-    state = airflow.wait_for_run(JOB_DAG, run_id, timeout=3600)
-    if state != "success":
-        raise RuntimeError(f"run {run_id} of {JOB_DAG} ended {state}: {airflow.task_instances(JOB_DAG, run_id)}")
-    run = airflow.dag_run(JOB_DAG, run_id)
-    durations: dict[str, list[float]] = {}
-    for ti in airflow.task_instances(JOB_DAG, run_id):
-        durations.setdefault(ti["task_id"].rsplit(".", 1)[-1], []).append(ti["duration"])
-    seconds = (datetime.fromisoformat(run["end_date"]) - datetime.fromisoformat(run["queued_at"])).total_seconds()
-    return run_id, seconds, durations
-
-
 def _measure_batchscore(paths: dict[str, Path], root: Path, workers: int, repeats: int, expected: int) -> dict[str, Any]:
     """The job's DAG on a LocalAirflow: one untimed run, then ``repeats`` timed ones, each checked, busy fractions read."""
     samples: list[float] = []
@@ -327,15 +303,15 @@ def _measure_batchscore(paths: dict[str, Path], root: Path, workers: int, repeat
         with LocalAirflow(root / "airflow", paths["dags"], env=env) as airflow:
             airflow.wait_for_dag(JOB_DAG)
             for k in range(repeats + 1):
-                run_id, seconds, durations = _timed_job(airflow)
-                run_dir = paths["output"] / run_key(run_id)
+                run = timed_run(airflow, JOB_DAG, timeout=3600)
+                run_dir = paths["output"] / run_key(run.run_id)
                 summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
                 if summary["status"] != Summary.SUCCEEDED or summary["rows"] != expected:
                     raise RuntimeError(f"{run_dir}: summary {summary['status']}, {summary['rows']} rows of {expected}")
                 if k:  # the first run is untimed
-                    samples.append(seconds)
-                    busy.append(busy_fraction(run_dir, workers) | {"t_job": seconds})
-                    for task, values in durations.items():
+                    samples.append(run.seconds)
+                    busy.append(busy_fraction(run_dir, workers) | {"t_job": run.seconds})
+                    for task, values in run.durations.items():
                         tasks.setdefault(task, []).extend(values)
     finally:
         remove_containers(f"batchscore.endpoint={JOB_DAG}")

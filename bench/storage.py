@@ -28,24 +28,14 @@ import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from batchscore.localairflow import LocalAirflow
 from batchscore.localservices import SeaweedS3
 from batchscore_runtime.formats import InputFile, Summary, run_key
-from bench.common import (
-    REPO,
-    Result,
-    deployment_doc,
-    median,
-    remove_containers,
-    require_image,
-    stopwatch,
-    temp_folder,
-    write_yaml,
-)
+from bench.common import Result, deployment_doc, job_folders, median, remove_containers, require_image, stopwatch, temp_folder
+from bench.runs import timed_run
 
 NAME = "storage"
 TITLE = "object storage: staging against a direct s3fs/boto3 download; the same job on local disk and on S3"
@@ -189,8 +179,8 @@ def _stage_jobs(root: Path, server: SeaweedS3, files: int, file_size: int, mini_
 
     Returns the DAG folder and the deployments folder.
     """
-    inputs, model, code, dags = (root / name for name in ("inputs", "model", "code", "dags"))
-    for folder in (inputs, model, code, dags):
+    inputs, model, code = (root / name for name in ("inputs", "model", "code"))
+    for folder in (inputs, model, code):
         folder.mkdir()
     client = server.client()
     for i in range(files):
@@ -201,7 +191,7 @@ def _stage_jobs(root: Path, server: SeaweedS3, files: int, file_size: int, mini_
     client.upload_file(str(model / "model.txt"), BUCKET, "job/model/model.txt")
     (code / "score.py").write_text(READ_SCRIPT)
     settings = {"mini_batch_size": mini_batch_size}
-    deployments = root / "deployments"
+    docs = {}
     for dag_id in (LOCAL_DAG, S3_DAG):
         doc = deployment_doc(
             dag_id, model=model, code=code, inputs=inputs, output=root / "output", pattern="*.bin", settings=settings,
@@ -211,9 +201,8 @@ def _stage_jobs(root: Path, server: SeaweedS3, files: int, file_size: int, mini_
             doc["model"] = {"path": f"s3://{BUCKET}/job/model/", "connection": CONNECTION}
             doc["input"] = {"path": f"s3://{BUCKET}/job/inputs/", "pattern": "*.bin", "connection": CONNECTION}
             doc["output"] = {"path": f"s3://{BUCKET}/job/output/", "connection": CONNECTION}
-        write_yaml(deployments / f"{dag_id}.yaml", doc)
-    shutil.copy(REPO / "dags" / "batchscore_deployments.py", dags)
-    return dags, deployments
+        docs[dag_id] = doc
+    return job_folders(root, docs)
 
 
 def _summary(server: SeaweedS3, root: Path, dag_id: str, run_id: str) -> Summary:
@@ -230,22 +219,13 @@ def _summary(server: SeaweedS3, root: Path, dag_id: str, run_id: str) -> Summary
 
 
 def _job_run(airflow: LocalAirflow, server: SeaweedS3, root: Path, dag_id: str, files: int) -> tuple[float, dict]:
-    """One run, timed with the API's timestamps (as :func:`bench.orchestration.timed_run`); its summary must count
-    every file. Returns the seconds and the durations of its task instances, by task."""
-    run_id = airflow.trigger(dag_id)
-    state = airflow.wait_for_run(dag_id, run_id, timeout=900)
-    if state != "success":
-        raise RuntimeError(f"run {run_id} of {dag_id} ended {state}: {airflow.task_instances(dag_id, run_id)}")
-    run = airflow.dag_run(dag_id, run_id)
-    end, queued = (datetime.fromisoformat(run[key].replace("Z", "+00:00")) for key in ("end_date", "queued_at"))
-    seconds = (end - queued).total_seconds()
-    durations: dict[str, list[float]] = {}
-    for ti in airflow.task_instances(dag_id, run_id):
-        durations.setdefault(ti["task_id"].rsplit(".", 1)[-1], []).append(ti["duration"])
-    summary = _summary(server, root, dag_id, run_id)
+    """One run, timed with the API's timestamps (:func:`bench.runs.timed_run`); its summary must count every file.
+    Returns the seconds and the durations of its task instances, by task."""
+    run = timed_run(airflow, dag_id)
+    summary = _summary(server, root, dag_id, run.run_id)
     if summary.status != Summary.SUCCEEDED or summary.items.succeeded != files:
-        raise RuntimeError(f"run {run_id} of {dag_id}: summary {summary.status}, {summary.items.succeeded} of {files} files")
-    return seconds, durations
+        raise RuntimeError(f"run {run.run_id} of {dag_id}: summary {summary.status}, {summary.items.succeeded} of {files} files")
+    return run.seconds, run.durations
 
 
 def _end_to_end(result: Result, server: SeaweedS3, root: Path, files: int, file_size: int, mini_batch_size: int,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from batchscore.localairflow import LocalAirflow
 from bench.common import Result, median, remove_containers, require_image, stage_jobs, temp_folder
-from bench.orchestration import NOOP_DAG, NOOP_DAG_FILE, docker_floor, timed_run
+from bench.orchestration import NOOP_DAG, NOOP_DAG_FILE, docker_floor
+from bench.runs import timed_run
 
 NAME = "warm"
 TITLE = "warm workers against a container per mini-batch: init() of 5 s, 20 mini-batches, 2 at a time"
@@ -65,9 +66,9 @@ def run(mini_batches: int = 20, init_seconds: float = INIT_SECONDS, repeats: int
                             samples["docker"].append(docker_floor(mini_batches, instances))
                             continue
                         dag_id = {"noop": NOOP_DAG, "warm": WARM_DAG, "cold": COLD_DAG}[step]
-                        api, _, durations = timed_run(airflow, dag_id)
-                        samples[step].append(api)
-                        for task, seconds in durations.items():
+                        run = timed_run(airflow, dag_id)
+                        samples[step].append(run.seconds)
+                        for task, seconds in run.durations.items():
                             tasks.setdefault(f"{step}.{task}", []).extend(seconds)
         finally:
             for dag_id in (WARM_DAG, COLD_DAG):
