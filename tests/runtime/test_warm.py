@@ -7,8 +7,10 @@ calls in a file next to the inputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -84,6 +86,7 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # its process group stands for the container: see end()
         )
         self.output: list[str] = []
         threading.Thread(target=lambda: self.output.extend(self.process.stdout), daemon=True).start()
@@ -145,6 +148,14 @@ class Worker:
         self.process.terminate()
         self.process.wait(timeout=30)
 
+    def end(self) -> None:
+        """What the end of its container does: every process the daemon started (worker processes,
+        multiprocessing's resource tracker) goes too, also after a test killed the daemon alone."""
+        if self.process.poll() is None:
+            self.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
 
 @pytest.fixture()
 def worker(tmp_path: Path):
@@ -157,8 +168,7 @@ def worker(tmp_path: Path):
 
     yield start
     for w in started:
-        if w.process.poll() is None:
-            w.stop()
+        w.end()
 
 
 def test_init_runs_once_per_process_and_every_mini_batch_is_committed_with_its_own_outputs(worker, capsys) -> None:
