@@ -117,3 +117,16 @@ def test_every_page_under_docs_is_in_the_site_navigation() -> None:
     nav = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
     pages = sorted(str(p.relative_to(REPO / "docs")) for p in (REPO / "docs").rglob("*.md"))
     assert [page for page in pages if f": {page}\n" not in nav] == []
+
+
+def test_no_page_under_docs_links_out_of_docs() -> None:
+    """The site is built from docs/ alone: a link to ../README.md (or any file outside docs/) is broken there,
+    and mkdocs --strict does not see it (it checks links between pages only)."""
+    docs = (REPO / "docs").resolve()
+    outside = []
+    for page in sorted(docs.rglob("*.md")):
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if "://" not in target and not target.startswith("mailto:"):
+                if not (page.parent / target).resolve().is_relative_to(docs):
+                    outside.append(f"{page.relative_to(docs)}: {target}")
+    assert outside == []
