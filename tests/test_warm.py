@@ -541,3 +541,89 @@ def test_a_ready_worker_whose_serving_container_died_is_replaced_before_it_gets_
     finally:
         pool.remove_all()
     assert worker_containers("serve-died-ready", "ready", "run-died") == []
+
+
+class _StartsWhenTold:
+    """The real Docker client, whose ``start`` waits for ``go``: a task paused between creating a worker's
+    container and starting it (a busy host; CI once caught another task removing it in that moment)."""
+
+    def __init__(self, cli, go):
+        self._cli, self._go = cli, go
+
+    def __getattr__(self, name):
+        return getattr(self._cli, name)
+
+    def start(self, *args, **kwargs):
+        assert self._go.wait(240), "the test never let the creator start its container"
+        return self._cli.start(*args, **kwargs)
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_container_another_task_created_and_has_not_started_yet_is_waited_for_not_replaced(
+    airflow_db, iris_example: Path, tmp_path: Path, capfd, monkeypatch
+) -> None:
+    import threading
+    import time
+
+    from batchscore.engine import docker_client
+    from batchscore.operators.score import ScoreOperator
+    from batchscore.plan import mini_batch_refs, plan_run, run_layout
+    from batchscore.scoring import warm, workers
+
+    d = load(warm_iris_deployment(tmp_path, iris_example, COUNTING_SCRIPT, {"mini_batch_size": 3}, instance_count=1)).deployments[
+        0
+    ]
+    plan = plan_run("test-endpoint", d, "run-created")
+    layout = run_layout(d, "run-created")
+    go = threading.Event()
+    creator = workers.WarmWorkers(_StartsWhenTold(docker_client(), go), d, "test-endpoint", "run-created", layout)
+    started: list[bool] = []
+    creating = threading.Thread(target=lambda: started.append(creator.start(0)), daemon=True)
+    creating.start()
+    try:
+        deadline = time.monotonic() + 120
+        while creator.inspect(creator.container_name(0)) is None:
+            assert time.monotonic() < deadline and creating.is_alive(), "the creator never created the container"
+            time.sleep(0.1)
+        created = creator.inspect(creator.container_name(0))
+        assert created["State"]["Status"] == "created" and created["State"]["ExitCode"] == 0  # what looked dead
+        s = creator.slot(0)
+        assert s.being_started and not s.running and not warm._died(s)  # wait for it: it is about to start
+
+        # A score task comes now: it waits for that worker instead of removing it under its creator.
+        op = ScoreOperator(
+            task_id="score", endpoint_name="test-endpoint", deployment=d.model_dump(mode="json"),
+            mini_batch=mini_batch_refs(plan)[0],
+        )  # fmt: skip
+        result: list[dict] = []
+        scoring = threading.Thread(target=lambda: result.append(op.execute({"run_id": "run-created"})), daemon=True)
+        scoring.start()
+        time.sleep(4 * warm.POLL_SECONDS)  # it looks at the slot a few times (on a slow host, fewer: never wrongly)
+        go.set()
+        creating.join(timeout=120)
+        scoring.join(timeout=240)
+
+        assert started == [True] and result and result[0]["worker"] == "w1"
+        assert creator.inspect(creator.container_name(0))["Id"] == created["Id"]  # the creator's, never replaced
+        assert "starting a replacement" not in capfd.readouterr().out
+
+        # A container left created past CREATED_GRACE is one whose creator died in between: that one is replaced.
+        creator.remove_all()
+        paused = workers.WarmWorkers(
+            _StartsWhenTold(docker_client(), threading.Event()), d, "test-endpoint", "run-created", layout
+        )
+        orphan = threading.Thread(target=lambda: paused.start(0), daemon=True)  # never told to start
+        orphan.start()
+        while paused.inspect(paused.container_name(0)) is None:
+            time.sleep(0.1)
+        monkeypatch.setattr(workers, "CREATED_GRACE", 0.0)
+        s = creator.slot(0)
+        assert s.never_started and not s.being_started and warm._died(s)
+        assert re.fullmatch(
+            rf"worker w1: its container {creator.container_name(0)} was created \d+ s ago and never started "
+            r"\(the task that created it is gone\)",
+            creator.failure(s),
+        )
+    finally:
+        go.set()
+        creator.remove_all()

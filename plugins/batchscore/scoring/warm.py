@@ -167,7 +167,7 @@ class WarmWorkersExecutor:
                         )
             slots = [pool.slot(k) for k in order]  # as they are now, after the hand-overs
             dead = [s for s in slots if _died(s)]
-            alive = [s for s in slots if s.running]
+            alive = [s for s in slots if s.running or s.being_started]
             if dead or not alive:
                 if replacements > pool.slots + 1:
                     raise attempt.failed("WarmWorkerFailed", f"no warm worker could be kept running; {last_failure}")
@@ -450,13 +450,18 @@ def _remove_record(record: Path) -> None:
 
 def _died(s: Slot) -> bool:
     """A worker that was started and is gone, but did not fail its init() (those are not restarted blindly)."""
-    return s.container is not None and not s.running and not (s.state is not None and s.state.state == WorkerState.FAILED)
+    return (
+        s.container is not None
+        and not s.running
+        and not s.being_started  # another task starts it now
+        and not (s.state is not None and s.state.state == WorkerState.FAILED)
+    )
 
 
 def _describe(s: Slot) -> str:
     if s.ready:
         return "busy"
-    if s.starting:
+    if s.starting or s.being_started:
         return "starting"
     return "stopped" if s.container is not None else "not started"
 

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ WORKER_ROLE = containers.WARM_WORKER
 SERVING_ROLE = containers.WARM_SERVING
 RUN_LABEL = "batchscore.warm_run"
 LOG_TAIL_LINES = 15
+#: Seconds a worker container may stay created and not started (Docker's ``created``) before it counts as dead:
+#: the task that created it starts it a moment later, unless that task died in between.
+CREATED_GRACE = 60.0
 
 
 class WarmWorkerError(ScoringError):
@@ -97,6 +101,29 @@ class Slot:
     @property
     def starting(self) -> bool:
         return self.running and (self.state is None or self.state.state == WorkerState.STARTING)
+
+    @property
+    def being_started(self) -> bool:
+        """Created by another task, which starts it a moment later: neither dead nor to be replaced.
+
+        Docker says ``created`` (exit code 0, not running) between a container's create and its start; a task
+        that took that for a dead worker would remove it under the task starting it. Past
+        :data:`CREATED_GRACE` seconds the task that created it is taken to be gone.
+        """
+        return self.never_started and created_seconds_ago(self.container) < CREATED_GRACE
+
+    @property
+    def never_started(self) -> bool:
+        return self.container is not None and self.container["State"].get("Status") == "created"
+
+
+def created_seconds_ago(container: dict[str, Any] | None) -> float:
+    """Seconds since Docker created ``container`` (an inspect), by this host's clock; infinite when unknown."""
+    try:
+        created = datetime.fromisoformat(str((container or {})["Created"]))
+    except (KeyError, ValueError):
+        return float("inf")
+    return max(0.0, (datetime.now(UTC) - created).total_seconds())
 
 
 @dataclass(frozen=True)
@@ -257,6 +284,14 @@ class WarmWorkers:
         try:
             self.cli.start(created["Id"])
         except APIError as exc:
+            mine = self.inspect(created["Id"])
+            if mine is None or mine["State"].get("Status") in ("removing", "dead"):
+                # Another task took it for a dead worker (it stayed created past CREATED_GRACE) and replaces it.
+                release(holder)
+                if serving_id is not None:
+                    self._remove(serving_id)
+                self.log.warning("worker %s: another task removed its container before it started", slot_name(slot))
+                return False
             # Typically the serving container died at once, and the client cannot join its network.
             # Leave nothing behind: neither the client (created) nor the serving container (exited).
             death = self._serving_failure_settled(slot, serving_id) if serving_id is not None else None
@@ -309,7 +344,7 @@ class WarmWorkers:
                     self.log.info(
                         "Warm worker %s is ready: init() took %.2f s", s.name, (s.state and s.state.init_seconds) or 0.0
                     )
-                elif not s.running:
+                elif not s.running and not s.being_started:
                     failures.append(self.failure(s))
                     pending.discard(k)
                 elif self.spec.contract == "serve" and (death := self.serving_failure(k)) is not None:
@@ -347,6 +382,11 @@ class WarmWorkers:
             return f"worker {s.name}: {s.state.error.one_line()}"
         if s.container is None:
             return f"worker {s.name}: its container {self.container_name(s.slot)} is gone"
+        if s.never_started:
+            return (
+                f"worker {s.name}: its container {self.container_name(s.slot)} was created "
+                f"{created_seconds_ago(s.container):.0f} s ago and never started (the task that created it is gone)"
+            )
         code = s.container["State"].get("ExitCode")
         why = explain_exit(code, self._worker_memory)
         return f"worker {s.name}: its container exited with code {code}{why}; {self.log_tail(s.container['Id'])}"
