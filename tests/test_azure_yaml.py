@@ -477,7 +477,7 @@ def test_the_published_yaml_scores_the_iris_inputs_given_with_the_run(
 
 
 @pytest.mark.s3
-def test_latest_on_a_registry_on_object_storage_is_resolved_where_the_model_is_fetched(
+def test_latest_on_a_registry_on_object_storage_is_resolved_when_the_run_pins_its_model(
     s3,
     iris_example: Path,
     azure_folder: Path,
@@ -485,8 +485,9 @@ def test_latest_on_a_registry_on_object_storage_is_resolved_where_the_model_is_f
     monkeypatch,
     caplog,
 ) -> None:
+    from batchscore import model_pin
     from batchscore.errors import StorageNotFoundError
-    from batchscore.run_store import check_registered_model, fetch_model
+    from batchscore.run_store import fetch_model
 
     local = registry(tmp_path / "registry-upload", iris_example / "model" / "iris-classifier")
     upload_tree(local, f"{s3['uri']}/registry")
@@ -495,7 +496,9 @@ def test_latest_on_a_registry_on_object_storage_is_resolved_where_the_model_is_f
     spec = load_endpoint(azure_folder / "deployment.yml").deployments[0]
     log = logging.getLogger("test-registry")
     with caplog.at_level(logging.INFO, logger="test-registry"):
-        folder = fetch_model(spec, log)
+        pin = model_pin.resolve(spec, log)
+        folder = fetch_model(spec, pin, log)
+    assert (pin.location, pin.model_version, pin.connection) == (f"{s3['uri']}/registry/iris-classifier/10", "10", S3_CONN)
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
         ".complete",
         "iris-classifier/model.joblib",
@@ -506,7 +509,7 @@ def test_latest_on_a_registry_on_object_storage_is_resolved_where_the_model_is_f
     write(azure_folder / "deployment.yml", PUBLISHED.replace("iris-classifier@latest", "iris-clasifier@latest"))
     missing = load_endpoint(azure_folder / "deployment.yml").deployments[0]
     with pytest.raises(StorageNotFoundError) as info:
-        check_registered_model(missing, log)  # the plan task's check
+        model_pin.resolve(missing, log)  # the plan task's pin
     assert str(info.value) == (
         f"deployment 'iris-torch-dpl', key model: model 'azureml:iris-clasifier@latest': the registry {root} "
         "(BATCHSCORE_MODEL_REGISTRY) has no model 'iris-clasifier'; did you mean 'iris-classifier'? it holds iris-classifier"

@@ -138,6 +138,7 @@ def test_the_summary_file_keeps_its_keys_and_reads_back_as_a_summary(make_run) -
         "merged_at",
         "version",
         "busy_fraction",  # added since: keys are added last
+        "model",
     ]
     assert data["warm_workers"] == [
         {

@@ -230,6 +230,43 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class PinnedObject:
+    """One object of a model on object storage, as its run pinned it."""
+
+    name: str  # relative to the pin's location; for a model that is one object, its file name
+    size: int  # bytes
+    version: str  # its version token (ETag, version id or generation), as the listing gave it
+
+
+@dataclass(frozen=True)
+class ModelPin:
+    """The model a run scores with (``_batchscore/model.json``), which every task of the run uses: written once,
+    never replaced, by the first task that needs it (see ``batchscore.model_pin``)."""
+
+    deployment: str
+    location: str  # a local path, or a URI (no connection in it): for azureml:<name>@latest, the version's folder
+    kind: str  # LOCAL | OBJECT (location is one object) | PREFIX (the objects below location)
+    objects: list[PinnedObject]  # on object storage; [] for a local model
+    connection: str | None = None  # the Airflow connection location is read with
+    reference: str | None = None  # the YAML's azureml:<name>@latest or azureml:<name>:<version>
+    model_version: str | None = None  # the registered version it resolved to (else the YAML's model.version)
+    pinned_at: str = ""
+    version: int = FORMAT_VERSION
+
+    LOCAL, OBJECT, PREFIX = "local", "object", "prefix"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelPin:
+        check_version(data, "model pin")
+        values = _known(cls, data)
+        values["objects"] = [PinnedObject(**o) for o in data["objects"]]
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class ErrorInfo:
     """Why an attempt failed: the exception's type and message, and its traceback."""
 
@@ -425,6 +462,15 @@ class MiniBatchFailure:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """The summary's ``model``: the model the run's mini-batches were scored with (its :class:`ModelPin`)."""
+
+    location: str  # a local path, or a URI: for azureml:<name>@latest, the version's folder
+    reference: str | None  # azureml:<name>@latest, as the YAML wrote it; None for a model.path
+    version: str | None  # the registered version (resolved from @latest), else the YAML's model.version
+
+
+@dataclass(frozen=True)
 class Summary:
     """The job summary (``summary.json``): written by the merge, read by ``python -m batchscore``, the merge task, bench.
 
@@ -463,6 +509,8 @@ class Summary:
     version: int = FORMAT_VERSION
     #: The workers' busy seconds / (workers x scoring wall seconds) (:mod:`batchscore.busy`); None when unknown.
     busy_fraction: float | None = None
+    #: The model the run was scored with; None for a run folder planned before batchscore pinned models.
+    model: ModelInfo | None = None
 
     SUCCEEDED = "succeeded"
     SUCCEEDED_WITH_FAILURES = "succeeded_with_failures"  # within the thresholds
@@ -485,6 +533,7 @@ class Summary:
                 "thresholds": {name: _flat(ThresholdResult, t) for name, t in data["thresholds"].items()},
                 "durations": _flat(Durations, data["durations"]),
                 "failures": [_flat(MiniBatchFailure, f) for f in data["failures"]],
+                "model": _flat(ModelInfo, data["model"]) if data.get("model") else None,
             }
         )
 
@@ -620,6 +669,11 @@ class RunLayout:
         return self.root / ERRORS_FILE_NAME
 
     @property
+    def model_pin_file(self) -> Path:
+        """The model the run scores with (:class:`ModelPin`), written once by the first task that needs it."""
+        return self.work / "model.json"
+
+    @property
     def model_dir(self) -> Path:
         """Serving contract: the model archive's contents, unpacked once per run (``/opt/ml/model``)."""
         return self.work / "model"
@@ -673,6 +727,13 @@ class RunLayout:
             return None
         return Plan.from_json(data)
 
+    def read_model_pin(self) -> ModelPin | None:
+        try:
+            data = json.loads(self.model_pin_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        return ModelPin.from_json(data)
+
     def read_summary(self) -> Summary | None:
         return Summary.read(self.summary_file)
 
@@ -714,6 +775,9 @@ __all__ = [
     "MiniBatchDir",
     "MiniBatchFailure",
     "MiniBatchStatus",
+    "ModelInfo",
+    "ModelPin",
+    "PinnedObject",
     "Plan",
     "PlanEntry",
     "RenamedOutput",

@@ -29,6 +29,8 @@ A run directory looks like this::
                 mb-00007.try-2/         one container per mini-batch: its only writable mount
                 w1/mb-00007.try-2/      warm worker w1: its scratch folder is its only writable
                                         mount for results; one sub-folder per mini-batch
+            model.json              the model the run scores with: pinned by the first task that
+                                    needs it (plan or start_workers), never replaced
             collected.json          which custom outputs the merge placed in the run folder
             model/                  serving contract: model.tar.gz unpacked (once per run)
             workers/w1/state.json   warm workers: each worker container's state (starting,

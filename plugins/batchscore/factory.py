@@ -154,7 +154,7 @@ def _azure_doc(d: DeploymentSpec) -> list[str]:
     """Lines on what Azure's keys became: a registered model's version, the compute's queue."""
     lines = []
     if d.model.reference is not None:
-        version = "the highest version, resolved when fetched" if d.model.latest_in_registry else f"version {d.model.version}"
+        version = "the highest version, pinned when a run starts" if d.model.latest_in_registry else f"version {d.model.version}"
         lines.append(f"- model `{d.model.reference}`: {version}, `{d.model.path}`")
     if d.compute is not None:
         if d.resources.queue is not None:

@@ -53,6 +53,8 @@ from batchscore_runtime.formats import (
     MiniBatchCounts,
     MiniBatchFailure,
     MiniBatchStatus,
+    ModelInfo,
+    ModelPin,
     Plan,
     PlanEntry,
     RenamedOutput,
@@ -638,7 +640,13 @@ def build_summary(
         planned_at=plan.created_at,
         merged_at=now_iso(),
         busy_fraction=busy,
+        model=_model_info(run.layout.read_model_pin()),
     )
+
+
+def _model_info(pin: ModelPin | None) -> ModelInfo | None:
+    """The summary's ``model``: what the run pinned (none in a run folder planned before models were pinned)."""
+    return ModelInfo(location=pin.location, reference=pin.reference, version=pin.model_version) if pin else None
 
 
 def log_merge(run: MergeInput, summary: Summary, output: JobOutput, not_done: list[Outcome]) -> None:

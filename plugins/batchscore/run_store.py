@@ -8,9 +8,9 @@ data between the two:
 * **input** on object storage: each score task stages the objects of its mini-batch
   (:mod:`batchscore.staging`) into ``<mirror>/_batchscore/input/<mini-batch>/``, which it removes after
   the try; the mini-batch's file list there points at the staged copies (``target``);
-* **model** on object storage: fetched once per worker host and version into
-  ``<scratch>/models/<URI hash>/<versions hash>/`` (:func:`fetch_model`); a serving archive is then
-  unpacked once per run as a local one is;
+* **model**: the one the run pinned when it was planned (:mod:`batchscore.model_pin`); on object storage
+  fetched once per worker host and version into ``<scratch>/models/<URI hash>/<versions hash>/``
+  (:func:`fetch_model`); a serving archive is then unpacked once per run as a local one is;
 * **output** (the run folder) on object storage: each host works in a mirror,
   ``<scratch>/runs/<deployment>-<URI hash>/<run key>/``, and the run folder on object storage is the
   record. The plan uploads its mini-batch files, then ``plan.json`` (the plan's commit); a score task
@@ -41,17 +41,17 @@ from typing import Any
 
 from airflow.sdk import ObjectStoragePath
 
-from batchscore import object_input, staging, storage
-from batchscore.errors import ScoringError, StorageError, StorageNotFoundError
+from batchscore import model_pin, object_input, staging, storage
+from batchscore.errors import ObjectChangedError, ScoringError, StorageError, StorageNotFoundError
 from batchscore.output_log import log_file_name
 from batchscore.plan import InputSource, run_layout
 from batchscore.scratch import SCRATCH_DIR_ENV, locked, mirrors_root, scratch_root
-from batchscore.spec import registry
 from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import (
     InputFile,
     MiniBatchDir,
     MiniBatchStatus,
+    ModelPin,
     Plan,
     RunLayout,
     Summary,
@@ -77,30 +77,20 @@ def _uri(path: ObjectStoragePath) -> str:
 # ---------------------------------------------------------------------------------------------- model
 
 
-def fetch_model(deployment: DeploymentSpec, log_to: Any = log) -> Path:
-    """The local copy of a model on object storage: fetched once per host and version, then reused.
+def fetch_model(deployment: DeploymentSpec, pin: ModelPin, log_to: Any = log) -> Path:
+    """The local copy of the run's pinned model on object storage: fetched once per host and version, then reused.
 
-    The cache key is the model URI and the version tokens of its objects: a model replaced on object storage
-    is fetched again; an unchanged one is not, by any task of any run on this host. One object (a
-    ``model.tar.gz``) comes back as that file; a prefix as a folder of its objects. Made readable by any user
-    (the container's).
+    Exactly the object versions the run pinned (:mod:`batchscore.model_pin`) are downloaded, each with its
+    version token (a conditional GET on S3); one that changed or is gone since fails with the deployment, key
+    and what to do. The cache key is the model's URI and those version tokens: any task of any run on this
+    host that pinned the same versions reuses the copy, without a request. One object (a ``model.tar.gz``)
+    comes back as that file; a prefix as a folder of its objects. Made readable by any user (the container's).
     """
-    model = deployment.model
-    where = storage.location(str(model.path), model.connection)
-    try:
-        objects = storage.list_objects(where)
-    except StorageNotFoundError as exc:
-        raise StorageNotFoundError(f"{exc} (deployment {deployment.name!r}, key model.path)") from None
-    if model.latest_in_registry:
-        where, objects = _latest_version(deployment, where, objects, log_to)
-    if not objects:
-        raise StorageNotFoundError(
-            f"model.path {storage.display(where)} of deployment {deployment.name!r} holds no object; upload the model there"
-        )
-    single = len(objects) == 1 and objects[0].uri.rstrip("/") == _uri(where).rstrip("/")
-    key = _digest(_uri(where), *(f"{o.name}={o.version}" for o in objects))
-    folder = scratch_root() / "models" / _digest(_uri(where)) / key
-    wanted = folder / objects[0].name if single else folder
+    where = model_pin.location(pin)
+    single = pin.kind == ModelPin.OBJECT
+    key = _digest(pin.location, *(f"{o.name}={o.version}" for o in pin.objects))
+    folder = scratch_root() / "models" / _digest(pin.location) / key
+    wanted = folder / pin.objects[0].name if single else folder
     if (folder / ".complete").is_file():
         return wanted
     with locked(folder.with_name(f"{key}.lock")):
@@ -108,68 +98,25 @@ def fetch_model(deployment: DeploymentSpec, log_to: Any = log) -> Path:
             return wanted
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
         try:
-            for o in objects:
+            for o in pin.objects:
                 obj = where if single else where / o.name
                 dest = staging.local_path(tmp, o.name, "model object")
-                storage.retrying(functools.partial(storage.download, obj, dest, o.version), f"fetching {o.uri}", log_to)
+                try:
+                    storage.retrying(
+                        functools.partial(storage.download, obj, dest, o.version), f"fetching {storage.display(obj)}", log_to
+                    )
+                except ObjectChangedError:
+                    raise model_pin.changed(deployment, obj, o.version) from None
             for p in [tmp, *tmp.rglob("*")]:
                 p.chmod(0o755 if p.is_dir() else 0o644)
-            (tmp / ".complete").write_text(json.dumps({"uri": _uri(where), "objects": len(objects)}))
+            (tmp / ".complete").write_text(json.dumps({"uri": pin.location, "objects": len(pin.objects)}))
             if folder.exists():
                 shutil.rmtree(folder)
             os.rename(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log_to.info("Fetched the model %s (%d objects) into %s", storage.display(where), len(objects), folder)
+    log_to.info("Fetched the model %s (%d objects) into %s", storage.display(where), len(pin.objects), folder)
     return wanted
-
-
-def check_registered_model(deployment: DeploymentSpec, log_to: Any = log) -> None:
-    """For ``model: azureml:<name>@latest`` on a registry on object storage: that the registry has a version of it.
-
-    The plan task calls it, so that a model the registry lacks fails the run there, naming the key and what the
-    registry holds, not in every score task after it. Lists the model's objects; downloads nothing.
-    """
-    model = deployment.model
-    if not model.latest_in_registry:
-        return
-    where = storage.location(str(model.path), model.connection)
-    try:
-        objects = storage.list_objects(where)
-    except StorageNotFoundError as exc:
-        raise StorageNotFoundError(f"{exc} (deployment {deployment.name!r}, key model)") from None
-    _latest_version(deployment, where, objects, log_to)
-
-
-def _latest_version(
-    deployment: DeploymentSpec, where: ObjectStoragePath, objects: list[storage.ObjectInfo], log_to: Any
-) -> tuple[ObjectStoragePath, list[storage.ObjectInfo]]:
-    """The highest version of a registered model on object storage (``model: azureml:<name>@latest``), and its objects.
-
-    ``where`` is ``<registry>/<name>``; its versions are the first part of its objects' names. A registry
-    without that name is told with the names it holds, as when a local registry is read at load.
-    """
-    model = deployment.model
-    assert model.reference is not None
-    reference = registry.parse_reference(model.reference)
-    root = str(model.path).rstrip("/").rpartition("/")[0]
-    versions = {o.name.split("/", 1)[0] for o in objects if "/" in o.name}
-    names = [reference.name] if versions else []
-    if not versions:
-        try:
-            listed = storage.list_objects(storage.location(root, model.connection))
-        except StorageNotFoundError:
-            listed = []
-        names = sorted({o.name.split("/", 1)[0] for o in listed if "/" in o.name})
-    try:
-        version = registry.pick_version(reference, storage.mask_uri(root), names, versions)
-    except ValueError as exc:
-        raise StorageNotFoundError(f"deployment {deployment.name!r}, key model: {exc}") from None
-    log_to.info(
-        "Model %s is version %s (the highest of %s)", model.reference, version, ", ".join(registry.sorted_versions(versions))
-    )
-    prefix = f"{version}/"
-    return where / version, [dataclasses.replace(o, name=o.name[len(prefix) :]) for o in objects if o.name.startswith(prefix)]
 
 
 # ---------------------------------------------------------------------------------------------- placement
@@ -221,6 +168,25 @@ class Placement:
             return True
         local.unlink(missing_ok=True)
         return False
+
+    # ------------------------------------------------------------------------------------------ model
+
+    def pin_model(self, log_to: Any = log) -> ModelPin:
+        """The model this run scores with: its pin in the run folder, made now if no task of the run has
+        (:mod:`batchscore.model_pin`)."""
+        layout = self.layout
+        where = self._remote(layout.model_pin_file) if self.remote_run is not None else storage.location(layout.model_pin_file)
+        return model_pin.pinned(self.original, where, log_to)
+
+    def with_model(self, log_to: Any = log) -> Placement:
+        """This placement with the run's pinned model in :attr:`spec`: its local path, or its local copy (fetched)."""
+        pin = self.pin_model(log_to)
+        if pin.kind != ModelPin.LOCAL:
+            path = fetch_model(self.original, pin, log_to)
+        else:
+            path = model_pin.local_path(self.original, pin)
+        model = self.spec.model.model_copy(update={"path": path, "connection": None, "version": pin.model_version})
+        return dataclasses.replace(self, spec=self.spec.model_copy(update={"model": model}))
 
     # ------------------------------------------------------------------------------------------ plan
 
@@ -377,6 +343,7 @@ class Placement:
             return  # open_run says the plan is missing
         layout = self.layout
         self._pull(layout.collected_file)
+        self._pull(layout.model_pin_file)
         _in_parallel(self._pull_committed, [layout.mini_batch_dir(e.index) for e in plan.mini_batches])
 
     def _pull_committed(self, result_dir: MiniBatchDir) -> None:
@@ -514,11 +481,13 @@ def _collected(layout: RunLayout) -> set[str]:
 def place(deployment: DeploymentSpec, run_id: str, *, fetch: bool = False, log_to: Any = log) -> Placement:
     """The :class:`Placement` of ``deployment`` for run ``run_id`` on this host.
 
-    :param fetch: fetch a model on object storage now (score and warm-worker tasks; the plan needs it only for
-        a serving archive, which it unpacks).
+    :param fetch: the task runs the model (score and warm-worker tasks; the plan, for a serving archive, which it
+        unpacks): :attr:`Placement.spec` has the run's pinned model (:meth:`Placement.with_model`), pinned now if
+        no task of the run has, and fetched when it is on object storage.
     """
-    if not (deployment.input_spec.remote or deployment.model.remote or deployment.output_spec.remote):
-        return Placement(deployment, deployment, run_id)
+    if not (deployment.input_spec.remote or deployment.output_spec.remote):
+        placement = Placement(deployment, deployment, run_id)
+        return placement.with_model(log_to) if fetch else placement
     update: dict[str, Any] = {}
     remote_run = None
     if deployment.output_spec.remote:
@@ -533,9 +502,8 @@ def place(deployment: DeploymentSpec, run_id: str, *, fetch: bool = False, log_t
         staged.mkdir(parents=True, exist_ok=True)
         staged.chmod(0o755)
         update["input"] = deployment.input_spec.model_copy(update={"path": staged, "connection": None})
-    if deployment.model.remote and fetch:
-        update["model"] = deployment.model.model_copy(update={"path": fetch_model(deployment, log_to), "connection": None})
-    return Placement(deployment.model_copy(update=update), deployment, run_id, remote_run)
+    placement = Placement(deployment.model_copy(update=update), deployment, run_id, remote_run)
+    return placement.with_model(log_to) if fetch else placement
 
 
-__all__ = ["SCRATCH_DIR_ENV", "Placement", "check_registered_model", "fetch_model", "place", "read_claim", "scratch_root"]
+__all__ = ["SCRATCH_DIR_ENV", "Placement", "fetch_model", "place", "read_claim", "scratch_root"]

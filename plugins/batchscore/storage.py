@@ -489,3 +489,40 @@ def write_bytes(path: ObjectStoragePath, data: bytes) -> None:
         else:
             with _replacing(Path(path.path)) as tmp:
                 tmp.write_bytes(data)
+
+
+def create(path: ObjectStoragePath, data: bytes) -> bool:
+    """Write a whole object (or local file) unless one is there already: True when this call made it, False when
+    another writer had (its content is kept, never replaced). Two writers racing: exactly one gets True.
+
+    On object storage an exclusive create (fsspec's ``mode="create"``: on S3 a PUT with ``If-None-Match: *``,
+    which the store refuses with 412 when the key exists); a local file is written under a temporary name and
+    linked into place (a link fails when the name exists), so it appears whole or not at all.
+    """
+    with _translated(path, "write"):
+        if is_remote(path):
+            try:
+                path.fs.pipe_file(path.path, bytes(data), mode="create")
+            except FileExistsError:
+                return False
+            except OSError as exc:  # s3fs turns the 412 into an OSError; the botocore error is its cause
+                if "PreconditionFailed" in _detail(exc):
+                    return False
+                raise
+            return True
+        target = Path(path.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary_beside(target)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

@@ -10,14 +10,15 @@ from airflow.sdk import BaseOperator
 from batchscore.model_archive import serving_model_dir
 from batchscore.operators._base import DeploymentMixin
 from batchscore.plan import mini_batch_refs, plan_run
-from batchscore.run_store import check_registered_model, place
+from batchscore.run_store import place
 from batchscore.ui.folders import XCOM_KEY, record
 
 
 class PlanOperator(DeploymentMixin, BaseOperator):
     """List and partition the input files; return one small reference per mini-batch (to XCom).
 
-    For a serving container (``contract: serve``) it also unpacks the model archive, once per run.
+    It pins the model the run scores with (:mod:`batchscore.model_pin`), and for a serving container
+    (``contract: serve``) unpacks the model archive, once per run.
     """
 
     ui_color = "#e3f2fd"
@@ -31,10 +32,9 @@ class PlanOperator(DeploymentMixin, BaseOperator):
         max_map_length = conf.getint("core", "max_map_length", fallback=1024)
         run_id = context["run_id"]
         original = self.run_spec(context)
-        check_registered_model(original, self.log)  # azureml:<name>@latest on object storage: missing fails here
-        # Inputs, model or run folder on object storage: the plan is made in this host's mirror of the run
+        # Inputs or run folder on object storage: the plan is made in this host's mirror of the run
         # folder and uploaded, plan.json last (:mod:`batchscore.run_store`).
-        placement = place(original, run_id, fetch=original.contract == "serve", log_to=self.log)
+        placement = place(original, run_id, log_to=self.log)
         context["ti"].xcom_push(key=XCOM_KEY, value=record(placement))  # where the UI's report reads the run
         existing = placement.pull_plan() if placement.remote_run is not None else None  # local: plan_run reads it
         plan = plan_run(
@@ -42,6 +42,11 @@ class PlanOperator(DeploymentMixin, BaseOperator):
         )
         if existing is None:
             placement.push_plan(plan)
+        # The model every task of the run uses, pinned now unless the warm workers starting meanwhile have
+        # (:mod:`batchscore.model_pin`): azureml:<name>@latest resolved, a missing model told here.
         if original.contract == "serve":
+            placement = placement.with_model(self.log)  # fetched: the archive is unpacked once per run
             serving_model_dir(placement.spec, placement.layout)
+        else:
+            placement.pin_model(self.log)
         return mini_batch_refs(plan)

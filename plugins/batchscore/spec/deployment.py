@@ -79,7 +79,7 @@ class ModelSpec(Located):
     version: str | None = Field(
         None,
         description="The model's version (informational), or 'latest' for a reference to a registry on object "
-        "storage, resolved where the model is fetched.",
+        "storage, resolved when a run starts and pinned for that run.",
     )
     reference: str | None = Field(
         None, description="The azureml:<name>@latest or azureml:<name>:<version> reference this model was resolved from."

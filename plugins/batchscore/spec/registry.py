@@ -7,9 +7,11 @@ one folder per registered version: ``<registry>/<name>/<version>/``. Where a ref
   and a missing name or version is an error of the file, with its line and key;
 * **registry on object storage**: ``:<version>`` becomes the URI ``<registry>/<name>/<version>`` when the
   YAML loads (no network at parse time), fetched by the tasks as any model on object storage;
-  ``@latest`` becomes ``<registry>/<name>`` with ``version: latest`` and is resolved by the tasks that
-  fetch the model (:func:`batchscore.run_store.fetch_model`), which list the versions with
-  :func:`pick_version`.
+  ``@latest`` becomes ``<registry>/<name>`` with ``version: latest`` and is resolved once per run, when
+  the run pins its model (:mod:`batchscore.model_pin`, which lists the versions with :func:`pick_version`).
+
+Either way a run scores with one model: the one pinned in its run folder when it started, whatever the
+registry holds by the time a task runs or reruns.
 
 ``latest`` is the highest version: compared as numbers when every version is a whole number (``10`` after
 ``9``), else in natural order (runs of digits compared as numbers, ``1.10`` after ``1.9``). No Airflow here.
@@ -28,7 +30,7 @@ from batchscore.spec.paths import REMOTE_SCHEMES, uri_scheme
 
 #: Environment variable: the model registry's root, a folder or a URI (``s3://bucket/models``).
 MODEL_REGISTRY_ENV = "BATCHSCORE_MODEL_REGISTRY"
-#: What ``model.version`` says when the highest version is to be taken where the model is fetched.
+#: What ``model.version`` says when the highest version is to be taken when a run pins its model.
 LATEST = "latest"
 _REFERENCE = re.compile(
     r"azureml:(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<label>[A-Za-z0-9_.-]+)|:(?P<version>[A-Za-z0-9_.-]+))"
