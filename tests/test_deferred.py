@@ -208,3 +208,146 @@ def test_a_deferred_mini_batch_in_the_queue_of_a_worker_that_dies_goes_to_its_re
     attempts = {row["mini_batch"]: (row["status"], row["attempts"]) for _, row in ledger.iterrows()}
     assert attempts == {"mb-00000": ("succeeded", 2), "mb-00001": ("succeeded", 1), "mb-00002": ("succeeded", 1)}  # once each
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "succeeded"
+
+
+#: Waits in run() while its mini-batch has iris-000.csv and no file "go" is next to the script, or iris-010.csv and no "go2".
+TWO_GATES_SCRIPT = """
+import os, time
+import pandas as pd
+
+def init():
+    pass
+
+def run(mini_batch):
+    names = [os.path.basename(p) for p in mini_batch]
+    here = os.path.dirname(os.path.abspath(__file__))
+    gates = {"iris-000.csv": "go", "iris-010.csv": "go2"}
+    while any(name in names and not os.path.exists(os.path.join(here, gate)) for name, gate in gates.items()):
+        time.sleep(0.1)
+    rows = [pd.read_csv(p).assign(file=os.path.basename(p)) for p in mini_batch]
+    return pd.concat(rows, ignore_index=True)[["file", "id"]]
+"""
+
+
+@pytest.mark.scheduler
+def test_a_deferred_task_cleared_then_marked_failed_stops_its_mini_batch_on_its_worker(
+    iris_example: Path, tmp_path: Path
+) -> None:
+    """Airflow's REST API with a user's token, as the UI: a clear, then a mark failed, of a deferred score task.
+
+    Two workers, two mini-batches, each blocked in run() on a file: mb-00000 on w1 (never let go) and
+    mb-00001 on w2 (let go at the end), so no teardown runs meanwhile, the backstop is an hour away and
+    no worker is idle: only the user's action can stop a worker. mb-00000 is cleared: its worker stops
+    (the trigger's on_kill, or the next try, whichever comes first), and the next try goes to that
+    slot's replacement; marked failed there, its worker stops (on_kill: nothing else could). Nothing of
+    either try is committed; mb-00001 is scored once.
+    """
+    import json
+    import subprocess
+
+    from batchscore.localairflow import LocalAirflow
+    from batchscore.plan import run_layout
+    from batchscore.scoring.workers import run_digest
+
+    _, deployment, dags, env = _stage(
+        tmp_path,
+        TWO_GATES_SCRIPT,
+        {
+            "mini_batch_size": 8,
+            "deferrable": True,
+            "worker_queue_depth": 1,
+            "retry_settings": {"max_retries": 0, "timeout": 3600},
+        },
+        "userstop",
+        resources={"instance_count": 2},
+    )
+    score = "test-deployment.score"
+
+    def run_dir(run_id: str) -> Path:
+        return deployment.output.path / run_key(run_id)
+
+    def inspect(container: str) -> dict | None:
+        out = subprocess.run(["docker", "inspect", container], capture_output=True, text=True)
+        return json.loads(out.stdout)[0] if out.returncode == 0 else None
+
+    def wait_for(what: str, check, airflow: LocalAirflow, timeout: float = 300):
+        deadline = time.monotonic() + timeout
+        while not (found := check()):
+            airflow.check_alive()
+            assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s"
+            time.sleep(0.2)
+        return found
+
+    def states(airflow: LocalAirflow, run_id: str) -> dict[int, tuple[str, int]]:
+        tis = airflow.task_instances("userstop", run_id)
+        return {t["map_index"]: (t["state"], t["try_number"]) for t in tis if t["task_id"] == score}
+
+    def trigger_log(airflow: LocalAirflow, run_id: str, index: int, try_number: int) -> str:
+        logs = airflow.home / "logs" / "dag_id=userstop" / f"run_id={run_id}" / f"task_id={score}" / f"map_index={index}"
+        return "".join(f.read_text(errors="replace") for f in logs.glob(f"attempt={try_number}.log.trigger.*"))
+
+    def scoring_deferred(airflow: LocalAirflow, run_id: str, index: int, try_number: int, worker: str) -> str | None:
+        """The id of the container of ``worker`` while it scores try ``try_number`` of mb-0000<index>, deferred."""
+        if states(airflow, run_id).get(index) != ("deferred", try_number):
+            return None
+        # The triggerer calls on_kill only for a trigger it took up, and says so in the trigger's log first.
+        if " starting" not in trigger_log(airflow, run_id, index, try_number):
+            return None
+        scratch = run_dir(run_id) / "_batchscore" / "scratch" / worker
+        record = read_record(scratch / f"mb-0000{index}.try-{try_number}.handover")
+        container = inspect(f"batchscore-{run_digest('userstop', deployment.name, run_id)}-{worker}")
+        if record.accepted and record.done is None and container and container["State"]["Running"]:
+            return container["Id"]
+        return None
+
+    def stopped(container: str) -> bool:
+        found = inspect(container)
+        return found is None or not found["State"]["Running"]
+
+    with LocalAirflow(tmp_path / "airflow", dags, env=env, parallelism=6, login=True) as airflow:
+        assert airflow.token is not None  # every call below goes with a user's token, as the UI's
+        airflow.wait_for_dag("userstop")
+        run_id = airflow.trigger("userstop")
+
+        first = wait_for("mb-00000 scoring on w1", lambda: scoring_deferred(airflow, run_id, 0, 1, "w1"), airflow)
+        wait_for("mb-00001 scoring on w2", lambda: scoring_deferred(airflow, run_id, 1, 1, "w2"), airflow)
+        airflow.clear("userstop", run_id, [(score, 0)], include_downstream=False)
+        wait_for("the worker that scored the cleared try stopped", lambda: stopped(first), airflow)
+
+        second = wait_for("mb-00000's next try on w1", lambda: scoring_deferred(airflow, run_id, 0, 2, "w1"), airflow)
+        assert second != first  # the slot's replacement took the cleared task's next try
+        airflow.set_task_state("userstop", run_id, score, "failed", map_index=0)
+        wait_for("the worker that scored the try marked failed stopped", lambda: stopped(second), airflow)
+        killed = trigger_log(airflow, run_id, 0, 2)
+        (tmp_path / "code" / "go2").touch()
+
+        airflow.wait_for_run("userstop", run_id, timeout=420)  # merge runs when all are done, a failed one too
+        final = states(airflow, run_id)
+        logs = {n: airflow.task_log("userstop", run_id, score, map_index=0, try_number=n) for n in (1, 2)}
+        cleared = trigger_log(airflow, run_id, 0, 1)
+
+    assert final == {0: ("failed", 2), 1: ("success", 1)}
+    stopped_line = (
+        "The deferred task was stopped by a user (mark failed or success, or clear): it was scoring: the worker was "
+        "stopped (a later task starts a replacement)"
+    )
+    assert "Trigger cancelled by user action, invoking on_kill" in killed  # the mark failed
+    assert stopped_line in killed
+    # The clear: the trigger's on_kill, or the next try if it came first (the triggerer had not cancelled the trigger yet).
+    by_next_try = (
+        "mb-00000: try 1's hand-over was still on worker w1 (its task was cleared while deferred): stopped it, or took it "
+        "out of the queue"
+    )
+    assert stopped_line in cleared or by_next_try in logs[2]
+    for n in (1, 2):
+        assert "Deferring until worker w1 is done with the mini-batch" in logs[n]
+        assert "had taken the mini-batch" not in logs[n]  # never resumed: nothing of it was taken in
+    assert run_layout(deployment, run_id).mini_batch_dir(0).read_status() is None  # no try of mb-00000 committed
+    ledger = pd.read_csv(run_dir(run_id) / "processed_mini-batches.csv", keep_default_na=False)
+    assert {row["mini_batch"]: (row["status"], str(row["attempts"])) for _, row in ledger.iterrows()} == {
+        "mb-00000": ("missing", ""),
+        "mb-00001": ("succeeded", "1"),
+    }
+    predictions = pd.read_csv(run_dir(run_id) / "predictions.csv")
+    assert sorted(set(predictions["file"])) == [f"iris-{k:03d}.csv" for k in range(8, 15)]  # none of mb-00000's rows
+    assert worker_containers("userstop", deployment.name, run_id) == []

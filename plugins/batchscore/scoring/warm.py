@@ -101,6 +101,7 @@ class WarmWorkersExecutor:
             attempt.attempt,
             attempt.tries,
         )
+        self._stop_earlier_tries(attempt)
         container_file = f"{ContainerPaths.MINI_BATCHES}/{attempt.mini_batch_file.name}"
         # The worker writes into a sub-folder of its scratch folder; the orchestrator takes it in.
         scratch_name = attempt_folder_name(attempt.index, attempt.attempt)
@@ -383,6 +384,25 @@ class WarmWorkersExecutor:
         if code is None:  # the daemon never said how it ended
             code = EXIT_LOST if done in (None, 0, EXIT_REFUSED) else done
         return self._outcome(attempt, s, code, handover.scratch_name)
+
+    def _stop_earlier_tries(self, attempt: Attempt) -> None:
+        """Stop what an earlier try of this mini-batch left on a worker: a deferred task cleared before its trigger ran.
+
+        The trigger's ``on_kill`` stops it (:meth:`batchscore.triggers.HandOverTrigger.on_kill`), but only once the
+        triggerer has taken the trigger up; a task cleared (or whose Airflow worker was lost) in between leaves its
+        mini-batch scoring, or queued, on its worker. Its result would never be taken in (the claim is this try's):
+        the worker's time is freed for this try instead. Only records of this mini-batch's earlier tries are read.
+        """
+        for earlier in range(1, attempt.attempt):
+            worker = self.abandon(attempt, attempt_folder_name(attempt.index, earlier))
+            if worker:
+                self.log.warning(
+                    "%s: try %d's hand-over was still on worker %s (its task was cleared while deferred): stopped it, "
+                    "or took it out of the queue",
+                    attempt.id,
+                    earlier,
+                    worker,
+                )
 
     def abandon(self, attempt: Attempt, scratch_name: str) -> str:
         """A deferred task ran past its deferral's timeout: stop the worker that scores its mini-batch, or take it

@@ -40,7 +40,7 @@ from batchscore.engine import engine_identity
 from batchscore.errors import ScoringError
 from batchscore.gpu_holder import lease_for_worker, release
 from batchscore.intake import remove_scratch
-from batchscore.scoring.handover import protocol_line
+from batchscore.scoring.handover import protocol_line, read_record
 from batchscore.scratch import is_mirror
 from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import RunLayout, write_json_atomic
@@ -506,15 +506,17 @@ class WarmWorkers:
         ]
         try:
             exec_id = self.cli.exec_create(self.container_name(slot), command, user=self.user)["Id"]
+            stream = self.cli.exec_start(exec_id, stream=True)
         except APIError as exc:
-            if exc.status_code in (404, 409):  # gone, or not running any more
+            # Gone, or not running any more; or stopped between the two calls (the engine answers 500 then).
+            if exc.status_code in (404, 409) or not self._running(slot):
                 return Outcome(False, state="stopped")
             raise
         accepted: dict[str, Any] | None = None
         ended: dict[str, Any] | None = None
         queued = False
         buffer = b""
-        for chunk in self.cli.exec_start(exec_id, stream=True):
+        for chunk in stream:
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for raw in lines:
@@ -558,7 +560,8 @@ class WarmWorkers:
             exec_id = self.cli.exec_create(self.container_name(slot), command, user=self.user)["Id"]
             self.cli.exec_start(exec_id, detach=True)
         except APIError as exc:
-            if exc.status_code in (404, 409):  # gone, or not running any more
+            # Gone, or not running any more; or stopped between the two calls (the engine answers 500 then).
+            if exc.status_code in (404, 409) or not self._running(slot):
                 return None
             raise
 
@@ -570,22 +573,20 @@ class WarmWorkers:
 
         return running
 
+    def _running(self, slot: int) -> bool:
+        """Whether the worker container of ``slot`` still runs once a kill under way has ended (an engine that does
+        not answer: assume so). Docker refuses an exec in a container being killed before inspect says it stopped."""
+        try:
+            return self.settled(slot, wait=5.0).running
+        except APIError:
+            return True
+
     def cancel(self, slot: int, output: str) -> bool:
         """Take the mini-batch with output folder ``output`` (a container path) out of the queue of worker ``slot``.
 
         True when it waited there; False when it is not there (it started, or the worker is gone).
         """
-        command = ["python3", "-m", "batchscore_runtime.warm", "cancel", "--output", output]
-        try:
-            exec_id = self.cli.exec_create(self.container_name(slot), command, user=self.user)["Id"]
-            raw = self.cli.exec_start(exec_id)
-        except APIError:
-            return False
-        for line in raw.decode("utf-8", "replace").splitlines():
-            message = protocol_line(line)
-            if message is not None:
-                return message.get("cancelled") is True
-        return False
+        return cancel_queued(self.cli, self.container_name(slot), output, self.user)
 
     # ------------------------------------------------------------------ stop
 
@@ -614,4 +615,93 @@ class WarmWorkers:
 CONTAINER_START_GRACE = 60
 
 
-__all__ = ["Outcome", "Slot", "WarmWorkerError", "WarmWorkers", "run_digest", "slot_name"]
+def cancel_queued(cli: Any, container: str, output: str, user: str) -> bool:
+    """Take the mini-batch with output folder ``output`` (a container path) out of the queue of ``container``.
+
+    ``container``: the worker container's name or id; ``user``: who runs ``warm cancel`` in it (the daemon's
+    user: its socket is that user's). True when it waited there; False when it is not there (it started, or
+    the worker is gone). The answer is the protocol's line, read as data (the container runs the user's image).
+    """
+    command = ["python3", "-m", "batchscore_runtime.warm", "cancel", "--output", output]
+    try:
+        exec_id = cli.exec_create(container, command, user=user)["Id"]
+        raw = cli.exec_start(exec_id)
+    except APIError:
+        return False
+    for line in raw.decode("utf-8", "replace").splitlines():
+        message = protocol_line(line)
+        if message is not None:
+            return message.get("cancelled") is True
+    return False
+
+
+def stop_hand_over(cli: Any, container: str, record: Path, output: str) -> str:
+    """Stop a deferred task's mini-batch on its worker: the user marked the task failed or success, or cleared it.
+
+    What :meth:`WarmWorkersExecutor.kill <batchscore.scoring.warm.WarmWorkersExecutor.kill>` does for a task
+    that does not defer: a mini-batch that waits in the worker's queue is taken out of it (the worker goes on
+    with the one it scores); one that scores stops its worker, and its serving container, by id (a replacement
+    of the same name holds other mini-batches); a later task starts a replacement. Nothing of the stopped try
+    is taken in: only a resumed task takes a result in, and the claim of the mini-batch's folder turns away a
+    try that is not the latest (:meth:`Attempt.take_in <batchscore.scoring.attempt.Attempt.take_in>`).
+
+    ``container``, ``record`` and ``output`` are the orchestrator's (the hand-over's); what the record says
+    is the container's, read with :func:`read_record` (a regular file, no link, bounded): a record that was
+    refused, or is not there, cannot say the mini-batch is done or queued, so the worker is stopped.
+    Returns what was done, for the log. Blocking (the Docker API): the trigger runs it in a thread.
+    """
+    said = read_record(record)
+    if said.refused is None and said.done is not None:
+        return "its hand-over had ended; nothing to stop"
+    try:
+        info = cli.inspect_container(container)
+    except NotFound:
+        return "its worker container is gone; nothing to stop"
+    if not info["State"].get("Running"):
+        return "its worker container is not running; nothing to stop"
+    if said.refused is None and said.answer is not None and not said.accepted:
+        return "its worker had let it go from its queue; nothing to stop"
+    if said.refused is None and said.queued and said.answer is None:
+        user = str(info.get("Config", {}).get("User") or security.container_user())
+        if cancel_queued(cli, container, output, user):
+            return "it was taken out of the worker's queue; the worker goes on with the one it scores"
+        said = read_record(record)  # not in the queue any more: it started, or it ended, a moment ago
+        if said.refused is None and said.done is not None:
+            return "its hand-over had ended; nothing to stop"
+    kill_worker(cli, info)
+    return "it was scoring: the worker was stopped (a later task starts a replacement)"
+
+
+def kill_worker(cli: Any, worker: dict[str, Any]) -> None:
+    """Kill the worker container ``worker`` (``docker inspect``) and, for the serving contract, its serving container.
+
+    By id: the serving container is the one whose network the worker joined (its ``NetworkMode``, which the
+    orchestrator set), killed only when it carries the warm serving role.
+    """
+    targets = [str(worker["Id"])]
+    network = str(worker.get("HostConfig", {}).get("NetworkMode") or "")
+    if network.startswith("container:"):
+        try:
+            serving = cli.inspect_container(network.split(":", 1)[1])
+        except APIError:
+            serving = None
+        if serving is not None and (serving.get("Config", {}).get("Labels") or {}).get(ROLE_LABEL) == SERVING_ROLE:
+            targets.append(str(serving["Id"]))
+    for target in targets:
+        try:
+            cli.kill(target)
+        except APIError:  # gone, or not running any more
+            pass
+
+
+__all__ = [
+    "Outcome",
+    "Slot",
+    "WarmWorkerError",
+    "WarmWorkers",
+    "cancel_queued",
+    "kill_worker",
+    "run_digest",
+    "slot_name",
+    "stop_hand_over",
+]
