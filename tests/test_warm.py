@@ -627,3 +627,49 @@ def test_a_worker_container_another_task_created_and_has_not_started_yet_is_wait
     finally:
         go.set()
         creator.remove_all()
+
+
+@pytest.mark.timeout(300)
+def test_two_tasks_starting_one_slot_at_once_start_one_worker_and_the_second_wipes_nothing_of_it(
+    airflow_db, iris_example: Path, tmp_path: Path
+) -> None:
+    import threading
+    import time
+
+    from batchscore.engine import docker_client
+    from batchscore.plan import plan_run, run_layout
+    from batchscore.scoring import workers
+
+    path = warm_iris_deployment(tmp_path, iris_example, COUNTING_SCRIPT, {"mini_batch_size": 3}, instance_count=1)
+    d = load(path).deployments[0]
+    plan_run("test-endpoint", d, "run-twice")
+    layout = run_layout(d, "run-twice")
+    go = threading.Event()
+    first = workers.WarmWorkers(_StartsWhenTold(docker_client(), go), d, "test-endpoint", "run-twice", layout)
+    second = workers.WarmWorkers(docker_client(), d, "test-endpoint", "run-twice", layout)
+    said: dict[str, bool] = {}
+    a = threading.Thread(target=lambda: said.setdefault("first", first.start(0)), daemon=True)
+    a.start()
+    try:
+        deadline = time.monotonic() + 120
+        while first.inspect(first.container_name(0)) is None:
+            assert time.monotonic() < deadline and a.is_alive(), "the first task never created the container"
+            time.sleep(0.1)
+        created = first.inspect(first.container_name(0))["Id"]
+        mine = first.scratch_dir(0) / "what-the-first-worker-wrote"
+        mine.write_text("kept")  # stands for a result its worker reports there
+
+        b = threading.Thread(target=lambda: said.setdefault("second", second.start(0)), daemon=True)
+        b.start()  # the second task comes while the first is between create and start
+        go.set()
+        a.join(timeout=120)
+        b.join(timeout=120)
+
+        assert said == {"first": True, "second": False}
+        assert first.inspect(first.container_name(0))["Id"] == created
+        assert mine.read_text() == "kept"  # the second task wiped neither its scratch folder nor its state
+        ready, failures = first.wait_ready([0], 120)
+        assert [s.name for s in ready] == ["w1"] and failures == []
+    finally:
+        go.set()
+        first.remove_all()

@@ -41,7 +41,7 @@ from batchscore.errors import ScoringError
 from batchscore.gpu_holder import lease_for_worker, release
 from batchscore.intake import remove_scratch
 from batchscore.scoring.handover import protocol_line, read_record
-from batchscore.scratch import is_mirror
+from batchscore.scratch import is_mirror, locked
 from batchscore.spec.deployment import DeploymentSpec
 from batchscore_runtime.formats import RunLayout, write_json_atomic
 from batchscore_runtime.warm import STATE_FILE
@@ -242,7 +242,19 @@ class WarmWorkers:
     # ------------------------------------------------------------------ start
 
     def start(self, slot: int) -> bool:
-        """Start the worker of ``slot`` (and its serving container); False when another task already did."""
+        """Start the worker of ``slot`` (and its serving container); False when another task already did, or does.
+
+        Starting a slot wipes its state and scratch folders first, which must never happen under a worker that
+        another task has just created or started there (its mounts would point at removed folders). So one task
+        of this host at a time starts a slot (a lock file beside the slots' folders), and not while a container
+        of that name is there: a dead one is removed by :meth:`replace` first.
+        """
+        with locked(self.layout.workers_dir / f".{slot_name(slot)}.start.lock"):
+            if self.inspect(self.container_name(slot)) is not None:
+                return False
+            return self._start(slot)
+
+    def _start(self, slot: int) -> bool:
         state_dir = self.state_dir(slot)
         state_dir.mkdir(parents=True, exist_ok=True)
         # Mounted read-only: it must exist (as this user's, for the plan to write into) before the plan does.
