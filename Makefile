@@ -86,7 +86,7 @@ docs: venv  ## the documentation site in site/ (mkdocs build --strict); a few se
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 test: venv lint typecheck docs example images-airflow  ## lint, type check, the docs build, then the test suite (what CI runs); the Celery tests need postgresql and redis-server (Debian packages)
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 bench: venv example  ## the benchmarks of issue 6 (bench/README.md), not part of test; some: make bench ONLY="merge skew"
 	$(BIN)/python -m bench $(ONLY)

@@ -11,6 +11,7 @@ manager: the same routes, security dependencies and database as the api-server's
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,7 @@ def test_the_report_of_a_run_on_object_storage_shows_its_mini_batches_and_record
     monkeypatch.delenv(f"AIRFLOW_CONN_{S3_CONN.upper()}")
     monkeypatch.setenv("_AIRFLOW_PROCESS_CONTEXT", "server")  # what airflow.api_fastapi.main sets
     folder = f"{s3['uri']}/output/iris/{run_key(dag_run.run_id)}"
+    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_urlsafe(64))  # HS512 wants >= 64 bytes
     client, auth = _api_server()
     url = f"/batchscore/api/runs/{quote(dag_run.dag_id, safe='')}/{quote(dag_run.run_id, safe='')}"
 
