@@ -182,7 +182,7 @@ def test_the_endpoints_enforce_airflows_auth_manager(stack: dict) -> None:
 
 
 def test_the_tab_in_a_browser_shows_a_running_then_a_finished_run_and_its_clear_button_reruns_a_mini_batch(
-    stack: dict, tmp_path: Path
+    stack: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     if find_chromium() is None:
         pytest.skip("Chromium is not installed: apt-get install chromium (.ci/run installs it)")
@@ -304,4 +304,5 @@ def test_the_tab_in_a_browser_shows_a_running_then_a_finished_run_and_its_clear_
         shots.append(b.screenshot(tmp_path / "batch-scoring-after-clear.png"))
     for shot in shots:
         assert shot.stat().st_size > 10_000  # a drawn page, not a blank one
-        print(f"screenshot: {shot}")
+    with capsys.disabled():  # in the test output (so CI's) also when the test passes
+        print("".join(f"\nscreenshot: {shot}" for shot in shots))
