@@ -104,7 +104,7 @@ def resolve(deployment: DeploymentSpec, log_to: Any = log) -> ModelPin:
         raise StorageNotFoundError(
             f"model.path {storage.display(where)} of deployment {deployment.name!r} holds no object; upload the model there"
         )
-    uri = f"{where.protocol}://{where.path}"
+    uri = storage.uri_of(where)
     single = len(objects) == 1 and objects[0].uri.rstrip("/") == uri.rstrip("/")
     return ModelPin(
         deployment=deployment.name,

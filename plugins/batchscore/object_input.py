@@ -43,7 +43,7 @@ def list_objects(deployment: DeploymentSpec) -> list[InputFile]:
     output = None
     if deployment.output_spec.remote:
         out = storage.location(str(deployment.output_spec.path), deployment.output_spec.connection)
-        output = f"{out.protocol}://{out.path}"
+        output = storage.uri_of(out)
     found = []
     for obj in objects:
         if not matches(obj.name):

@@ -70,10 +70,6 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def _uri(path: ObjectStoragePath) -> str:
-    return f"{path.protocol}://{path.path}"
-
-
 # ---------------------------------------------------------------------------------------------- model
 
 
@@ -379,7 +375,7 @@ class Placement:
             names.insert(0, Path(summary.output).name)
         files = [layout.root / name for name in names]
         _in_parallel(self._push, [f for f in [*files, layout.collected_file] if f.is_file()])
-        root = _uri(self.remote_run)
+        root = storage.uri_of(self.remote_run)
         summary = dataclasses.replace(
             summary,
             run_folder=root,
@@ -404,7 +400,7 @@ class Placement:
         """Where the run's ``summary.json`` is: a URI, or a path."""
         if self.remote_run is None:
             return str(self.layout.summary_file)
-        return f"{_uri(self.remote_run)}/{self.layout.summary_file.name}"
+        return f"{storage.uri_of(self.remote_run)}/{self.layout.summary_file.name}"
 
     def read_summary(self) -> Summary | None:
         """The run's committed summary, read where it lives; ``None`` before the first merge."""
@@ -423,7 +419,7 @@ class Placement:
         """A message of the local code with the mirror's path replaced by the run folder's URI."""
         if self.remote_run is None:
             return message
-        return message.replace(str(self.layout.root), _uri(self.remote_run))
+        return message.replace(str(self.layout.root), storage.uri_of(self.remote_run))
 
 
 #: Transfers of one task at once (small objects: the round trips, not the bandwidth, are the cost).
@@ -492,7 +488,7 @@ def place(deployment: DeploymentSpec, run_id: str, *, fetch: bool = False, log_t
     remote_run = None
     if deployment.output_spec.remote:
         where = storage.location(str(deployment.output_spec.path), deployment.output_spec.connection)
-        mirror = mirrors_root() / f"{deployment.name}-{_digest(_uri(where))}"
+        mirror = mirrors_root() / f"{deployment.name}-{_digest(storage.uri_of(where))}"
         update["output"] = deployment.output_spec.model_copy(update={"path": mirror, "connection": None})
         remote_run = where / run_key(run_id)
     else:

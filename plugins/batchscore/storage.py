@@ -118,7 +118,7 @@ def location(where: str | os.PathLike[str] | ObjectStoragePath, connection: str 
     if isinstance(where, ObjectStoragePath):
         if connection is None or where.conn_id == connection or not is_remote(where):
             return where
-        where = f"{where.protocol}://{where.path}"
+        where = uri_of(where)
     text = os.fspath(where)
     scheme = _scheme(text)
     if scheme in LOCAL_SCHEMES:
@@ -163,11 +163,16 @@ def _connection(conn_id: str, uri: str) -> Connection:
         ) from None
 
 
+def uri_of(path: ObjectStoragePath) -> str:
+    """``path`` as a URI, ``<protocol>://<path>``, without its connection (a key, or a name in a message)."""
+    return f"{path.protocol}://{path.path}"
+
+
 def display(path: ObjectStoragePath) -> str:
     """``path`` for a message: its URI (no credential can be in it) and the connection it uses."""
     if not is_remote(path):
         return path.path
-    where = f"{path.protocol}://{path.path}"
+    where = uri_of(path)
     return f"{where} (connection {path.conn_id!r})" if path.conn_id else where
 
 
