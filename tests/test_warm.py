@@ -558,6 +558,17 @@ class _StartsWhenTold:
         return self._cli.start(*args, **kwargs)
 
 
+def _created_by(pool, thread, who: str) -> dict:
+    """The inspect of slot 0's container once ``thread`` (a task starting it through ``pool``) has created it."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while (found := pool.inspect(pool.container_name(0))) is None:
+        assert time.monotonic() < deadline and thread.is_alive(), f"{who} never created the container"
+        time.sleep(0.1)
+    return found
+
+
 @pytest.mark.timeout(300)
 def test_a_worker_container_another_task_created_and_has_not_started_yet_is_waited_for_not_replaced(
     airflow_db, iris_example: Path, tmp_path: Path, capfd, monkeypatch
@@ -581,11 +592,7 @@ def test_a_worker_container_another_task_created_and_has_not_started_yet_is_wait
     creating = threading.Thread(target=lambda: started.append(creator.start(0)), daemon=True)
     creating.start()
     try:
-        deadline = time.monotonic() + 120
-        while creator.inspect(creator.container_name(0)) is None:
-            assert time.monotonic() < deadline and creating.is_alive(), "the creator never created the container"
-            time.sleep(0.1)
-        created = creator.inspect(creator.container_name(0))
+        created = _created_by(creator, creating, "the creator")
         assert created["State"]["Status"] == "created" and created["State"]["ExitCode"] == 0  # what looked dead
         s = creator.slot(0)
         assert s.being_started and not s.running and not warm._died(s)  # wait for it: it is about to start
@@ -614,8 +621,7 @@ def test_a_worker_container_another_task_created_and_has_not_started_yet_is_wait
         )
         orphan = threading.Thread(target=lambda: paused.start(0), daemon=True)  # never told to start
         orphan.start()
-        while paused.inspect(paused.container_name(0)) is None:
-            time.sleep(0.1)
+        _created_by(paused, orphan, "the task that never starts it")
         monkeypatch.setattr(workers, "CREATED_GRACE", 0.0)
         s = creator.slot(0)
         assert s.never_started and not s.being_started and warm._died(s)
@@ -634,7 +640,6 @@ def test_two_tasks_starting_one_slot_at_once_start_one_worker_and_the_second_wip
     airflow_db, iris_example: Path, tmp_path: Path
 ) -> None:
     import threading
-    import time
 
     from batchscore.engine import docker_client
     from batchscore.plan import plan_run, run_layout
@@ -651,11 +656,7 @@ def test_two_tasks_starting_one_slot_at_once_start_one_worker_and_the_second_wip
     a = threading.Thread(target=lambda: said.setdefault("first", first.start(0)), daemon=True)
     a.start()
     try:
-        deadline = time.monotonic() + 120
-        while first.inspect(first.container_name(0)) is None:
-            assert time.monotonic() < deadline and a.is_alive(), "the first task never created the container"
-            time.sleep(0.1)
-        created = first.inspect(first.container_name(0))["Id"]
+        created = _created_by(first, a, "the first task")["Id"]
         mine = first.scratch_dir(0) / "what-the-first-worker-wrote"
         mine.write_text("kept")  # stands for a result its worker reports there
 
